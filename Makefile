@@ -1,0 +1,29 @@
+# Two commands a user needs: `make demo` (set up + run the demo) and `make test` (set up + run the tests).
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: setup demo test bench clean
+
+# The whole environment is pinned in requirements.lock (pip freeze of a resolved install), so a fresh
+# install is the same install. --no-deps: facenet-pytorch and basicsr-fixed declare stale pins we override.
+$(BIN)/bfr-curate: pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q --no-deps -r requirements.lock
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	@touch $@
+
+setup: $(BIN)/bfr-curate
+
+demo: setup
+	$(BIN)/bfr-curate demo --out ./runs/demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/degrade.py
+
+clean:
+	rm -rf $(VENV) runs

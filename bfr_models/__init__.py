@@ -1,0 +1,1 @@
+"""The science of bfr-curate: plain functions and models, no Prefect."""

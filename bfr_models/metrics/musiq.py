@@ -1,0 +1,85 @@
+"""MUSIQ (KonIQ-10k weights, score ~0-100, higher is better) on pyiqa's architecture.
+
+pyiqa's ``MUSIQ`` network is built with ``pretrained=False`` (so it never downloads) and its weights
+are loaded from the ``musiq_koniq`` model card's file (pyiqa's ``musiq_koniq_ckpt-e95806b9.pth``,
+converted from the official TF release) or from a path / fsspec URL given explicitly. The forward
+pass is pyiqa's own: inputs in [0, 1] are mapped to [-1, 1] and cut into multi-scale 32x32
+patches (longer sides 224 and 384 plus the original resolution), as ``pyiqa.create_metric("musiq")``.
+
+Only ``pyiqa.archs.musiq_arch`` is imported (not ``pyiqa.create_metric``), and its imports need
+nothing beyond pyiqa itself and packages the project already has.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import torch
+
+from bfr_models import storage
+
+CARD = "musiq_koniq"
+# pyiqa's "musiq" metric options: KonIQ-10k weights regress one MOS value (num_class=1).
+MUSIQ_KONIQ_OPTS = {"num_class": 1}
+
+
+def _load_state(path: str) -> dict:
+    try:
+        data = storage.read_bytes(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"MUSIQ weights not found: {path}") from None
+    obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        for key in ("params", "state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} is not a MUSIQ state dict")
+    return {k[7:] if k.startswith("module.") else k: v for k, v in obj.items()}
+
+
+def build_musiq_arch(**opts) -> torch.nn.Module:
+    """pyiqa's MUSIQ network with random weights (``pretrained=False``): nothing is downloaded."""
+    from pyiqa.archs.musiq_arch import MUSIQ as PyiqaMUSIQ
+
+    return PyiqaMUSIQ(pretrained=False, **{**MUSIQ_KONIQ_OPTS, **opts})
+
+
+class MUSIQ:
+    """MUSIQ-KonIQ scores of (B, 3, H, W) images in [0, 1] -> (B,), in batches on ``device``."""
+
+    def __init__(self, weights_path: str | Path | None = None, device: str | torch.device = "cpu", batch_size: int = 8):
+        if weights_path is None:
+            from bfr_models.models import model_path
+
+            weights_path = model_path(CARD)  # ModelMissingError here, before anything is built
+        self.weights_path = str(weights_path)
+        self.device = torch.device(device)
+        self.batch_size = int(batch_size)
+        state = _load_state(self.weights_path)
+        net = build_musiq_arch()
+        try:
+            net.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0]
+            raise ValueError(f"{self.weights_path} is not a MUSIQ-KonIQ state dict: {first}") from None
+        self.net = net.to(self.device).eval()
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+
+    def describe(self) -> dict:
+        return {"musiq_weights": self.weights_path.rsplit("/", 1)[-1]}
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"MUSIQ needs a (B, 3, H, W) batch, got {tuple(images.shape)}")
+        out = []
+        for start in range(0, images.shape[0], self.batch_size):
+            x = images[start:start + self.batch_size]
+            x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float().clamp(0, 1)
+            score = self.net(x.to(self.device))
+            out.append(score.reshape(score.shape[0]).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0)

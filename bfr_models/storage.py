@@ -1,0 +1,96 @@
+"""One place that turns URIs into fsspec filesystems and writes files atomically.
+
+Local paths and any fsspec URL (``s3://``, ``memory://``, ...) work the same way.
+Credentials and endpoints come from the usual fsspec/AWS environment
+(``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``, ``FSSPEC_S3_*``) and are never logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from dataclasses import dataclass
+
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def filesystem(uri: str):
+    """Return ``(fs, path)`` for a URI or local path."""
+    return url_to_fs(uri)
+
+
+def is_local(uri: str) -> bool:
+    return isinstance(filesystem(uri)[0], LocalFileSystem)
+
+
+def normalize(uri: str) -> str:
+    """Canonical form: absolute path for local files, ``proto://path`` otherwise."""
+    fs, path = filesystem(uri)
+    return _to_uri(fs, path)
+
+
+def _to_uri(fs, path: str) -> str:
+    if isinstance(fs, LocalFileSystem):
+        return path
+    return fs.unstrip_protocol(path)
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    return fs.cat_file(path)
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    """Write a whole file or nothing: temp name + rename locally, one PUT on object stores."""
+    fs, path = filesystem(uri)
+    if isinstance(fs, LocalFileSystem):
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+@dataclass(frozen=True)
+class ListedFile:
+    uri: str
+    size: int
+    version: str  # what changes when the content changes: ETag, or size + mtime
+
+
+def list_images(uri: str) -> list[ListedFile]:
+    """Every image file (by extension) under a folder, recursively, sorted by URI."""
+    fs, root = filesystem(uri)
+    if not fs.isdir(root):
+        raise FileNotFoundError(f"input folder not found: {uri}")
+    found = fs.find(root, detail=True)
+    files = []
+    for path, info in found.items():
+        name = os.path.basename(path)
+        if name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS):
+            continue
+        version = info.get("ETag") or info.get("etag") or f"{info.get('size')}-{info.get('mtime', info.get('LastModified', ''))}"
+        files.append(ListedFile(_to_uri(fs, path), int(info.get("size") or 0), str(version).strip('"')))
+    return sorted(files, key=lambda f: f.uri)

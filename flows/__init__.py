@@ -1,0 +1,1 @@
+"""Prefect flows: one per stage, the CLI, deployments and schedules."""

@@ -1,0 +1,32 @@
+"""The degrade stage as a Prefect flow."""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+
+from bfr_models.degradations import load_preset
+from flows.stage import run_stage
+from tasks.degrade import STAGE, degrade_shard
+from tasks.runtime import ensure_gpu_limit, resolve_device
+from tasks.shards import list_inputs
+
+
+def degrade_config(preset: str, split: str | None, scale: float | None, seed: int) -> dict:
+    """Validate the arguments (fails fast, one line) and return the stage's config."""
+    degradation = load_preset(preset, split=split, scale=scale)
+    return {"preset": degradation.config, "seed": seed}
+
+
+@flow(name="degrade")
+def degrade_flow(input: str, out: str, preset: str = "gfpgan", split: str | None = None,
+                 scale: float | None = None, seed: int = 0, shard_size: int = 256, batch_size: int = 8,
+                 device: str = "auto") -> str:
+    """Degrade every image of `input` with a preset; returns the manifest URI."""
+    config = degrade_config(preset, split, scale, seed)
+    dev = resolve_device(device)
+    ensure_gpu_limit(dev)
+    items, skipped = list_inputs(input)
+    logger = get_run_logger()
+    logger.info("degrade: %d images (%d error rows in the input skipped), preset %s", len(items), skipped, preset)
+    return run_stage(degrade_shard, STAGE, config, items, input, out, shard_size, preset=preset, split=split,
+                     scale=scale, seed=seed, device=str(dev), batch_size=batch_size)

@@ -1,0 +1,59 @@
+"""The degrade shard task: read a shard of images, degrade them in batches, write a shard."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from itertools import groupby
+
+import numpy as np
+import torch
+from prefect import task
+
+from bfr_models.degradations import load_preset
+from bfr_models.imageio import encode_png
+from bfr_models.manifest import ManifestWriter
+from tasks.rows import content_id, decode_items, error_row, ok_row
+from tasks.runtime import device_slot, resolve_device, shard_cache_key
+from tasks.shards import ShardSpec, derived_seed, read_many
+
+STAGE = "degrade"
+
+
+def _batches(decoded, batch_size):
+    """Consecutive batches of same-size images (a batch is one tensor)."""
+    by_size = sorted(decoded, key=lambda d: d[2].shape)
+    for _, group in groupby(by_size, key=lambda d: d[2].shape):
+        group = list(group)
+        for i in range(0, len(group), batch_size):
+            yield group[i : i + batch_size]
+
+
+def _to_uint8(img: torch.Tensor) -> np.ndarray:
+    return (img.clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+@task(name="degrade-shard", cache_key_fn=shard_cache_key, persist_result=True, cache_result_in_memory=False)
+def degrade_shard(spec: ShardSpec, preset: str, split: str | None, scale: float | None, seed: int,
+                  stage_uri: str, device: str, batch_size: int) -> dict:
+    degradation = load_preset(preset, split=split, scale=scale)
+    dev = resolve_device(device)
+    writer = ManifestWriter(stage_uri)
+    decoded, rows = decode_items(STAGE, spec.items, read_many([i.uri for i in spec.items]))
+    label = degradation.name if split is None else f"{degradation.name}/{split}"
+    for batch in _batches(decoded, batch_size):
+        seeds = [derived_seed(seed, STAGE, degradation.name, parent_id) for _, parent_id, _, _ in batch]
+        params = [degradation.sample(s) for s in seeds]
+        images = torch.from_numpy(np.stack([rgb for _, _, rgb, _ in batch])).permute(0, 3, 1, 2)
+        try:
+            with device_slot(dev):
+                outs = degradation.apply(images.to(dev, torch.float32) / 255.0, params)
+        except Exception as e:  # a bad batch becomes error rows, the run goes on
+            rows += [error_row(STAGE, item, f"degradation failed: {e}") for item, _, _, _ in batch]
+            continue
+        for (item, parent_id, _, mode), p, s, out in zip(batch, params, seeds, outs):
+            rgb = _to_uint8(out)
+            png = encode_png(rgb)
+            uri = writer.write_image(content_id(png), png)
+            rows.append(ok_row(STAGE, item, parent_id, uri, png, rgb, params={**p, "source_mode": mode},
+                               seed=s, split=label))
+    return asdict(writer.write_shard(spec.key, rows))

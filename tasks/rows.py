@@ -1,0 +1,65 @@
+"""Building manifest rows: the one place that decides ids and the shape of error rows."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from bfr_models import storage
+from bfr_models.imageio import ImageError, decode_rgb
+from tasks.shards import InputItem
+
+
+def content_id(data: bytes) -> str:
+    """Stable image_id: derived from the bytes, never from a counter."""
+    return storage.sha256_hex(data)[:20]
+
+
+def error_row(stage: str, item: InputItem, reason: str, sha256: str | None = None) -> dict:
+    return {
+        "image_id": (sha256 or storage.sha256_hex(item.uri.encode()))[:20],
+        "uri": None,
+        "sha256": None,
+        "parent_id": item.parent_id,
+        "parent_uri": item.uri,
+        "stage": stage,
+        "split": item.split,
+        "status": "error",
+        "error": reason,
+    }
+
+
+def ok_row(stage: str, item: InputItem, parent_id: str, uri: str, png: bytes, rgb: np.ndarray, **fields) -> dict:
+    params = fields.pop("params", None)
+    return {
+        "image_id": content_id(png),
+        "uri": uri,
+        "sha256": storage.sha256_hex(png),
+        "width": int(rgb.shape[1]),
+        "height": int(rgb.shape[0]),
+        "parent_id": parent_id,
+        "parent_uri": item.uri,
+        "stage": stage,
+        "status": "ok",
+        "params": json.dumps(params, sort_keys=True) if params is not None else None,
+        **fields,
+    }
+
+
+def decode_items(stage: str, items, fetched: dict) -> tuple[list[tuple[InputItem, str, np.ndarray, str]], list[dict]]:
+    """Decode fetched bytes; returns (item, parent_id, rgb, source_mode) for good ones and error rows."""
+    good, errors = [], []
+    for item in items:
+        data = fetched[item.uri]
+        if isinstance(data, Exception):
+            errors.append(error_row(stage, item, f"cannot read: {type(data).__name__}: {data}"))
+            continue
+        sha = storage.sha256_hex(data)
+        try:
+            rgb, mode = decode_rgb(data)
+        except ImageError as e:
+            errors.append(error_row(stage, item, str(e), sha))
+            continue
+        good.append((item, item.parent_id or sha[:20], rgb, mode))
+    return good, errors

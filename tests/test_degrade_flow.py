@@ -1,0 +1,146 @@
+"""The degrade stage end to end: real Prefect (embedded server), real Parquet, real codecs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from bfr_models import manifest, storage
+from bfr_models.imageio import decode_rgb
+from flows.degrade import degrade_flow
+from tests.conftest import BIN, REPO, face_like, write_png
+
+
+def _task_states(flow_state):
+    """Names of the final states of every task run of a flow run, read back from the Prefect API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])))
+    return sorted(r.state.name for r in runs)
+
+
+def test_degrade_writes_manifest_and_second_run_is_cached(image_folder, tmp_path):
+    out = str(tmp_path / "run")
+    kwargs = dict(input=str(image_folder), out=out, preset="gfpgan", seed=7, shard_size=2, batch_size=4,
+                  device="cpu")
+    first = degrade_flow(**kwargs, return_state=True)
+    uri = first.result()
+    df = manifest.read_manifest(uri)
+    assert len(df) == 6 and (df["status"] == "ok").all()
+    assert df["image_id"].is_unique and df["parent_uri"].nunique() == 6
+    for row in df.itertuples():
+        data = storage.read_bytes(row.uri)
+        assert storage.sha256_hex(data) == row.sha256
+        rgb, _ = decode_rgb(data)
+        assert rgb.shape == (row.height, row.width, 3) == (64, 64, 3)  # GFPGAN resizes back
+        params = json.loads(row.params)
+        assert {"seed", "jpeg_quality"} <= set(params) or "jpeg" in json.dumps(params)
+    n_shards = len(manifest.read_index(uri)["shards"])
+    assert _task_states(first) == ["Completed"] * n_shards
+
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("shards/*.parquet")}
+    second = degrade_flow(**kwargs, return_state=True)
+    assert second.result() == uri
+    assert _task_states(second) == ["Cached"] * n_shards  # no shard work the second time
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+
+
+def test_same_seed_gives_byte_identical_images(image_folder, tmp_path):
+    def run(out, seed):
+        uri = degrade_flow(input=str(image_folder), out=str(tmp_path / out), preset="dr2", split="severe",
+                           scale=8, seed=seed, shard_size=3, batch_size=2, device="cpu")
+        df = manifest.read_manifest(uri).sort_values("parent_uri")
+        return [storage.read_bytes(u) for u in df["uri"]], df
+
+    a, dfa = run("a", 1)
+    b, dfb = run("b", 1)
+    c, _ = run("c", 2)
+    assert a == b and dfa["params"].tolist() == dfb["params"].tolist()
+    assert all(x != y for x, y in zip(a, c))
+    p = json.loads(dfa["params"].iloc[0])
+    assert p["noise_type"] in ("gaussian", "laplace", "poisson")
+
+
+def test_bad_inputs_become_error_rows_and_the_run_completes(bad_folder, tmp_path):
+    uri = degrade_flow(input=str(bad_folder), out=str(tmp_path / "run"), preset="gfpgan", shard_size=4,
+                       device="cpu")
+    df = manifest.read_manifest(uri)
+    by_name = {os.path.basename(r.parent_uri): r for r in df.itertuples()}
+    assert set(by_name) == {p.name for p in bad_folder.iterdir()}  # nothing disappears
+    errors = {n for n, r in by_name.items() if r.status == "error"}
+    assert errors == {"zero.png", "truncated.jpg", "text.png", "huge.png"}
+    assert all(by_name[n].error for n in errors)
+    for name in ("ok.png", "gray16.png", "rgb16.png", "cmyk.jpg", "rgba.png", "gray.png"):
+        assert by_name[name].status == "ok" and by_name[name].width == 64
+
+
+def test_s3_input_and_output(image_folder, s3_bucket):
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    fs.put(str(image_folder), f"{s3_bucket}/inputs/faces", recursive=True)
+    uri = degrade_flow(input=f"{s3_bucket}/inputs/faces", out=f"{s3_bucket}/run1", preset="gfpgan",
+                       shard_size=4, device="cpu")
+    assert uri.startswith(f"{s3_bucket}/run1/degrade/")
+    df = manifest.read_manifest(uri)
+    assert len(df) == 6 and (df["status"] == "ok").all()
+    for row in df.itertuples():
+        assert row.uri.startswith("s3://") and storage.sha256_hex(fs.cat(row.uri)) == row.sha256
+    # a manifest on S3 is itself a valid input for the next stage
+    again = degrade_flow(input=uri, out=f"{s3_bucket}/run2", preset="dr2", split="mild", scale=4, device="cpu")
+    df2 = manifest.read_manifest(again)
+    assert set(df2["parent_id"]) == set(df["image_id"])
+
+
+def _cli(*args, **kw):
+    return subprocess.run([str(BIN / "bfr-curate"), *args], capture_output=True, text=True, cwd=REPO, **kw)
+
+
+def test_kill_and_resume(tmp_path):
+    folder = tmp_path / "many"
+    for i in range(16):
+        write_png(folder / f"f{i:02d}.png", face_like(i, size=96))
+    out = tmp_path / "run"
+    cmd = [str(BIN / "bfr-curate"), "degrade", "--input", str(folder), "--preset", "gfpgan", "--out", str(out),
+           "--shard-size", "1", "--workers", "1", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(out.rglob("shards/*.parquet"))) < 3:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole process group, embedded Prefect server included
+    proc.wait()
+    done_before = {p: p.stat().st_mtime_ns for p in out.rglob("shards/*.parquet")}
+    assert 3 <= len(done_before) < 16 and not list(out.rglob("index.json"))
+
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    stage = next(out.rglob("index.json")).parent
+    df = manifest.read_manifest(str(stage))
+    assert len(df) == 16 and df["parent_uri"].is_unique and (df["status"] == "ok").all()
+    # shards finished before the kill were not recomputed
+    assert {p: p.stat().st_mtime_ns for p in done_before} == done_before
+
+
+def test_cli_errors_are_one_line_and_manifest_show(image_folder, tmp_path):
+    bad = _cli("degrade", "--input", str(image_folder), "--preset", "nope", "--out", str(tmp_path))
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "nope" in bad.stderr
+    bad = _cli("degrade", "--input", str(tmp_path / "missing"), "--preset", "gfpgan", "--out", str(tmp_path))
+    assert bad.returncode == 2 and "input not found" in bad.stderr
+    ok = _cli("degrade", "--input", str(image_folder), "--preset", "gfpgan", "--out", str(tmp_path / "o"),
+              "--device", "cpu")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    index = next((tmp_path / "o").rglob("index.json"))
+    assert str(index) in ok.stdout
+    shown = _cli("manifest", "show", str(index.parent))
+    assert shown.returncode == 0 and "rows:     6  ok 6  error 0" in shown.stdout
+    listed = _cli("presets")
+    assert listed.returncode == 0 and "gfpgan" in listed.stdout and "dr2" in listed.stdout
