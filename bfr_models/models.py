@@ -51,13 +51,16 @@ class ModelCardError(ValueError):
 class ModelMissingError(FileNotFoundError):
     """A weight file a stage needs is not in the model cache. The message is one line."""
 
-    def __init__(self, message: str, missing: list["ModelCard"], looked_in: Path):
+    def __init__(self, message: str, missing: list["ModelCard"] | None = None, looked_in: Path | None = None):
         super().__init__(message)
-        self.missing = missing
+        self.missing = list(missing or [])
         self.looked_in = looked_in
 
     def __str__(self) -> str:
         return self.args[0]
+
+    def __reduce__(self):  # survive pickling across Dask / Prefect workers
+        return (self.__class__, (self.args[0], self.missing, self.looked_in))
 
 
 class ModelHashError(ValueError):
@@ -398,8 +401,19 @@ def _copy_verified(card: ModelCard, source: str, progress: bool) -> Path:
     return dest
 
 
-def _reason(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
+def _reason(e: BaseException, url: str) -> str:
+    """The useful part of a download failure: fsspec often raises FileNotFoundError(url) around the real cause."""
+    chain, c = [], e
+    while c is not None and len(chain) < 8:
+        chain.append(c)
+        c = c.__cause__ or c.__context__
+    root = chain[-1]
+    text = " ".join(str(root).split())
+    if root is e and isinstance(e, FileNotFoundError) and text.strip("'\"") in ("", url, storage.filesystem(url)[1]):
+        text = "not found"
+    elif root is not e:
+        text = f"{type(root).__name__}: {text}" if text else type(root).__name__
+    text = text or type(root).__name__
     return text if len(text) <= 200 else text[:197] + "..."
 
 
@@ -423,10 +437,10 @@ def pull(name: str, source: str | None = None, *, progress: bool = True, force: 
         except ModelHashError:
             raise
         except Exception as e:  # network, 404, credentials: try the next mirror
-            failures.append(f"{url}: {_reason(e)}")
+            failures.append(f"{url}: {_reason(e, url)}")
     raise ModelDownloadError(
         f"could not download model '{name}' ({card.filename}): {'; '.join(failures)}. "
-        f"Without internet, copy the file here some other way and run `bfr-curate models add {name} --from PATH`")
+        f"If this machine has no internet, get the file onto it another way and run `bfr-curate models add {name} --from PATH`")
 
 
 def add(name: str, from_path: str | Path, *, progress: bool = True) -> Path:
@@ -445,4 +459,4 @@ def add(name: str, from_path: str | Path, *, progress: bool = True) -> Path:
     except FileNotFoundError:
         raise
     except Exception as e:
-        raise ModelDownloadError(f"cannot add model '{name}': reading {src} failed: {_reason(e)}") from None
+        raise ModelDownloadError(f"cannot add model '{name}': reading {src} failed: {_reason(e, src)}") from None

@@ -79,6 +79,30 @@ def cmd_demo(args):
         _print_result(stage, uri)
 
 
+def cmd_score(args):
+    from flows.score import plan_score, score_flow
+    from tasks.runtime import resolve_device
+
+    resolve_device(args.device)
+    _check_input(args.input)
+    opts = dict(input=args.input, metrics=args.metrics, reference=args.reference, fid_ref=args.fid_ref,
+                niqe_convention=args.niqe_convention, crop_border=args.crop_border, y_channel=args.y_channel,
+                lpips_net=args.lpips_net, fid_convention=args.fid_convention, skip_missing=args.skip_missing,
+                fid_allow_small=args.fid_allow_small)
+    plan_score(**opts)
+    uri = _run(score_flow, args, out=args.out, shard_size=args.shard_size, batch_size=args.batch_size,
+               device=args.device, **opts)
+    _print_result("score", uri)
+
+
+def cmd_report(args):
+    from flows.report import report_flow
+
+    for uri in [args.input, *args.compare]:
+        _check_input(uri)
+    print(f"report: {report_flow(input=args.input, out=args.out, compare=args.compare, n_extremes=args.n)}")
+
+
 def _print_result(stage: str, uri: str) -> None:
     from bfr_models import manifest, storage
 
@@ -169,6 +193,43 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("presets", help="list every degradation preset with its parameter ranges")
     p.set_defaults(func=cmd_presets)
 
+    p = sub.add_parser("score", help="add NIQE, MUSIQ, LPIPS, PSNR, SSIM columns and FID to a new manifest",
+                       epilog=EPILOG, description="Score every image of --input (a manifest or a folder). "
+                       "Full-reference metrics compare each image with --reference (a manifest, matched by "
+                       "parent_id, or a folder, matched by file name) or, by default, with its parent image. "
+                       "The input manifest is never modified. Weights come from model cards "
+                       "(`bfr-curate models list`); a missing one stops the run before any work unless "
+                       "--skip-missing, which records it as not computed.")
+    p.add_argument("--input", required=True, help="manifest, folder or fsspec URL of images")
+    p.add_argument("--metrics", default="niqe,psnr,ssim", help="comma list of niqe,musiq,fid,lpips,psnr,ssim")
+    p.add_argument("--reference", default=None, help="reference images for lpips/psnr/ssim (manifest or folder)")
+    p.add_argument("--fid-ref", default=None, help="FID reference: stats .npz, manifest or folder (>= 2048 images)")
+    p.add_argument("--fid-convention", default="clean", choices=["clean", "legacy_pytorch"],
+                   help="FID resizing/network convention (default clean, as clean-fid)")
+    p.add_argument("--fid-allow-small", action="store_true", help="accept a FID reference under 2048 images")
+    p.add_argument("--niqe-convention", default="pyiqa", choices=["pyiqa", "matlab"],
+                   help="pyiqa/BasicSR (what BFR papers report; default) or the official MATLAB code")
+    p.add_argument("--crop-border", type=int, default=0, help="pixels cropped from each border (default 0)")
+    p.add_argument("--y-channel", action="store_true", help="PSNR/SSIM on the Y channel instead of RGB")
+    p.add_argument("--lpips-net", default="vgg", choices=["vgg", "alex"], help="LPIPS backbone (default vgg)")
+    p.add_argument("--skip-missing", action="store_true", help="skip metrics whose weights are missing")
+    _add_common(p, shard_size=256, batch_size=8)
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("report", help="write a self-contained HTML quality report of scored manifests",
+                       description="Summary per stage/split, histograms, best and worst images, before/after "
+                                   "grids, errors and metric conventions, as one HTML file; also published "
+                                   "as Prefect artifacts.")
+    p.add_argument("--input", required=True, help="a scored manifest")
+    p.add_argument("--compare", nargs="*", default=[], help="other scored manifests to compare")
+    p.add_argument("--out", required=True, help="where to write the HTML (path or fsspec URL)")
+    p.add_argument("--n", type=int, default=8, help="best/worst images shown per metric (default 8)")
+    p.set_defaults(func=cmd_report)
+
+    from flows.models_cli import add_models_parser
+
+    add_models_parser(sub)
+
     p = sub.add_parser("manifest", help="inspect manifests")
     msub = p.add_subparsers(dest="manifest_command", required=True, metavar="SUBCOMMAND")
     q = msub.add_parser("show", help="summary of a manifest: rows, ok/error counts, splits, columns")
@@ -181,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     # Prefect's INFO logs would drown the progress bar; PREFECT_LOGGING_LEVEL overrides this.
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # this tool sends nothing anywhere
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")  # slow, busy machines
     args = build_parser().parse_args(argv)
     from bfr_models.manifest import ManifestError
 

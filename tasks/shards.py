@@ -34,6 +34,8 @@ class InputItem:
     version: str  # changes when the content changes (sha256, ETag or size-mtime)
     parent_id: str | None = None  # image_id of the manifest row it came from
     split: str | None = None
+    row: str | None = None  # the whole manifest row as JSON, for stages that annotate rows (score)
+    reference: str | None = None  # URI of the image it is compared with (full-reference metrics)
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ def make_shards(stage: str, config: dict, items: list[InputItem], shard_size: in
     return [
         ShardSpec(
             stage=stage,
-            key=stable_hash([stage, config_hash, CODE_VERSION, [(i.uri, i.version, i.parent_id) for i in s]]),
+            key=stable_hash([stage, config_hash, CODE_VERSION, [(i.uri, i.version, i.parent_id, i.reference) for i in s]]),
             items=tuple(s),
         )
         for s in shards

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import socket
@@ -13,12 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 # Prefect reads its settings at import: isolate its home (SQLite DB, local results) before any test imports it.
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="bfr-curate-prefect-"))
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")  # slow, busy machines
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -131,3 +134,23 @@ def bad_folder(tmp_path) -> Path:
     (folder / "huge.png").write_bytes(huge_png_header())
     write_png(folder / "ok.png", good)
     return folder
+
+
+def install_models(monkeypatch, tmp_path: Path, files: dict[str, bytes]) -> Path:
+    """A model cache holding ``files`` (card name -> bytes) under each real card's file name, and a
+    catalog whose cards are the real ones with the sha256 of these test files."""
+    from bfr_models.models import load_cards
+
+    real = load_cards()
+    cache, catalog = tmp_path / "model-cache", tmp_path / "catalogs"
+    cache.mkdir(exist_ok=True)
+    (catalog / "models").mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        card = real[name]
+        (cache / card.filename).write_bytes(data)
+        fields = {"name": name, "filename": card.filename, "url": card.url, "sha256": hashlib.sha256(data).hexdigest(),
+                  "license": card.license, "used_by": card.used_by, "description": "test weights built by the suite"}
+        (catalog / "models" / f"{name}.yaml").write_text(yaml.safe_dump(fields))
+    monkeypatch.setenv("BFR_CURATE_MODEL_CACHE", str(cache))
+    monkeypatch.setenv("BFR_CURATE_CATALOGS", str(catalog))
+    return cache

@@ -415,7 +415,12 @@ class InceptionFeatures:
         self.weights_sha256 = hashlib.sha256(data).hexdigest()
         name = self.weights_path.rstrip("/").rsplit("/", 1)[-1]
         if _is_torchscript(data):
-            base = torch.jit.load(io.BytesIO(data), map_location=self.device).eval()
+            if self.convention != "clean":
+                raise FIDError(f"{self.weights_path} is a TorchScript model; the {self.convention!r} convention runs "
+                               f"pytorch-fid's network (model {INCEPTION_CARDS[self.convention]})")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated; clean-fid's file is TorchScript
+                base = torch.jit.load(io.BytesIO(data), map_location=self.device).eval()
             if not hasattr(base, "layers"):
                 raise FIDError(f"{self.weights_path}: TorchScript model has no 'layers' (not clean-fid's inception-2015-12-05.pt)")
             self._net = base.layers
@@ -508,9 +513,11 @@ class FeatureCache:
         found = fs.glob(path.rstrip("/") + "/*.npz")
         return sorted(storage.normalize(fs.unstrip_protocol(p)) for p in found)
 
-    def _refresh(self) -> dict[str, np.ndarray]:
+    def _refresh(self, relist: bool = True) -> dict[str, np.ndarray]:
         if self._mem is None:
             self._mem = {}
+        elif not relist:
+            return self._mem
         for shard in self._shards():
             if shard in self._seen:
                 continue
@@ -524,8 +531,9 @@ class FeatureCache:
             self._seen.add(shard)
         return self._mem
 
-    def get(self, keys: Iterable[str]) -> dict[str, np.ndarray]:
-        mem = self._refresh()
+    def get(self, keys: Iterable[str], relist: bool = True) -> dict[str, np.ndarray]:
+        """Cached features of ``keys``; ``relist=False`` answers from the shards already read (no listing)."""
+        mem = self._refresh(relist)
         return {k: mem[k] for k in keys if k in mem}
 
     def put(self, keys: Sequence[str], feats: np.ndarray) -> None:
@@ -573,6 +581,7 @@ def extract_features(refs: Sequence[ImageRef], extractor: InceptionFeatures, cac
     """
     if cache is not None and cache.fingerprint != extractor.fingerprint:
         raise FIDError("feature cache belongs to another extractor (convention/network)")
+    # One listing of the cache up front; images without a known hash are looked up in what it read.
     known = cache.get([r.sha256 for r in refs if r.sha256]) if cache is not None else {}
     keys: list[str | None] = [r.sha256 if r.sha256 in known else None for r in refs]
     feats: dict[str, np.ndarray] = dict(known)
@@ -617,7 +626,7 @@ def extract_features(refs: Sequence[ImageRef], extractor: InceptionFeatures, cac
         if key in feats or key in pending_keys:
             continue
         if cache is not None and ref.sha256 is None:
-            hit = cache.get([key])
+            hit = cache.get([key], relist=False)
             if hit:
                 feats.update(hit)
                 continue
@@ -654,6 +663,7 @@ class Reference:
     content_key: str  # hash of what the reference holds (image hashes, or listing versions for folders)
     refs: list[ImageRef] = field(default_factory=list)
     stats: FIDStats | None = None
+    allow_small: bool = False
 
 
 def plan_reference(uri: str | Path, convention: FIDConvention, allow_small: bool = False,
@@ -667,12 +677,12 @@ def plan_reference(uri: str | Path, convention: FIDConvention, allow_small: bool
         stats = FIDStats.load(uri, convention=convention, assume_convention=assume_convention)
         if stats.n >= 0:
             check_reference_size(stats.n, allow_small)
-        return Reference(uri, "stats", stats.n, "", stats=stats)
+        return Reference(uri, "stats", stats.n, "", stats=stats, allow_small=allow_small)
     if manifest.is_manifest(uri):
         df = manifest.read_manifest(uri)
         df = df[df["status"] == "ok"]
-        refs = [ImageRef(str(u), str(s)) for u, s in zip(df["uri"], df["sha256"])]
-        key = _short_hash("\n".join(sorted(r.sha256 or "" for r in refs)), 32)
+        refs = [ImageRef(str(u), s if isinstance(s, str) and s else None) for u, s in zip(df["uri"], df["sha256"])]
+        key = _short_hash("\n".join(sorted(r.sha256 or f"uri:{r.uri}" for r in refs)), 32)
         kind = "manifest"
     else:
         try:
@@ -683,13 +693,14 @@ def plan_reference(uri: str | Path, convention: FIDConvention, allow_small: bool
         key = _short_hash("\n".join(f"{f.uri}\t{f.size}\t{f.version}" for f in listed), 32)
         kind = "folder"
     check_reference_size(len(refs), allow_small)
-    return Reference(uri, kind, len(refs), key, refs=refs)  # type: ignore[arg-type]
+    return Reference(uri, kind, len(refs), key, refs=refs, allow_small=allow_small)  # type: ignore[arg-type]
 
 
 def reference_stats(reference: Reference | str | Path, extractor: InceptionFeatures, cache_root: str | Path | None = None,
                     allow_small: bool = False) -> FIDStats:
     """Statistics of a reference; computed ones are cached under ``<cache_root>/fid-stats/`` by content key."""
     ref = reference if isinstance(reference, Reference) else plan_reference(reference, extractor.convention, allow_small)
+    allow_small = allow_small or ref.allow_small
     if ref.stats is not None:
         if ref.stats.convention != extractor.convention:
             raise FIDError(f"FID stats {ref.uri} use the {ref.stats.convention!r} convention, not {extractor.convention!r}")

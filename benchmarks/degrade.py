@@ -1,0 +1,114 @@
+"""Images per second of the GFPGAN degradation at 512x512: our batched torch preset against
+BasicSR's own per-image functions, on the same images, in the same process.
+
+    python benchmarks/degrade.py [--n 64] [--batch-size 8] [--device all|cpu|cuda|mps]
+
+The baseline is the core of GFPGAN's ``FFHQDegradationDataset.__getitem__``:
+``random_mixed_kernels`` -> ``cv2.filter2D`` -> ``cv2.resize`` (INTER_LINEAR) ->
+``random_add_gaussian_noise`` -> JPEG -> ``cv2.resize`` back -> 8-bit rounding, one image at a
+time. Ours is ``load_preset("gfpgan")``: ``sample`` + ``apply`` per batch, including GFPGAN's
+colour extras (jitter 0.3, torch jitter 0.3, gray 0.01), which the baseline leaves out, and the
+copy of the results back to host memory as uint8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import time
+
+import cv2
+import numpy as np
+import torch
+
+
+def face_images(n: int, size: int = 512) -> np.ndarray:
+    """n distinct RGB uint8 faces: random crops of scikit-image's astronaut photo, resized."""
+    from skimage import data
+
+    photo = data.astronaut()
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        side = int(rng.integers(300, 512))
+        y, x = rng.integers(0, 512 - side + 1, size=2)
+        out.append(cv2.resize(photo[y : y + side, x : x + side], (size, size), interpolation=cv2.INTER_AREA))
+    return np.stack(out)
+
+
+def basicsr_degrade(rgb: np.ndarray, config: dict) -> np.ndarray:
+    """GFPGAN's LQ synthesis with BasicSR's functions, on one RGB uint8 image."""
+    from basicsr.data import degradations
+
+    blur, jpeg_range = config["blur"], config["jpeg"]["quality"]
+    img = rgb[..., ::-1].astype(np.float32) / 255.0  # GFPGAN works on BGR float32
+    h, w = img.shape[:2]
+    kernel = degradations.random_mixed_kernels(blur["kernel_list"], blur["kernel_prob"], blur["kernel_size"],
+                                               blur["sigma"], blur["sigma"], [-math.pi, math.pi], noise_range=None)
+    lq = cv2.filter2D(img, -1, kernel)
+    scale = np.random.uniform(*config["downsample"]["scale"])
+    lq = cv2.resize(lq, (int(w // scale), int(h // scale)), interpolation=cv2.INTER_LINEAR)
+    lq = degradations.random_add_gaussian_noise(lq, config["noise"]["sigma"])
+    # basicsr's random_add_jpg_compression passes np.random.uniform's float quality to
+    # cv2.imencode, which OpenCV >= 4.5.4 (here 5) rejects (BasicSR #578): draw the quality
+    # the same way and pass int(quality) to its add_jpg_compression.
+    lq = degradations.add_jpg_compression(lq, int(np.random.uniform(*jpeg_range)))
+    lq = cv2.resize(lq, (w, h), interpolation=cv2.INTER_LINEAR)
+    return np.clip((lq[..., ::-1] * 255.0).round(), 0, 255).astype(np.uint8)
+
+
+def run_basicsr(images: np.ndarray, config: dict) -> float:
+    np.random.seed(0)
+    basicsr_degrade(images[0], config)  # warm-up
+    start = time.perf_counter()
+    for rgb in images:
+        basicsr_degrade(rgb, config)
+    return time.perf_counter() - start
+
+
+def run_ours(images: np.ndarray, preset, batch_size: int, device: torch.device) -> float:
+    def degrade(batch: np.ndarray, first_seed: int) -> list[np.ndarray]:
+        x = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float() / 255.0
+        params = [preset.sample(first_seed + i) for i in range(len(batch))]
+        outs = preset.apply(x, params)
+        return [(o * 255.0).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy() for o in outs]
+
+    degrade(images[:batch_size], 10**6)  # warm-up (FFT plans, lazy imports, CUDA context)
+    start = time.perf_counter()
+    for i in range(0, len(images), batch_size):
+        degrade(images[i : i + batch_size], i)
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=64, help="images to degrade per implementation (default 64)")
+    parser.add_argument("--batch-size", type=int, default=8, help="our batch size (default 8)")
+    parser.add_argument("--device", default="all",
+                        help="device for ours: cpu, cuda, mps, or all = cpu and cuda when available (default)")
+    args = parser.parse_args(argv)
+    from bfr_models.degradations import load_preset
+
+    preset = load_preset("gfpgan")
+    images = face_images(args.n)
+    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+    devices = [d for d in devices if d != "cuda" or torch.cuda.is_available()]
+
+    baseline = run_basicsr(images, preset.config)
+    rows = [("BasicSR per image (cv2)", "cpu", 1, baseline)]
+    rows += [("bfr-curate gfpgan preset", d, args.batch_size, run_ours(images, preset, args.batch_size, torch.device(d)))
+             for d in devices]
+
+    gpu = f", {torch.cuda.get_device_name(0)}" if "cuda" in devices else ""
+    print(f"GFPGAN degradation, {args.n} images of 512x512; {platform.processor() or platform.machine()}, "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads), OpenCV {cv2.__version__} "
+          f"({cv2.getNumThreads()} threads){gpu}\n")
+    print("| implementation | device | batch | seconds | images/s | vs BasicSR |")
+    print("|---|---|---:|---:|---:|---:|")
+    for name, device, batch, seconds in rows:
+        print(f"| {name} | {device} | {batch} | {seconds:.2f} | {args.n / seconds:.1f} | {baseline / seconds:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""Degradation operators on batches of images, (B, C, H, W) float tensors in [0, 1], RGB.
+
+One function per effect. Everything runs on the images' device except JPEG (OpenCV's codec,
+per image on the CPU). Random noise comes from one ``torch.Generator`` per image, so an image
+gives the same result alone or inside a batch; a generator may live on another device than the
+images (CPU generators give the same noise whatever device the images are on).
+
+Noise level convention, the same for all three noise types: ``sigma`` is a standard deviation
+on the 0-255 scale (BasicSR's and the BFR papers' convention for Gaussian noise; DR2's delta
+for Laplace and Poisson noise is not defined by the paper, so we give it the same meaning):
+  gaussian: N(0, (sigma/255)^2) per pixel;
+  laplace:  Laplace with standard deviation sigma/255 (scale b = sigma / (255 sqrt 2));
+  poisson:  shot noise Poisson(lam * x) / lam - x with the photon count lam chosen per image so
+            that the noise's RMS over the image is sigma/255, i.e. lam = mean(x) * (255/sigma)^2
+            (the variance at a pixel is x / lam). On a flat image the std is exactly sigma/255;
+            darker pixels get less noise than brighter ones, as shot noise does.
+"Gray" noise draws one plane and adds it to all three channels (Poisson: computed on the
+BT.601 luma, as BasicSR's ``generate_poisson_noise`` does with ``cv2.COLOR_BGR2GRAY``).
+Noisy images are clipped to [0, 1], as BasicSR's ``clip=True`` default.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# cv2.COLOR_BGR2GRAY / ITU-R BT.601 luma weights, in RGB order.
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+RESIZE_MODES = ("bilinear", "bicubic")
+
+
+# ---------------------------------------------------------------------------------- blur
+
+
+def _reflect101_indices(n: int, pad: int, device) -> torch.Tensor:
+    idx = torch.arange(-pad, n + pad, device=device)
+    if n == 1:
+        return torch.zeros_like(idx)
+    period = 2 * (n - 1)
+    idx = idx.remainder(period)
+    return torch.where(idx >= n, period - idx, idx)
+
+
+def _pad_reflect101(images: torch.Tensor, pad: int) -> torch.Tensor:
+    """cv2.BORDER_REFLECT_101 (= torch 'reflect'): ... 2 1 | 0 1 2 ... n-1 | n-2 n-3 ...
+    torch's reflect padding needs pad < size; past that the border keeps reflecting, as in
+    OpenCV, which the index form does."""
+    h, w = images.shape[-2:]
+    if pad < min(h, w):
+        return F.pad(images, (pad, pad, pad, pad), mode="reflect")
+    padded = images.index_select(-2, _reflect101_indices(h, pad, images.device))
+    return padded.index_select(-1, _reflect101_indices(w, pad, images.device))
+
+
+def _fft_length(n: int) -> int:
+    """The smallest 5-smooth number >= n (FFTs of such lengths are fast)."""
+    while True:
+        m = n
+        for p in (2, 3, 5):
+            while m % p == 0:
+                m //= p
+        if m == 1:
+            return n
+        n += 1
+
+
+def blur(images: torch.Tensor, kernels) -> torch.Tensor:
+    """Filter each image with its own kernel, exactly as ``cv2.filter2D(img, -1, kernel)``:
+    correlation (not convolution) anchored at the kernel centre, BORDER_REFLECT_101 borders.
+
+    images: (B, C, H, W); kernels: (B, k, k), k odd (numpy or tensor). The correlation is
+    computed through the FFT (same result as a grouped conv2d to ~1e-6, several times faster for
+    the 41x41 kernels of the presets).
+    """
+    b, _, h, w = images.shape
+    if not torch.is_tensor(kernels):
+        kernels = torch.from_numpy(np.asarray(kernels))
+    kernels = kernels.to(device=images.device, dtype=images.dtype)
+    if kernels.dim() != 3 or kernels.shape[0] != b or kernels.shape[1] != kernels.shape[2] or kernels.shape[1] % 2 != 1:
+        raise ValueError(f"need one odd square kernel per image: images {tuple(images.shape)}, "
+                         f"kernels {tuple(kernels.shape)}")
+    k = kernels.shape[-1]
+    pad = k // 2
+    padded = _pad_reflect101(images.contiguous(), pad)
+    # Circular convolution with the flipped kernel over a length >= H + k - 1 equals the linear
+    # one from index k - 1 on, which is exactly the correlation at the H x W output pixels.
+    size = (_fft_length(h + 2 * pad), _fft_length(w + 2 * pad))
+    spectrum = torch.fft.rfft2(padded, s=size) * torch.fft.rfft2(kernels.flip(-2, -1), s=size).unsqueeze(1)
+    return torch.fft.irfft2(spectrum, s=size)[..., k - 1 : k - 1 + h, k - 1 : k - 1 + w].contiguous()
+
+
+# -------------------------------------------------------------------------------- resize
+
+
+def resize(images: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """Resize (B, C, H, W) to ``size`` = (height, width).
+
+    bilinear: ``cv2.resize(..., INTER_LINEAR)``: half-pixel centres (align_corners=False), no
+              antialiasing, the GFPGAN/CodeFormer/DifFace/DiffBIR convention.
+    bicubic:  antialiased Keys cubic with a = -0.5 (torch ``antialias=True``), identical to PIL's
+              BICUBIC and to MATLAB's ``imresize`` away from the borders (at the borders PIL/torch
+              renormalise the truncated kernel where MATLAB mirrors). Our reading of DR2's
+              "bicubically downsampled".
+    """
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"unknown resize mode {mode!r} (known: {', '.join(RESIZE_MODES)})")
+    size = (int(size[0]), int(size[1]))
+    if tuple(images.shape[-2:]) == size:
+        return images
+    if mode == "bilinear":
+        return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=False)
+    return F.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=True)
+
+
+# --------------------------------------------------------------------------------- noise
+
+
+def _check_per_image(images: torch.Tensor, sigmas, generators, gray) -> list[bool]:
+    b = images.shape[0]
+    gray = [False] * b if gray is None else [bool(g) for g in gray]
+    if not (len(sigmas) == len(generators) == len(gray) == b):
+        raise ValueError(f"need one sigma, generator and gray flag per image: batch {b}, {len(sigmas)} sigmas, "
+                         f"{len(generators)} generators, {len(gray)} gray flags")
+    return gray
+
+
+def _add_unit_noise(images: torch.Tensor, sigmas, generators, gray, draw: Callable) -> torch.Tensor:
+    """images + sigma/255 * (unit-variance noise from ``draw(shape, generator)``), clipped."""
+    gray = _check_per_image(images, sigmas, generators, gray)
+    _, c, h, w = images.shape
+    noise = torch.stack([
+        draw((1 if g else c, h, w), gen).to(images.device, images.dtype).expand(c, h, w) * (float(s) / 255.0)
+        for s, gen, g in zip(sigmas, generators, gray)
+    ])
+    return (images + noise).clamp(0.0, 1.0)
+
+
+def _standard_normal(shape, gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(shape, generator=gen, device=gen.device, dtype=torch.float32)
+
+
+def _standard_laplace(shape, gen: torch.Generator) -> torch.Tensor:
+    # The difference of two Exp(1) variables is Laplace(0, 1), variance 2.
+    e = torch.empty((2, *shape), device=gen.device, dtype=torch.float32).exponential_(generator=gen)
+    return (e[0] - e[1]) / math.sqrt(2.0)
+
+
+def add_gaussian_noise(images: torch.Tensor, sigmas: Sequence[float], generators: Sequence[torch.Generator],
+                       gray: Sequence[bool] | None = None) -> torch.Tensor:
+    """Additive Gaussian noise, std ``sigmas[i]``/255 for image i, colour or gray per image."""
+    return _add_unit_noise(images, sigmas, generators, gray, _standard_normal)
+
+
+def add_laplace_noise(images: torch.Tensor, sigmas: Sequence[float], generators: Sequence[torch.Generator],
+                      gray: Sequence[bool] | None = None) -> torch.Tensor:
+    """Additive Laplace noise, std ``sigmas[i]``/255 for image i, colour or gray per image."""
+    return _add_unit_noise(images, sigmas, generators, gray, _standard_laplace)
+
+
+def add_poisson_noise(images: torch.Tensor, sigmas: Sequence[float], generators: Sequence[torch.Generator],
+                      gray: Sequence[bool] | None = None) -> torch.Tensor:
+    """Shot noise with RMS ``sigmas[i]``/255 over image i (see the module docstring)."""
+    gray = _check_per_image(images, sigmas, generators, gray)
+    c = images.shape[1]
+    luma = torch.tensor(LUMA_WEIGHTS, device=images.device, dtype=images.dtype).view(3, 1, 1)
+    noises = []
+    for img, s, gen, g in zip(images, sigmas, generators, gray):
+        signal = ((img * luma).sum(0, keepdim=True) if g else img).clamp(0.0, 1.0)
+        mean = float(signal.mean())
+        if s <= 0 or mean <= 0:  # no noise asked, or no light to make shot noise from
+            noises.append(torch.zeros_like(img))
+            continue
+        photons = mean * (255.0 / float(s)) ** 2
+        rate = (signal * photons).to(gen.device, torch.float32)
+        counts = torch.poisson(rate, generator=gen).to(images.device, images.dtype)
+        noises.append((counts / photons - signal).expand(c, -1, -1))
+    return (images + torch.stack(noises)).clamp(0.0, 1.0)
+
+
+NOISE_FUNCTIONS = {"gaussian": add_gaussian_noise, "laplace": add_laplace_noise, "poisson": add_poisson_noise}
+
+
+# ---------------------------------------------------------------------------------- JPEG
+
+
+def jpeg(images: torch.Tensor, qualities: Sequence[int]) -> torch.Tensor:
+    """JPEG round trip through OpenCV, per image: uint8 = round(clip(x) * 255), BGR, encoded with
+    IMWRITE_JPEG_QUALITY = quality (an int; OpenCV >= 4.5.4 rejects floats), decoded back."""
+    if len(qualities) != images.shape[0]:
+        raise ValueError(f"need one quality per image: batch {images.shape[0]}, {len(qualities)} qualities")
+    for q in qualities:
+        if isinstance(q, bool) or not isinstance(q, (int, np.integer)) or not 0 <= q <= 100:
+            raise TypeError(f"JPEG quality must be an integer in [0, 100], got {q!r}")
+    rgb8 = (images.detach().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    out = []
+    for img, q in zip(rgb8, qualities):
+        ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(img[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, int(q)])
+        if not ok:
+            raise RuntimeError(f"OpenCV could not JPEG-encode an image of shape {img.shape}")
+        out.append(cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1])
+    decoded = torch.from_numpy(np.ascontiguousarray(np.stack(out))).permute(0, 3, 1, 2)
+    return decoded.to(images.device, images.dtype) / 255.0
+
+
+# ------------------------------------------------------------------------ colour, 8-bit
+
+
+def shift_colors(images: torch.Tensor, shifts) -> torch.Tensor:
+    """GFPGAN's numpy colour jitter: add a per-channel offset (B, 3), in [0, 1] units, then clip."""
+    shifts = torch.as_tensor(shifts, device=images.device, dtype=images.dtype).view(-1, images.shape[1], 1, 1)
+    return (images + shifts).clamp(0.0, 1.0)
+
+
+def to_grayscale(images: torch.Tensor) -> torch.Tensor:
+    """BT.601 luma (cv2.COLOR_BGR2GRAY) repeated on the three channels."""
+    luma = torch.tensor(LUMA_WEIGHTS, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    return (images * luma).sum(1, keepdim=True).expand_as(images).contiguous()
+
+
+def jitter_colors(image: torch.Tensor, order: Sequence[str], factors: dict) -> torch.Tensor:
+    """GFPGAN's torch colour jitter on one (3, H, W) image: torchvision's adjust_brightness /
+    contrast / saturation / hue, applied in ``order`` with ``factors[name]``."""
+    from torchvision.transforms import functional as TF
+
+    adjust = {"brightness": TF.adjust_brightness, "contrast": TF.adjust_contrast,
+              "saturation": TF.adjust_saturation, "hue": TF.adjust_hue}
+    for name in order:
+        image = adjust[name](image, factors[name])
+    return image
+
+
+def quantize_8bit(images: torch.Tensor) -> torch.Tensor:
+    """round(x * 255) clipped to [0, 255], back in [0, 1]: what an 8-bit file stores."""
+    return (images * 255.0).round().clamp(0.0, 255.0) / 255.0

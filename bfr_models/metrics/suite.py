@@ -1,0 +1,107 @@
+"""The metric suite a score run computes: names, conventions, weights needed, batched evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+NO_REFERENCE = ("niqe", "musiq")
+FULL_REFERENCE = ("lpips", "psnr", "ssim")
+SET_LEVEL = ("fid",)
+KNOWN_METRICS = NO_REFERENCE + FULL_REFERENCE + SET_LEVEL
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    metrics: tuple[str, ...]
+    niqe_convention: str = "pyiqa"
+    crop_border: int = 0
+    y_channel: bool = False
+    lpips_net: str = "vgg"
+    fid_convention: str = "clean"
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "metrics": list(self.metrics)}
+
+
+def parse_metrics(text: str | list[str]) -> tuple[str, ...]:
+    names = [m.strip().lower() for m in (text.split(",") if isinstance(text, str) else text) if m.strip()]
+    unknown = [m for m in names if m not in KNOWN_METRICS]
+    if unknown or not names:
+        raise ValueError(f"unknown metric {', '.join(unknown) or '(none given)'}; choose from {','.join(KNOWN_METRICS)}")
+    return tuple(dict.fromkeys(names))
+
+
+def model_cards_needed(config: ScoreConfig) -> dict[str, str]:
+    """metric -> the model card whose weights it needs."""
+    from bfr_models.metrics.fid import INCEPTION_CARDS
+    from bfr_models.metrics.lpips_metric import BACKBONE_CARDS
+
+    cards = {"musiq": "musiq_koniq", "lpips": BACKBONE_CARDS.get(config.lpips_net, ""),
+             "fid": INCEPTION_CARDS.get(config.fid_convention, "")}
+    return {m: cards[m] for m in config.metrics if m in cards}
+
+
+def conventions(config: ScoreConfig) -> dict[str, str]:
+    """The exact convention of each metric, written into the score manifest and the report."""
+    y = "Y (BT.601) channel" if config.y_channel else "RGB"
+    crop = f"{config.crop_border}-pixel border cropped" if config.crop_border else "no border crop"
+    text = {
+        "niqe": f"NIQE, {config.niqe_convention} convention, LIVE pristine model (BasicSR niqe_pris_params.npz), "
+                f"{crop}; lower is better",
+        "musiq": "MUSIQ-KonIQ through pyiqa's architecture (musiq_koniq weights); higher is better",
+        "lpips": f"LPIPS v0.1, {config.lpips_net} backbone (ImageNet weights from the model card), "
+                 "inputs in [-1, 1]; lower is better",
+        "psnr": f"PSNR on 8-bit {y}, {crop}, BasicSR convention; higher is better",
+        "ssim": f"SSIM on 8-bit {y}, 11x11 Gaussian window sigma 1.5, {crop}, BasicSR convention; higher is better",
+        "fid": f"FID, {config.fid_convention} convention (see bfr_models/metrics/fid.py), 2048-d Inception pool3; "
+               "lower is better",
+    }
+    return {m: text[m] for m in config.metrics}
+
+
+class MetricSuite:
+    """Per-image metrics of a config, built once (weights loaded once) and applied to batches."""
+
+    def __init__(self, config: ScoreConfig, device: torch.device, skip: tuple[str, ...] = ()):
+        self.config = config
+        self.device = device
+        self.metrics = tuple(m for m in config.metrics if m not in skip and m not in SET_LEVEL)
+        self._lpips = self._musiq = None
+        if "lpips" in self.metrics:
+            from bfr_models.metrics.lpips_metric import LPIPS
+
+            self._lpips = LPIPS(net=config.lpips_net, device=device)
+        if "musiq" in self.metrics:
+            from bfr_models.metrics.musiq import MUSIQ
+
+            self._musiq = MUSIQ(device=device)
+
+    @property
+    def needs_reference(self) -> bool:
+        return any(m in FULL_REFERENCE for m in self.metrics)
+
+    def __call__(self, images: torch.Tensor, references: torch.Tensor | None) -> dict[str, np.ndarray]:
+        """Scores of a (B, 3, H, W) batch in [0, 1] (and its references) -> {metric: (B,) array}."""
+        c = self.config
+        images = images.to(self.device)
+        out = {}
+        if "niqe" in self.metrics:
+            from bfr_models.metrics.niqe import niqe
+
+            out["niqe"] = niqe(images, convention=c.niqe_convention, crop_border=c.crop_border)
+        if self._musiq is not None:
+            out["musiq"] = self._musiq(images)
+        if references is not None:
+            references = references.to(self.device)
+            from bfr_models.metrics.fullref import psnr, ssim
+
+            if "psnr" in self.metrics:
+                out["psnr"] = psnr(images, references, crop_border=c.crop_border, y_channel=c.y_channel)
+            if "ssim" in self.metrics:
+                out["ssim"] = ssim(images, references, crop_border=c.crop_border, y_channel=c.y_channel)
+            if self._lpips is not None:
+                out["lpips"] = self._lpips(images, references)
+        return {k: torch.as_tensor(v).detach().double().cpu().numpy() for k, v in out.items()}

@@ -1,0 +1,149 @@
+"""The score stage: metric columns on a new manifest, FID for the set, conventions recorded."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from prefect import flow, get_run_logger
+
+from bfr_models import manifest, models, storage
+from bfr_models.metrics.suite import FULL_REFERENCE, ScoreConfig, conventions, model_cards_needed, parse_metrics
+from flows.stage import run_stage
+from tasks.rows import content_id
+from tasks.runtime import ensure_gpu_limit, resolve_device
+from tasks.score import STAGE, score_shard
+from tasks.shards import InputItem, stable_hash
+
+
+def input_rows(uri: str) -> list[dict]:
+    """Rows to score: a manifest's rows (errors included, they pass through) or a folder's images."""
+    if manifest.is_manifest(uri):
+        return manifest.read_table(uri).to_pylist()
+    return [{"image_id": content_id(f.uri.encode() + f.version.encode()), "uri": f.uri, "sha256": f.version,
+             "stage": "input", "status": "ok"} for f in storage.list_images(uri)]
+
+
+def _reference_lookup(reference: str | None):
+    """row -> the URI of its reference image: a manifest (by parent_id), a folder (by file name), or the parent."""
+    if reference is None:
+        return lambda row: row.get("parent_uri")
+    if manifest.is_manifest(reference):
+        table = manifest.read_table(reference).to_pylist()
+        by_id = {r["image_id"]: r["uri"] for r in table if r["status"] == "ok"}
+        return lambda row: by_id.get(row.get("parent_id")) or by_id.get(row.get("image_id"))
+    by_name = {os.path.basename(f.uri): f.uri for f in storage.list_images(reference)}
+    return lambda row: by_name.get(os.path.basename(row.get("parent_uri") or row.get("uri") or ""))
+
+
+def plan_score(input: str, metrics: str | list[str], reference: str | None, fid_ref: str | None,
+               niqe_convention: str, crop_border: int, y_channel: bool, lpips_net: str, fid_convention: str,
+               skip_missing: bool, fid_allow_small: bool = False):
+    """Validate everything before any work; returns (config, items, skip list, not-computed records)."""
+    config = ScoreConfig(parse_metrics(metrics), niqe_convention, crop_border, y_channel, lpips_net, fid_convention)
+    if niqe_convention not in ("pyiqa", "matlab"):
+        raise ValueError(f"unknown NIQE convention {niqe_convention!r}; use pyiqa or matlab")
+    not_computed = []
+    for metric, card in model_cards_needed(config).items():
+        try:
+            models.model_path(card)
+        except models.ModelMissingError as e:
+            if not skip_missing:
+                raise
+            cards = models.load_cards()
+            not_computed.append({"metric": metric, "reason": "weights missing", "needs": cards[card].filename,
+                                 "command": f"bfr-curate models pull {card}", "detail": str(e)})
+    skip = [r["metric"] for r in not_computed]
+    rows = input_rows(input)
+    lookup = _reference_lookup(reference)
+    full_ref = [m for m in config.metrics if m in FULL_REFERENCE and m not in skip]
+    items = []
+    for row in rows:
+        ref = lookup(row) if full_ref and row["status"] == "ok" else None
+        items.append(InputItem(uri=row.get("uri") or f"error:{row['image_id']}", version=row.get("sha256") or "-",
+                               parent_id=row["image_id"], split=row.get("split"),
+                               row=json.dumps(row, default=str), reference=ref))
+    ok = [i for i in items if json.loads(i.row)["status"] == "ok"]
+    if full_ref and ok and not any(i.reference for i in ok):
+        raise ValueError(f"metric {','.join(full_ref)} needs a reference: pass --reference <manifest or folder>, "
+                         "or score a manifest whose rows have parents")
+    if full_ref:
+        _check_first_pair_sizes(ok, rows)
+    if "fid" in config.metrics and "fid" not in skip:
+        if fid_ref is None:
+            raise ValueError("metric fid needs --fid-ref <stats .npz, manifest or folder>")
+        from bfr_models.metrics.fid import plan_reference
+
+        plan_reference(fid_ref, fid_convention, allow_small=fid_allow_small)
+    return config, items, skip, not_computed
+
+
+def _check_first_pair_sizes(items: list[InputItem], rows: list[dict]) -> None:
+    """Mismatched sizes are a setup error (wrong reference), so check one pair before any work."""
+    import io
+
+    from PIL import Image
+
+    first = next((i for i in items if i.reference), None)
+    if first is None:
+        return
+    sizes = []
+    for uri in (first.uri, first.reference):
+        with Image.open(io.BytesIO(storage.read_bytes(uri))) as im:
+            sizes.append(im.size)
+    if sizes[0] != sizes[1]:
+        raise ValueError(f"image sizes differ from the reference: {first.uri} is {sizes[0][0]}x{sizes[0][1]}, "
+                         f"{first.reference} is {sizes[1][0]}x{sizes[1][1]} (score LR images against an LR "
+                         "reference, or degrade with resize back)")
+
+
+@flow(name="score")
+def score_flow(input: str, out: str, metrics: str = "niqe,psnr,ssim", reference: str | None = None,
+               fid_ref: str | None = None, niqe_convention: str = "pyiqa", crop_border: int = 0,
+               y_channel: bool = False, lpips_net: str = "vgg", fid_convention: str = "clean",
+               skip_missing: bool = False, fid_allow_small: bool = False, shard_size: int = 256,
+               batch_size: int = 8, device: str = "auto") -> str:
+    """Score every row of `input`; returns the scored manifest URI (the input is never modified)."""
+    config, items, skip, not_computed = plan_score(input, metrics, reference, fid_ref, niqe_convention, crop_border,
+                                                   y_channel, lpips_net, fid_convention, skip_missing,
+                                                   fid_allow_small)
+    dev = resolve_device(device)
+    ensure_gpu_limit(dev)
+    logger = get_run_logger()
+    for r in not_computed:
+        logger.warning("%s not computed: needs %s (%s)", r["metric"], r["needs"], r["command"])
+    fid_cache = storage.join(storage.normalize(out), "fid-cache")
+    stage_config = {**config.as_dict(), "reference": reference, "fid_ref": fid_ref, "skip": skip}
+    uri = run_stage(score_shard, STAGE, stage_config, items, input, out, shard_size, config=config.as_dict(),
+                    skip=skip, device=str(dev), batch_size=batch_size, fid_cache=fid_cache)
+    set_metrics = {}
+    if "fid" in config.metrics and "fid" not in skip:
+        set_metrics = _fid(uri, config, fid_ref, fid_allow_small, fid_cache, dev)
+    _annotate_index(uri, conventions=conventions(config), not_computed=not_computed, set_metrics=set_metrics,
+                    source=input)
+    return uri
+
+
+def _fid(uri: str, config: ScoreConfig, fid_ref: str, allow_small: bool, fid_cache: str, dev) -> dict:
+    """FID of the scored set against the reference; features come from the shard tasks' cache."""
+    from bfr_models.metrics.fid import (FeatureCache, FIDStats, ImageRef, InceptionFeatures, extract_features,
+                                        fid_from_stats, plan_reference, reference_stats)
+
+    extractor = InceptionFeatures(convention=config.fid_convention, device=dev)
+    df = manifest.read_manifest(uri)
+    ok = df[df["status"] == "ok"]
+    feats = extract_features([ImageRef(u, s) for u, s in zip(ok["uri"], ok["sha256"])], extractor,
+                             FeatureCache(fid_cache, extractor.fingerprint))
+    stats = FIDStats.from_features(feats.feats, config.fid_convention, uri, extractor.network)
+    ref = reference_stats(plan_reference(fid_ref, config.fid_convention, allow_small=allow_small), extractor,
+                          cache_root=fid_cache, allow_small=allow_small)
+    return fid_from_stats(stats, ref).as_record()
+
+
+def _annotate_index(uri: str, **info) -> None:
+    """Add set-level results (FID, conventions, what was not computed) to the stage's index."""
+    index = manifest.read_index(uri)
+    index["config"].update(info)
+    index["config_hash"] = stable_hash(index["config"])
+    storage.write_bytes_atomic(storage.join(uri, manifest.INDEX_NAME),
+                               json.dumps(index, indent=1, sort_keys=True, default=str).encode())

@@ -1,0 +1,92 @@
+"""The score shard task: add metric columns to a shard of manifest rows (and cache FID features)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from functools import lru_cache
+from itertools import groupby
+
+import numpy as np
+import torch
+from prefect import task
+
+from bfr_models.imageio import ImageError, decode_rgb
+from bfr_models.manifest import ManifestWriter
+from bfr_models.metrics.suite import MetricSuite, ScoreConfig
+from tasks.runtime import device_slot, resolve_device, shard_cache_key
+from tasks.shards import ShardSpec, read_many
+
+STAGE = "score"
+
+
+@lru_cache(maxsize=2)
+def _suite(config: ScoreConfig, device: str, skip: tuple[str, ...]) -> MetricSuite:
+    return MetricSuite(config, torch.device(device), skip)
+
+
+def _decode(data) -> np.ndarray:
+    if isinstance(data, Exception):
+        raise ImageError(f"cannot read: {type(data).__name__}: {data}")
+    return decode_rgb(data)[0]
+
+
+def _tensor(rgbs: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(rgbs)).permute(0, 3, 1, 2).float() / 255.0
+
+
+@task(name="score-shard", cache_key_fn=shard_cache_key, persist_result=True, cache_result_in_memory=False)
+def score_shard(spec: ShardSpec, stage_uri: str, config: dict, skip: list[str], device: str, batch_size: int,
+                fid_cache: str | None) -> dict:
+    cfg = ScoreConfig(**{**config, "metrics": tuple(config["metrics"])})
+    dev = resolve_device(device)
+    suite = _suite(cfg, str(dev), tuple(skip))
+    rows = [json.loads(item.row) for item in spec.items]
+    todo = [(k, item) for k, item in enumerate(spec.items) if rows[k]["status"] == "ok"]
+    wanted = [i.uri for _, i in todo] + [i.reference for _, i in todo if suite.needs_reference and i.reference]
+    fetched = read_many(sorted(set(wanted)))
+    ready = []
+    for k, item in todo:
+        try:
+            img = _decode(fetched[item.uri])
+            ref = None
+            if suite.needs_reference:
+                if not item.reference:
+                    raise ImageError("no reference image for this row")
+                ref = _decode(fetched[item.reference])
+                if ref.shape != img.shape:
+                    raise ImageError(f"size {img.shape[1]}x{img.shape[0]} differs from its reference "
+                                     f"{ref.shape[1]}x{ref.shape[0]} ({item.reference})")
+        except ImageError as e:
+            rows[k].update(status="error", error=f"score: {e}")
+            continue
+        ready.append((k, img, ref))
+    ready.sort(key=lambda r: r[1].shape)
+    for _, group in groupby(ready, key=lambda r: r[1].shape):
+        group = list(group)
+        for start in range(0, len(group), batch_size):
+            batch = group[start : start + batch_size]
+            refs = _tensor([r for _, _, r in batch]) if suite.needs_reference else None
+            with device_slot(dev):
+                scores = suite(_tensor([img for _, img, _ in batch]), refs)
+            for j, (k, _, _) in enumerate(batch):
+                rows[k].update({m: float(v[j]) for m, v in scores.items()})
+    if fid_cache is not None and "fid" in cfg.metrics and "fid" not in skip:
+        _cache_fid_features(cfg, dev, fid_cache, [(rows[k]["uri"], rows[k]["sha256"]) for k, _, _ in ready])
+    return asdict(ManifestWriter(stage_uri).write_shard(spec.key, rows))
+
+
+@lru_cache(maxsize=2)
+def _extractor(convention: str, device: str):
+    from bfr_models.metrics.fid import InceptionFeatures
+
+    return InceptionFeatures(convention=convention, device=device)
+
+
+def _cache_fid_features(cfg: ScoreConfig, dev: torch.device, cache_root: str, refs: list[tuple[str, str]]) -> None:
+    """Extract this shard's Inception features into the content-keyed cache the flow reads back."""
+    from bfr_models.metrics.fid import FeatureCache, ImageRef, extract_features
+
+    extractor = _extractor(cfg.fid_convention, str(dev))
+    with device_slot(dev):
+        extract_features([ImageRef(u, s) for u, s in refs], extractor, FeatureCache(cache_root, extractor.fingerprint))

@@ -1,0 +1,126 @@
+"""Score and report end to end: real Prefect, Parquet, metrics with weights the test builds."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image, ImageFilter
+
+from bfr_models import manifest, models, storage
+from bfr_models.manifest import ManifestWriter
+from bfr_models.metrics import fid as F
+from bfr_models.metrics.musiq import build_musiq_arch
+from flows.report import report_flow
+from flows.score import plan_score, score_flow
+from tasks.rows import content_id
+from tests.conftest import face_like, install_models
+
+
+def _state_bytes(module: torch.nn.Module) -> bytes:
+    buf = io.BytesIO()
+    torch.save(module.state_dict(), buf)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def weights(monkeypatch, tmp_path):
+    torch.manual_seed(0)
+    return install_models(monkeypatch, tmp_path, {
+        "lpips_vgg16_backbone": _state_bytes(torchvision.models.vgg16(weights=None)),
+        "musiq_koniq": _state_bytes(build_musiq_arch()),
+        "fid_inception_pytorch": _state_bytes(F.FIDInceptionV3()),
+    })
+
+
+def _png(rgb) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def degraded_manifest(tmp_path):
+    """HQ faces and blurred LQ children, written as a manifest with parents."""
+    w = ManifestWriter(str(tmp_path / "lq"))
+    rows = []
+    for i in range(5):
+        hq = face_like(i)
+        hq_uri = w.write_image(f"hq{i}", _png(hq))
+        lq = np.asarray(Image.fromarray(hq).filter(ImageFilter.GaussianBlur(1 + i)))
+        data = _png(lq)
+        uri = w.write_image(content_id(data), data)
+        rows.append({"image_id": content_id(data), "uri": uri, "sha256": storage.sha256_hex(data), "width": 64,
+                     "height": 64, "parent_id": f"hq{i}", "parent_uri": hq_uri, "stage": "degrade",
+                     "split": "mild" if i < 3 else "severe", "status": "ok"})
+    rows.append({"image_id": "bad", "parent_uri": "/nowhere.png", "stage": "degrade", "status": "error",
+                 "error": "empty file (0 bytes)"})
+    w.write_index("degrade", "k", {}, [w.write_shard("s", rows)])
+    return str(tmp_path / "lq")
+
+
+def test_score_adds_columns_records_conventions_and_caches(weights, degraded_manifest, tmp_path):
+    before = (tmp_path / "lq" / "shards" / "s.parquet").read_bytes()
+    kwargs = dict(input=degraded_manifest, out=str(tmp_path / "out"), metrics="niqe,musiq,lpips,psnr,ssim,fid",
+                  fid_ref=degraded_manifest, fid_convention="legacy_pytorch", fid_allow_small=True,
+                  device="cpu", shard_size=2)
+    state = score_flow(**kwargs, return_state=True)
+    uri = state.result()
+    df = manifest.read_manifest(uri).set_index("image_id")
+    assert (tmp_path / "lq" / "shards" / "s.parquet").read_bytes() == before  # input untouched
+    assert df.loc["bad", "status"] == "error" and len(df) == 6
+    ok = df[df["status"] == "ok"]
+    assert ok[["niqe", "musiq", "lpips", "psnr", "ssim"]].notna().all().all()
+    # PSNR by hand for one row
+    row = ok.iloc[0]
+    a = np.asarray(Image.open(io.BytesIO(storage.read_bytes(row["uri"]))), dtype=np.float64)
+    b = np.asarray(Image.open(io.BytesIO(storage.read_bytes(row["parent_uri"]))), dtype=np.float64)
+    assert row["psnr"] == pytest.approx(10 * np.log10(255**2 / np.mean((a - b) ** 2)), abs=1e-6)
+    # more blur -> lower PSNR and SSIM
+    by_blur = ok.sort_values("parent_id")
+    assert by_blur["psnr"].is_monotonic_decreasing and by_blur["ssim"].is_monotonic_decreasing
+    config = manifest.read_index(uri)["config"]
+    assert set(config["conventions"]) == {"niqe", "musiq", "lpips", "psnr", "ssim", "fid"}
+    assert config["set_metrics"]["fid_convention"] == "legacy_pytorch"
+    assert config["set_metrics"]["fid"] == pytest.approx(0.0, abs=1e-3)  # the set against itself
+
+    from tests.test_degrade_flow import _task_states
+
+    again = score_flow(**kwargs, return_state=True)
+    assert again.result() == uri and set(_task_states(again)) == {"Cached"}
+
+    html_uri = report_flow(input=uri, out=str(tmp_path / "report.html"))
+    html = open(html_uri).read()
+    assert html.count("<svg") >= 5 and "data:image/jpeg;base64" in html
+    assert "legacy_pytorch" in html and "empty file (0 bytes)" in html
+
+
+def test_bad_score_arguments_fail_before_work(weights, degraded_manifest, tmp_path, monkeypatch):
+    common = dict(reference=None, fid_ref=None, niqe_convention="pyiqa", crop_border=0, y_channel=False,
+                  lpips_net="vgg", fid_convention="clean", skip_missing=False)
+    with pytest.raises(ValueError, match="unknown metric brisque"):
+        plan_score(degraded_manifest, "niqe,brisque", **common)
+    with pytest.raises(ValueError, match="fid needs --fid-ref"):
+        plan_score(degraded_manifest, "fid", **{**common, "fid_convention": "legacy_pytorch"})
+    with pytest.raises(ValueError, match="rank-deficient below 2048"):
+        plan_score(degraded_manifest, "fid", **{**common, "fid_convention": "legacy_pytorch",
+                                               "fid_ref": degraded_manifest})
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(_png(face_like(1)))
+    with pytest.raises(ValueError, match="needs a reference"):
+        plan_score(str(folder), "psnr", **common)
+    small = tmp_path / "small"
+    small.mkdir()
+    (small / "a.png").write_bytes(_png(face_like(1)[:32, :32]))
+    with pytest.raises(ValueError, match="sizes differ"):
+        plan_score(str(folder), "psnr", **{**common, "reference": str(small)})
+    # the clean-convention Inception is not installed: a one-line error naming the file and the command
+    with pytest.raises(models.ModelMissingError) as err:
+        plan_score(degraded_manifest, "fid", **{**common, "fid_ref": degraded_manifest})
+    assert "\n" not in str(err.value) and "inception-2015-12-05.pt" in str(err.value)
+    assert "bfr-curate models pull fid_inception_clean" in str(err.value)
+    _, _, skip, not_computed = plan_score(degraded_manifest, "niqe,fid", **{**common, "skip_missing": True})
+    assert skip == ["fid"] and not_computed[0]["needs"] == "inception-2015-12-05.pt"
