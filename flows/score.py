@@ -114,7 +114,7 @@ def score_flow(input: str, out: str, metrics: str = "niqe,psnr,ssim", reference:
         logger.warning("%s not computed: needs %s (%s)", r["metric"], r["needs"], r["command"])
     fid_cache = storage.join(storage.normalize(out), "fid-cache")
     stage_config = {**config.as_dict(), "reference": reference, "fid_ref": fid_ref, "skip": skip}
-    uri = run_stage(score_shard, STAGE, stage_config, items, input, out, shard_size, config=config.as_dict(),
+    uri = run_stage(score_shard, STAGE, stage_config, items, input, out, shard_size, score_config=config.as_dict(),
                     skip=skip, device=str(dev), batch_size=batch_size, fid_cache=fid_cache)
     set_metrics = {}
     if "fid" in config.metrics and "fid" not in skip:

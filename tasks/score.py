@@ -36,9 +36,9 @@ def _tensor(rgbs: list[np.ndarray]) -> torch.Tensor:
 
 
 @task(name="score-shard", cache_key_fn=shard_cache_key, persist_result=True, cache_result_in_memory=False)
-def score_shard(spec: ShardSpec, stage_uri: str, config: dict, skip: list[str], device: str, batch_size: int,
+def score_shard(spec: ShardSpec, stage_uri: str, score_config: dict, skip: list[str], device: str, batch_size: int,
                 fid_cache: str | None) -> dict:
-    cfg = ScoreConfig(**{**config, "metrics": tuple(config["metrics"])})
+    cfg = ScoreConfig(**{**score_config, "metrics": tuple(score_config["metrics"])})
     dev = resolve_device(device)
     suite = _suite(cfg, str(dev), tuple(skip))
     rows = [json.loads(item.row) for item in spec.items]
@@ -65,15 +65,28 @@ def score_shard(spec: ShardSpec, stage_uri: str, config: dict, skip: list[str], 
     for _, group in groupby(ready, key=lambda r: r[1].shape):
         group = list(group)
         for start in range(0, len(group), batch_size):
-            batch = group[start : start + batch_size]
-            refs = _tensor([r for _, _, r in batch]) if suite.needs_reference else None
-            with device_slot(dev):
-                scores = suite(_tensor([img for _, img, _ in batch]), refs)
-            for j, (k, _, _) in enumerate(batch):
-                rows[k].update({m: float(v[j]) for m, v in scores.items()})
+            for k, scores in _score_batch(suite, dev, group[start : start + batch_size]):
+                if isinstance(scores, Exception):
+                    rows[k].update(status="error", error=f"score: {scores}")
+                else:
+                    rows[k].update(scores)
+    ready = [r for r in ready if rows[r[0]]["status"] == "ok"]
     if fid_cache is not None and "fid" in cfg.metrics and "fid" not in skip:
         _cache_fid_features(cfg, dev, fid_cache, [(rows[k]["uri"], rows[k]["sha256"]) for k, _, _ in ready])
     return asdict(ManifestWriter(stage_uri).write_shard(spec.key, rows))
+
+
+def _score_batch(suite: MetricSuite, dev: torch.device, batch: list) -> list[tuple[int, dict | Exception]]:
+    """Scores of one batch; if the batch fails, each image alone, so one bad image is one error row."""
+    refs = _tensor([r for _, _, r in batch]) if suite.needs_reference else None
+    try:
+        with device_slot(dev):
+            scores = suite(_tensor([img for _, img, _ in batch]), refs)
+    except (ValueError, RuntimeError) as e:
+        if len(batch) == 1:
+            return [(batch[0][0], e)]
+        return [result for item in batch for result in _score_batch(suite, dev, [item])]
+    return [(k, {m: float(v[j]) for m, v in scores.items()}) for j, (k, _, _) in enumerate(batch)]
 
 
 @lru_cache(maxsize=2)

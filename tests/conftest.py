@@ -145,12 +145,17 @@ def install_models(monkeypatch, tmp_path: Path, files: dict[str, bytes]) -> Path
     cache, catalog = tmp_path / "model-cache", tmp_path / "catalogs"
     cache.mkdir(exist_ok=True)
     (catalog / "models").mkdir(parents=True, exist_ok=True)
+    for other in (REPO / "catalogs").iterdir():  # presets, metrics, ... stay the real ones
+        if other.is_dir() and other.name != "models" and not (catalog / other.name).exists():
+            (catalog / other.name).symlink_to(other)
     for name, data in files.items():
         card = real[name]
         (cache / card.filename).write_bytes(data)
         fields = {"name": name, "filename": card.filename, "url": card.url, "sha256": hashlib.sha256(data).hexdigest(),
                   "license": card.license, "used_by": card.used_by, "description": "test weights built by the suite"}
         (catalog / "models" / f"{name}.yaml").write_text(yaml.safe_dump(fields))
+    for name in set(real) - set(files):  # every other card stays as published, its file absent
+        (catalog / "models" / f"{name}.yaml").write_text((REPO / "catalogs" / "models" / f"{name}.yaml").read_text())
     monkeypatch.setenv("BFR_CURATE_MODEL_CACHE", str(cache))
     monkeypatch.setenv("BFR_CURATE_CATALOGS", str(catalog))
     return cache

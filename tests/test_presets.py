@@ -120,7 +120,8 @@ def test_every_preset_describes_itself_without_a_split():
     (("dr2", "hard", 4), "no split 'hard' (splits: mild, medium, severe)"),
     (("dr2", "mild", 5), "no scale 5 (scales: 4, 8, 16)"),
     (("gfpgan", "small"), "no split 'small' (it has no splits)"),
-    (("gfpgan", None, 4), "takes no scale (it draws its scale from [0.8, 8])"),
+    (("gfpgan", None, 4), "preset 'gfpgan' takes no scale: it draws one per image"),
+    (("codeformer_stage3", "small", 4), "preset 'codeformer_stage3' takes no scale"),
 ])
 def test_unknown_preset_split_or_scale_is_one_clear_line(args, needle):
     with pytest.raises(PresetError) as e:
@@ -146,7 +147,8 @@ def test_a_split_preset_without_its_split_fails_at_config_sample_and_apply():
     ({"jpeg": {"quality": [60.5, 100]}}, "jpeg.quality must be an integer"),
     ({"jpeg": {"qualty": [60, 100]}}, "jpeg: unknown field(s) qualty (expected: quality)"),
     ({"gray_prob": 1.5}, "gray_prob must be in [0, 1]"),
-    ({"blur_extra": 1}, "unknown field(s) blur_extra"),
+    ({"blur_extra": 1}, ".yaml: unknown field(s) blur_extra (expected: blur, downsample,"),
+    ({"noise": {"types": ["gaussian"], "sigma": [-1, 5], "gray_prob": 0.0}}, "noise.sigma must be >= 0, got -1"),
     ({"kind": "fancy"}, "kind must be one of classic, camera_raw"),
     ({"splits": {"a": {"blur": {"kernel_size": 40}}}}, "blur.kernel_size must be odd"),
     ({"resize_back": "yes"}, "resize_back must be true or false"),
@@ -283,8 +285,8 @@ def test_classic_pipeline_matches_basicsr_and_opencv_without_noise():
         lq = cv2.resize(lq, (64, 64), interpolation=cv2.INTER_LINEAR)
         ref = np.clip((lq[..., ::-1] * 255).round(), 0, 255)
         diff = np.abs(ours.permute(1, 2, 0).numpy() * 255 - ref)
-        # float rounding before the codec may flip a rare 8-bit value, never more
-        assert (diff == 0).mean() > 0.98 and diff.max() <= 3
+        # float rounding (FFT vs OpenCV's filter) may flip a rare 8-bit value by one level
+        assert (diff == 0).mean() > 0.99 and diff.max() <= 1
 
 
 def test_extras_hflip_gray_and_color_shift(custom_catalog):

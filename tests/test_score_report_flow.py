@@ -47,13 +47,13 @@ def degraded_manifest(tmp_path):
     w = ManifestWriter(str(tmp_path / "lq"))
     rows = []
     for i in range(5):
-        hq = face_like(i)
+        hq = face_like(0, size=192)  # one face, blurred more and more
         hq_uri = w.write_image(f"hq{i}", _png(hq))
         lq = np.asarray(Image.fromarray(hq).filter(ImageFilter.GaussianBlur(1 + i)))
         data = _png(lq)
         uri = w.write_image(content_id(data), data)
-        rows.append({"image_id": content_id(data), "uri": uri, "sha256": storage.sha256_hex(data), "width": 64,
-                     "height": 64, "parent_id": f"hq{i}", "parent_uri": hq_uri, "stage": "degrade",
+        rows.append({"image_id": content_id(data), "uri": uri, "sha256": storage.sha256_hex(data), "width": 192,
+                     "height": 192, "parent_id": f"hq{i}", "parent_uri": hq_uri, "stage": "degrade",
                      "split": "mild" if i < 3 else "severe", "status": "ok"})
     rows.append({"image_id": "bad", "parent_uri": "/nowhere.png", "stage": "degrade", "status": "error",
                  "error": "empty file (0 bytes)"})

@@ -74,8 +74,8 @@ def blur(images: torch.Tensor, kernels) -> torch.Tensor:
     correlation (not convolution) anchored at the kernel centre, BORDER_REFLECT_101 borders.
 
     images: (B, C, H, W); kernels: (B, k, k), k odd (numpy or tensor). The correlation is
-    computed through the FFT (same result as a grouped conv2d to ~1e-6, several times faster for
-    the 41x41 kernels of the presets).
+    computed through the FFT: the same result as a grouped conv2d to ~1e-6, and 2-4x faster on
+    the CPU for the 41x41 kernels of the presets at 512x512.
     """
     b, _, h, w = images.shape
     if not torch.is_tensor(kernels):

@@ -14,8 +14,9 @@ Kinds:
   camera_raw  the unsupervised-BFR camera-RAW noise model, ``camera_raw.degrade_camera_raw``.
 
 All randomness is drawn in ``sample(seed)`` (numpy, from ``seed``) except the noise fields,
-which ``apply`` draws from ``torch.Generator().manual_seed(params["seed"])`` on the CPU, so a
-row of a manifest reproduces bit for bit on any device given the same code, alone or in a batch.
+which ``apply`` draws from ``torch.Generator().manual_seed(params["seed"])`` on the CPU: the
+same params give the same output bit for bit, alone or in any batch, on a given device; the
+noise itself is the same on every device (float rounding in the blur and resizes is not).
 Levels (noise sigma, colour shift) are on the 0-255 scale.
 """
 
@@ -69,7 +70,9 @@ def _number(value, field: str, low: float | None = None, high: float | None = No
     if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or not math.isfinite(value):
         raise PresetError(f"{field} must be {'an integer' if integer else 'a number'}, got {value!r}")
     if (low is not None and value < low) or (high is not None and value > high):
-        raise PresetError(f"{field} must be in [{low}, {high}], got {value!r}")
+        bounds = f"in [{low}, {high}]" if low is not None and high is not None else \
+            f">= {low}" if low is not None else f"<= {high}"
+        raise PresetError(f"{field} must be {bounds}, got {value!r}")
     return value
 
 
@@ -163,7 +166,7 @@ def _validate(value, schema, field: str):
     missing = [k for k in schema if k not in value]
     if unknown or missing:
         problem = f"unknown field(s) {', '.join(unknown)}" if unknown else f"missing field(s) {', '.join(missing)}"
-        raise PresetError(f"{field}: {problem} (expected: {', '.join(schema)})")
+        raise PresetError(f"{field + ': ' if field else ''}{problem} (expected: {', '.join(schema)})")
     return {k: _validate(value[k], sub, f"{field}.{k}".lstrip(".")) for k, sub in schema.items()}
 
 
@@ -208,7 +211,8 @@ def _read(name: str) -> dict:
         if "scales" in raw:
             if not isinstance(raw["scales"], list) or not raw["scales"]:
                 raise PresetError("scales must be a non-empty list")
-            [_scale(s, "scales") for s in raw["scales"]]
+            for s in raw["scales"]:
+                _scale(s, "scales")
         for split in raw.get("splits") or [None]:
             for scale in raw.get("scales") or [None]:
                 _resolve(raw, split, scale)
@@ -232,8 +236,7 @@ def load_preset(name: str, split: str | None = None, scale: float | None = None)
     chosen = None
     if scale is not None:
         if not scales:
-            raise PresetError(f"preset '{name}' takes no scale (it draws its scale from "
-                              f"{raw['downsample']['scale'] if raw['kind'] == 'classic' else 'its parameters'})")
+            raise PresetError(f"preset '{name}' takes no scale: it draws one per image")
         chosen = next((s for s in scales if float(s) == float(scale)), None)
         if chosen is None:
             raise PresetError(f"preset '{name}' has no scale {scale:g} (scales: {', '.join(f'{s:g}' for s in scales)})")

@@ -6,7 +6,7 @@ basicsr ships as ``basicsr/metrics/niqe_pris_params.npz``; see ``catalogs/metric
 
 Two conventions (``docs/niqe_calibration.md`` has the per-image calibration table and the reasoning):
 
-``pyiqa``  (default; the numbers published BFR tables report, through pyiqa or BasicSR)
+``pyiqa``  (default; pyiqa's ``niqe``, the number most published BFR tables report)
     Gray = round-half-even(255 * (0.299 R + 0.587 G + 0.114 B)) computed in float32, exactly as
     ``pyiqa.utils.color_util.to_y_channel(x, 255, 'yiq')`` on a float32 image. The MSCN filter uses
     pyiqa's window (``fspecial(7, 7/6)`` rounded to float32) and sums the 49 taps in the order pyiqa's /
@@ -40,18 +40,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bfr_models.metrics.fullref import matlab_gray_levels
+
 CONVENTIONS = ("pyiqa", "matlab")
 BLOCK = 96
 PRISTINE_FILE = "niqe_pris_params.npz"
 
-# MATLAB rgb2gray coefficients (the first row of inv of the NTSC YIQ matrix, as rgb2gray.m computes them).
-_MATLAB_GRAY = (0.298936021293775, 0.587043074451121, 0.114020904255103)
 _YIQ_GRAY = (0.299, 0.587, 0.114)
-# |im - local mean| at or below this (on the 0..255 scale) is taken as exactly zero by the matlab
-# convention: float64 rounding residue is < 1e-11 there, true nonzero residues are orders of magnitude
-# larger (the calibration scores are the same for any threshold from 1e-11 to 1e-6).
-_EXACT_ZERO_TOL = 1e-8
+# |im - local mean| at or below this (0..255 scale) is exactly zero for the matlab convention. Float64
+# rounding leaves < 1e-12 in flat areas (49 products of values <= 255); the smallest genuine residues on
+# the calibration images are > 1e-9 (half-scale bicubic tails); any threshold in [1e-12, 1e-10] gives
+# the same scores there.
+_EXACT_ZERO_TOL = 1e-11
 _SHIFTS = ((0, 1), (1, 0), (1, 1), (1, -1))
+_CPU_CHUNK_PIXELS = 1 << 18
 
 
 def pristine_params_path() -> Path:
@@ -119,9 +121,7 @@ def _gray(images: torch.Tensor, convention: str) -> torch.Tensor:
         c0, c1, c2 = (torch.tensor(c, dtype=torch.float32) for c in _YIQ_GRAY)
         y = (x[:, 0:1] * c0 + x[:, 1:2] * c1 + x[:, 2:3] * c2) * 255.0
         return torch.round(y).to(torch.float64)  # half to even, as torch.round in pyiqa
-    q = torch.floor(images.to(torch.float64).clamp(0, 1) * 255.0 + 0.5)  # the 8-bit image MATLAB reads
-    c0, c1, c2 = _MATLAB_GRAY
-    return torch.floor(q[:, 0:1] * c0 + q[:, 1:2] * c1 + q[:, 2:3] * c2 + 0.5)
+    return matlab_gray_levels(images)  # rgb2gray of the 8-bit image, as computequality.m reads it
 
 
 # ------------------------------------------------------------------------------------- filter, resize
@@ -131,15 +131,21 @@ def _filter7(x: torch.Tensor, window: tuple[float, ...]) -> torch.Tensor:
     """7x7 correlation with replicate padding, as the ordered sum over taps (row-major) of separately rounded
     products -- the arithmetic of scipy.ndimage / torch's CPU conv2d, reproducible on any device."""
     h, w = x.shape[-2:]
-    p = torch.nn.functional.pad(x, (3, 3, 3, 3), mode="replicate")
-    out = torch.zeros_like(x)
-    term = torch.empty_like(x)
-    for k, wk in enumerate(window):
-        if wk != 0.0:
-            i, j = divmod(k, 7)
-            torch.mul(p[..., i:i + h, j:j + w], wk, out=term)
-            out.add_(term)  # a separate add: never fused into an FMA
-    return out
+    planes = x.reshape(-1, 1, h, w)
+    out = torch.empty_like(planes)
+    # On CPU the 49 passes stay in cache when done a few planes at a time; a GPU takes the whole batch.
+    step = planes.shape[0] if x.device.type != "cpu" else max(1, (1 << 19) // (h * w))
+    for start in range(0, planes.shape[0], step):
+        p = torch.nn.functional.pad(planes[start:start + step], (3, 3, 3, 3), mode="replicate")
+        acc = out[start:start + step]
+        acc.zero_()
+        term = torch.empty_like(acc)
+        for k, wk in enumerate(window):
+            if wk != 0.0:
+                i, j = divmod(k, 7)
+                torch.mul(p[..., i:i + h, j:j + w], wk, out=term)
+                acc.add_(term)  # a separate add: never fused into an FMA
+    return out.reshape(x.shape)
 
 
 def _cubic(x: np.ndarray) -> np.ndarray:
@@ -215,7 +221,7 @@ def _half(x: torch.Tensor, convention: str) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------- features
 
 
-def _aggd(v: torch.Tensor, tables: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _aggd(v: torch.Tensor, tables: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """AGGD fit of every row of v (..., n) by the official moment-matching lookup.
     Returns alpha, beta_l, beta_r and the lookup index (..., )."""
     v2 = v * v
@@ -289,9 +295,14 @@ def _mvg_distance(feats: torch.Tensor) -> torch.Tensor:
     fz = torch.where(valid, feats, torch.zeros_like(feats))
     centred = (fz - fz.sum(1, keepdim=True) / n_valid.unsqueeze(1)) * valid
     cov_d = centred.transpose(1, 2) @ centred / (n_valid - 1).unsqueeze(-1)
-    inv = torch.linalg.pinv((cov_p + cov_d) / 2)
-    diff = (mu_p - mu_d).unsqueeze(1)
-    return torch.sqrt((diff @ inv @ diff.transpose(1, 2)).reshape(-1))
+    pooled = (cov_p + cov_d) / 2
+    # Fewer than two blocks with finite features (a flat image): no covariance, the score is NaN.
+    ok = torch.isfinite(pooled).all(-1).all(-1) & torch.isfinite(mu_d).all(-1)
+    pooled = torch.where(ok[:, None, None], pooled, cov_p.expand_as(pooled))
+    inv = torch.linalg.pinv(pooled)
+    diff = (mu_p - torch.where(ok[:, None], mu_d, mu_p)).unsqueeze(1)
+    score = torch.sqrt((diff @ inv @ diff.transpose(1, 2)).reshape(-1))
+    return torch.where(ok, score, torch.full_like(score, float("nan")))
 
 
 def _niqe_same_size(images: torch.Tensor, convention: str, crop_border: int) -> torch.Tensor:
@@ -303,9 +314,14 @@ def _niqe_same_size(images: torch.Tensor, convention: str, crop_border: int) -> 
     h, w = gray.shape[-2:]
     nh, nw = h // BLOCK, w // BLOCK
     if nh * nw < 2:
-        raise ValueError(f"NIQE needs at least two {BLOCK}x{BLOCK} blocks; image is {h}x{w} after crop_border={crop_border}")
+        raise ValueError(f"NIQE needs at least two {BLOCK}x{BLOCK} blocks; "
+                         f"image is {h}x{w} after crop_border={crop_border}")
     gray = gray[..., : nh * BLOCK, : nw * BLOCK]
-    return _mvg_distance(niqe_features(gray, convention))
+    # A GPU takes the whole batch; on CPU a few images at a time keep the temporaries in cache (the
+    # arithmetic, and so the result, is the same either way).
+    step = gray.shape[0] if gray.device.type != "cpu" else max(1, _CPU_CHUNK_PIXELS // (nh * nw * BLOCK * BLOCK))
+    feats = torch.cat([niqe_features(gray[i:i + step], convention) for i in range(0, gray.shape[0], step)])
+    return _mvg_distance(feats)
 
 
 @torch.no_grad()
@@ -315,7 +331,10 @@ def niqe(images: torch.Tensor | Sequence[torch.Tensor], convention: str = "pyiqa
 
     images: (B, 3, H, W) RGB or (B, 1, H, W) gray, float in [0, 1], on any device; or a list of such
     tensors / (C, H, W) tensors of different sizes (grouped by size, results in input order).
-    Returns a float64 tensor (B,) on the images' device.
+    crop_border: pixels dropped on each side (after the gray conversion) before the 96x96 blocking.
+    Returns a float64 tensor (B,) on the images' device. An image with fewer than two 96x96 blocks
+    raises ValueError; one without texture to fit (e.g. constant: every block's features are NaN)
+    scores NaN.
     """
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown NIQE convention {convention!r}; use one of {', '.join(CONVENTIONS)}")

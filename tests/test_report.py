@@ -1,0 +1,292 @@
+"""The HTML quality report: structure, ordering, numbers, robustness and escaping, on real small PNGs."""
+
+import base64
+import io
+import json
+from html.parser import HTMLParser
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from bfr_models import manifest, storage
+from bfr_models.manifest import ManifestWriter
+from bfr_models.report import (METRIC_DIRECTIONS, ScoredSet, metric_columns, metric_direction, nice_ticks,
+                               render_report, summary_markdown, summary_table, write_report)
+
+VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+
+
+class Node:
+    def __init__(self, tag, attrs, parent=None):
+        self.tag, self.attrs, self.parent, self.children, self.text = tag, dict(attrs), parent, [], []
+
+    def walk(self):
+        yield self
+        for c in self.children:
+            yield from c.walk()
+
+    def find_all(self, tag=None, **attrs):
+        return [n for n in self.walk() if (tag is None or n.tag == tag)
+                and all(n.attrs.get(k.replace("_", "-")) == v for k, v in attrs.items())]
+
+    def all_text(self):
+        return "".join(self.text) + "".join(c.all_text() for c in self.children)
+
+
+class TreeParser(HTMLParser):
+    """Builds a tree and fails on any end tag that does not close the innermost open element."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.root = self.cur = Node("#root", [])
+        self.errors = []
+
+    def handle_starttag(self, tag, attrs):
+        node = Node(tag, attrs, self.cur)
+        self.cur.children.append(node)
+        if tag not in VOID:
+            self.cur = node
+
+    def handle_startendtag(self, tag, attrs):
+        self.cur.children.append(Node(tag, attrs, self.cur))
+
+    def handle_endtag(self, tag):
+        if tag in VOID:
+            return
+        if self.cur.tag != tag:
+            self.errors.append(f"</{tag}> closes <{self.cur.tag}>")
+            return
+        self.cur = self.cur.parent
+
+    def handle_data(self, data):
+        self.cur.text.append(data)
+
+
+def parse(html: str) -> Node:
+    p = TreeParser()
+    p.feed(html)
+    p.close()
+    assert not p.errors, p.errors[:5]
+    assert p.cur is p.root, f"unclosed <{p.cur.tag}>"
+    return p.root
+
+
+def _png(path, seed, size=64):
+    rng = np.random.default_rng(seed)
+    rgb = (rng.random((size, size, 3)) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    storage.write_bytes_atomic(str(path), buf.getvalue())
+    return str(path)
+
+
+# six ok rows; i0 and i5 are in the middle of both rankings, so with n=2 they are in no best/worst strip
+NIQE = [3.0, 1.0, 5.0, 2.0, 6.0, 4.0]  # lower is better: best i1, i3; worst i4, i2
+MUSIQ = [50.0, 70.0, 20.0, 60.0, 10.0, 40.0]  # higher is better: best i1, i3; worst i4, i2
+
+
+def _scored(tmp_path, name="a", shift=0.0, missing=(), extra=None) -> ScoredSet:
+    """A scored manifest written and read back through the real manifest code."""
+    w = ManifestWriter(str(tmp_path / name))
+    rows = []
+    for i in range(6):
+        uri = _png(tmp_path / name / "images" / f"i{i}.png", i)
+        if i in missing:
+            uri = str(tmp_path / name / "images" / "gone.png")
+        parent = _png(tmp_path / name / "parents" / f"p{i}.png", 100 + i) if i in (0, 1, 2, 3) else None
+        rows.append({"image_id": f"{name}{i}", "uri": uri, "width": 64, "height": 64, "parent_id": f"p{i}" if parent else None,
+                     "parent_uri": parent, "stage": "degrade", "split": "dr2/mild" if i % 2 else "dr2/severe",
+                     "status": "ok", "params": json.dumps({"sigma": i}), "niqe": NIQE[i] + shift,
+                     "musiq": MUSIQ[i] - shift})
+    rows.append({"image_id": f"{name}bad", "parent_uri": "/data/zero.png", "stage": "degrade", "split": "dr2/mild",
+                 "status": "error", "error": "empty file (0 bytes)"})
+    w.write_index("score", "k", {}, [w.write_shard("s", rows)])
+    info = {"source": str(tmp_path / name),
+            "conventions": {"niqe": "NIQE, pyiqa convention; lower is better",
+                            "musiq": "MUSIQ-KonIQ; higher is better"},
+            "set_metrics": {"fid": 12.3, "fid_convention": "clean", "fid_reference": "/ref/stats.npz", "fid_n": 6},
+            "not_computed": [], **(extra or {})}
+    return ScoredSet(name=f"set-{name}", frame=manifest.read_manifest(str(tmp_path / name)), info=info)
+
+
+def _strip_ids(root: Node, kind: str, metric: str, set_index: int = 0) -> list[str]:
+    (strip,) = root.find_all("div", id=f"{kind}-{metric}-{set_index}")
+    return [f.attrs["data-image-id"] for f in strip.find_all("figure")]
+
+
+def test_report_structure_thumbnails_and_order(tmp_path):
+    s = _scored(tmp_path)
+    html = render_report([s], n_extremes=2, thumb_size=48)
+    root = parse(html)
+    assert len(root.find_all("svg")) == 2  # one histogram per metric
+    for svg in root.find_all("svg"):  # axes have tick labels
+        assert len([t for t in svg.find_all("text") if t.attrs.get("class") == "tick"]) >= 4
+    imgs = [i.attrs["src"] for i in root.find_all("img")]
+    assert all(src.startswith("data:image/jpeg;base64,") for src in imgs)
+    # 2 metrics x (2 worst + 2 best) + 2 before/after pairs x 2 images
+    assert len(imgs) == 2 * 4 + 2 * 2
+    thumb = Image.open(io.BytesIO(base64.b64decode(imgs[0].split(",", 1)[1])))
+    assert thumb.format == "JPEG" and max(thumb.size) == 48
+    # lower-is-better and higher-is-better: best and worst first
+    assert _strip_ids(root, "best", "niqe") == ["a1", "a3"]
+    assert _strip_ids(root, "worst", "niqe") == ["a4", "a2"]
+    assert _strip_ids(root, "best", "musiq") == ["a1", "a3"]
+    assert _strip_ids(root, "worst", "musiq") == ["a4", "a2"]
+    # the metric value is printed under each thumbnail
+    (first,) = [f for f in root.find_all("div", id="worst-niqe-0")[0].find_all("figure")][:1]
+    assert "niqe 6" in first.all_text()
+    # before/after pairs: parent beside the image, spread over both splits
+    pairs = [n for n in root.find_all("div") if n.attrs.get("class") == "pair"]
+    assert len(pairs) == 2
+    splits = {s.frame.set_index("image_id").loc[p.attrs["data-image-id"], "split"] for p in pairs}
+    assert splits == {"dr2/mild", "dr2/severe"}
+    assert all(len(p.find_all("img")) == 2 for p in pairs)
+    # errors, conventions, set-level metrics
+    (errors,) = root.find_all("section", id="errors")
+    assert "empty file (0 bytes)" in errors.all_text() and "/data/zero.png" in errors.all_text()
+    (conv,) = root.find_all("section", id="conventions")
+    assert "NIQE, pyiqa convention; lower is better" in conv.all_text()
+    (setm,) = root.find_all("section", id="set-metrics")
+    assert "12.3" in setm.all_text() and "clean" in setm.all_text()
+
+
+def test_summary_table_matches_pandas(tmp_path):
+    s = _scored(tmp_path)
+    table = summary_table([s])
+    assert list(table.columns[:7]) == ["set", "stage", "preset", "split", "n", "n_ok", "n_error"]
+    assert {"niqe_mean", "niqe_median", "musiq_mean", "musiq_median"} <= set(table.columns)
+    f = s.frame
+    for rec in table.to_dict("records"):
+        rows = f[(f["stage"] == rec["stage"]) & (f["split"] == rec["split"])]
+        assert rec["set"] == "set-a" and rec["preset"] == "dr2"
+        assert rec["n"] == len(rows) and rec["n_ok"] == (rows["status"] == "ok").sum()
+        assert rec["n_error"] == (rows["status"] == "error").sum()
+        for m in ("niqe", "musiq"):
+            assert rec[f"{m}_mean"] == pytest.approx(rows[m].mean())
+            assert rec[f"{m}_median"] == pytest.approx(rows[m].median())
+    mild = table.set_index("split").loc["dr2/mild"]
+    assert mild["n"] == 4 and mild["n_error"] == 1
+    assert mild["niqe_mean"] == pytest.approx(np.mean([1.0, 2.0, 4.0]))  # i1, i3, i5
+    md = summary_markdown([s])
+    assert "| set-a | degrade | dr2 | dr2/mild | 4 | 3 | 1 |" in md
+    assert "NIQE, pyiqa convention" in md and "fid = 12.3" in md
+
+
+def test_unreadable_images_become_placeholders(tmp_path):
+    s = _scored(tmp_path, missing=(4,))  # i4 is the worst of both metrics: its file is gone
+    corrupt = tmp_path / "a" / "images" / "i2.png"
+    corrupt.write_bytes(corrupt.read_bytes()[:200])  # truncated: the second worst
+    s.frame.loc[s.frame["image_id"] == "a1", "uri"] = None  # the best has no URI at all
+    root = parse(render_report([s], n_extremes=2))
+    for kind, metric in [("worst", "niqe"), ("best", "musiq")]:
+        figs = root.find_all("div", id=f"{kind}-{metric}-0")[0].find_all("figure")
+        assert all(not f.find_all("img") and f.find_all("div") for f in figs[:1])
+    worst = root.find_all("div", id="worst-niqe-0")[0].find_all("figure")
+    reasons = [d.attrs.get("title", "") for f in worst for d in f.find_all("div")]
+    assert any("gone.png" in r for r in reasons) and any("truncated" in r or "corrupt" in r for r in reasons)
+    best = root.find_all("div", id="best-niqe-0")[0].find_all("figure")
+    assert best[0].find_all("div")[0].attrs["title"] == "no image URI" and best[1].find_all("img")
+
+
+def test_text_is_escaped(tmp_path):
+    evil = "<script>alert(1)</script>"
+    s = _scored(tmp_path, extra={"conventions": {"niqe": evil}, "source": evil,
+                                 "not_computed": [{"metric": "musiq", "reason": evil, "needs": evil, "command": evil}]})
+    s.name = f"set {evil}"
+    f = s.frame
+    f.loc[f["status"] == "error", "error"] = f"decode failed: {evil}"
+    f.loc[f["image_id"] == "a4", "split"] = evil  # a worst image: its split is printed under the thumbnail
+    html = render_report([s], title=evil, n_extremes=2, extra_sections=[(evil, "<p>trusted body</p>")])
+    assert "<script" not in html.lower()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "<p>trusted body</p>" in html
+    root = parse(html)
+    assert root.find_all("title")[0].all_text() == evil
+
+
+def test_not_computed_names_file_and_command(tmp_path):
+    missing = {"metric": "musiq", "reason": "weights missing", "needs": "musiq_koniq_ckpt-e95806b9.pth",
+               "command": "bfr-curate models pull musiq_koniq"}
+    s = _scored(tmp_path, extra={"not_computed": [missing]})
+    s.frame = s.frame.drop(columns=["musiq"])
+    root = parse(render_report([s]))
+    (section,) = root.find_all("section", id="not-computed")
+    text = section.all_text()
+    assert "musiq" in text and "weights missing" in text
+    assert "musiq_koniq_ckpt-e95806b9.pth" in text and "bfr-curate models pull musiq_koniq" in text
+    assert len(root.find_all("svg")) == 1  # only niqe is plotted
+    md = summary_markdown([s])
+    assert "`musiq_koniq_ckpt-e95806b9.pth`" in md and "`bfr-curate models pull musiq_koniq`" in md
+    # with nothing missing the section says so
+    (ok,) = parse(render_report([_scored(tmp_path, name="b")])).find_all("section", id="not-computed")
+    assert "Every requested metric was computed" in ok.all_text()
+
+
+def test_compared_sets_share_histograms_with_a_legend(tmp_path):
+    a = _scored(tmp_path, name="a")
+    b = _scored(tmp_path, name="b", shift=1.5, extra={"conventions": {"niqe": "NIQE, matlab convention"}})
+    html = render_report([a, b], n_extremes=2)
+    root = parse(html)
+    blocks = [n for n in root.find_all("div") if n.attrs.get("class") == "hist-block"]
+    assert [b_.attrs["data-metric"] for b_ in blocks] == ["niqe", "musiq"]
+    for block in blocks:
+        assert len(block.find_all("svg")) == 1
+        (legend,) = [n for n in block.find_all("div") if n.attrs.get("class") == "legend"]
+        assert "set-a" in legend.all_text() and "set-b" in legend.all_text()
+        colours = {p.attrs["stroke"] for p in block.find_all("path")}
+        assert len(colours) == 2
+    # each set gets its own best/worst strips; the compared set's order follows its own values
+    assert _strip_ids(root, "best", "niqe", 1) == ["b1", "b3"]
+    (conv,) = root.find_all("section", id="conventions")
+    assert "differs" in conv.all_text()
+    table = summary_table([a, b])
+    assert table["set"].tolist() == ["set-a", "set-a", "set-b", "set-b"]
+    assert summary_table([a, a])["set"].tolist() == ["set-a", "set-a", "set-a (2)", "set-a (2)"]  # told apart
+
+
+def test_empty_sets_and_sets_without_metrics(tmp_path):
+    empty = ScoredSet("empty", pd.DataFrame(columns=manifest.CORE_COLUMNS), {})
+    plain = _scored(tmp_path)
+    plain.frame = plain.frame.drop(columns=["niqe", "musiq"])
+    plain.info = {}
+    for sets in ([empty], [plain], [empty, plain], []):
+        html = render_report(sets)
+        root = parse(html)
+        assert not root.find_all("svg")
+        assert "No metric columns" in html
+        summary_markdown(sets)
+    table = summary_table([empty, plain])
+    assert table.iloc[0]["set"] == "empty" and table.iloc[0]["n"] == 0
+    assert table[table["set"] == plain.name]["n"].sum() == len(plain.frame)
+
+
+def test_histogram_handles_constant_and_infinite_values(tmp_path):
+    s = _scored(tmp_path)
+    s.frame["psnr"] = [30.0, 30.0, np.inf, 30.0, 30.0, 30.0, np.nan]  # identical images give inf PSNR
+    root = parse(render_report([s], n_extremes=2))
+    (block,) = [n for n in root.find_all("div", data_metric="psnr") if n.attrs["class"] == "hist-block"]
+    assert block.find_all("svg") and "1 not finite" in block.all_text()
+    assert _strip_ids(root, "best", "psnr")[0] == "a2"
+    assert summary_table([s])["psnr_mean"].tolist() == [30.0, np.inf]  # mild, severe (holds the inf)
+
+
+def test_metric_columns_and_directions():
+    f = pd.DataFrame({"image_id": ["x"], "niqe": [1.0], "psnr_y": [30.0], "psnr_label": ["a"], "ssim_ok": [True],
+                      "sharpness": [2.0], "lpips": [0.1]})
+    assert metric_columns(f) == ["niqe", "lpips", "psnr_y"]
+    assert metric_direction("psnr_y") == "higher" and metric_direction("lpips") == "lower"
+    assert metric_direction("sharpness") is None
+    assert set(METRIC_DIRECTIONS) == {"niqe", "musiq", "lpips", "psnr", "ssim", "fid"}
+    ticks, _ = nice_ticks(0.11, 0.93, 5)
+    assert ticks[0] >= 0.11 and ticks[-1] <= 0.93 and 3 <= len(ticks) <= 6
+
+
+def test_write_report_is_atomic(tmp_path):
+    out = str(tmp_path / "deep" / "report.html")
+    assert write_report("<html>é</html>", out) == out
+    assert (tmp_path / "deep" / "report.html").read_text(encoding="utf-8") == "<html>é</html>"
+    assert not list((tmp_path / "deep").glob("*.tmp"))
+    assert write_report("<p>x</p>", "memory://reports/r.html") == "memory://reports/r.html"
+    assert storage.read_bytes("memory://reports/r.html") == b"<p>x</p>"
