@@ -75,8 +75,10 @@ def cmd_demo(args):
     resolve_device(args.device)
     photos = write_demo_photos(args.out)
     results = _run(demo_flow, args, photos=photos, out=args.out, device=args.device)
+    report = results.pop("report")
     for stage, uri in results.items():
         _print_result(stage, uri)
+    print(f"report: {report}")
 
 
 def cmd_score(args):
@@ -111,7 +113,8 @@ def _print_result(stage: str, uri: str) -> None:
     ok = int((df["status"] == "ok").sum())
     print(f"{stage}: {len(df)} rows ({ok} ok, {len(df) - ok} error)")
     print(f"  manifest: {storage.join(uri, manifest.INDEX_NAME)}")
-    print(f"  images:   {storage.join(uri, 'images')}/")
+    if storage.exists(storage.join(uri, "images")):
+        print(f"  images:   {storage.join(uri, 'images')}/")
     print(f"  key:      {index['key']}")
 
 

@@ -11,8 +11,11 @@ from bfr_models.report import ScoredSet, render_report, summary_markdown, summar
 
 def load_scored(uri: str) -> ScoredSet:
     index = manifest.read_index(uri) if manifest.index_uri(uri) else {"config": {}}
-    name = f"{index.get('stage', 'manifest')}:{index.get('key', uri.rstrip('/').rsplit('/', 1)[-1])}"
-    return ScoredSet(name=name, frame=manifest.read_manifest(uri), info={"source": uri, **index.get("config", {})})
+    frame = manifest.read_manifest(uri)
+    splits = sorted(frame["split"].dropna().unique()) if len(frame) else []
+    label = ", ".join(splits[:3]) + (" ..." if len(splits) > 3 else "") if splits else index.get("stage", "manifest")
+    name = f"{label} [{index.get('key', uri.rstrip('/').rsplit('/', 1)[-1])}]"
+    return ScoredSet(name=name, frame=frame, info={"source": uri, **index.get("config", {})})
 
 
 @flow(name="report")

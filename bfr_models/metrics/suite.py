@@ -77,7 +77,9 @@ class MetricSuite:
         if "musiq" in self.metrics:
             from bfr_models.metrics.musiq import MUSIQ
 
-            self._musiq = MUSIQ(device=device)
+            # MUSIQ's attention over ~700 multi-scale patches is memory-bound: on a CPU one image at a
+            # time is fastest (benchmarks/score.py), on a GPU batches pay off.
+            self._musiq = MUSIQ(device=device, batch_size=1 if device.type == "cpu" else 8)
 
     @property
     def needs_reference(self) -> bool:
