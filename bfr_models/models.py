@@ -460,3 +460,29 @@ def add(name: str, from_path: str | Path, *, progress: bool = True) -> Path:
         raise
     except Exception as e:
         raise ModelDownloadError(f"cannot add model '{name}': reading {src} failed: {_reason(e, src)}") from None
+
+
+def state_dict_from_bytes(data: bytes, what: str) -> dict:
+    """A torch state dict from checkpoint bytes: unwraps ``params``/``state_dict``/``model`` and ``module.``."""
+    import io
+
+    import torch
+
+    obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        for key in ("params", "state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict):
+        raise ValueError(f"{what} is not a state dict")
+    return {k[7:] if k.startswith("module.") else k: v for k, v in obj.items()}
+
+
+def load_state_dict(path: str, what: str) -> dict:
+    """Read a checkpoint from a local path or fsspec URL (see ``state_dict_from_bytes``)."""
+    try:
+        data = storage.read_bytes(str(path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+    return state_dict_from_bytes(data, f"{what} {path}")

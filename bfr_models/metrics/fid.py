@@ -51,6 +51,7 @@ from torch import nn
 from torchvision.models import inception as tv_inception
 
 from bfr_models import storage
+from bfr_models.models import state_dict_from_bytes
 
 FIDConvention = Literal["clean", "legacy_pytorch"]
 CONVENTIONS: tuple[str, ...] = get_args(FIDConvention)
@@ -372,16 +373,6 @@ def _is_torchscript(data: bytes) -> bool:
     return any(n.endswith("constants.pkl") or "/code/" in n for n in names)
 
 
-def _unwrap_state_dict(obj) -> dict:
-    if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        for key in ("state_dict", "params", "model"):
-            if isinstance(obj.get(key), dict):
-                return obj[key]
-    if not isinstance(obj, dict):
-        raise FIDError("FID Inception weights are neither a TorchScript model nor a state dict")
-    return {k[7:] if k.startswith("module.") else k: v for k, v in obj.items()}
-
-
 def _read_weights(weights_path: str | Path) -> bytes:
     try:
         return storage.read_bytes(str(weights_path))
@@ -427,7 +418,7 @@ class InceptionFeatures:
             self._keep = base
             kind = "tf-inception-torchscript"
         else:
-            state = _unwrap_state_dict(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
+            state = state_dict_from_bytes(data, f"FID Inception weights {self.weights_path}")
             net = FIDInceptionV3()
             try:
                 net.load_state_dict(state, strict=True)

@@ -13,14 +13,13 @@ lpips cuts ``torchvision.models.<net>().features`` into slices whose children ke
 
 from __future__ import annotations
 
-import io
 import warnings
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from bfr_models import storage
+from bfr_models.models import load_state_dict
 
 LPIPSNet = Literal["vgg", "alex"]
 BACKBONE_CARDS: dict[str, str] = {"vgg": "lpips_vgg16_backbone", "alex": "lpips_alex_backbone"}
@@ -29,19 +28,6 @@ LPIPS_VERSION = "0.1"
 
 class LPIPSWeightsError(ValueError):
     """A backbone file that is not the torchvision checkpoint the card names; one line."""
-
-
-def _load_state(path: str) -> dict:
-    try:
-        data = storage.read_bytes(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"LPIPS backbone weights not found: {path}") from None
-    obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise LPIPSWeightsError(f"{path} is not a state dict")
-    return {k[7:] if k.startswith("module.") else k: v for k, v in obj.items()}
 
 
 def backbone_state_for_lpips(model, state: dict, source: str = "backbone file") -> dict:
@@ -77,7 +63,7 @@ class LPIPS:
         self.backbone_path = str(backbone_path)
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
-        state = _load_state(self.backbone_path)
+        state = load_state_dict(self.backbone_path, "LPIPS backbone weights")
 
         import lpips
 

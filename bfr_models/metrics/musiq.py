@@ -12,32 +12,15 @@ nothing beyond pyiqa itself and packages the project already has.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import torch
 
-from bfr_models import storage
+from bfr_models.models import load_state_dict
 
 CARD = "musiq_koniq"
 # pyiqa's "musiq" metric options: KonIQ-10k weights regress one MOS value (num_class=1).
 MUSIQ_KONIQ_OPTS = {"num_class": 1}
-
-
-def _load_state(path: str) -> dict:
-    try:
-        data = storage.read_bytes(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"MUSIQ weights not found: {path}") from None
-    obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        for key in ("params", "state_dict", "model"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path} is not a MUSIQ state dict")
-    return {k[7:] if k.startswith("module.") else k: v for k, v in obj.items()}
 
 
 def build_musiq_arch(**opts) -> torch.nn.Module:
@@ -58,7 +41,7 @@ class MUSIQ:
         self.weights_path = str(weights_path)
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
-        state = _load_state(self.weights_path)
+        state = load_state_dict(self.weights_path, "MUSIQ weights")
         net = build_musiq_arch()
         try:
             net.load_state_dict(state, strict=True)
