@@ -37,6 +37,7 @@ def demo_flow(photos: str, out: str, device: str = "auto") -> dict[str, str]:
         results[f"score {label}"] = score_flow(input=degraded, out=out, metrics=DEMO_METRICS, skip_missing=True,
                                                device=device)
         scored.append(results[f"score {label}"])
-    results["report"] = report_flow(input=scored[0], compare=scored[1:], out=storage.join(out, "report.html"),
+    results["report"] = report_flow(input=scored[0], compare=scored[1:],
+                                    out=storage.join(storage.normalize(out), "report.html"),
                                     title="bfr-curate demo: GFPGAN vs DR2 degradations")
     return results

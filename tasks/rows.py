@@ -55,11 +55,10 @@ def decode_items(stage: str, items, fetched: dict) -> tuple[list[tuple[InputItem
         if isinstance(data, Exception):
             errors.append(error_row(stage, item, f"cannot read: {type(data).__name__}: {data}"))
             continue
-        sha = storage.sha256_hex(data)
         try:
             rgb, mode = decode_rgb(data)
         except ImageError as e:
-            errors.append(error_row(stage, item, str(e), sha))
+            errors.append(error_row(stage, item, str(e), storage.sha256_hex(data)))
             continue
-        good.append((item, item.parent_id or sha[:20], rgb, mode))
+        good.append((item, item.parent_id or content_id(data), rgb, mode))
     return good, errors
