@@ -95,16 +95,14 @@ def test_score_adds_columns_records_conventions_and_caches(weights, degraded_man
     html = open(report_state.result()).read()
     assert html.count("<svg") >= 5 and "data:image/jpeg;base64" in html
     assert "legacy_pytorch" in html and "empty file (0 bytes)" in html
-    # the same summary is published on the flow run as Prefect artifacts
+    # the same summary is published on the flow run as Prefect artifacts (read back from the API)
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-    from prefect.client.schemas.sorting import ArtifactSort
 
+    run_id = str(report_state.state_details.flow_run_id)
     with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[report_state.state_details.flow_run_id])),
-            sort=ArtifactSort.CREATED_DESC, limit=10, offset=0)
-    assert {(a.key, a.type) for a in artifacts} == {("quality-summary", "table"), ("quality-report", "markdown")}
+        artifacts = client.request("POST", "/artifacts/filter", json={
+            "flow_runs": {"id": {"any_": [run_id]}}, "limit": 10, "offset": 0, "sort": "CREATED_DESC"}).json()
+    assert {(a["key"], a["type"]) for a in artifacts} == {("quality-summary", "table"), ("quality-report", "markdown")}
 
 
 def test_bad_score_arguments_fail_before_work(weights, degraded_manifest, tmp_path, monkeypatch):
