@@ -486,3 +486,13 @@ def load_state_dict(path: str, what: str) -> dict:
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} not found: {path}") from None
     return state_dict_from_bytes(data, f"{what} {path}")
+
+
+def load_strict(net, state: dict, what: str, error: type[Exception] = ValueError):
+    """Load every tensor of ``state`` into ``net`` (strict); a mismatch is one line naming ``what``."""
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise error(f"{what}: {first}") from None
+    return net

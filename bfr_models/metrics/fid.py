@@ -51,7 +51,7 @@ from torch import nn
 from torchvision.models import inception as tv_inception
 
 from bfr_models import storage
-from bfr_models.models import state_dict_from_bytes
+from bfr_models.models import load_strict, state_dict_from_bytes
 
 FIDConvention = Literal["clean", "legacy_pytorch"]
 CONVENTIONS: tuple[str, ...] = get_args(FIDConvention)
@@ -419,12 +419,8 @@ class InceptionFeatures:
             kind = "tf-inception-torchscript"
         else:
             state = state_dict_from_bytes(data, f"FID Inception weights {self.weights_path}")
-            net = FIDInceptionV3()
-            try:
-                net.load_state_dict(state, strict=True)
-            except RuntimeError as e:
-                first = str(e).strip().splitlines()[0]
-                raise FIDError(f"{self.weights_path} is not a pytorch-fid FID-Inception state dict: {first}") from None
+            net = load_strict(FIDInceptionV3(), state,
+                              f"{self.weights_path} is not a pytorch-fid FID-Inception state dict", FIDError)
             self._net = net.to(self.device).eval()
             kind = "pytorch-fid-inception"
         del data

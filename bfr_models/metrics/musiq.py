@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from bfr_models.models import load_state_dict
+from bfr_models.models import load_state_dict, load_strict
 
 CARD = "musiq_koniq"
 # pyiqa's "musiq" metric options: KonIQ-10k weights regress one MOS value (num_class=1).
@@ -42,12 +42,7 @@ class MUSIQ:
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
         state = load_state_dict(self.weights_path, "MUSIQ weights")
-        net = build_musiq_arch()
-        try:
-            net.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()[0]
-            raise ValueError(f"{self.weights_path} is not a MUSIQ-KonIQ state dict: {first}") from None
+        net = load_strict(build_musiq_arch(), state, f"{self.weights_path} is not a MUSIQ-KonIQ state dict")
         self.net = net.to(self.device).eval()
         for p in self.net.parameters():
             p.requires_grad_(False)
