@@ -133,7 +133,7 @@ def lowfreq_sample(
     ``y0`` initialises the chain: ``x̄_K = q(y0, K)``. ``y`` is the low-frequency reference whose
     noised copies ``y_{t-1}`` replace ``Φ_N(x̄_{t-1})``; Algorithm 1 uses the restorer output for both,
     so pass ``y=None`` (or ``y0``) to follow it verbatim. ``K`` and ``L`` (defaults 600, 360) are on
-    the original T-step scale, mapped to the nearest kept step (250 steps: 600 -> index 150 = 602,
+    the original T-step scale, mapped to the nearest kept step (250 steps: 600 -> index 150 = 602 (tie: later),
     360 -> index 90 = 361). Every kept step from K down to 0 is an ancestral step; after the step at
     index t the replacement is applied while t > L (paper), then free steps down to x̄₀. Unlike the
     released code, the first model call is at K itself (the code noises to index 150 and first

@@ -64,8 +64,12 @@ class DDPMSchedule:
 
     # ---- timestep mapping ----------------------------------------------------------------------------
     def index_for(self, t_original: int) -> int:
-        """The index of the kept step nearest to original timestep ``t_original`` (ties: the lower one)."""
-        return int(np.argmin(np.abs(self.timestep_map - int(t_original))))
+        """The index of the kept step nearest to original timestep ``t_original``.
+
+        Ties go to the later step (250 steps: 600 -> index 150 = 602, as the pseudo-target code uses).
+        """
+        dist = np.abs(self.timestep_map - int(t_original))[::-1]
+        return int(self.num_timesteps - 1 - np.argmin(dist))
 
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """Original timesteps to call the network with, for schedule indices ``t``."""
