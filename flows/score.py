@@ -13,15 +13,16 @@ from flows.stage import run_stage
 from tasks.rows import content_id
 from tasks.runtime import ensure_gpu_limit, resolve_device
 from tasks.score import STAGE, score_shard
-from tasks.shards import InputItem, stable_hash
+from tasks.shards import InputItem
 
 
 def input_rows(uri: str) -> list[dict]:
     """Rows to score: a manifest's rows (errors included, they pass through) or a folder's images."""
     if manifest.is_manifest(uri):
         return manifest.read_table(uri).to_pylist()
-    return [{"image_id": content_id(f.uri.encode() + f.version.encode()), "uri": f.uri, "sha256": f.version,
-             "stage": "input", "status": "ok"} for f in storage.list_images(uri)]
+    # image_id here is provisional and sha256 unknown: the score task fills both in from the bytes it reads
+    return [{"image_id": content_id(f.uri.encode() + f.version.encode()), "uri": f.uri, "sha256": None,
+             "version": f.version, "stage": "input", "status": "ok"} for f in storage.list_images(uri)]
 
 
 def _reference_lookup(reference: str | None):
@@ -57,18 +58,21 @@ def plan_score(input: str, metrics: str | list[str], reference: str | None, fid_
     rows = input_rows(input)
     lookup = _reference_lookup(reference)
     full_ref = [m for m in config.metrics if m in FULL_REFERENCE and m not in skip]
-    items = []
+    items, ok = [], []
     for row in rows:
         ref = lookup(row) if full_ref and row["status"] == "ok" else None
-        items.append(InputItem(uri=row.get("uri") or f"error:{row['image_id']}", version=row.get("sha256") or "-",
-                               parent_id=row["image_id"], split=row.get("split"),
-                               row=json.dumps(row, default=str), reference=ref))
-    ok = [i for i in items if json.loads(i.row)["status"] == "ok"]
+        version = row.pop("version", None) or row.get("sha256") or "-"
+        item = InputItem(uri=row.get("uri") or f"error:{row['image_id']}", version=version,
+                         parent_id=row["image_id"], split=row.get("split"), row=json.dumps(row, default=str),
+                         reference=ref)
+        items.append(item)
+        if row["status"] == "ok":
+            ok.append(item)
     if full_ref and ok and not any(i.reference for i in ok):
         raise ValueError(f"metric {','.join(full_ref)} needs a reference: pass --reference <manifest or folder>, "
                          "or score a manifest whose rows have parents")
     if full_ref:
-        _check_first_pair_sizes(ok, rows)
+        _check_first_pair_sizes(ok)
     if "fid" in config.metrics and "fid" not in skip:
         if fid_ref is None:
             raise ValueError("metric fid needs --fid-ref <stats .npz, manifest or folder>")
@@ -78,7 +82,7 @@ def plan_score(input: str, metrics: str | list[str], reference: str | None, fid_
     return config, items, skip, not_computed
 
 
-def _check_first_pair_sizes(items: list[InputItem], rows: list[dict]) -> None:
+def _check_first_pair_sizes(items: list[InputItem]) -> None:
     """Mismatched sizes are a setup error (wrong reference), so check one pair before any work."""
     import io
 
@@ -144,6 +148,5 @@ def _annotate_index(uri: str, **info) -> None:
     """Add set-level results (FID, conventions, what was not computed) to the stage's index."""
     index = manifest.read_index(uri)
     index["config"].update(info)
-    index["config_hash"] = stable_hash(index["config"])
     storage.write_bytes_atomic(storage.join(uri, manifest.INDEX_NAME),
                                json.dumps(index, indent=1, sort_keys=True, default=str).encode())

@@ -11,9 +11,11 @@ import numpy as np
 import torch
 from prefect import task
 
+from bfr_models import storage
 from bfr_models.imageio import ImageError, decode_rgb
 from bfr_models.manifest import ManifestWriter
 from bfr_models.metrics.suite import MetricSuite, ScoreConfig
+from tasks.rows import content_id
 from tasks.runtime import device_slot, resolve_device, shard_cache_key
 from tasks.shards import ShardSpec, read_many
 
@@ -47,8 +49,11 @@ def score_shard(spec: ShardSpec, stage_uri: str, score_config: dict, skip: list[
     fetched = read_many(sorted(set(wanted)))
     ready = []
     for k, item in todo:
+        data = fetched[item.uri]
+        if rows[k]["sha256"] is None and isinstance(data, bytes):  # a folder input: identify it by content now
+            rows[k].update(sha256=storage.sha256_hex(data), image_id=content_id(data))
         try:
-            img = _decode(fetched[item.uri])
+            img = _decode(data)
             ref = None
             if suite.needs_reference:
                 if not item.reference:

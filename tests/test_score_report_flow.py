@@ -132,3 +132,18 @@ def test_bad_score_arguments_fail_before_work(weights, degraded_manifest, tmp_pa
     assert "bfr-curate models pull fid_inception_clean" in str(err.value)
     _, _, skip, not_computed = plan_score(degraded_manifest, "niqe,fid", **{**common, "skip_missing": True})
     assert skip == ["fid"] and not_computed[0]["needs"] == "inception-2015-12-05.pt"
+
+
+def test_scoring_a_folder_identifies_images_by_content(tmp_path):
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    files = {}
+    for i in range(2):
+        data = _png(face_like(i, size=192))
+        (folder / f"f{i}.png").write_bytes(data)
+        files[str(folder / f"f{i}.png")] = data
+    uri = score_flow(input=str(folder), out=str(tmp_path / "out"), metrics="niqe", device="cpu")
+    df = manifest.read_manifest(uri)
+    assert len(df) == 2 and (df["status"] == "ok").all() and df["niqe"].notna().all()
+    for row in df.itertuples():
+        assert row.sha256 == storage.sha256_hex(files[row.uri]) and row.image_id == content_id(files[row.uri])
