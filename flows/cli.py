@@ -69,16 +69,27 @@ def cmd_ingest(args):
 
 
 def cmd_demo(args):
-    from flows.demo import demo_flow, write_demo_photos
+    args.recipe = "demo"
+    cmd_run(args)
+
+
+def cmd_run(args):
+    from bfr_models import storage
+    from flows.recipe import load_recipe, recipe_flow
     from tasks.runtime import resolve_device
 
+    recipe = load_recipe(args.recipe)
     resolve_device(args.device)
-    photos = write_demo_photos(args.out)
-    results = _run(demo_flow, args, photos=photos, out=args.out, device=args.device)
-    report = results.pop("report")
+    out = args.out or f"./runs/{recipe['name']}"
+    results = _run(recipe_flow, args, recipe=recipe, out=out, device=args.device)
+    report = results.pop("report", None)
+    prior = results.pop("prior", None)
     for stage, uri in results.items():
         _print_result(stage, uri)
-    print(f"report: {report}")
+    if prior:
+        print(f"prior: {prior}")
+    if report:
+        print(f"report: {storage.normalize(report)}")
 
 
 def cmd_score(args):
@@ -185,8 +196,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, shard_size=64, batch_size=4)
     p.set_defaults(func=cmd_ingest)
 
-    p = sub.add_parser("demo", help="run ingest + degrade on the demo face photos shipped by packages",
-                       description="Writes the demo photos under --out, ingests them, degrades the faces.")
+    p = sub.add_parser("run", help="run a recipe: ingest -> degrade -> pseudo-targets -> score -> report",
+                       description="Runs a YAML recipe (a path, or a name in catalogs/recipes) as one Prefect "
+                                   "flow. Every stage is cached by its config and inputs: editing one stage's "
+                                   "parameters re-runs that stage and the ones after it. Prints the report's path.")
+    p.add_argument("recipe", help="recipe YAML path or name (e.g. demo)")
+    p.add_argument("--out", default=None, help="output root (default ./runs/<recipe name>)")
+    p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
+    p.add_argument("--workers", type=int, default=2, help="shard tasks run at once (default 2)")
+    p.add_argument("--dask", default=None, help="Dask: 'local' or a scheduler address")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", help="run the demo recipe (catalogs/recipes/demo.yaml) on the packaged photos",
+                       description="Same as `bfr-curate run demo`: ingest, degrade, train a small prior, DR2 "
+                                   "pseudo targets with --auto, score, report.")
     p.add_argument("--out", default="./runs/demo", help="output root (default ./runs/demo)")
     p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
     p.add_argument("--workers", type=int, default=2, help="shard tasks run at once (default 2)")
@@ -230,8 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     from flows.models_cli import add_models_parser
+    from flows.pseudo_targets_cli import add_prior_parsers
 
     add_models_parser(sub)
+    add_prior_parsers(sub, _add_common, _run, _print_result)
 
     p = sub.add_parser("manifest", help="inspect manifests")
     msub = p.add_subparsers(dest="manifest_command", required=True, metavar="SUBCOMMAND")

@@ -29,12 +29,46 @@ def _reference_lookup(reference: str | None):
     """row -> the URI of its reference image: a manifest (by parent_id), a folder (by file name), or the parent."""
     if reference is None:
         return lambda row: row.get("parent_uri")
+    lineage = Lineage()
     if manifest.is_manifest(reference):
         table = manifest.read_table(reference).to_pylist()
         by_id = {r["image_id"]: r["uri"] for r in table if r["status"] == "ok"}
-        return lambda row: by_id.get(row.get("parent_id")) or by_id.get(row.get("image_id"))
+        return lambda row: next((by_id[i] for r in lineage.chain(row) for i in (r.get("parent_id"), r.get("image_id"))
+                                 if i in by_id), None)
     by_name = {os.path.basename(f.uri): f.uri for f in storage.list_images(reference)}
-    return lambda row: by_name.get(os.path.basename(row.get("parent_uri") or row.get("uri") or ""))
+    return lambda row: next((by_name[n] for r in lineage.chain(row)
+                             for n in (os.path.basename(r.get("parent_uri") or r.get("uri") or ""),) if n in by_name), None)
+
+
+class Lineage:
+    """Walks a row's ancestors through the manifests their images live in (``<stage>/<key>/images/``).
+
+    A pseudo target's parent is a degraded image whose parent is the clean face: scoring the target
+    against the faces' manifest finds its reference two generations up.
+    """
+
+    MAX_DEPTH = 8
+
+    def __init__(self):
+        self._rows: dict[str, dict[str, dict]] = {}  # stage folder -> its rows by image_id
+
+    def _stage_rows(self, image_uri: str) -> dict[str, dict]:
+        folder = image_uri.rsplit("/images/", 1)[0] if "/images/" in image_uri else None
+        if folder is None:
+            return {}
+        if folder not in self._rows:
+            self._rows[folder] = ({r["image_id"]: r for r in manifest.read_table(folder).to_pylist()}
+                                  if manifest.is_manifest(folder) else {})
+        return self._rows[folder]
+
+    def chain(self, row: dict):
+        """The row, then its parent's row, and so on, as far as the manifests reach."""
+        current = row
+        for _ in range(self.MAX_DEPTH):
+            yield current
+            current = self._stage_rows(current.get("parent_uri") or "").get(current.get("parent_id"))
+            if current is None:
+                return
 
 
 def plan_score(input: str, metrics: str | list[str], reference: str | None, fid_ref: str | None,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from itertools import groupby
 
 import numpy as np
 import torch
@@ -12,24 +11,11 @@ from prefect import task
 from bfr_models.degradations import load_preset
 from bfr_models.imageio import encode_png
 from bfr_models.manifest import ManifestWriter
-from tasks.rows import content_id, decode_items, error_row, ok_row
+from tasks.rows import content_id, decode_items, error_row, ok_row, same_size_batches, to_uint8
 from tasks.runtime import device_slot, resolve_device, shard_cache_key
 from tasks.shards import ShardSpec, derived_seed, read_many
 
 STAGE = "degrade"
-
-
-def _batches(decoded, batch_size):
-    """Consecutive batches of same-size images (a batch is one tensor)."""
-    by_size = sorted(decoded, key=lambda d: d[2].shape)
-    for _, group in groupby(by_size, key=lambda d: d[2].shape):
-        group = list(group)
-        for i in range(0, len(group), batch_size):
-            yield group[i : i + batch_size]
-
-
-def _to_uint8(img: torch.Tensor) -> np.ndarray:
-    return (img.clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
 @task(name="degrade-shard", cache_key_fn=shard_cache_key, persist_result=True, cache_result_in_memory=False)
@@ -40,7 +26,7 @@ def degrade_shard(spec: ShardSpec, preset: str, split: str | None, scale: float 
     writer = ManifestWriter(stage_uri)
     decoded, rows = decode_items(STAGE, spec.items, read_many([i.uri for i in spec.items]))
     label = degradation.name if split is None else f"{degradation.name}/{split}"
-    for batch in _batches(decoded, batch_size):
+    for batch in same_size_batches(decoded, batch_size):
         seeds = [derived_seed(seed, STAGE, degradation.name, parent_id) for _, parent_id, _, _ in batch]
         params = [degradation.sample(s) for s in seeds]
         images = torch.from_numpy(np.stack([rgb for _, _, rgb, _ in batch])).permute(0, 3, 1, 2)
@@ -51,7 +37,7 @@ def degrade_shard(spec: ShardSpec, preset: str, split: str | None, scale: float 
             rows += [error_row(STAGE, item, f"degradation failed: {e}") for item, _, _, _ in batch]
             continue
         for (item, parent_id, _, mode), p, s, out in zip(batch, params, seeds, outs):
-            rgb = _to_uint8(out)
+            rgb = to_uint8(out)
             png = encode_png(rgb)
             uri = writer.write_image(content_id(png), png)
             rows.append(ok_row(STAGE, item, parent_id, uri, png, rgb, params={**p, "source_mode": mode},

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from itertools import groupby
 
 import numpy as np
+import torch
 
 from bfr_models import storage
 from bfr_models.imageio import ImageError, decode_rgb
@@ -62,3 +64,17 @@ def decode_items(stage: str, items, fetched: dict) -> tuple[list[tuple[InputItem
             continue
         good.append((item, item.parent_id or content_id(data), rgb, mode))
     return good, errors
+
+
+def same_size_batches(decoded, batch_size: int):
+    """Consecutive batches of same-size decoded images (a batch is one tensor)."""
+    by_size = sorted(decoded, key=lambda d: d[2].shape)
+    for _, group in groupby(by_size, key=lambda d: d[2].shape):
+        group = list(group)
+        for i in range(0, len(group), batch_size):
+            yield group[i : i + batch_size]
+
+
+def to_uint8(img: torch.Tensor) -> np.ndarray:
+    """(3, H, W) in [0, 1] -> (H, W, 3) uint8."""
+    return (img.clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()

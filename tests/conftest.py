@@ -159,3 +159,16 @@ def install_models(monkeypatch, tmp_path: Path, files: dict[str, bytes]) -> Path
     monkeypatch.setenv("BFR_CURATE_MODEL_CACHE", str(cache))
     monkeypatch.setenv("BFR_CURATE_CATALOGS", str(catalog))
     return cache
+
+
+def task_states(flow_state):
+    """Names of the final states of every task run of a flow run, read back from the Prefect API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])),
+            sort=TaskRunSort.EXPECTED_START_TIME_DESC, limit=200)
+    return sorted(r.state.name for r in runs)

@@ -13,20 +13,7 @@ import pytest
 from bfr_models import manifest, storage
 from bfr_models.imageio import decode_rgb
 from flows.degrade import degrade_flow
-from tests.conftest import BIN, REPO, face_like, write_png
-
-
-def _task_states(flow_state):
-    """Names of the final states of every task run of a flow run, read back from the Prefect API."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-    from prefect.client.schemas.sorting import TaskRunSort
-
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])),
-            sort=TaskRunSort.EXPECTED_START_TIME_DESC, limit=200)
-    return sorted(r.state.name for r in runs)
+from tests.conftest import BIN, REPO, face_like, task_states, write_png
 
 
 def test_degrade_writes_manifest_and_second_run_is_cached(image_folder, tmp_path):
@@ -46,12 +33,12 @@ def test_degrade_writes_manifest_and_second_run_is_cached(image_folder, tmp_path
         params = json.loads(row.params)
         assert {"seed", "jpeg_quality"} <= set(params) or "jpeg" in json.dumps(params)
     n_shards = len(manifest.read_index(uri)["shards"])
-    assert _task_states(first) == ["Completed"] * n_shards
+    assert task_states(first) == ["Completed"] * n_shards
 
     mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("shards/*.parquet")}
     second = degrade_flow(**kwargs, return_state=True)
     assert second.result() == uri
-    assert _task_states(second) == ["Cached"] * n_shards  # no shard work the second time
+    assert task_states(second) == ["Cached"] * n_shards  # no shard work the second time
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
 
 

@@ -86,10 +86,10 @@ def test_score_adds_columns_records_conventions_and_caches(weights, degraded_man
     assert config["set_metrics"]["fid_convention"] == "legacy_pytorch"
     assert config["set_metrics"]["fid"] == pytest.approx(0.0, abs=1e-3)  # the set against itself
 
-    from tests.test_degrade_flow import _task_states
+    from tests.conftest import task_states
 
     again = score_flow(**kwargs, return_state=True)
-    assert again.result() == uri and set(_task_states(again)) == {"Cached"}
+    assert again.result() == uri and set(task_states(again)) == {"Cached"}
 
     report_state = report_flow(input=uri, out=str(tmp_path / "report.html"), return_state=True)
     html = open(report_state.result()).read()

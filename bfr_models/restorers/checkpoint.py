@@ -1,0 +1,108 @@
+"""Our own checkpoint format for :class:`SmallRestorer`: one safetensors file, anywhere fsspec reaches.
+
+The file holds the module's float32 state dict; its safetensors metadata (strings only) says what it is::
+
+    {"format": "bfr-curate-restorer", "version": "1", "arch": "small", "config": "{\"blocks\": 4, \"channels\": 32}"}
+
+``config`` is the JSON of the constructor kwargs. The file's sha256 is the restorer's identity in
+manifests. Any other file (a safetensors file without this metadata, a ``.pth``) is not ours and is
+left to spandrel by :func:`bfr_models.restorers.load_restorer`.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from bfr_models import storage
+from bfr_models.models import load_strict
+from bfr_models.restorers.errors import RestorerError
+from bfr_models.restorers.small import ARCH, SmallRestorer
+
+FORMAT = "bfr-curate-restorer"
+VERSION = "1"
+ARCHS = {ARCH: SmallRestorer}
+
+
+def small_restorer_bytes(model: SmallRestorer) -> bytes:
+    """The checkpoint file's bytes for ``model`` (weights moved to the CPU as float32)."""
+    from safetensors.torch import save
+
+    if not isinstance(model, SmallRestorer):
+        raise TypeError(f"save_small_restorer: expected a SmallRestorer, got {type(model).__name__}")
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    meta = {"format": FORMAT, "version": VERSION, "arch": ARCH, "config": json.dumps(model.config, sort_keys=True)}
+    return save(state, metadata=meta)
+
+
+def save_small_restorer(model: SmallRestorer, path_or_uri: str) -> str:
+    """Write ``model`` as one safetensors file (atomically) to a local path or fsspec URI; return its URI."""
+    uri = storage.normalize(str(path_or_uri))
+    storage.write_bytes_atomic(uri, small_restorer_bytes(model))
+    return uri
+
+
+def safetensors_metadata(data: bytes) -> dict | None:
+    """The ``__metadata__`` of safetensors bytes ({} when it has none), or None if ``data`` is not safetensors.
+
+    Read from the header directly (8-byte little-endian length, then JSON), so any bytes can be asked.
+    """
+    if len(data) < 10:
+        return None
+    n = int.from_bytes(data[:8], "little")
+    if n < 2 or 8 + n > len(data) or data[8:9] != b"{":
+        return None
+    try:
+        header = json.loads(data[8:8 + n])
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    meta = header.get("__metadata__") or {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def is_restorer_checkpoint(data: bytes) -> bool:
+    """Whether ``data`` is a file of our format (by its metadata; nothing is validated beyond that)."""
+    meta = safetensors_metadata(data)
+    return meta is not None and meta.get("format") == FORMAT
+
+
+def small_restorer_from_bytes(data: bytes, where: str) -> SmallRestorer:
+    """Build the SmallRestorer a checkpoint file describes and load its weights (strict). Raises RestorerError."""
+    from safetensors.torch import load
+
+    meta = safetensors_metadata(data)
+    if meta is None or meta.get("format") != FORMAT:
+        raise RestorerError(f"{where} is not a {FORMAT} checkpoint (a safetensors file whose metadata format is {FORMAT})")
+    if meta.get("version") != VERSION:
+        raise RestorerError(f"{where}: {FORMAT} version {meta.get('version')!r} is not supported (this build reads {VERSION})")
+    arch = meta.get("arch")
+    if arch not in ARCHS:
+        raise RestorerError(f"{where}: restorer arch {arch!r} is not supported (known: {', '.join(ARCHS)})")
+    try:
+        config = json.loads(meta.get("config") or "{}")
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+        net = ARCHS[arch](**config)
+    except (ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RestorerError(f"{where}: bad {arch} config {meta.get('config')!r}: {first}") from None
+    try:
+        state = load(data)
+    except Exception as e:  # safetensors raises its own SafetensorError on truncated/corrupt data
+        raise RestorerError(f"{where}: weights are unreadable (truncated or corrupt safetensors: {e})") from None
+    return load_strict(net, state, f"restorer checkpoint {where}", RestorerError)
+
+
+def load_small_restorer(path_or_uri: str) -> SmallRestorer:
+    """A SmallRestorer from our checkpoint file (local path or fsspec URI), on the CPU, in eval mode."""
+    uri = storage.normalize(str(path_or_uri))
+    try:
+        data = storage.read_bytes(uri)
+    except FileNotFoundError:
+        raise RestorerError(f"restorer checkpoint not found: looked for {uri}") from None
+    except IsADirectoryError:
+        raise RestorerError(f"restorer checkpoint {uri} is a folder; give the checkpoint file") from None
+    return small_restorer_from_bytes(data, uri).eval()

@@ -1,0 +1,84 @@
+"""Priors as a stage: train a small domain prior on a manifest, or convert a guided-diffusion checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import torch
+from prefect import flow, get_run_logger, task
+from tqdm.auto import tqdm
+
+from bfr_models import storage
+from bfr_models.diffusion.prior import save_prior
+from bfr_models.diffusion.train import PriorTrainConfig, train_prior
+from bfr_models.pseudo_targets import to_resolution
+from tasks.rows import decode_items
+from tasks.runtime import resolve_device, result_storage
+from tasks.shards import CODE_VERSION, list_inputs, read_many, stable_hash
+
+STAGE = "prior"
+
+
+def load_training_images(input: str, resolution: int) -> tuple[torch.Tensor, list[str]]:
+    """Every decodable image of a manifest or folder at ``resolution`` in [-1, 1]; and the reasons for the rest."""
+    items, _ = list_inputs(input)
+    decoded, errors = decode_items(STAGE, items, read_many([i.uri for i in items]))
+    tensors = [to_resolution(torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None].float() / 255.0, resolution)[0]
+               for _, _, rgb, _ in decoded]
+    images = torch.stack(tensors) * 2 - 1 if tensors else torch.empty(0, 3, resolution, resolution)
+    return images, [f"{r['parent_uri']}: {r['error']}" for r in errors]
+
+
+def _train_key(context, parameters) -> str:
+    return parameters["key"]
+
+
+@task(name="prior-train", cache_key_fn=_train_key, persist_result=True)
+def train_task(key: str, input: str, config: dict, out: str, device: str) -> str:
+    """Train (resuming from the last checkpoint under ``out``) and return the prior's URI."""
+    cfg = PriorTrainConfig(**{**config, "channels": tuple(config["channels"])})
+    images, _ = load_training_images(input, cfg.resolution)
+    with tqdm(total=cfg.steps, desc="prior train", unit="step", dynamic_ncols=True) as bar:
+        def on_step(step: int, loss: float) -> None:
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            bar.update(step - bar.n)
+
+        return train_prior(images, cfg, out, device=device, on_step=on_step)
+
+
+def train_location(items, config: PriorTrainConfig, out: str) -> str:
+    """``<out>/prior/<key>``: same inputs and config, same folder (and a resumable checkpoint there)."""
+    key = stable_hash([STAGE, asdict(config), [(i.uri, i.version) for i in items]], length=12)
+    return storage.join(storage.normalize(out), STAGE, key)
+
+
+@flow(name="prior-train")
+def prior_train_flow(input: str, out: str, resolution: int = 64, steps: int = 2000, batch_size: int = 16,
+                     lr: float = 2e-4, channels: tuple[int, ...] = (32, 64, 64), checkpoint_every: int = 500,
+                     seed: int = 0, device: str = "auto") -> str:
+    """Train a small UNet2DModel prior on the images of `input`; returns the prior folder's URI."""
+    config = PriorTrainConfig(resolution=resolution, steps=steps, batch_size=batch_size, lr=lr,
+                              channels=tuple(channels), checkpoint_every=checkpoint_every, seed=seed)
+    dev = resolve_device(device)
+    items, skipped = list_inputs(input)
+    if not items:
+        raise ValueError(f"prior train: no images in {input}")
+    where = train_location(items, config, out)
+    get_run_logger().info("prior train: %d images (%d error rows skipped) -> %s", len(items), skipped, where)
+    key = stable_hash([where, asdict(config), CODE_VERSION])
+    return train_task.with_options(result_storage=result_storage(where))(
+        key=key, input=input, config=asdict(config), out=where, device=str(dev))
+
+
+def convert_adm(checkpoint: str, arch: str, out: str) -> str:
+    """A guided-diffusion checkpoint -> a prior folder (every tensor's shape checked on the way)."""
+    from bfr_models import models
+    from bfr_models.diffusion.adm import convert_adm_state_dict
+
+    state = models.load_state_dict(checkpoint, "ADM checkpoint")
+    unet = convert_adm_state_dict(state, arch)
+    variance = "learned_range" if int(unet.config.out_channels) == 6 else "fixed_large"
+    return save_prior(unet, out, variance_type=variance,
+                      source={"converted_from": storage.normalize(checkpoint), "format": "guided-diffusion",
+                              "arch": arch, "checkpoint_sha256": models.file_sha256(checkpoint)})
+

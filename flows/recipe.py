@@ -1,0 +1,138 @@
+"""Recipes: a YAML file naming each stage's parameters, run as one Prefect flow of cached stages.
+
+A recipe (``catalogs/recipes/*.yaml``)::
+
+    name: demo
+    photos: demo                   # a folder / fsspec URL of photos, or "demo" (the packaged photos)
+    ingest: {size: 256}
+    degrade: {preset: dr2, split: medium, scale: 8}
+    prior: {train: {resolution: 64, steps: 600}}     # or {uri: <prior folder or model card>}
+    pseudo_targets: {method: dr2, auto: true}
+    score: {metrics: "niqe,psnr,ssim,lpips", skip_missing: true}
+    report: {title: "..."}
+
+Stages run in that order (ingest -> degrade -> [prior train] -> pseudo-targets -> score -> report).
+Each is cached by its config and its inputs' content, so editing one stage's parameters re-runs
+only that stage and the ones after it. Omitted stages are skipped (a recipe without ``ingest``
+takes ``photos`` as aligned faces).
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+from prefect import flow
+
+from bfr_models import storage
+from flows.degrade import degrade_flow
+from flows.ingest import ingest_flow
+from flows.prior import prior_train_flow
+from flows.pseudo_targets import pseudo_targets_flow
+from flows.report import report_flow
+from flows.score import score_flow
+
+STAGES = ("ingest", "degrade", "prior", "pseudo_targets", "score", "report")
+_TOP = ("name", "description", "photos", *STAGES)
+# options every stage flow takes from the command line, not from the recipe
+_RUNTIME = {"input", "out", "device"}
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run: unreadable, unknown keys, missing required values. One line."""
+
+
+def recipes_dir() -> Path:
+    from bfr_models.models import catalogs_dir
+
+    return catalogs_dir() / "recipes"
+
+
+def _check_options(stage: str, options, fn, path) -> dict:
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise RecipeError(f"recipe {path}: '{stage}' must be a mapping of options")
+    allowed = set(inspect.signature(fn.fn).parameters) - _RUNTIME
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise RecipeError(f"recipe {path}: {stage}.{unknown[0]} is not an option (options: {', '.join(sorted(allowed))})")
+    return dict(options)
+
+
+def load_recipe(path: str) -> dict:
+    """Parse and validate a recipe (a path, or a name in catalogs/recipes)."""
+    import yaml
+
+    p = Path(path)
+    if not p.exists() and (recipes_dir() / f"{path}.yaml").exists():
+        p = recipes_dir() / f"{path}.yaml"
+    if not p.exists():
+        raise RecipeError(f"recipe not found: {path} (recipes: {', '.join(sorted(x.stem for x in recipes_dir().glob('*.yaml')))})")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise RecipeError(f"recipe {p}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {p}: expected a mapping")
+    unknown = sorted(set(data) - set(_TOP))
+    if unknown:
+        raise RecipeError(f"recipe {p}: unknown key '{unknown[0]}' (keys: {', '.join(_TOP)})")
+    if not data.get("photos"):
+        raise RecipeError(f"recipe {p}: 'photos' (a folder, fsspec URL or 'demo') is required")
+    recipe = {"name": data.get("name", p.stem), "photos": str(data["photos"]), "path": str(p)}
+    flows = {"ingest": ingest_flow, "degrade": degrade_flow, "pseudo_targets": pseudo_targets_flow,
+             "score": score_flow, "report": report_flow}
+    for stage, fn in flows.items():
+        if stage in data:
+            recipe[stage] = _check_options(stage, data[stage], fn, p)
+    if "prior" in data:
+        prior = data["prior"] or {}
+        if not isinstance(prior, dict) or len(prior) != 1 or not ({"uri", "train"} & set(prior)):
+            raise RecipeError(f"recipe {p}: prior must be {{uri: <prior>}} or {{train: {{...}}}}")
+        recipe["prior"] = {"uri": str(prior["uri"])} if "uri" in prior else {
+            "train": _check_options("prior.train", prior["train"], prior_train_flow, p)}
+    if "pseudo_targets" in recipe:
+        if "prior" not in recipe and "prior" not in recipe["pseudo_targets"]:
+            raise RecipeError(f"recipe {p}: pseudo_targets needs a prior (a 'prior' section or pseudo_targets.prior)")
+    if "report" in recipe and "score" not in recipe:
+        raise RecipeError(f"recipe {p}: report needs a score section")
+    return recipe
+
+
+@flow(name="recipe")
+def recipe_flow(recipe: dict, out: str, device: str = "auto") -> dict[str, str]:
+    """Run a validated recipe; returns each stage's output URI (and the report's path)."""
+    out = storage.normalize(out)
+    photos = recipe["photos"]
+    if photos == "demo":
+        from flows.demo import write_demo_photos
+
+        photos = write_demo_photos(out)
+    results = {}
+    faces = photos
+    if "ingest" in recipe:
+        faces = results["ingest"] = ingest_flow(input=photos, out=out, device=device, **recipe["ingest"])
+    current = faces
+    if "degrade" in recipe:
+        current = results["degrade"] = degrade_flow(input=faces, out=out, device=device, **recipe["degrade"])
+    scored_inputs = [current]
+    if "pseudo_targets" in recipe:
+        opts = dict(recipe["pseudo_targets"])
+        if "prior" in recipe:
+            spec = recipe["prior"]
+            opts["prior"] = spec["uri"] if "uri" in spec else prior_train_flow(
+                input=faces, out=out, device=device, **spec["train"])
+            results["prior"] = opts["prior"]
+        current = results["pseudo-targets"] = pseudo_targets_flow(input=current, out=out, device=device, **opts)
+        scored_inputs.append(current)
+    if "score" in recipe:
+        # the degraded inputs and the targets are scored alike; full-reference metrics against the faces
+        scored = [score_flow(input=u, out=out, device=device, reference=faces, **recipe["score"])
+                  for u in scored_inputs]
+        results.update({f"score {k}": u for k, u in zip(("degrade", "pseudo-targets"), scored)})
+        if "report" in recipe:
+            results["report"] = report_flow(input=scored[-1], compare=scored[:-1],
+                                             out=storage.join(out, "report.html"),
+                                             **{"title": f"bfr-curate: {recipe['name']}", **recipe["report"]})
+    return results

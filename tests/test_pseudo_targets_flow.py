@@ -1,0 +1,147 @@
+"""The pseudo-targets stage end to end: prior train/inspect, --auto, one-line errors, and a recipe."""
+
+import json
+
+import pytest
+
+from bfr_models import manifest, storage
+from bfr_models.imageio import decode_rgb
+from flows.cli import main
+from flows.pseudo_targets import pseudo_targets_flow
+from flows.recipe import RecipeError, load_recipe, recipe_flow
+from tests.conftest import face_like, task_states, write_png
+
+TINY_PRIOR = ["--resolution", "32", "--steps", "4", "--batch-size", "2", "--channels", "16,32", "--checkpoint-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def faces_192(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("faces")
+    for i in range(4):
+        write_png(folder / f"face_{i}.png", face_like(i, size=192))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def prior_uri(faces_192, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prior_out")
+    assert main(["prior", "train", "--input", str(faces_192), "--out", str(out), "--device", "cpu", *TINY_PRIOR]) == 0
+    (found,) = [p.parent for p in out.rglob("prior.json")]
+    assert (found / "checkpoints" / "train_state.pt").exists()
+    return str(found)
+
+
+def test_prior_inspect_prints_what_it_is(prior_uri, capsys):
+    assert main(["prior", "inspect", prior_uri]) == 0
+    text = capsys.readouterr().out
+    assert "resolution: 32" in text and "linear betas 0.0001..0.02, T=1000, epsilon" in text
+    assert "variance:   fixed_large" in text
+    meta = json.loads((storage.read_bytes(storage.join(prior_uri, "prior.json"))))
+    assert f"sha256:     {meta['weights_sha256']}" in text
+
+
+def test_pseudo_targets_auto_records_grid_and_choice(faces_192, prior_uri, tmp_path):
+    kwargs = dict(input=str(faces_192), out=str(tmp_path / "run"), prior=prior_uri, method="dr2", respace=20,
+                  auto=True, auto_grid="N=4,8;tau=100,300", auto_sample=2, shard_size=2, batch_size=4, device="cpu")
+    state = pseudo_targets_flow(**kwargs, return_state=True)
+    uri = state.result()
+    auto = manifest.read_index(uri)["config"]["auto"]
+    assert len(auto["grid"]) == 4 and {"niqe", "lf_psnr", "N", "tau"} <= set(auto["grid"][0])
+    chosen = auto["grid"][auto["chosen"]]
+    df = manifest.read_manifest(uri)
+    assert len(df) == 4 and (df["status"] == "ok").all()
+    for row in df.itertuples():
+        params = json.loads(row.params)
+        assert (params["N"], params["tau"]) == (chosen["N"], chosen["tau"])
+        assert params["auto"]["chosen"]["tau"] == chosen["tau"] and params["seed"] == row.seed
+        assert params["resize"] == {"from": [192, 192], "prior": 32, "out": [192, 192]}
+        assert row.lf_psnr > 0 and row.noise_sigma >= 0
+        assert decode_rgb(storage.read_bytes(row.uri))[0].shape == (192, 192, 3)
+    again = pseudo_targets_flow(**kwargs, return_state=True)
+    assert again.result() == uri and set(task_states(again)) == {"Cached"}  # the search and every shard
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--N", "3"], "N=3 does not divide the prior's resolution 32"),
+    (["--tau", "400", "--omega", "300"], "tau (400) must be smaller than omega (300)"),
+    (["--method", "lowfreq", "--K", "300", "--L", "360"], "L (360) must be smaller than K (300)"),
+    (["--resize", "refuse"], None),
+])
+def test_bad_parameters_stop_before_work(faces_192, prior_uri, tmp_path, capsys, args, message):
+    out = tmp_path / "run"
+    code = main(["pseudo-targets", "--input", str(faces_192), "--prior", prior_uri, "--out", str(out),
+                 "--device", "cpu", *args])
+    err = capsys.readouterr().err.strip()
+    if message is None:  # a folder's sizes are only known per image: rows say why, the run completes
+        assert code == 0
+        (uri,) = [p.parent for p in out.rglob("index.json")]
+        df = manifest.read_manifest(str(uri))
+        assert (df["status"] == "error").all() and df["error"].str.contains("differs from the prior's resolution 32").all()
+        return
+    assert code == 2 and message in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_missing_and_tampered_priors_are_one_line_errors(faces_192, prior_uri, tmp_path, capsys):
+    args = ["pseudo-targets", "--input", str(faces_192), "--out", str(tmp_path / "o"), "--device", "cpu"]
+    assert main([*args, "--prior", str(tmp_path / "nowhere")]) == 2
+    assert "neither a prior folder nor a model card" in capsys.readouterr().err
+    import shutil
+
+    bad = tmp_path / "tampered"
+    shutil.copytree(prior_uri, bad)
+    weights = bad / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    assert main([*args, "--prior", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "but prior.json says" in err and len(err.splitlines()) == 1
+    assert main([*args, "--prior", prior_uri, "--method", "dr2", "--restorer", "none"]) == 2
+    assert "--restorer applies to lowfreq and polish" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+RECIPE = """
+name: tiny
+photos: {photos}
+degrade: {{preset: dr2, split: mild, scale: 4}}
+prior: {{train: {{resolution: 32, steps: 4, batch_size: 2, channels: [16, 32], checkpoint_every: 2}}}}
+pseudo_targets: {{method: dr2, N: 4, tau: {tau}, respace: 20, shard_size: 2}}
+score: {{metrics: "niqe,psnr,ssim"}}
+report: {{title: tiny recipe}}
+"""
+
+
+def test_recipe_runs_end_to_end_and_an_edit_reruns_only_what_follows(faces_192, tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(RECIPE.format(photos=faces_192, tau=100))
+    out = str(tmp_path / "run")
+    first = recipe_flow(recipe=load_recipe(str(path)), out=out, device="cpu")
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert first["report"].endswith("report.html") and "tiny recipe" in html
+    scored = manifest.read_manifest(first["score pseudo-targets"])
+    # the targets are scored against the faces two generations up (target -> degraded -> face)
+    assert len(scored) == 4 and scored["psnr"].notna().all() and scored["niqe"].notna().all()
+
+    def mtimes(stage_uri):
+        return {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*.parquet") if str(p).startswith(stage_uri)}
+
+    kept = {**mtimes(first["degrade"]), **mtimes(first["score degrade"])}
+    path.write_text(RECIPE.format(photos=faces_192, tau=150))
+    second = recipe_flow(recipe=load_recipe(str(path)), out=out, device="cpu")
+    assert second["degrade"] == first["degrade"] and second["prior"] == first["prior"]
+    assert second["pseudo-targets"] != first["pseudo-targets"]
+    assert second["score pseudo-targets"] != first["score pseudo-targets"]
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # upstream shards were not rewritten
+
+
+@pytest.mark.parametrize("text, message", [
+    ("photos: x\ndegrade: {preset: dr2, sigma: 3}\n", "degrade.sigma is not an option"),
+    ("photos: x\nfoo: 1\n", "unknown key 'foo'"),
+    ("degrade: {preset: dr2}\n", "'photos'"),
+    ("photos: x\npseudo_targets: {method: dr2}\n", "pseudo_targets needs a prior"),
+])
+def test_bad_recipes_are_one_line_errors(tmp_path, text, message):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        load_recipe(str(path))
