@@ -89,6 +89,8 @@ class ModelCard:
     def matches(self, digest: str) -> bool:
         """Whether a file whose sha256 is ``digest`` is the file this card describes."""
         digest = digest.lower()
+        if self.sha256 is None and self.hash_prefix is None:  # unpinned: no published hash to check against
+            return True
         if self.sha256 is not None:
             return digest == self.sha256
         return digest.startswith(self.hash_prefix)
@@ -96,6 +98,8 @@ class ModelCard:
     @property
     def expected(self) -> str:
         """The hash requirement in words, for messages."""
+        if self.sha256 is None and self.hash_prefix is None:
+            return "no hash (unpinned card)"
         if self.sha256 is not None:
             return f"sha256 {self.sha256}"
         return f"a sha256 starting with {self.hash_prefix}"
@@ -147,8 +151,11 @@ def parse_card(path: Path, data) -> ModelCard:
         raise _card_error(path, "url", "must be a non-empty URL or path")
 
     sha256, prefix = data.get("sha256"), data.get("hash_prefix")
-    if (sha256 is None) == (prefix is None):
-        raise _card_error(path, "sha256", "or 'hash_prefix' must be given, exactly one of them")
+    unpinned = str(sha256).lower() == "unpinned" and prefix is None
+    if unpinned:
+        sha256 = None
+    elif (sha256 is None) == (prefix is None):
+        raise _card_error(path, "sha256", "or 'hash_prefix' must be given, exactly one of them (or sha256: unpinned)")
     if sha256 is not None:
         sha256 = str(sha256).lower()
         if len(sha256) != 64 or not _HEX_RE.match(sha256):

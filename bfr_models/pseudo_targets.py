@@ -243,14 +243,18 @@ def generate(p: MethodParams, images: torch.Tensor, prior, seeds: Sequence[Seque
     reference = reference_of(p, y_r, y0_r)
     eps_model = prior.eps_model(dtype)
     band = p.N or 1
+    out_size = (H, W) if resize == "input" else (R, R)
     samples, fidelity, noise = [], [], []
     for k in range(len(seeds[0])):
         gens = [torch.Generator().manual_seed(int(s[k])) for s in seeds]
         out = sample(p, y_r, y0_r, eps_model, prior.schedule, gens).float()
         out01 = ((out + 1) / 2).clamp(0, 1)
-        samples.append(out01)
+        # both checks at the prior's resolution, where the sampler works (upsampling would hide noise)
         fidelity.append(lowfreq_psnr(out01, (reference + 1) / 2, band).cpu())
         noise.append(noise_sigma(out01).float().cpu())
+        if out_size != (R, R):
+            out01 = F.interpolate(out01, size=out_size, mode="bicubic", align_corners=False).clamp(0, 1)
+        samples.append(out01)  # at the output size: what is written and what best-of-k scores
     fid, nz = torch.stack(fidelity, 1), torch.stack(noise, 1)  # (B, k)
     if len(samples) > 1:
         score = torch.stack([quality_fn(s) if quality_fn is not None else noise_sigma(s) for s in samples], 1).float().cpu()
@@ -259,9 +263,6 @@ def generate(p: MethodParams, images: torch.Tensor, prior, seeds: Sequence[Seque
     else:
         chosen = torch.zeros(B, dtype=torch.long)
     picked = torch.stack([samples[int(c)][b] for b, c in enumerate(chosen)])
-    out_size = (H, W) if resize == "input" else (R, R)
-    if out_size != (R, R):
-        picked = F.interpolate(picked, size=out_size, mode="bicubic", align_corners=False).clamp(0, 1)
     records = []
     for b in range(B):
         c = int(chosen[b])

@@ -37,7 +37,9 @@ from bfr_models import storage
 from bfr_models.imageio import decode_rgb
 
 METRIC_DIRECTIONS = {"niqe": "lower", "musiq": "higher", "lpips": "lower", "psnr": "higher", "ssim": "higher",
-                     "fid": "lower"}
+                     "fid": "lower",
+                     # the pseudo-target checks: low-frequency consistency with the input, noise leakage
+                     "lf_psnr": "higher", "noise_sigma": "lower"}
 _METRIC_RE = re.compile(r"^(%s)(_[A-Za-z0-9_]+)?$" % "|".join(METRIC_DIRECTIONS))
 # Okabe-Ito: distinguishable with the common colour-vision deficiencies.
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#8C6D1F", "#000000")
@@ -839,6 +841,24 @@ figcaption .split,figcaption .vals{color:var(--muted)}
 table.errors td:last-child,table.nc td{max-width:520px;overflow-wrap:anywhere}
 footer{margin-top:40px;color:var(--muted);font-size:12px}
 """
+
+
+def search_section(searches: list[tuple[str, dict]]) -> Section:
+    """The ``pseudo-targets --auto`` searches: every candidate's quality and fidelity, the choice marked."""
+    parts = []
+    for stage, search in searches:
+        metric = search["metric"]
+        grid = search["grid"]
+        knobs = [k for k in ("N", "tau", "omega", "K", "L", "n2", "respace") if any(k in g for g in grid)]
+        rows = [["✓" if i == search["chosen"] else "", *[g.get(k) for k in knobs], g[metric], g["lf_psnr"],
+                 g.get("noise_sigma")] for i, g in enumerate(grid)]
+        arrow = "↑" if metric == "musiq" else "↓"
+        parts.append(f"<h3>{esc(stage)}</h3>" + html_table(
+            ["chosen", *knobs, f"{metric} {arrow}", "lf_psnr ↑", "noise_sigma ↓"], rows,
+            set(range(1, len(knobs) + 4))))
+        parts.append(_note(f"{search['reason']}. Fidelity: {search['fidelity']}; limit {search['fidelity_limit']} dB. "
+                           f"Scored on {len(search['sample_ids'])} sampled inputs."))
+    return Section("Pseudo-target parameter search (--auto)", "".join(parts), "auto-search")
 
 
 def render_page(title: str, sections: list[Section], intro_html: str = "") -> str:

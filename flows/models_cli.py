@@ -73,7 +73,11 @@ def cmd_models_pull(args) -> None:
             print(f"{name}: FAILED: {e}")
             failures.append(name)
             continue
-        print(f"{name}: {path} (verified {cards[name].expected})")
+        card = cards[name]
+        if card.sha256 is None and card.hash_prefix is None:
+            print(f"{name}: {path} (unpinned card: sha256 {models.file_sha256(path)}; pin it in the card)")
+        else:
+            print(f"{name}: {path} (verified {card.expected})")
     if failures:
         raise models.ModelDownloadError(f"{len(failures)} of {len(names)} models could not be pulled: "
                                         f"{', '.join(failures)} (reasons above)")

@@ -6,7 +6,8 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from bfr_models import manifest, storage
-from bfr_models.report import ScoredSet, render_report, summary_markdown, summary_table, write_report
+from bfr_models.report import (ScoredSet, render_report, search_section, summary_markdown, summary_table,
+                               write_report)
 
 
 def load_scored(uri: str) -> ScoredSet:
@@ -18,12 +19,28 @@ def load_scored(uri: str) -> ScoredSet:
     return ScoredSet(name=name, frame=frame, info={"source": uri, **index.get("config", {})})
 
 
+def auto_searches(sets: list[ScoredSet]) -> list[tuple[str, dict]]:
+    """The --auto records of the pseudo-target stages whose images these sets hold (from their index)."""
+    found = {}
+    for s in sets:
+        uris = s.frame["uri"].dropna() if "uri" in s.frame else []
+        for folder in {u.rsplit("/images/", 1)[0] for u in uris if "/pseudo-targets/" in u and "/images/" in u}:
+            if folder not in found and manifest.index_uri(folder):
+                auto = manifest.read_index(folder)["config"].get("auto")
+                if auto:
+                    found[folder] = auto
+    return sorted(found.items())
+
+
 @flow(name="report")
 def report_flow(input: str, out: str, compare: list[str] | None = None, title: str = "bfr-curate quality report",
                 n_extremes: int = 8) -> str:
     """Write the HTML report for a scored manifest (and others to compare); returns its URI."""
     sets = [load_scored(u) for u in [input, *(compare or [])]]
-    uri = write_report(render_report(sets, title=title, n_extremes=n_extremes), out)
+    searches = auto_searches(sets)
+    extra = [search_section(searches)] if searches else []
+    uri = write_report(render_report(sets, title=title, n_extremes=n_extremes,
+                                     extra_sections=[(x.heading, x.html) for x in extra]), out)
     table = summary_table(sets)
     create_table_artifact(key="quality-summary", table=table.astype(object).where(table.notna(), None)
                           .to_dict("records"), description=f"{title}: summary per set, stage and split")

@@ -105,7 +105,7 @@ name: tiny
 photos: {photos}
 degrade: {{preset: dr2, split: mild, scale: 4}}
 prior: {{train: {{resolution: 32, steps: 4, batch_size: 2, channels: [16, 32], checkpoint_every: 2}}}}
-pseudo_targets: {{method: dr2, N: 4, tau: {tau}, respace: 20, shard_size: 2}}
+pseudo_targets: {{method: dr2, respace: 20, shard_size: 2, auto: true, auto_grid: "N=4;tau={tau},300", auto_sample: 2}}
 score: {{metrics: "niqe,psnr,ssim"}}
 report: {{title: tiny recipe}}
 """
@@ -118,6 +118,7 @@ def test_recipe_runs_end_to_end_and_an_edit_reruns_only_what_follows(faces_192, 
     first = recipe_flow(recipe=load_recipe(str(path)), out=out, device="cpu")
     html = (tmp_path / "run" / "report.html").read_text()
     assert first["report"].endswith("report.html") and "tiny recipe" in html
+    assert "Pseudo-target parameter search (--auto)" in html and "lf_psnr" in html
     scored = manifest.read_manifest(first["score pseudo-targets"])
     # the targets are scored against the faces two generations up (target -> degraded -> face)
     assert len(scored) == 4 and scored["psnr"].notna().all() and scored["niqe"].notna().all()
@@ -145,3 +146,17 @@ def test_bad_recipes_are_one_line_errors(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace(".", r"\.")):
         load_recipe(str(path))
+
+
+def test_lowfreq_with_a_restorer_checkpoint_records_it(faces_192, prior_uri, tmp_path):
+    from bfr_models.restorers import SmallRestorer, save_small_restorer
+
+    ckpt = save_small_restorer(SmallRestorer(channels=8, blocks=1), str(tmp_path / "small.safetensors"))
+    uri = pseudo_targets_flow(input=str(faces_192), out=str(tmp_path / "run"), prior=prior_uri, method="lowfreq",
+                              N=8, respace=10, restorer=ckpt, best_of=2, device="cpu")
+    df = manifest.read_manifest(uri)
+    assert (df["status"] == "ok").all()
+    params = json.loads(df["params"].iloc[0])
+    assert (params["K"], params["L"], params["N"]) == (600, 360, 8) and params["best_of"] == 2
+    assert params["restorer"]["arch"] == "small" and params["restorer"]["sha256"] == storage.sha256_hex(
+        storage.read_bytes(ckpt))
