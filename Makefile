@@ -17,7 +17,7 @@ $(BIN)/bfr-curate: pyproject.toml requirements.lock
 setup: $(BIN)/bfr-curate
 
 demo: setup
-	$(BIN)/bfr-curate demo --out ./runs/demo
+	$(BIN)/bfr-curate run catalogs/recipes/demo.yaml --out ./runs/demo
 
 test: setup
 	$(BIN)/python -m pytest -q
