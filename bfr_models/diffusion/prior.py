@@ -14,6 +14,7 @@ Nothing is downloaded here: a card's file must already be in the model cache (``
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass, field
 
@@ -181,7 +182,9 @@ def load_prior(spec: str, device: str | torch.device = "cpu") -> Prior:
 
 
 def _build_unet(config: dict, state: dict, where: str) -> torch.nn.Module:
-    unet = _unet_class(config.get("_class_name", "UNet2DModel"), where).from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    cls = _unet_class(config.get("_class_name", "UNet2DModel"), where)
+    accepted = set(inspect.signature(cls.__init__).parameters)  # ADMUNet2DModel's config also holds UNet2DModel's keys
+    unet = cls.from_config({k: v for k, v in config.items() if k in accepted})
     missing, unexpected = unet.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise PriorError(f"{where}: weights do not match the UNet config "
