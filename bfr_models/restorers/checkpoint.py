@@ -96,13 +96,23 @@ def small_restorer_from_bytes(data: bytes, where: str) -> SmallRestorer:
     return load_strict(net, state, f"restorer checkpoint {where}", RestorerError)
 
 
-def load_small_restorer(path_or_uri: str) -> SmallRestorer:
-    """A SmallRestorer from our checkpoint file (local path or fsspec URI), on the CPU, in eval mode."""
-    uri = storage.normalize(str(path_or_uri))
+def read_checkpoint(uri: str) -> bytes:
+    """A checkpoint's bytes, or a RestorerError saying where it looked / why it could not read it."""
     try:
         data = storage.read_bytes(uri)
     except FileNotFoundError:
         raise RestorerError(f"restorer checkpoint not found: looked for {uri}") from None
     except IsADirectoryError:
         raise RestorerError(f"restorer checkpoint {uri} is a folder; give the checkpoint file") from None
-    return small_restorer_from_bytes(data, uri).eval()
+    except Exception as e:  # permissions, credentials, network
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise RestorerError(f"could not read restorer checkpoint {uri}: {first}") from None
+    if not data:
+        raise RestorerError(f"restorer checkpoint {uri} is empty")
+    return data
+
+
+def load_small_restorer(path_or_uri: str) -> SmallRestorer:
+    """A SmallRestorer from our checkpoint file (local path or fsspec URI), on the CPU, in eval mode."""
+    uri = storage.normalize(str(path_or_uri))
+    return small_restorer_from_bytes(read_checkpoint(uri), uri).eval()

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from bfr_models import storage
-from bfr_models.restorers.checkpoint import FORMAT, is_restorer_checkpoint, safetensors_metadata, small_restorer_from_bytes
+from bfr_models.restorers.checkpoint import (FORMAT, is_restorer_checkpoint, read_checkpoint, safetensors_metadata,
+                                             small_restorer_from_bytes)
 from bfr_models.restorers.errors import RestorerError
 from bfr_models.restorers.small import FACTOR, SmallRestorer
 
@@ -148,16 +149,7 @@ def load_restorer(spec: str, device: str | torch.device = "cpu") -> Restorer:
         raise RestorerError(f"unknown restorer {spec!r}: built-ins are {', '.join(BUILTINS)}; "
                             f"anything else must be a checkpoint path or URI")
     uri = storage.normalize(spec)
-    try:
-        data = storage.read_bytes(uri)
-    except FileNotFoundError:
-        raise RestorerError(f"restorer checkpoint not found: looked for {uri}") from None
-    except IsADirectoryError:
-        raise RestorerError(f"restorer checkpoint {uri} is a folder; give the checkpoint file") from None
-    except Exception as e:  # permissions, credentials, network
-        raise RestorerError(f"could not read restorer checkpoint {uri}: {_first_line(e)}") from None
-    if not data:
-        raise RestorerError(f"restorer checkpoint {uri} is empty")
+    data = read_checkpoint(uri)
     digest = storage.sha256_hex(data)
     name = uri.rstrip("/").rsplit("/", 1)[-1]
     if is_restorer_checkpoint(data):
