@@ -5,6 +5,8 @@ Methods (samplers in :mod:`bfr_models.diffusion.samplers`; timesteps on the T=10
 - ``dr2``: DR2 on the LQ input y (N, tau, omega = tau + 0.25T), 100 respaced steps as DR2's code.
 - ``lowfreq``: the unsupervised-BFR Algorithm 1 on y0 = R(y) (N, K=600, L=360), 250 respaced steps.
 - ``polish``: DiffBFR's truncated TEM polish of y0 = R(y) (n2 = 0.1T), 100 respaced steps.
+- ``difbfsr``: DifBFSR zero-shot x4 super-resolution of y (per-image modules fitted while sampling;
+  :mod:`bfr_models.diffusion.difbfsr`), truncated start t=401 of 250 respaced steps.
 
 Checks recorded per target: ``lf_psnr`` (PSNR of Φ_N(target) against Φ_N(reference), the
 low-frequency consistency the methods enforce by construction) and ``noise_sigma`` (Immerkær's
@@ -21,18 +23,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bfr_models.diffusion.difbfsr import DifBFSRConfig, difbfsr_sample
 from bfr_models.diffusion.lowpass import lowpass
 from bfr_models.diffusion.samplers import dr2_sample, lowfreq_sample, polish_sample
 from bfr_models.diffusion.schedule import DDPMSchedule, respace
 
-METHODS = ("dr2", "lowfreq", "polish")
+METHODS = ("dr2", "lowfreq", "polish", "difbfsr")
 RESIZE_MODES = ("input", "prior", "refuse")
-DEFAULT_RESPACE = {"dr2": 100, "lowfreq": 250, "polish": 100}
+DEFAULT_RESPACE = {"dr2": 100, "lowfreq": 250, "polish": 100, "difbfsr": 250}
 # The --auto grids (T=1000 scale): DR2's Table A3 range of N and tau; Algorithm 1's N sweep and K.
 AUTO_GRID = {
     "dr2": {"N": [4, 8, 16], "tau": [100, 200, 300]},
     "lowfreq": {"N": [8, 16, 32], "K": [600, 900]},
     "polish": {"n2": [50, 100, 150]},
+    "difbfsr": {"N": [4, 8, 16]},  # difbfsr.md §13 #8: sweep the band factor and log the choice
 }
 
 
@@ -53,6 +57,9 @@ class MethodParams:
     n2: int | None = None
     respace: int | None = None
     variance_type: str | None = None  # None: learned range for 6-channel priors, else fixed large
+    scale: int | None = None  # difbfsr: the super-resolution factor
+    t_start: int | None = None  # difbfsr: truncated start step
+    warmup: int | None = None  # difbfsr: module updates before the chain starts
 
     def as_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -62,12 +69,14 @@ def method_params(method: str, **given) -> MethodParams:
     """The method's parameters, defaults filled in.
 
     dr2: N=4, tau=220 (Table A3, CelebA x4 medium), omega = tau + 0.25T (capped at T-1);
-    lowfreq: N=16, K=600, L=360 (the paper's SwinIR setting); polish: n2 = 0.1T = 100.
+    lowfreq: N=16, K=600, L=360 (the paper's SwinIR setting); polish: n2 = 0.1T = 100;
+    difbfsr: scale 4, N = a 64-px band, t_start=401, warmup=100 (difbfsr.md §13).
     """
     if method not in METHODS:
         raise PseudoTargetError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
     given = {k: v for k, v in given.items() if v is not None}
-    allowed = {"dr2": {"N", "tau", "omega"}, "lowfreq": {"N", "K", "L"}, "polish": {"n2"}}[method]
+    allowed = {"dr2": {"N", "tau", "omega"}, "lowfreq": {"N", "K", "L"}, "polish": {"n2"},
+               "difbfsr": {"N", "scale", "t_start", "warmup"}}[method]
     extra = sorted(set(given) - allowed - {"respace", "variance_type"})
     if extra:
         raise PseudoTargetError(f"--{extra[0]} does not apply to method {method} (it takes {', '.join(sorted(allowed))})")
@@ -76,14 +85,35 @@ def method_params(method: str, **given) -> MethodParams:
         p = replace(p, omega=int(given["omega"]) if "omega" in given else min(p.tau + 250, 999))
     elif method == "lowfreq":
         p = MethodParams("lowfreq", N=int(given.get("N", 16)), K=int(given.get("K", 600)), L=int(given.get("L", 360)))
-    else:
+    elif method == "polish":
         p = MethodParams("polish", n2=int(given.get("n2", 100)))
+    else:
+        d = DifBFSRConfig()
+        p = MethodParams("difbfsr", N=int(given["N"]) if "N" in given else None, scale=int(given.get("scale", d.scale)),
+                         t_start=int(given.get("t_start", d.t_start)), warmup=int(given.get("warmup", d.warmup)))
     return replace(p, respace=int(given.get("respace", DEFAULT_RESPACE[method])),
                    variance_type=given.get("variance_type"))
 
 
+def difbfsr_config(p: MethodParams) -> DifBFSRConfig:
+    return DifBFSRConfig(scale=p.scale, N=p.N, t_start=p.t_start, respace=p.respace, warmup=p.warmup,
+                         variance_type=p.variance_type)
+
+
+def with_resolution(p: MethodParams, resolution: int) -> MethodParams:
+    """Fill the defaults that depend on the prior's resolution (DifBFSR's band factor) so rows record them."""
+    if p.method == "difbfsr" and p.N is None:
+        return replace(p, N=difbfsr_config(p).band_factor(resolution))
+    return p
+
+
 def validate(p: MethodParams, resolution: int, T: int = 1000) -> None:
     """Every check that can be made before sampling; raises PseudoTargetError with one line."""
+    if p.method == "difbfsr":
+        try:
+            difbfsr_config(p).validate(resolution)
+        except ValueError as e:
+            raise PseudoTargetError(str(e)) from None
     if p.N is not None:
         if p.N < 1:
             raise PseudoTargetError(f"N must be >= 1, got {p.N}")
@@ -122,8 +152,8 @@ def sample(p: MethodParams, y: torch.Tensor, y0: torch.Tensor, eps_model, schedu
 
 
 def reference_of(p: MethodParams, y: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
-    """The image whose low band the target must keep: y for DR2, y0 for the others."""
-    return y if p.method == "dr2" else y0
+    """The image whose low band the target must keep: y for DR2 and DifBFSR, y0 = R(y) for the others."""
+    return y if p.method in ("dr2", "difbfsr") else y0
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -231,23 +261,31 @@ def generate(p: MethodParams, images: torch.Tensor, prior, seeds: Sequence[Seque
     """
     B, _, H, W = images.shape
     R = prior.resolution
+    up = p.scale if p.method == "difbfsr" else 1  # DifBFSR takes LR faces of R / scale pixels
+    size_in = R // up
     if resize not in RESIZE_MODES:
         raise PseudoTargetError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
-    if resize == "refuse" and (H, W) != (R, R):
-        raise PseudoTargetError(f"image size {H}x{W} differs from the prior's resolution {R} (resize=refuse)")
+    if resize == "refuse" and (H, W) != (size_in, size_in):
+        times = f" times scale {up}" if up > 1 else ""
+        raise PseudoTargetError(f"image size {H}x{W}{times} differs from the prior's resolution {R} (resize=refuse)")
     if len(seeds) != B or len({len(s) for s in seeds}) != 1:
         raise ValueError("generate: need the same number of seeds for every image")
     device = prior.device
     y0 = restorer(images) if restorer is not None else images
-    y_r, y0_r = to_resolution(images, R).to(device) * 2 - 1, to_resolution(y0, R).to(device) * 2 - 1
-    reference = reference_of(p, y_r, y0_r)
+    y_r, y0_r = to_resolution(images, size_in).to(device) * 2 - 1, to_resolution(y0, R).to(device) * 2 - 1
+    reference = reference_of(p, to_resolution(images, R).to(device) * 2 - 1, y0_r)
     eps_model = prior.eps_model(dtype)
     band = p.N or 1
-    out_size = (H, W) if resize == "input" else (R, R)
-    samples, fidelity, noise = [], [], []
+    out_size = (H * up, W * up) if resize == "input" else (R, R)
+    samples, fidelity, noise, errors = [], [], [], []
     for k in range(len(seeds[0])):
         gens = [torch.Generator().manual_seed(int(s[k])) for s in seeds]
-        out = sample(p, y_r, y0_r, eps_model, prior.schedule, gens).float()
+        if p.method == "difbfsr":
+            result = difbfsr_sample(y_r, eps_model, prior.schedule, difbfsr_config(p), gens)
+            out, errs = result.images.float(), result.error
+        else:
+            out, errs = sample(p, y_r, y0_r, eps_model, prior.schedule, gens).float(), [None] * B
+        errors.append(errs)
         out01 = ((out + 1) / 2).clamp(0, 1)
         # both checks at the prior's resolution, where the sampler works (upsampling would hide noise)
         fidelity.append(lowfreq_psnr(out01, (reference + 1) / 2, band).cpu())
@@ -258,7 +296,8 @@ def generate(p: MethodParams, images: torch.Tensor, prior, seeds: Sequence[Seque
     fid, nz = torch.stack(fidelity, 1), torch.stack(noise, 1)  # (B, k)
     if len(samples) > 1:
         score = torch.stack([quality_fn(s) if quality_fn is not None else noise_sigma(s) for s in samples], 1).float().cpu()
-        score = torch.where(fid >= fidelity_limit, score, score + 1e6)  # failing samples only if all fail
+        failed = torch.tensor([[errors[k][b] is not None for k in range(len(samples))] for b in range(B)])
+        score = torch.where((fid >= fidelity_limit) & ~failed, score, score + 1e6)  # failing samples only if all fail
         chosen = score.argmin(1)
     else:
         chosen = torch.zeros(B, dtype=torch.long)
@@ -269,6 +308,7 @@ def generate(p: MethodParams, images: torch.Tensor, prior, seeds: Sequence[Seque
         records.append({
             "lf_psnr": float(fid[b, c]), "noise_sigma": float(nz[b, c]), "seed": int(seeds[b][c]),
             "sample": c, "best_of": len(seeds[b]), "finite": bool(torch.isfinite(picked[b]).all()),
-            "resize": None if (H, W) == (R, R) else {"from": [H, W], "prior": R, "out": list(out_size)},
+            "error": errors[c][b],
+            "resize": None if (H, W) == (size_in, size_in) else {"from": [H, W], "prior": R, "out": list(out_size)},
         })
     return Targets(images=picked.cpu(), records=records)

@@ -18,7 +18,8 @@ from prefect.cache_policies import NO_CACHE
 
 from bfr_models import manifest, models, storage
 from bfr_models.pseudo_targets import (RESIZE_MODES, Candidate, MethodParams, PseudoTargetError, choose, grid,
-                                       lowfreq_psnr, method_params, to_resolution, validate)
+                                       lowfreq_psnr, method_params, to_resolution, validate,
+                                       with_resolution)
 from flows.stage import run_stage
 from tasks.rows import decode_items, same_size_batches
 from tasks.runtime import ensure_gpu_limit, resolve_device
@@ -56,12 +57,13 @@ def plan_pseudo_targets(input: str, prior: str, method: str, params: dict, resto
         raise PseudoTargetError(f"--best-of must be >= 1, got {best_of}")
     if dtype not in DTYPES:
         raise PseudoTargetError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if restorer and method == "dr2":
-        raise PseudoTargetError("--restorer applies to lowfreq and polish; DR2 works on the LQ input itself")
+    if restorer and method in ("dr2", "difbfsr"):
+        raise PseudoTargetError(f"--restorer applies to lowfreq and polish; {method} works on the LQ input itself")
     if not storage.exists(input):
         raise PseudoTargetError(f"input not found: {input}")
     dev = str(resolve_device(device))
     loaded = cached_prior(prior, dev)  # missing prior, bad hash, unknown format: one line, before work
+    p = with_resolution(p, loaded.resolution)
     validate(p, loaded.resolution)
     restore = cached_restorer(restorer, dev) if restorer else None
     if auto:
@@ -75,13 +77,16 @@ def plan_pseudo_targets(input: str, prior: str, method: str, params: dict, resto
     if resize == "refuse" and manifest.is_manifest(input):
         frame = manifest.read_manifest(input)
         ok = frame[frame["status"] == "ok"]
-        wrong = ok[(ok["width"] != loaded.resolution) | (ok["height"] != loaded.resolution)]
+        up = p.scale if method == "difbfsr" else 1
+        want = loaded.resolution // up
+        wrong = ok[(ok["width"] != want) | (ok["height"] != want)]
         if len(wrong):
             r = wrong.iloc[0]
-            raise PseudoTargetError(f"{len(wrong)} images differ from the prior's resolution {loaded.resolution} "
+            times = f" times scale {up}" if up > 1 else ""
+            raise PseudoTargetError(f"{len(wrong)} images{times} differ from the prior's resolution {loaded.resolution} "
                                     f"(first: {r['uri']} is {r['width']}x{r['height']}); use --resize input to resize")
     if auto and items and auto_metric == "niqe":
-        size = _output_size(input, loaded.resolution, resize)
+        size = _output_size(input, loaded.resolution, resize, p.scale if method == "difbfsr" else 1)
         if size is not None and not niqe_defined(*size):
             raise PseudoTargetError(f"--auto scores with NIQE, which needs outputs of at least two 96-px blocks; "
                                     f"outputs here are {size[1]}x{size[0]} (use larger inputs with --resize input, "
@@ -89,14 +94,14 @@ def plan_pseudo_targets(input: str, prior: str, method: str, params: dict, resto
     return p, loaded, restore, items, skipped
 
 
-def _output_size(input: str, resolution: int, resize: str) -> tuple[int, int] | None:
+def _output_size(input: str, resolution: int, resize: str, up: int) -> tuple[int, int] | None:
     if resize != "input":
         return resolution, resolution
     if not manifest.is_manifest(input):
         return None
     frame = manifest.read_manifest(input)
     ok = frame[frame["status"] == "ok"]
-    return (int(ok["height"].min()), int(ok["width"].min())) if len(ok) else None
+    return (int(ok["height"].min()) * up, int(ok["width"].min()) * up) if len(ok) else None
 
 
 def _search_key(context, parameters) -> str:
@@ -155,7 +160,8 @@ def _sample(items, n: int, seed: int):
 @flow(name="pseudo-targets")
 def pseudo_targets_flow(input: str, out: str, prior: str, method: str = "dr2", N: int | None = None,
                         tau: int | None = None, omega: int | None = None, K: int | None = None,
-                        L: int | None = None, n2: int | None = None, respace: int | None = None,
+                        L: int | None = None, n2: int | None = None, scale: int | None = None,
+                        t_start: int | None = None, warmup: int | None = None, respace: int | None = None,
                         variance_type: str | None = None, restorer: str | None = None, resize: str = "input",
                         best_of: int = 1, fidelity_limit: float = 20.0, auto: bool = False,
                         auto_grid: str | None = None, auto_metric: str = "niqe", auto_sample: int = 8,
@@ -163,7 +169,7 @@ def pseudo_targets_flow(input: str, out: str, prior: str, method: str = "dr2", N
                         dtype: str = "fp32") -> str:
     """Pseudo targets for every ok row of `input`; returns the manifest URI."""
     params = {"N": N, "tau": tau, "omega": omega, "K": K, "L": L, "n2": n2, "respace": respace,
-              "variance_type": variance_type}
+              "variance_type": variance_type, "scale": scale, "t_start": t_start, "warmup": warmup}
     p, loaded, restore, items, skipped = plan_pseudo_targets(input, prior, method, params, restorer, resize, best_of,
                                                              dtype, device, auto, auto_grid, auto_metric)
     dev = resolve_device(device)

@@ -59,7 +59,8 @@ def cmd_prior_train(args) -> None:
 
 def pseudo_target_options(args) -> dict:
     return dict(input=args.input, prior=args.prior, method=args.method, N=args.N, tau=args.tau, omega=args.omega,
-                K=args.K, L=args.L, n2=args.n2, respace=args.respace, variance_type=args.variance_type,
+                K=args.K, L=args.L, n2=args.n2, scale=args.scale, t_start=args.t_start, warmup=args.warmup,
+                respace=args.respace, variance_type=args.variance_type,
                 restorer=args.restorer, resize=args.resize, best_of=args.best_of,
                 fidelity_limit=args.fidelity_limit, auto=args.auto, auto_grid=args.auto_grid,
                 auto_metric=args.auto_metric, auto_sample=args.auto_sample, seed=args.seed, dtype=args.dtype)
@@ -69,7 +70,8 @@ def cmd_pseudo_targets(args, run, print_result) -> None:
     from flows.pseudo_targets import plan_pseudo_targets, pseudo_targets_flow
 
     o = pseudo_target_options(args)
-    params = {k: o[k] for k in ("N", "tau", "omega", "K", "L", "n2", "respace", "variance_type")}
+    params = {k: o[k] for k in ("N", "tau", "omega", "K", "L", "n2", "scale", "t_start", "warmup", "respace",
+                                 "variance_type")}
     plan_pseudo_targets(o["input"], o["prior"], o["method"], params, o["restorer"], o["resize"], o["best_of"],
                         o["dtype"], args.device, o["auto"], o["auto_grid"], o["auto_metric"])
     uri = run(pseudo_targets_flow, args, out=args.out, shard_size=args.shard_size, batch_size=args.batch_size,
@@ -118,17 +120,22 @@ def add_prior_parsers(sub, add_common, run, print_result) -> None:
         description="dr2: DR2 (diffuse the LQ to omega, low-pass replacement down to tau, one-shot x0). "
                     "lowfreq: the unsupervised-BFR Algorithm 1 (restorer output noised to K, low-pass "
                     "replacement while t > L, free steps below). polish: DiffBFR's truncated TEM (noise to n2, "
-                    "denoise). Timesteps are on the T=1000 scale. --auto searches N and tau (K for lowfreq) on "
+                    "denoise). difbfsr: DifBFSR zero-shot x4 super-resolution (per-image SR and contraction "
+                    "modules fitted to the LR input while sampling; LR faces of prior resolution / 4 in, prior-resolution targets out). "
+                    "Timesteps are on the T=1000 scale. --auto searches N and tau (K for lowfreq) on "
                     "a sample, scoring NIQE (or MUSIQ) under a low-frequency PSNR limit. " + PRIOR_HELP)
     p.add_argument("--input", required=True, help="manifest or folder of LQ faces")
     p.add_argument("--prior", required=True, help="prior folder / fsspec URL, or a model card name")
-    p.add_argument("--method", default="dr2", choices=METHODS, help="dr2 (default), lowfreq or polish")
+    p.add_argument("--method", default="dr2", choices=METHODS, help="dr2 (default), lowfreq, polish or difbfsr")
     p.add_argument("--N", type=int, default=None, help="low-pass factor Phi_N (dr2 4, lowfreq 16)")
     p.add_argument("--tau", type=int, default=None, help="dr2: output step (default 220)")
     p.add_argument("--omega", type=int, default=None, help="dr2: start step (default tau + 250)")
     p.add_argument("--K", type=int, default=None, help="lowfreq: start step (default 600)")
     p.add_argument("--L", type=int, default=None, help="lowfreq: last constrained step (default 360)")
     p.add_argument("--n2", type=int, default=None, help="polish: start step (default 100)")
+    p.add_argument("--scale", type=int, default=None, help="difbfsr: super-resolution factor (default 4)")
+    p.add_argument("--t-start", type=int, default=None, help="difbfsr: truncated start step (default 401)")
+    p.add_argument("--warmup", type=int, default=None, help="difbfsr: module updates before sampling (default 100)")
     p.add_argument("--respace", type=int, default=None,
                    help="respaced steps of T=1000 (defaults: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_RESPACE.items()) + ")")
     p.add_argument("--variance-type", default=None, choices=VARIANCE_TYPES,

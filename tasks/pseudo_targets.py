@@ -74,8 +74,9 @@ def pseudo_target_shard(spec: ShardSpec, stage_uri: str, params: dict, prior_uri
             rows += [error_row(STAGE, item, f"pseudo-targets: {e}") for item, _, _, _ in batch]
             continue
         for (item, parent_id, _, mode), out, rec in zip(batch, result.images, result.records):
-            if not rec.pop("finite"):
-                rows.append(error_row(STAGE, item, "pseudo-targets: the sampler produced non-finite values"))
+            finite, error = rec.pop("finite"), rec.pop("error")
+            if error or not finite:  # this image failed, the batch goes on
+                rows.append(error_row(STAGE, item, f"pseudo-targets: {error or 'the sampler produced non-finite values'}"))
                 continue
             rgb = to_uint8(out)
             png = encode_png(rgb)

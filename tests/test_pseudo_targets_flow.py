@@ -160,3 +160,22 @@ def test_lowfreq_with_a_restorer_checkpoint_records_it(faces_192, prior_uri, tmp
     assert (params["K"], params["L"], params["N"]) == (600, 360, 8) and params["best_of"] == 2
     assert params["restorer"]["arch"] == "small" and params["restorer"]["sha256"] == storage.sha256_hex(
         storage.read_bytes(ckpt))
+
+
+def test_difbfsr_super_resolves_lr_faces_and_refuses_wrong_sizes(prior_uri, tmp_path, capsys):
+    lr = tmp_path / "lr"
+    for i in range(3):
+        write_png(lr / f"face_{i}.png", face_like(i, size=8))  # the tiny prior is 32 px: 8 px LR at x4
+    uri = pseudo_targets_flow(input=str(lr), out=str(tmp_path / "run"), prior=prior_uri, method="difbfsr",
+                              respace=20, warmup=5, batch_size=2, device="cpu")
+    df = manifest.read_manifest(uri)
+    assert (df["status"] == "ok").all() and len(df) == 3
+    params = json.loads(df["params"].iloc[0])
+    assert (params["scale"], params["t_start"], params["warmup"], params["N"]) == (4, 401, 5, 1)  # N: a 64-px band
+    assert decode_rgb(storage.read_bytes(df["uri"].iloc[0]))[0].shape == (32, 32, 3)
+    args = ["pseudo-targets", "--input", str(lr), "--prior", prior_uri, "--method", "difbfsr", "--device", "cpu",
+            "--out", str(tmp_path / "o")]
+    assert main([*args, "--scale", "3"]) == 2
+    assert "scale 3 has no SR module config" in capsys.readouterr().err
+    assert main([*args, "--restorer", "none"]) == 2
+    assert "difbfsr works on the LQ input itself" in capsys.readouterr().err
