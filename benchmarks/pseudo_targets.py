@@ -1,7 +1,10 @@
 """Images per second of batched pseudo-target sampling against the same sampler one image at a time
 (as DR2's and the unsupervised-BFR paper's released code run), same prior, same steps, same process.
 
-    python benchmarks/pseudo_targets.py [--n 8] [--device all|cpu|cuda]
+    python benchmarks/pseudo_targets.py [--n 8] [--device all|cpu|cuda] [--methods dr2,lowfreq,difbfsr]
+
+DifBFSR's one-at-a-time baseline is what a straightforward implementation of the paper does: one
+image, its own SRM/CFM, its own sampling chain; ours stacks the B images' modules (grouped convs).
 
 CPU: the project's small prior (``prior train``'s default UNet2DModel at 64 px, random weights:
 speed does not depend on them). CUDA, when present: a randomly initialised prior of DR2's FFHQ-256
@@ -23,12 +26,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bfr_models.diffusion.prior import Prior  # noqa: E402
 from bfr_models.diffusion.schedule import DDPMSchedule  # noqa: E402
-from bfr_models.pseudo_targets import generate, method_params  # noqa: E402
+from bfr_models.pseudo_targets import generate, method_params, with_resolution  # noqa: E402
 
 # CPU keeps the sampled steps few (respace) so the run takes minutes; both sides use the same steps.
 CASES = {
     "dr2": dict(N=4, tau=220, respace=100),  # omega = 470: 25 network calls + 1
     "lowfreq": dict(N=8, K=600, L=360, respace=50),  # 31 network calls
+    # LR faces of resolution / 4; per-image SRM+CFM fitted while sampling: 10 warm-up updates, 21 steps
+    "difbfsr": dict(t_start=401, respace=50, warmup=10),
 }
 
 
@@ -47,8 +52,9 @@ def adm_prior(device) -> Prior:
 
 
 def images_per_second(prior: Prior, method: str, n: int, batch: int, dtype) -> float:
-    p = method_params(method, **CASES[method])
-    x = torch.rand(n, 3, prior.resolution, prior.resolution, generator=torch.Generator().manual_seed(0))
+    p = with_resolution(method_params(method, **CASES[method]), prior.resolution)
+    size = prior.resolution // (p.scale or 1)
+    x = torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(0))
     seeds = [[i] for i in range(n)]
 
     def run():
@@ -67,6 +73,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=8, help="images per measurement (CPU; CUDA uses max(n, 32))")
     ap.add_argument("--device", default="all", choices=["all", "cpu", "cuda"])
+    ap.add_argument("--methods", default=",".join(CASES), help="comma list of " + ",".join(CASES))
     args = ap.parse_args()
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
@@ -79,7 +86,7 @@ def main() -> None:
         else:
             prior, name, batches, n = adm_prior("cuda"), "ADM ffhq256", [8, 32], max(args.n, 32)
             dtypes = [("fp32", None), ("bf16", torch.bfloat16)]
-        for method in CASES:
+        for method in args.methods.split(","):
             for dname, dtype in dtypes:
                 single = images_per_second(prior, method, n, 1, dtype)
                 for b in batches:
