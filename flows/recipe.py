@@ -6,6 +6,7 @@ A recipe (``catalogs/recipes/*.yaml``)::
     photos: demo                   # a folder / fsspec URL of photos, or "demo" (the packaged photos)
     ingest: {size: 256}
     degrade: {preset: dr2, split: medium, scale: 8}
+    score_degraded: true           # false: score only the targets (e.g. LR inputs of an SR protocol)
     prior: {train: {resolution: 64, steps: 600}}     # or {uri: <prior folder or model card>}
     pseudo_targets: {method: dr2, auto: true}
     score: {metrics: "niqe,psnr,ssim,lpips", skip_missing: true}
@@ -33,7 +34,7 @@ from flows.report import report_flow
 from flows.score import score_flow
 
 STAGES = ("ingest", "degrade", "prior", "pseudo_targets", "score", "report")
-_TOP = ("name", "description", "photos", *STAGES)
+_TOP = ("name", "description", "photos", "score_degraded", *STAGES)
 # options every stage flow takes from the command line, not from the recipe
 _RUNTIME = {"input", "out", "device"}
 
@@ -80,7 +81,8 @@ def load_recipe(path: str) -> dict:
         raise RecipeError(f"recipe {p}: unknown key '{unknown[0]}' (keys: {', '.join(_TOP)})")
     if not data.get("photos"):
         raise RecipeError(f"recipe {p}: 'photos' (a folder, fsspec URL or 'demo') is required")
-    recipe = {"name": data.get("name", p.stem), "photos": str(data["photos"]), "path": str(p)}
+    recipe = {"name": data.get("name", p.stem), "photos": str(data["photos"]), "path": str(p),
+              "score_degraded": bool(data.get("score_degraded", True))}
     flows = {"ingest": ingest_flow, "degrade": degrade_flow, "pseudo_targets": pseudo_targets_flow,
              "score": score_flow, "report": report_flow}
     for stage, fn in flows.items():
@@ -116,7 +118,10 @@ def recipe_flow(recipe: dict, out: str, device: str = "auto") -> dict[str, str]:
     current = faces
     if "degrade" in recipe:
         current = results["degrade"] = degrade_flow(input=faces, out=out, device=device, **recipe["degrade"])
-    scored_inputs = [current]
+    to_score = {}  # label -> manifest; the last one is the report's main set
+    # LR inputs of another size than the faces (x4 SR protocols) have no full-reference scores: skippable
+    if recipe["score_degraded"] or "pseudo_targets" not in recipe:
+        to_score["degrade" if "degrade" in recipe else "input"] = current
     if "pseudo_targets" in recipe:
         opts = dict(recipe["pseudo_targets"])
         if "prior" in recipe:
@@ -125,12 +130,12 @@ def recipe_flow(recipe: dict, out: str, device: str = "auto") -> dict[str, str]:
                 input=faces, out=out, device=device, **spec["train"])
             results["prior"] = opts["prior"]
         current = results["pseudo-targets"] = pseudo_targets_flow(input=current, out=out, device=device, **opts)
-        scored_inputs.append(current)
+        to_score["pseudo-targets"] = current
     if "score" in recipe:
-        # the degraded inputs and the targets are scored alike; full-reference metrics against the faces
-        scored = [score_flow(input=u, out=out, device=device, reference=faces, **recipe["score"])
-                  for u in scored_inputs]
-        results.update({f"score {k}": u for k, u in zip(("degrade", "pseudo-targets"), scored)})
+        # every set is scored alike; full-reference metrics against the faces (found through the lineage)
+        for label, uri in to_score.items():
+            results[f"score {label}"] = score_flow(input=uri, out=out, device=device, reference=faces, **recipe["score"])
+        scored = [results[f"score {label}"] for label in to_score]
         if "report" in recipe:
             results["report"] = report_flow(input=scored[-1], compare=scored[:-1],
                                              out=storage.join(out, "report.html"),

@@ -179,3 +179,11 @@ def test_difbfsr_super_resolves_lr_faces_and_refuses_wrong_sizes(prior_uri, tmp_
     assert "scale 3 has no SR module config" in capsys.readouterr().err
     assert main([*args, "--restorer", "none"]) == 2
     assert "difbfsr works on the LQ input itself" in capsys.readouterr().err
+
+
+def test_shipped_recipes_are_valid():
+    demo = load_recipe("demo")
+    assert demo["pseudo_targets"]["auto"] and "train" in demo["prior"]
+    sr = load_recipe("difbfsr_celeba_x4")
+    assert sr["pseudo_targets"]["method"] == "difbfsr" and sr["degrade"]["preset"] == "difbfsr-gaussian8"
+    assert sr["score_degraded"] is False and sr["prior"] == {"uri": "ffhq512_iddpm_difface"}
