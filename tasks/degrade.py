@@ -40,6 +40,7 @@ def degrade_shard(spec: ShardSpec, preset: str, split: str | None, scale: float 
             rgb = to_uint8(out)
             png = encode_png(rgb)
             uri = writer.write_image(content_id(png), png)
+            case = f"/case{p['case']}" if "case" in p else ""  # presets with cases: one group per case
             rows.append(ok_row(STAGE, item, parent_id, uri, png, rgb, params={**p, "source_mode": mode},
-                               seed=s, split=label))
+                               seed=s, split=label + case))
     return asdict(writer.write_shard(spec.key, rows))

@@ -1,8 +1,9 @@
 """Degradation presets: one YAML file per preset in ``<catalogs>/presets/``.
 
 A preset file holds ``description``, ``source``, ``kind`` and the parameters of its kind, plus
-optionally ``splits`` (split name -> parameter overrides) and ``scales`` (the downsampling
-factors the preset is published at). ``load_preset(name, split, scale)`` resolves one split and
+optionally ``splits`` (split name -> parameter overrides), ``scales`` (the downsampling
+factors the preset is published at) and ``cases`` (a list of parameter overrides; each image is
+given one case, drawn from its seed, and its row records ``case`` = 1..n). ``load_preset(name, split, scale)`` resolves one split and
 one scale into a plain config. A preset that has splits or scales, loaded without them, can
 only be described (``describe()``); its ``config``, ``sample`` and ``apply`` raise PresetError.
 
@@ -47,7 +48,7 @@ from bfr_models.degradations.ops import (
 from bfr_models.models import catalogs_dir
 
 JITTER_NAMES = ("brightness", "contrast", "saturation", "hue")
-_METADATA = ("description", "source", "kind", "splits", "scales")
+_METADATA = ("description", "source", "kind", "splits", "scales", "cases")
 
 
 class PresetError(ValueError):
@@ -177,11 +178,13 @@ def _merged(base: dict, overrides: dict) -> dict:
     return out
 
 
-def _resolve(raw: dict, split: str | None, scale) -> dict:
-    """The validated parameters of one split at one scale (scale None: preset without scales)."""
+def _resolve(raw: dict, split: str | None, scale, case: dict | None = None) -> dict:
+    """The validated parameters of one split at one scale (scale None: preset without scales), and case."""
     params = {k: v for k, v in raw.items() if k not in _METADATA}
     if split is not None:
         params = _merged(params, raw["splits"][split])
+    if case is not None:
+        params = _merged(params, case)
     if scale is not None:
         params = _merged(params, {"downsample": {"scale": scale}} if raw["kind"] == "classic" else {"scale": scale})
     config = _validate(params, SCHEMAS[raw["kind"]], "")
@@ -213,9 +216,16 @@ def _read(name: str) -> dict:
                 raise PresetError("scales must be a non-empty list")
             for s in raw["scales"]:
                 _scale(s, "scales")
+        if "cases" in raw and (not isinstance(raw["cases"], list) or not raw["cases"]
+                               or not all(isinstance(c, dict) for c in raw["cases"])):
+            raise PresetError("cases must be a non-empty list of parameter overrides")
         for split in raw.get("splits") or [None]:
             for scale in raw.get("scales") or [None]:
-                _resolve(raw, split, scale)
+                for k, case in enumerate(raw.get("cases") or [None]):
+                    try:
+                        _resolve(raw, split, scale, case)
+                    except PresetError as e:
+                        raise PresetError(f"case {k + 1}: {e}" if case is not None else str(e)) from None
     except PresetError as e:
         raise PresetError(f"preset file {path}: {e}") from None
     return raw
@@ -244,6 +254,8 @@ def load_preset(name: str, split: str | None = None, scale: float | None = None)
              f"a scale ({', '.join(f'{s:g}' for s in scales)})" if scales and chosen is None else ""]
     needs = " and ".join(n for n in needs if n)
     config = None if needs else {"name": name, "split": split, "kind": raw["kind"], **_resolve(raw, split, chosen)}
+    if config is not None and raw.get("cases"):
+        config["cases"] = [_resolve(raw, split, chosen, case) for case in raw["cases"]]
     return Preset(name=name, split=split, scale=chosen, raw=raw, resolved=config,
                   missing=f"preset '{name}' needs {needs}" if needs else None)
 
@@ -298,7 +310,11 @@ class Preset:
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
             raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
         rng = np.random.default_rng(int(seed))
-        drawn = _KINDS[config["kind"]][0](config, rng)
+        if "cases" in config:  # the image's case first, then its draws within that case
+            k = int(rng.integers(len(config["cases"])))
+            drawn = {"case": k + 1, **_KINDS[config["kind"]][0](config["cases"][k], rng)}
+        else:
+            drawn = _KINDS[config["kind"]][0](config, rng)
         return {"preset": self.name, "split": self.split, "seed": int(seed), **drawn}
 
     def apply(self, images: torch.Tensor, params: list[dict]) -> list[torch.Tensor]:
