@@ -39,7 +39,8 @@ from bfr_models.imageio import decode_rgb
 METRIC_DIRECTIONS = {"niqe": "lower", "musiq": "higher", "lpips": "lower", "psnr": "higher", "ssim": "higher",
                      "fid": "lower",
                      # the pseudo-target checks: low-frequency consistency with the input, noise leakage
-                     "lf_psnr": "higher", "noise_sigma": "lower"}
+                     "lf_psnr": "higher", "noise_sigma": "lower",
+                     "nrqm": "higher", "pi": "lower"}
 _METRIC_RE = re.compile(r"^(%s)(_[A-Za-z0-9_]+)?$" % "|".join(METRIC_DIRECTIONS))
 # Okabe-Ito: distinguishable with the common colour-vision deficiencies.
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#8C6D1F", "#000000")
@@ -861,6 +862,54 @@ def search_section(searches: list[tuple[str, dict]]) -> Section:
     return Section("Pseudo-target parameter search (--auto)", "".join(parts), "auto-search")
 
 
+# DifBFSR's Table 1 (CelebA-Test x4, mean over the 8 Gaussian8 cases), as printed (difbfsr.md §8.1)
+DIFBFSR_TABLE1 = {"psnr": 25.27, "ssim": 0.7349, "lpips": 0.2276, "niqe": 5.81, "pi": 5.49, "nrqm": 5.11, "fid": 77.46}
+_CASE_RE = re.compile(r"difbfsr-gaussian8/case(\d+)$")
+
+
+def protocol_table(frame: pd.DataFrame, set_metrics: dict | None = None) -> pd.DataFrame | None:
+    """Per-case means of the Table 1 metrics, their mean over the cases, and the paper's row.
+
+    None when the rows carry no difbfsr-gaussian8 case. FID is set-level: on the mean row only.
+    """
+    if "split" not in frame or not len(frame):
+        return None
+    cases = frame["split"].astype(str).str.extract(_CASE_RE)[0].astype(float)
+    ok = frame[cases.notna() & (_status(frame) == "ok")]
+    if not len(ok):
+        return None
+    cols = [m for m in DIFBFSR_TABLE1 if m != "fid"]
+    per_case = ok.assign(case=cases[ok.index].astype(int)).groupby("case")[[c for c in cols if c in ok]].mean()
+    per_case = per_case.reindex(columns=cols)
+    table = per_case.rename(index=lambda k: f"case {k}")
+    mean = per_case.mean(axis=0, skipna=False).to_frame("mean over cases").T
+    table = pd.concat([table, mean])
+    table["fid"] = np.nan
+    table.loc["mean over cases", "fid"] = (set_metrics or {}).get("fid", np.nan)
+    table.loc["DifBFSR (paper, Table 1)"] = pd.Series(DIFBFSR_TABLE1)
+    return table
+
+
+def protocol_section(sets: list[ScoredSet]) -> Section | None:
+    """DifBFSR's Table 1 layout for every set whose rows carry difbfsr-gaussian8 cases."""
+    parts = []
+    for s in _distinct(sets):
+        table = protocol_table(s.frame, (s.info or {}).get("set_metrics"))
+        if table is None:
+            continue
+        header = ["", *[f"{m.upper() if m != 'lpips' else 'LPIPS-VGG'} {'↓' if metric_direction(m) == 'lower' else '↑'}"
+                        for m in table.columns]]
+        rows = [[name, *[("not computed" if _missing(v) and not name.startswith("case") else v) for v in row]]
+                for name, row in zip(table.index, table.itertuples(index=False))]
+        parts.append(f"<h3>{esc(s.name)}</h3>" + html_table(header, rows, set(range(1, len(header)))))
+    if not parts:
+        return None
+    note = _note("Cases 1 (hardest) to 8 (easiest) of the linked Gaussian8 schedule (difbfsr.md §2.3); the mean "
+                 "is over the cases, as the paper reports. The last row is the paper's printed DifBFSR result "
+                 "(100 CelebA-HQ faces, its own prior and FID stack): a reference, not a target to match.")
+    return Section("DifBFSR protocol (Table 1 layout)", "".join(parts) + note, "difbfsr-table1")
+
+
 def render_page(title: str, sections: list[Section], intro_html: str = "") -> str:
     """A complete HTML document of sections, with a table of contents."""
     used: set[str] = set()
@@ -888,7 +937,9 @@ def report_sections(sets: list[ScoredSet], n_extremes: int = 8, thumb_size: int 
     thumbs = Thumbnails(thumb_size)
     summary = summary_section(sets)
     summary.html = f'<div class="scroll">{summary.html}</div>'
-    return [sets_section(sets), summary, not_computed_section(sets), set_metrics_section(sets),
+    protocol = protocol_section(sets)
+    return [sets_section(sets), summary, *([protocol] if protocol else []), not_computed_section(sets),
+            set_metrics_section(sets),
             histogram_section(sets), extremes_section(sets, n_extremes, thumbs),
             before_after_section(sets, n_extremes, thumbs), errors_section(sets), conventions_section(sets)]
 

@@ -187,3 +187,27 @@ def test_shipped_recipes_are_valid():
     sr = load_recipe("difbfsr_celeba_x4")
     assert sr["pseudo_targets"]["method"] == "difbfsr" and sr["degrade"]["preset"] == "difbfsr-gaussian8"
     assert sr["score_degraded"] is False and sr["prior"] == {"uri": "ffhq512_iddpm_difface"}
+
+
+def test_difbfsr_recipe_end_to_end_gives_the_table_1_report(tmp_path):
+    hq = tmp_path / "hq"
+    for i in range(4):
+        write_png(hq / f"face_{i}.png", face_like(i, size=32))
+    path = tmp_path / "sr.yaml"
+    path.write_text(f"""
+name: sr
+photos: {hq}
+score_degraded: false
+degrade: {{preset: difbfsr-gaussian8}}
+prior: {{train: {{resolution: 32, steps: 4, batch_size: 2, channels: [16, 32], checkpoint_every: 4}}}}
+pseudo_targets: {{method: difbfsr, respace: 20, warmup: 5, resize: refuse}}
+score: {{metrics: "psnr,ssim"}}
+report: {{title: sr protocol}}
+""")
+    results = recipe_flow(recipe=load_recipe(str(path)), out=str(tmp_path / "run"), device="cpu")
+    assert "score degrade" not in results
+    scored = manifest.read_manifest(results["score pseudo-targets"])
+    assert len(scored) == 4 and (scored["status"] == "ok").all() and scored["psnr"].notna().all()
+    assert scored["split"].str.match(r"difbfsr-gaussian8/case[1-8]$").all()
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert "DifBFSR protocol (Table 1 layout)" in html and "25.27" in html

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-NO_REFERENCE = ("niqe", "musiq")
+NO_REFERENCE = ("niqe", "musiq", "nrqm", "pi")
 FULL_REFERENCE = ("lpips", "psnr", "ssim")
 SET_LEVEL = ("fid",)
 KNOWN_METRICS = NO_REFERENCE + FULL_REFERENCE + SET_LEVEL
@@ -39,7 +39,8 @@ def model_cards_needed(config: ScoreConfig) -> dict[str, str]:
     from bfr_models.metrics.fid import INCEPTION_CARDS
     from bfr_models.metrics.lpips_metric import BACKBONE_CARDS
 
-    cards = {"musiq": "musiq_koniq", "lpips": BACKBONE_CARDS.get(config.lpips_net, ""),
+    cards = {"musiq": "musiq_koniq", "nrqm": "nrqm_pyiqa", "pi": "nrqm_pyiqa",
+             "lpips": BACKBONE_CARDS.get(config.lpips_net, ""),
              "fid": INCEPTION_CARDS.get(config.fid_convention, "")}
     return {m: cards[m] for m in config.metrics if m in cards}
 
@@ -52,6 +53,9 @@ def conventions(config: ScoreConfig) -> dict[str, str]:
         "niqe": f"NIQE, {config.niqe_convention} convention, LIVE pristine model (BasicSR niqe_pris_params.npz), "
                 f"{crop}; lower is better",
         "musiq": "MUSIQ-KonIQ through pyiqa's architecture (musiq_koniq weights); higher is better",
+        "nrqm": "NRQM (Ma et al.) through pyiqa, Y of YIQ, no crop (nrqm_pyiqa weights); higher is better",
+        "pi": "Perceptual Index (PIRM 2018) through pyiqa: (10 - NRQM + NIQE) / 2 on YCbCr Y, 4-pixel crop; "
+              "lower is better",
         "lpips": f"LPIPS v0.1, {config.lpips_net} backbone (ImageNet weights from the model card), "
                  "inputs in [-1, 1]; lower is better",
         "psnr": f"PSNR on 8-bit {y}, {crop}, BasicSR convention; higher is better",
@@ -69,7 +73,7 @@ class MetricSuite:
         self.config = config
         self.device = device
         self.metrics = tuple(m for m in config.metrics if m not in skip and m not in SET_LEVEL)
-        self._lpips = self._musiq = None
+        self._lpips = self._musiq = self._ma = None
         if "lpips" in self.metrics:
             from bfr_models.metrics.lpips_metric import LPIPS
 
@@ -80,6 +84,12 @@ class MetricSuite:
             # MUSIQ's attention over ~700 multi-scale patches is memory-bound: on a CPU one image at a
             # time is fastest (benchmarks/score.py), on a GPU batches pay off.
             self._musiq = MUSIQ(device=device, batch_size=1 if device.type == "cpu" else 8)
+
+        if "nrqm" in self.metrics or "pi" in self.metrics:
+            from bfr_models.metrics.ma import NRQM_CARD, MaMetrics
+            from bfr_models.models import model_path
+
+            self._ma = MaMetrics(model_path(NRQM_CARD))
 
     @property
     def needs_reference(self) -> bool:
@@ -96,6 +106,8 @@ class MetricSuite:
             out["niqe"] = niqe(images, convention=c.niqe_convention, crop_border=c.crop_border)
         if self._musiq is not None:
             out["musiq"] = self._musiq(images)
+        if self._ma is not None:
+            out.update(self._ma(images, self.metrics))
         if references is not None:
             references = references.to(self.device)
             from bfr_models.metrics.fullref import psnr, ssim
