@@ -13,7 +13,7 @@ from bfr_models.diffusion.prior import Prior, load_prior
 from bfr_models.imageio import encode_png
 from bfr_models.manifest import ManifestWriter
 from bfr_models.metrics.niqe import BLOCK, niqe
-from bfr_models.pseudo_targets import MethodParams, PseudoTargetError, generate
+from bfr_models.pseudo_targets import MethodParams, PseudoTargetError, difbfsr_config, generate
 from tasks.rows import content_id, decode_items, error_row, ok_row, same_size_batches, to_uint8
 from tasks.runtime import device_slot, resolve_device, shard_cache_key
 from tasks.shards import ShardSpec, derived_seed, read_many
@@ -62,7 +62,8 @@ def pseudo_target_shard(spec: ShardSpec, stage_uri: str, params: dict, prior_uri
     restore = cached_restorer(restorer, str(dev)) if restorer else None
     writer = ManifestWriter(stage_uri)
     decoded, rows = decode_items(STAGE, spec.items, read_many([i.uri for i in spec.items]))
-    common = {**p.as_dict(), "prior": prior.describe(), "restorer": restore.describe() if restore else None,
+    knobs = {"difbfsr": difbfsr_config(p).as_dict()} if p.method == "difbfsr" else {}  # every default, recorded
+    common = {**p.as_dict(), **knobs, "prior": prior.describe(), "restorer": restore.describe() if restore else None,
               "fidelity_limit": fidelity_limit, **({"auto": auto} if auto else {})}
     for batch in same_size_batches(decoded, batch_size):
         images = torch.from_numpy(np.stack([rgb for _, _, rgb, _ in batch])).permute(0, 3, 1, 2).float() / 255.0

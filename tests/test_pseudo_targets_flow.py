@@ -172,7 +172,14 @@ def test_difbfsr_super_resolves_lr_faces_and_refuses_wrong_sizes(prior_uri, tmp_
     assert (df["status"] == "ok").all() and len(df) == 3
     params = json.loads(df["params"].iloc[0])
     assert (params["scale"], params["t_start"], params["warmup"], params["N"]) == (4, 401, 5, 1)  # N: a 64-px band
+    assert params["difbfsr"]["lr_srm"] == 2e-3 and params["difbfsr"]["lr_cfm"] == 5e-3
     assert decode_rgb(storage.read_bytes(df["uri"].iloc[0]))[0].shape == (32, 32, 3)
+    big = tmp_path / "lr16"
+    write_png(big / "face.png", face_like(0, size=16))
+    uri = pseudo_targets_flow(input=str(big), out=str(tmp_path / "run2"), prior=prior_uri, method="difbfsr",
+                              respace=20, warmup=5, resize="refuse", device="cpu")
+    (err,) = manifest.read_manifest(uri)["error"]
+    assert "16x16 times scale 4 differs from the prior's resolution 32" in err
     args = ["pseudo-targets", "--input", str(lr), "--prior", prior_uri, "--method", "difbfsr", "--device", "cpu",
             "--out", str(tmp_path / "o")]
     assert main([*args, "--scale", "3"]) == 2
