@@ -53,7 +53,7 @@ def adm_prior(device) -> Prior:
 
 def images_per_second(prior: Prior, method: str, n: int, batch: int, dtype) -> float:
     p = with_resolution(method_params(method, **CASES[method]), prior.resolution)
-    size = prior.resolution // (p.scale or 1)
+    size = prior.resolution // p.upscale
     x = torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(0))
     seeds = [[i] for i in range(n)]
 

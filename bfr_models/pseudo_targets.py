@@ -64,6 +64,11 @@ class MethodParams:
     def as_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
+    @property
+    def upscale(self) -> int:
+        """Output size over input size: DifBFSR's scale, 1 for the restoration methods."""
+        return self.scale or 1
+
 
 def method_params(method: str, **given) -> MethodParams:
     """The method's parameters, defaults filled in.
@@ -261,8 +266,8 @@ def generate(p: MethodParams, images: torch.Tensor, prior, seeds: Sequence[Seque
     """
     B, _, H, W = images.shape
     R = prior.resolution
-    up = p.scale if p.method == "difbfsr" else 1  # DifBFSR takes LR faces of R / scale pixels
-    size_in = R // up
+    up = p.upscale
+    size_in = R // up  # DifBFSR takes LR faces of R / scale pixels
     if resize not in RESIZE_MODES:
         raise PseudoTargetError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
     if resize == "refuse" and (H, W) != (size_in, size_in):
@@ -273,7 +278,8 @@ def generate(p: MethodParams, images: torch.Tensor, prior, seeds: Sequence[Seque
     device = prior.device
     y0 = restorer(images) if restorer is not None else images
     y_r, y0_r = to_resolution(images, size_in).to(device) * 2 - 1, to_resolution(y0, R).to(device) * 2 - 1
-    reference = reference_of(p, to_resolution(images, R).to(device) * 2 - 1, y0_r)
+    y_at_prior = y_r if up == 1 else to_resolution(images, R).to(device) * 2 - 1
+    reference = reference_of(p, y_at_prior, y0_r)
     eps_model = prior.eps_model(dtype)
     band = p.N or 1
     out_size = (H * up, W * up) if resize == "input" else (R, R)

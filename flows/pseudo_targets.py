@@ -77,7 +77,7 @@ def plan_pseudo_targets(input: str, prior: str, method: str, params: dict, resto
     if resize == "refuse" and manifest.is_manifest(input):
         frame = manifest.read_manifest(input)
         ok = frame[frame["status"] == "ok"]
-        up = p.scale if method == "difbfsr" else 1
+        up = p.upscale
         want = loaded.resolution // up
         wrong = ok[(ok["width"] != want) | (ok["height"] != want)]
         if len(wrong):
@@ -86,7 +86,7 @@ def plan_pseudo_targets(input: str, prior: str, method: str, params: dict, resto
             raise PseudoTargetError(f"{len(wrong)} images{times} differ from the prior's resolution {loaded.resolution} "
                                     f"(first: {r['uri']} is {r['width']}x{r['height']}); use --resize input to resize")
     if auto and items and auto_metric == "niqe":
-        size = _output_size(input, loaded.resolution, resize, p.scale if method == "difbfsr" else 1)
+        size = _output_size(input, loaded.resolution, resize, p.upscale)
         if size is not None and not niqe_defined(*size):
             raise PseudoTargetError(f"--auto scores with NIQE, which needs outputs of at least two 96-px blocks; "
                                     f"outputs here are {size[1]}x{size[0]} (use larger inputs with --resize input, "

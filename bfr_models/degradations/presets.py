@@ -3,9 +3,10 @@
 A preset file holds ``description``, ``source``, ``kind`` and the parameters of its kind, plus
 optionally ``splits`` (split name -> parameter overrides), ``scales`` (the downsampling
 factors the preset is published at) and ``cases`` (a list of parameter overrides; each image is
-given one case, drawn from its seed, and its row records ``case`` = 1..n). ``load_preset(name, split, scale)`` resolves one split and
-one scale into a plain config. A preset that has splits or scales, loaded without them, can
-only be described (``describe()``); its ``config``, ``sample`` and ``apply`` raise PresetError.
+given one case, drawn from its seed, and its row records ``case`` = 1..n).
+``load_preset(name, split, scale)`` resolves one split and one scale into a plain config. A
+preset that has splits or scales, loaded without them, can only be described (``describe()``);
+its ``config``, ``sample`` and ``apply`` raise PresetError.
 
 Kinds:
   classic     GFPGAN's order (specs/peers_and_ecosystem.md §1.1):

@@ -45,11 +45,13 @@ class MaMetrics:
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, want: tuple[str, ...]) -> dict[str, torch.Tensor]:
         x = images.detach().float().cpu()
+
+        def per_image(metric) -> torch.Tensor:  # pyiqa's NRQM regresses one image at a time
+            return torch.stack([metric(x[i : i + 1]).reshape(()) for i in range(len(x))])
+
         out = {}
         if "nrqm" in want:
-            out["nrqm"] = torch.stack([self._nrqm(x[i : i + 1]).reshape(()) for i in range(len(x))])
+            out["nrqm"] = per_image(self._nrqm)
         if "pi" in want:
-            nrqm = torch.stack([self._pi_nrqm(x[i : i + 1]).reshape(()) for i in range(len(x))])
-            niqe = torch.stack([self._pi_niqe(x[i : i + 1]).reshape(()) for i in range(len(x))])
-            out["pi"] = 0.5 * (10.0 - nrqm + niqe)
+            out["pi"] = 0.5 * (10.0 - per_image(self._pi_nrqm) + per_image(self._pi_niqe))
         return out

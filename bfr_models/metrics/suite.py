@@ -38,8 +38,9 @@ def model_cards_needed(config: ScoreConfig) -> dict[str, str]:
     """metric -> the model card whose weights it needs."""
     from bfr_models.metrics.fid import INCEPTION_CARDS
     from bfr_models.metrics.lpips_metric import BACKBONE_CARDS
+    from bfr_models.metrics.ma import NRQM_CARD
 
-    cards = {"musiq": "musiq_koniq", "nrqm": "nrqm_pyiqa", "pi": "nrqm_pyiqa",
+    cards = {"musiq": "musiq_koniq", "nrqm": NRQM_CARD, "pi": NRQM_CARD,
              "lpips": BACKBONE_CARDS.get(config.lpips_net, ""),
              "fid": INCEPTION_CARDS.get(config.fid_convention, "")}
     return {m: cards[m] for m in config.metrics if m in cards}
