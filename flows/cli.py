@@ -19,13 +19,14 @@ def _executor(args):
     """The task runner the user asked for: threads (default) or a Dask cluster."""
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    if args.dask is None:
-        return ThreadPoolTaskRunner(max_workers=args.workers)
+    workers, dask = getattr(args, "workers", 1), getattr(args, "dask", None)  # single-task commands have neither
+    if dask is None:
+        return ThreadPoolTaskRunner(max_workers=workers)
     from prefect_dask import DaskTaskRunner
 
-    if args.dask == "local":
-        return DaskTaskRunner(cluster_kwargs=local_cluster_kwargs(args.workers))
-    return DaskTaskRunner(address=args.dask)
+    if dask == "local":
+        return DaskTaskRunner(cluster_kwargs=local_cluster_kwargs(workers))
+    return DaskTaskRunner(address=dask)
 
 
 def local_cluster_kwargs(workers: int) -> dict:
@@ -83,11 +84,11 @@ def cmd_run(args):
     out = args.out or f"./runs/{recipe['name']}"
     results = _run(recipe_flow, args, recipe=recipe, out=out, device=args.device)
     report = results.pop("report", None)
-    prior = results.pop("prior", None)
+    folders = {k: results.pop(k) for k in ("prior", "idm") if k in results}  # model folders, not manifests
     for stage, uri in results.items():
         _print_result(stage, uri)
-    if prior:
-        print(f"prior: {prior}")
+    for kind, uri in folders.items():
+        print(f"{kind}: {uri}")
     if report:
         print(f"report: {storage.normalize(report)}")
 
@@ -196,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, shard_size=64, batch_size=4)
     p.set_defaults(func=cmd_ingest)
 
-    p = sub.add_parser("run", help="run a recipe: ingest -> degrade -> pseudo-targets -> score -> report",
+    p = sub.add_parser("run", help="run a recipe: ingest -> clean -> degrade -> pseudo-targets -> score -> report",
                        description="Runs a YAML recipe (a path, or a name in catalogs/recipes) as one Prefect "
                                    "flow. Every stage is cached by its config and inputs: editing one stage's "
                                    "parameters re-runs that stage and the ones after it. Prints the report's path.")
@@ -254,9 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from flows.models_cli import add_models_parser
     from flows.pseudo_targets_cli import add_prior_parsers
+    from flows.training_cli import add_training_parsers
 
     add_models_parser(sub)
     add_prior_parsers(sub, _add_common, _run, _print_result)
+    add_training_parsers(sub, _add_common, _run, _print_result)
 
     p = sub.add_parser("manifest", help="inspect manifests")
     msub = p.add_subparsers(dest="manifest_command", required=True, metavar="SUBCOMMAND")

@@ -14,7 +14,7 @@ from bfr_models.diffusion.train import PriorTrainConfig, train_prior
 from bfr_models.pseudo_targets import to_resolution
 from tasks.rows import decode_items
 from tasks.runtime import resolve_device, result_storage
-from tasks.shards import CODE_VERSION, list_inputs, read_many, stable_hash
+from tasks.shards import CODE_VERSION, InputItem, list_inputs, read_many, stable_hash
 
 STAGE = "prior"
 
@@ -22,6 +22,11 @@ STAGE = "prior"
 def load_training_images(input: str, resolution: int) -> tuple[torch.Tensor, list[str]]:
     """Every decodable image of a manifest or folder at ``resolution`` in [-1, 1]; and the reasons for the rest."""
     items, _ = list_inputs(input)
+    return images_at_resolution(items, resolution)
+
+
+def images_at_resolution(items: list[InputItem], resolution: int) -> tuple[torch.Tensor, list[str]]:
+    """The decodable ``items`` (in order) at ``resolution`` in [-1, 1]; and the reasons for the others."""
     decoded, errors = decode_items(STAGE, items, read_many([i.uri for i in items]))
     tensors = [to_resolution(torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None].float() / 255.0, resolution)[0]
                for _, _, rgb, _ in decoded]

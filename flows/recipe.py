@@ -5,6 +5,8 @@ A recipe (``catalogs/recipes/*.yaml``)::
     name: demo
     photos: demo                   # a folder / fsspec URL of photos, or "demo" (the packaged photos)
     ingest: {size: 256}
+    idm: {uri: <model folder>}     # or {train: {resolution: 128, ...}}: the IDM restorer for clean
+    clean: {rounds: 1}             # IDM cleaning of the faces; the cleaned set feeds the stages after it
     degrade: {preset: dr2, split: medium, scale: 8}
     score_degraded: true           # false: score only the targets (e.g. LR inputs of an SR protocol)
     prior: {train: {resolution: 64, steps: 600}}     # or {uri: <prior folder or model card>}
@@ -12,7 +14,8 @@ A recipe (``catalogs/recipes/*.yaml``)::
     score: {metrics: "niqe,psnr,ssim,lpips", skip_missing: true}
     report: {title: "..."}
 
-Stages run in that order (ingest -> degrade -> [prior train] -> pseudo-targets -> score -> report).
+Stages run in that order (ingest -> [idm train] -> clean -> degrade -> [prior train] -> pseudo-targets
+-> score -> report).
 Each is cached by its config and its inputs' content, so editing one stage's parameters re-runs
 only that stage and the ones after it. Omitted stages are skipped (a recipe without ``ingest``
 takes ``photos`` as aligned faces).
@@ -27,13 +30,14 @@ from prefect import flow
 
 from bfr_models import storage
 from flows.degrade import degrade_flow
+from flows.idm import clean_flow, idm_train_flow
 from flows.ingest import ingest_flow
 from flows.prior import prior_train_flow
 from flows.pseudo_targets import pseudo_targets_flow
 from flows.report import report_flow
 from flows.score import score_flow
 
-STAGES = ("ingest", "degrade", "prior", "pseudo_targets", "score", "report")
+STAGES = ("ingest", "idm", "clean", "degrade", "prior", "pseudo_targets", "score", "report")
 _TOP = ("name", "description", "photos", "score_degraded", *STAGES)
 # options every stage flow takes from the command line, not from the recipe
 _RUNTIME = {"input", "out", "device"}
@@ -83,17 +87,20 @@ def load_recipe(path: str) -> dict:
         raise RecipeError(f"recipe {p}: 'photos' (a folder, fsspec URL or 'demo') is required")
     recipe = {"name": data.get("name", p.stem), "photos": str(data["photos"]), "path": str(p),
               "score_degraded": bool(data.get("score_degraded", True))}
-    flows = {"ingest": ingest_flow, "degrade": degrade_flow, "pseudo_targets": pseudo_targets_flow,
+    flows = {"ingest": ingest_flow, "clean": clean_flow, "degrade": degrade_flow, "pseudo_targets": pseudo_targets_flow,
              "score": score_flow, "report": report_flow}
     for stage, fn in flows.items():
         if stage in data:
             recipe[stage] = _check_options(stage, data[stage], fn, p)
-    if "prior" in data:
-        prior = data["prior"] or {}
-        if not isinstance(prior, dict) or len(prior) != 1 or not ({"uri", "train"} & set(prior)):
-            raise RecipeError(f"recipe {p}: prior must be {{uri: <prior>}} or {{train: {{...}}}}")
-        recipe["prior"] = {"uri": str(prior["uri"])} if "uri" in prior else {
-            "train": _check_options("prior.train", prior["train"], prior_train_flow, p)}
+    for stage, train_fn in (("prior", prior_train_flow), ("idm", idm_train_flow)):
+        if stage in data:
+            spec = data[stage] or {}
+            if not isinstance(spec, dict) or len(spec) != 1 or not ({"uri", "train"} & set(spec)):
+                raise RecipeError(f"recipe {p}: {stage} must be {{uri: <{stage} folder>}} or {{train: {{...}}}}")
+            recipe[stage] = {"uri": str(spec["uri"])} if "uri" in spec else {
+                "train": _check_options(f"{stage}.train", spec["train"], train_fn, p)}
+    if "clean" in recipe and "idm" not in recipe and "model" not in recipe["clean"]:
+        raise RecipeError(f"recipe {p}: clean needs a model (an 'idm' section or clean.model)")
     if "pseudo_targets" in recipe:
         if "prior" not in recipe and "prior" not in recipe["pseudo_targets"]:
             raise RecipeError(f"recipe {p}: pseudo_targets needs a prior (a 'prior' section or pseudo_targets.prior)")
@@ -115,13 +122,20 @@ def recipe_flow(recipe: dict, out: str, device: str = "auto") -> dict[str, str]:
     faces = photos
     if "ingest" in recipe:
         faces = results["ingest"] = ingest_flow(input=photos, out=out, device=device, **recipe["ingest"])
+    if "clean" in recipe:  # the cleaned dataset is what the later stages work on
+        opts = dict(recipe["clean"])
+        if "idm" in recipe:
+            spec = recipe["idm"]
+            opts["model"] = results["idm"] = spec["uri"] if "uri" in spec else idm_train_flow(
+                input=faces, out=out, device=device, **spec["train"])
+        faces = results["clean"] = clean_flow(input=faces, out=out, device=device, **opts)
     current = faces
     if "degrade" in recipe:
         current = results["degrade"] = degrade_flow(input=faces, out=out, device=device, **recipe["degrade"])
     to_score = {}  # label -> manifest; the last one is the report's main set
     # LR inputs of another size than the faces (x4 SR protocols) have no full-reference scores: skippable
     if recipe["score_degraded"] or "pseudo_targets" not in recipe:
-        to_score["degrade" if "degrade" in recipe else "input"] = current
+        to_score["degrade" if "degrade" in recipe else "clean" if "clean" in recipe else "input"] = current
     if "pseudo_targets" in recipe:
         opts = dict(recipe["pseudo_targets"])
         if "prior" in recipe:

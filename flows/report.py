@@ -16,7 +16,7 @@ def load_scored(uri: str) -> ScoredSet:
     splits = sorted(frame["split"].dropna().unique()) if len(frame) else []
     label = ", ".join(splits[:3]) + (" ..." if len(splits) > 3 else "") if splits else index.get("stage", "manifest")
     name = f"{label} [{index.get('key', uri.rstrip('/').rsplit('/', 1)[-1])}]"
-    return ScoredSet(name=name, frame=frame, info={"source": uri, **index.get("config", {})})
+    return ScoredSet(name=name, frame=frame, info={"source": uri, **index.get("config", {}), "manifest": uri})
 
 
 def auto_searches(sets: list[ScoredSet]) -> list[tuple[str, dict]]:
@@ -32,13 +32,38 @@ def auto_searches(sets: list[ScoredSet]) -> list[tuple[str, dict]]:
     return sorted(found.items())
 
 
+def stage_sections(sets: list[ScoredSet], n: int) -> list:
+    """A section for each fine-tuning or cleaning run among the sets (or among what they scored)."""
+    import io
+
+    import pandas as pd
+
+    from bfr_models.report import Thumbnails
+    from bfr_models.report_stages import clean_section, finetune_section
+
+    done, out, thumbs = set(), [], Thumbnails()
+    for s in sets:
+        for uri in (s.info.get("manifest"), s.info.get("source")):
+            if not uri or uri in done or not manifest.index_uri(uri):
+                continue
+            done.add(uri)
+            index = manifest.read_index(uri)
+            name = f"{index['stage']} [{index['key']}]"
+            if index["stage"] == "finetune":
+                log = pd.read_parquet(io.BytesIO(storage.read_bytes(index["config"]["log_uri"])))
+                out.append(finetune_section(name, log, index["config"]))
+            elif index["stage"] == "clean":
+                out.append(clean_section(name, manifest.read_manifest(uri), index["config"], thumbs, n))
+    return out
+
+
 @flow(name="report")
 def report_flow(input: str, out: str, compare: list[str] | None = None, title: str = "bfr-curate quality report",
                 n_extremes: int = 8) -> str:
     """Write the HTML report for a scored manifest (and others to compare); returns its URI."""
     sets = [load_scored(u) for u in [input, *(compare or [])]]
     searches = auto_searches(sets)
-    extra = [search_section(searches)] if searches else []
+    extra = ([search_section(searches)] if searches else []) + stage_sections(sets, n_extremes)
     uri = write_report(render_report(sets, title=title, n_extremes=n_extremes,
                                      extra_sections=[(x.heading, x.html) for x in extra]), out)
     table = summary_table(sets)

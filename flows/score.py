@@ -9,7 +9,7 @@ from prefect import flow, get_run_logger
 
 from bfr_models import manifest, models, storage
 from bfr_models.metrics.suite import FULL_REFERENCE, ScoreConfig, conventions, model_cards_needed, parse_metrics
-from flows.stage import run_stage
+from flows.stage import annotate_index, run_stage
 from tasks.rows import content_id
 from tasks.runtime import ensure_gpu_limit, resolve_device
 from tasks.score import STAGE, score_shard
@@ -157,7 +157,7 @@ def score_flow(input: str, out: str, metrics: str = "niqe,psnr,ssim", reference:
     set_metrics = {}
     if "fid" in config.metrics and "fid" not in skip:
         set_metrics = _fid(uri, config, fid_ref, fid_allow_small, fid_cache, dev)
-    _annotate_index(uri, conventions=conventions(config), not_computed=not_computed, set_metrics=set_metrics,
+    annotate_index(uri, conventions=conventions(config), not_computed=not_computed, set_metrics=set_metrics,
                     source=input)
     return uri
 
@@ -176,11 +176,3 @@ def _fid(uri: str, config: ScoreConfig, fid_ref: str, allow_small: bool, fid_cac
     ref = reference_stats(plan_reference(fid_ref, config.fid_convention, allow_small=allow_small), extractor,
                           cache_root=fid_cache, allow_small=allow_small)
     return fid_from_stats(stats, ref).as_record()
-
-
-def _annotate_index(uri: str, **info) -> None:
-    """Add set-level results (FID, conventions, what was not computed) to the stage's index."""
-    index = manifest.read_index(uri)
-    index["config"].update(info)
-    storage.write_bytes_atomic(storage.join(uri, manifest.INDEX_NAME),
-                               json.dumps(index, indent=1, sort_keys=True, default=str).encode())

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 from prefect.futures import as_completed
 from tqdm.auto import tqdm
 
-from bfr_models import storage
+from bfr_models import manifest, storage
 from bfr_models.manifest import ManifestWriter, ShardInfo
 from tasks.runtime import result_storage
 from tasks.shards import CODE_VERSION, InputItem, make_shards, stable_hash
+
+INPUTS_NAME = "inputs.json"  # incremental stages: which inputs each shard holds
 
 
 class StageError(RuntimeError):
@@ -21,15 +25,49 @@ def stage_location(out: str, stage: str, config: dict, input_uri: str) -> tuple[
     return key, storage.join(storage.normalize(out), stage, key)
 
 
+def _item_id(item: InputItem) -> str:
+    return stable_hash([item.uri, item.version, item.parent_id, item.reference])
+
+
+def reusable_shards(stage_uri: str, items: list[InputItem]) -> tuple[list[ShardInfo], list[InputItem], dict]:
+    """Shards of an earlier run of this stage whose inputs are all still there, unchanged, with the same code.
+
+    Returns (kept shards, the items no kept shard holds, kept shard name -> item ids). Images added to a
+    scheduled dataset then go to new shards only; everything already done is neither recomputed nor
+    re-sharded (content-defined shard boundaries alone would re-run every shard a new image lands in).
+    """
+    uri = storage.join(stage_uri, INPUTS_NAME)
+    if not storage.exists(uri) or not manifest.index_uri(stage_uri):
+        return [], items, {}
+    recorded = json.loads(storage.read_bytes(uri))
+    if recorded.get("code") != CODE_VERSION:
+        return [], items, {}
+    index = manifest.read_index(stage_uri)
+    ids = {_item_id(i): i for i in items}
+    kept, held = [], {}
+    for shard in index["shards"]:
+        members = recorded["shards"].get(shard["name"])
+        if members and all(m in ids for m in members) and storage.exists(storage.join(stage_uri, shard["path"])):
+            kept.append(ShardInfo(**shard))
+            held[shard["name"]] = members
+    done = {m for members in held.values() for m in members}
+    return kept, [i for i in items if _item_id(i) not in done], held
+
+
 def run_stage(shard_task, stage: str, config: dict, items: list[InputItem], input_uri: str, out: str,
-              shard_size: int, **task_kwargs) -> str:
-    """Run one task per shard (cached), then write the index. Returns the manifest URI."""
+              shard_size: int, incremental: bool = False, **task_kwargs) -> str:
+    """Run one task per shard (cached), then write the index. Returns the manifest URI.
+
+    ``incremental``: keep the shards of the previous run in this stage folder whose inputs are unchanged
+    and process only the other items (see :func:`reusable_shards`).
+    """
     key, stage_uri = stage_location(out, stage, config, input_uri)
-    specs = make_shards(stage, {**config, "code": CODE_VERSION}, items, shard_size)
+    kept, todo, held = reusable_shards(stage_uri, items) if incremental else ([], items, {})
+    specs = make_shards(stage, {**config, "code": CODE_VERSION}, todo, shard_size)
     configured = shard_task.with_options(result_storage=result_storage(stage_uri))
     futures = {configured.submit(spec=spec, stage_uri=stage_uri, **task_kwargs): spec for spec in specs}
-    shards, failures = [], []
-    with tqdm(total=len(items), desc=stage, unit="img", dynamic_ncols=True) as bar:
+    shards, failures = list(kept), []
+    with tqdm(total=len(todo), desc=stage, unit="img", dynamic_ncols=True) as bar:
         for future in as_completed(list(futures)):
             spec = futures[future]
             try:
@@ -39,5 +77,17 @@ def run_stage(shard_task, stage: str, config: dict, items: list[InputItem], inpu
             bar.update(len(spec.items))
     if failures:
         raise StageError(f"{len(failures)} of {len(specs)} shards failed; rerun to resume. First: {failures[0]}")
+    if incremental:
+        held.update({s.key: [_item_id(i) for i in s.items] for s in specs})
+        storage.write_bytes_atomic(storage.join(stage_uri, INPUTS_NAME),
+                                   json.dumps({"code": CODE_VERSION, "shards": held}).encode())
     ManifestWriter(stage_uri).write_index(stage, key, config, shards)
     return stage_uri
+
+
+def annotate_index(uri: str, **info) -> None:
+    """Add set-level results (FID, conventions, what was not computed, rounds) to a stage's index."""
+    index = manifest.read_index(uri)
+    index["config"].update(info)
+    storage.write_bytes_atomic(storage.join(uri, manifest.INDEX_NAME),
+                               json.dumps(index, indent=1, sort_keys=True, default=str).encode())

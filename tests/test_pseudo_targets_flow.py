@@ -149,9 +149,9 @@ def test_bad_recipes_are_one_line_errors(tmp_path, text, message):
 
 
 def test_lowfreq_with_a_restorer_checkpoint_records_it(faces_192, prior_uri, tmp_path):
-    from bfr_models.restorers import SmallRestorer, save_small_restorer
+    from bfr_models.restorers import SmallRestorer, save_restorer
 
-    ckpt = save_small_restorer(SmallRestorer(channels=8, blocks=1), str(tmp_path / "small.safetensors"))
+    ckpt = save_restorer(SmallRestorer(channels=8, blocks=1), str(tmp_path / "small.safetensors"))
     uri = pseudo_targets_flow(input=str(faces_192), out=str(tmp_path / "run"), prior=prior_uri, method="lowfreq",
                               N=8, respace=10, restorer=ckpt, best_of=2, device="cpu")
     df = manifest.read_manifest(uri)

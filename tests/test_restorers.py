@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from bfr_models import storage
 from bfr_models.restorers import (FORMAT, Restorer, RestorerError, SmallRestorer, list_restorers, load_restorer,
-                                  load_small_restorer, save_small_restorer, spandrel_architectures)
+                                  load_restorer_module, save_restorer, spandrel_architectures)
 from bfr_models.restorers.checkpoint import safetensors_metadata
 
 
@@ -90,7 +90,7 @@ def test_small_restorer_trains_on_cpu():
 def test_save_load_round_trip_same_outputs_and_sha256(tmp_path):
     net = _trained_like()
     path = tmp_path / "sub" / "small.safetensors"
-    uri = save_small_restorer(net, str(path))
+    uri = save_restorer(net, str(path))
     assert uri == str(path) and path.is_file()
     meta = safetensors_metadata(path.read_bytes())
     assert meta["format"] == FORMAT == "bfr-curate-restorer" and meta["arch"] == "small"
@@ -102,7 +102,7 @@ def test_save_load_round_trip_same_outputs_and_sha256(tmp_path):
         expected = net(x).clamp(0, 1)
     assert torch.equal(restorer(x), expected)
     assert not torch.equal(expected, x)  # the test model really changes the images
-    assert torch.equal(load_small_restorer(str(path))(x), net(x))
+    assert torch.equal(load_restorer_module(str(path))(x), net(x))
 
     d = restorer.describe()
     assert d == {"name": "small.safetensors", "arch": "small", "sha256": _sha(path), "scale": 1, "uri": str(path),
@@ -113,7 +113,7 @@ def test_save_load_round_trip_same_outputs_and_sha256(tmp_path):
 
 def test_round_trip_through_fsspec_uri():
     net = _trained_like(seed=1)
-    uri = save_small_restorer(net, "memory://restorers/r1.safetensors")
+    uri = save_restorer(net, "memory://restorers/r1.safetensors")
     assert uri == storage.normalize("memory://restorers/r1.safetensors")
     restorer = load_restorer(uri)
     x = _images(1, 16, 16)
@@ -123,7 +123,7 @@ def test_round_trip_through_fsspec_uri():
 
 def test_small_restorer_model_handles_odd_sizes():
     """The Restorer pads odd sizes (replicate) and crops back; an untrained model stays the identity."""
-    save_small_restorer(SmallRestorer(channels=4, blocks=1), "memory://restorers/id.safetensors")
+    save_restorer(SmallRestorer(channels=4, blocks=1), "memory://restorers/id.safetensors")
     restorer = load_restorer("memory://restorers/id.safetensors")
     x = _images(2, 31, 17)
     assert torch.equal(restorer(x), x)
@@ -131,7 +131,7 @@ def test_small_restorer_model_handles_odd_sizes():
 
 def test_corrupt_own_checkpoint(tmp_path):
     path = tmp_path / "bad.safetensors"
-    data = bytearray(open(save_small_restorer(_trained_like(), str(tmp_path / "ok.safetensors")), "rb").read())
+    data = bytearray(open(save_restorer(_trained_like(), str(tmp_path / "ok.safetensors")), "rb").read())
     path.write_bytes(bytes(data[: len(data) - 100]))  # truncated weights, header intact
     with pytest.raises(RestorerError, match="weights are unreadable") as e:
         load_restorer(str(path))
@@ -205,7 +205,7 @@ def test_spandrel_scale_1_from_safetensors_uri():
 
 
 def test_batch_and_single_give_the_same_images(tmp_path):
-    save_small_restorer(_trained_like(), str(tmp_path / "s.safetensors"))
+    save_restorer(_trained_like(), str(tmp_path / "s.safetensors"))
     torch.save(_compact_state(upscale=2), tmp_path / "c.pth")
     batch = _images(4, 32, 32, seed=3)
     for spec in (str(tmp_path / "s.safetensors"), str(tmp_path / "c.pth"), "none"):

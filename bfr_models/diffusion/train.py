@@ -9,7 +9,6 @@ writes the EMA weights as a prior folder (see :mod:`bfr_models.diffusion.prior`)
 from __future__ import annotations
 
 import copy
-import io
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -20,6 +19,7 @@ from diffusers import UNet2DModel
 from bfr_models import storage
 from bfr_models.diffusion.prior import save_prior
 from bfr_models.diffusion.schedule import DDPMSchedule
+from bfr_models.training.state import ema_update, load_state, save_state
 
 STATE_FILE = "checkpoints/train_state.pt"
 
@@ -66,12 +66,6 @@ def small_unet(config: PriorTrainConfig) -> UNet2DModel:
     )
 
 
-def _state_bytes(obj) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
 def train_prior(images: torch.Tensor, config: PriorTrainConfig, out: str, device: str | torch.device = "cpu",
                 on_step: Callable[[int, float], None] | None = None) -> str:
     """Train on ``images`` (N, 3, R, R) in [-1, 1]; write the prior folder to ``out``; return its URI.
@@ -95,8 +89,8 @@ def train_prior(images: torch.Tensor, config: PriorTrainConfig, out: str, device
     gen = torch.Generator().manual_seed(config.seed)
     step = 0
     state_uri = storage.join(out, STATE_FILE)
-    if storage.exists(state_uri):
-        state = torch.load(io.BytesIO(storage.read_bytes(state_uri)), map_location=device, weights_only=False)
+    state = load_state(state_uri, device)
+    if state is not None:
         if state["config"] != asdict(config):
             raise ValueError(f"prior train: {state_uri} was written with a different config; use a new --out")
         unet.load_state_dict(state["unet"])
@@ -121,11 +115,7 @@ def train_prior(images: torch.Tensor, config: PriorTrainConfig, out: str, device
         loss.backward()
         opt.step()
         step += 1
-        # EMA with warm-up (as diffusers' EMAModel): a fixed 0.999 would keep ~45% of the random init after 800 steps
-        decay = min(config.ema_decay, (1.0 + step) / (10.0 + step))
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p, 1.0 - decay)
+        ema_update(ema, unet, config.ema_decay, step)
         if on_step is not None:
             on_step(step, loss.item())
         if step % config.checkpoint_every == 0 or step == config.steps:
@@ -137,7 +127,7 @@ def _checkpoint(unet, ema, opt, gen, step, config: PriorTrainConfig, out: str) -
     """Prior folder first, then the resume state: a crash between the two only repeats steps."""
     save_prior(ema, out, variance_type=config.variance_type, T=config.T,
                source={"trained_by": "bfr-curate prior train", "step": step, "config": asdict(config)})
-    storage.write_bytes_atomic(storage.join(out, STATE_FILE), _state_bytes({
+    save_state(storage.join(out, STATE_FILE), {
         "config": asdict(config), "step": step, "unet": unet.state_dict(), "ema": ema.state_dict(),
         "optimizer": opt.state_dict(), "generator": gen.get_state(),
-    }))
+    })

@@ -1,4 +1,5 @@
-"""Our own checkpoint format for :class:`SmallRestorer`: one safetensors file, anywhere fsspec reaches.
+"""Our own checkpoint format for the restorers we build and train (:class:`SmallRestorer`, :class:`SwinIRRestorer`):
+one safetensors file, anywhere fsspec reaches.
 
 The file holds the module's float32 state dict; its safetensors metadata (strings only) says what it is::
 
@@ -18,28 +19,34 @@ import torch
 from bfr_models import storage
 from bfr_models.models import load_strict
 from bfr_models.restorers.errors import RestorerError
-from bfr_models.restorers.small import ARCH, SmallRestorer
+from bfr_models.restorers import small, swinir
 
 FORMAT = "bfr-curate-restorer"
 VERSION = "1"
-ARCHS = {ARCH: SmallRestorer}
+ARCHS = {small.ARCH: small.SmallRestorer, swinir.ARCH: swinir.SwinIRRestorer}
 
 
-def small_restorer_bytes(model: SmallRestorer) -> bytes:
+def arch_of(model: torch.nn.Module) -> str:
+    for name, cls in ARCHS.items():
+        if type(model) is cls:
+            return name
+    raise TypeError(f"not a restorer of our checkpoint format: {type(model).__name__} (known: {', '.join(ARCHS)})")
+
+
+def restorer_bytes(model: torch.nn.Module) -> bytes:
     """The checkpoint file's bytes for ``model`` (weights moved to the CPU as float32)."""
     from safetensors.torch import save
 
-    if not isinstance(model, SmallRestorer):
-        raise TypeError(f"save_small_restorer: expected a SmallRestorer, got {type(model).__name__}")
+    arch = arch_of(model)
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-    meta = {"format": FORMAT, "version": VERSION, "arch": ARCH, "config": json.dumps(model.config, sort_keys=True)}
+    meta = {"format": FORMAT, "version": VERSION, "arch": arch, "config": json.dumps(model.config, sort_keys=True)}
     return save(state, metadata=meta)
 
 
-def save_small_restorer(model: SmallRestorer, path_or_uri: str) -> str:
+def save_restorer(model: torch.nn.Module, path_or_uri: str) -> str:
     """Write ``model`` as one safetensors file (atomically) to a local path or fsspec URI; return its URI."""
     uri = storage.normalize(str(path_or_uri))
-    storage.write_bytes_atomic(uri, small_restorer_bytes(model))
+    storage.write_bytes_atomic(uri, restorer_bytes(model))
     return uri
 
 
@@ -69,8 +76,8 @@ def is_restorer_checkpoint(data: bytes) -> bool:
     return meta is not None and meta.get("format") == FORMAT
 
 
-def small_restorer_from_bytes(data: bytes, where: str) -> SmallRestorer:
-    """Build the SmallRestorer a checkpoint file describes and load its weights (strict). Raises RestorerError."""
+def restorer_from_bytes(data: bytes, where: str) -> torch.nn.Module:
+    """Build the restorer a checkpoint file describes and load its weights (strict). Raises RestorerError."""
     from safetensors.torch import load
 
     meta = safetensors_metadata(data)
@@ -112,7 +119,7 @@ def read_checkpoint(uri: str) -> bytes:
     return data
 
 
-def load_small_restorer(path_or_uri: str) -> SmallRestorer:
-    """A SmallRestorer from our checkpoint file (local path or fsspec URI), on the CPU, in eval mode."""
+def load_restorer_module(path_or_uri: str) -> torch.nn.Module:
+    """The network of our checkpoint file (local path or fsspec URI), on the CPU, in eval mode."""
     uri = storage.normalize(str(path_or_uri))
-    return small_restorer_from_bytes(read_checkpoint(uri), uri).eval()
+    return restorer_from_bytes(read_checkpoint(uri), uri).eval()

@@ -7,7 +7,7 @@
                size with antialiased bicubic, so ``bicubic`` means "just that resize" -- the classic
                bicubic-upsampling baseline. It differs from ``none`` only in the name recorded;
   a path or fsspec URI of a checkpoint file:
-               our own format (:mod:`bfr_models.restorers.checkpoint`) -> :class:`SmallRestorer`;
+               our own format (:mod:`bfr_models.restorers.checkpoint`) -> :class:`SmallRestorer` or :class:`SwinIRRestorer`;
                anything else is given to spandrel (safetensors, or a pickled state dict read with
                ``torch.load(weights_only=True)``; TorchScript files are not read) -> its image model.
 
@@ -27,10 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from bfr_models import storage
-from bfr_models.restorers.checkpoint import (FORMAT, is_restorer_checkpoint, read_checkpoint, safetensors_metadata,
-                                             small_restorer_from_bytes)
+from bfr_models.restorers.checkpoint import (FORMAT, arch_of, is_restorer_checkpoint, read_checkpoint, safetensors_metadata,
+                                             restorer_from_bytes)
 from bfr_models.restorers.errors import RestorerError
-from bfr_models.restorers.small import FACTOR, SmallRestorer
 
 BUILTINS = {
     "none": "identity: y0 = y (the paper's fallback)",
@@ -109,12 +108,14 @@ class Restorer:
         return out.to(batch.device)
 
 
-class SmallRestorerModel(Restorer):
-    """Our :class:`SmallRestorer` behind the Restorer interface. Odd sizes are padded (replicate) and cropped."""
+class CheckpointModel(Restorer):
+    """A restorer of our checkpoint format behind the Restorer interface. Sizes that are not multiples of
+    the network's ``pad_multiple`` are padded (replicate) and cropped back."""
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        ph, pw = (-h) % FACTOR, (-w) % FACTOR
+        m = self.model.pad_multiple
+        ph, pw = (-h) % m, (-w) % m
         if ph or pw:
             x = F.pad(x, (0, pw, 0, ph), mode="replicate")
         return self.model(x)[..., :h, :w]
@@ -153,9 +154,9 @@ def load_restorer(spec: str, device: str | torch.device = "cpu") -> Restorer:
     digest = storage.sha256_hex(data)
     name = uri.rstrip("/").rsplit("/", 1)[-1]
     if is_restorer_checkpoint(data):
-        net = small_restorer_from_bytes(data, uri).to(device).eval()
-        return SmallRestorerModel(name, "small", device=device, sha256=digest, scale=1, uri=uri,
-                                  config=net.config, model=net)
+        net = restorer_from_bytes(data, uri).to(device).eval()
+        return CheckpointModel(name, arch_of(net), device=device, sha256=digest, scale=1, uri=uri,
+                               config=net.config, model=net)
     descriptor = _spandrel_load(data, uri)
     descriptor = descriptor.to(torch.device(device)).float().eval()
     config = {"loader": "spandrel", "arch_name": descriptor.architecture.name, "purpose": descriptor.purpose,

@@ -56,6 +56,8 @@ class SmallRestorer(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
+    pad_multiple = FACTOR  # sides must be multiples of this
+
     @property
     def config(self) -> dict:
         """Constructor kwargs: ``SmallRestorer(**model.config)`` builds the same architecture."""

@@ -1,0 +1,298 @@
+"""Fine-tuning a restorer on (LQ, pseudo target) pairs: the unsupervised-BFR image-level objective (spec §2.1-2.2).
+
+    L = 1.0 * L1(R(y), x̄0) + 0.1 * LPIPS_vgg(R(y), x̄0) + 0.1 * L_GAN        (Eq. 6, 8)
+
+- L_GAN is BCE-with-logits with the non-saturating generator term -log D(R(y)) (BasicSR ``vanilla``);
+  D is Real-ESRGAN's U-Net discriminator with spectral norm (BasicSR's ``UNetDiscriminatorSN``,
+  ``num_feat=64``, skip connections), trained **from scratch on real HQ faces**, never on the pseudo
+  targets (Eq. 7 read as standard BCE), one D step per G step, AdamW at the generator's LR, no scheduler.
+- AdamW with cosine annealing from ``lr`` to ``lr_min`` over ``iters``; batch 16 made of micro-batches of 4
+  with gradient accumulation. Defaults are the released config (lr 2e-5 -> 5e-6, weight decay 0, LPIPS
+  summed over each micro-batch while L1 is a mean); every knob lives in ``catalogs/finetune/*.yaml``.
+- bf16 autocast on a GPU (``precision: auto``), fp32 on the CPU; optionally channels_last.
+- The whole state (restorer, D, both optimizers, the scheduler, the data generator, torch's RNGs, the log)
+  is checkpointed every ``checkpoint_every`` steps; calling :func:`finetune` again on the same ``out``
+  resumes there, and the loss curve continues as if never interrupted.
+- Every ``validate_every`` steps (and at steps 0 and ``iters``) the held-out pairs are restored and scored:
+  L1, PSNR, SSIM, LPIPS against the pseudo target and, when ground truth exists, against it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from bfr_models import storage
+from bfr_models.metrics.fullref import psnr, ssim
+from bfr_models.training.state import load_state, save_state
+
+STATE_FILE = "checkpoints/train_state.pt"
+LOG_FILE = "log.parquet"
+PRECISIONS = ("auto", "fp32", "bf16")
+LPIPS_REDUCTIONS = ("sum", "mean")
+
+
+class FinetuneError(ValueError):
+    """A fine-tuning config or data set that cannot be used. One line."""
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    iters: int = 20_000
+    batch_size: int = 16
+    micro_batch: int = 4
+    lr: float = 2e-5
+    lr_min: float = 5e-6
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.0
+    l1_weight: float = 1.0
+    lpips_weight: float = 0.1
+    gan_weight: float = 0.1
+    lpips_net: str = "vgg"
+    lpips_reduction: str = "sum"
+    d_num_feat: int = 64
+    d_skip_connection: bool = True
+    d_lr: float | None = None  # None: the generator's LR
+    precision: str = "auto"
+    channels_last: bool = False
+    checkpoint_every: int = 1000
+    validate_every: int = 500
+    val_pairs: int = 16
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        problems = []
+        if self.iters < 1:
+            problems.append(f"iters must be >= 1, got {self.iters}")
+        if self.micro_batch < 1 or self.batch_size < 1 or self.batch_size % self.micro_batch:
+            problems.append(f"batch_size {self.batch_size} must be a positive multiple of micro_batch {self.micro_batch}")
+        if self.lr <= 0 or self.lr_min < 0 or self.lr_min > self.lr:
+            problems.append(f"need 0 <= lr_min <= lr and lr > 0, got lr {self.lr}, lr_min {self.lr_min}")
+        if min(self.l1_weight, self.lpips_weight, self.gan_weight) < 0:
+            problems.append("loss weights must be >= 0")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.lpips_reduction not in LPIPS_REDUCTIONS:
+            problems.append(f"lpips_reduction must be one of {', '.join(LPIPS_REDUCTIONS)}")
+        if self.checkpoint_every < 1 or self.validate_every < 1:
+            problems.append("checkpoint_every and validate_every must be >= 1")
+        if self.val_pairs < 0:
+            problems.append(f"val_pairs must be >= 0, got {self.val_pairs}")
+        if problems:
+            raise FinetuneError("finetune: " + "; ".join(problems))
+
+    @property
+    def accumulation(self) -> int:
+        return self.batch_size // self.micro_batch
+
+
+def finetune_configs_dir() -> Path:
+    from bfr_models.models import catalogs_dir
+
+    return catalogs_dir() / "finetune"
+
+
+def load_finetune_config(name_or_path: str = "unsupervised_bfr", **overrides) -> FinetuneConfig:
+    """A config from ``catalogs/finetune/<name>.yaml`` (or a YAML path), with ``overrides`` on top."""
+    import yaml
+
+    path = Path(name_or_path)
+    if not path.exists():
+        path = finetune_configs_dir() / f"{name_or_path}.yaml"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in finetune_configs_dir().glob("*.yaml")))
+        raise FinetuneError(f"finetune config not found: {name_or_path} (configs: {known})")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise FinetuneError(f"finetune config {path}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    data = {k: v for k, v in data.items() if k != "description"}
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in fields(FinetuneConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise FinetuneError(f"finetune config {path}: unknown key '{unknown[0]}' (keys: {', '.join(sorted(known))})")
+    return FinetuneConfig(**data)
+
+
+@dataclass
+class Pairs:
+    """Image pairs in [0, 1]: LQ inputs, their pseudo targets and, where known, ground truth."""
+
+    lq: torch.Tensor
+    target: torch.Tensor
+    gt: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.lq.shape[0])
+
+
+def discriminator(config: FinetuneConfig) -> torch.nn.Module:
+    """Real-ESRGAN's U-Net discriminator with spectral norm, from BasicSR."""
+    from basicsr.archs.discriminator_arch import UNetDiscriminatorSN
+
+    return UNetDiscriminatorSN(3, num_feat=config.d_num_feat, skip_connection=config.d_skip_connection)
+
+
+def _autocast(device: torch.device, config: FinetuneConfig):
+    bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def _lpips_distance(lpips_net, a, b, reduction: str) -> torch.Tensor:
+    d = lpips_net(a, b, normalize=True).flatten()  # normalize: [0, 1] inputs
+    return d.sum() if reduction == "sum" else d.mean()
+
+
+@torch.no_grad()
+def validate(model, val: Pairs, lpips_net, device: torch.device, config: FinetuneConfig, batch: int = 8) -> dict:
+    """Mean L1, PSNR, SSIM (and LPIPS) of R(lq) against the pseudo target and, when present, the ground truth."""
+    was_training = model.training
+    model.eval()
+    outs = []
+    for i in range(0, len(val), batch):
+        lq = val.lq[i:i + batch].to(device)
+        if config.channels_last:
+            lq = lq.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, config):
+            outs.append(model(lq).float().clamp(0, 1).cpu())
+    model.train(was_training)
+    out = torch.cat(outs)
+    scores = {}
+    for name, ref in (("", val.target), ("_gt", val.gt)):
+        if ref is None:
+            continue
+        scores[f"val_l1{name}"] = float((out - ref).abs().mean())
+        scores[f"val_psnr{name}"] = float(psnr(out, ref).mean())
+        scores[f"val_ssim{name}"] = float(ssim(out, ref).mean()) if min(out.shape[-2:]) >= 11 else math.nan
+        if lpips_net is not None:
+            scores[f"val_lpips{name}"] = float(torch.cat([
+                lpips_net(out[i:i + batch].to(device), ref[i:i + batch].to(device), normalize=True).flatten().cpu()
+                for i in range(0, len(val), batch)]).mean())
+    return scores
+
+
+def finetune(model: torch.nn.Module, train: Pairs, val: Pairs | None, reals: torch.Tensor, config: FinetuneConfig,
+             out: str, *, lpips_net: torch.nn.Module | None = None, device: str | torch.device = "cpu",
+             save: Callable[[torch.nn.Module, str], None] | None = None,
+             on_step: Callable[[int, dict], None] | None = None) -> pd.DataFrame:
+    """Fine-tune ``model`` (in place) and return the log (one row per step; validation columns where run).
+
+    ``reals`` (N, 3, H, W) in [0, 1] train the discriminator. ``lpips_net`` is an ``lpips.LPIPS`` module
+    (needed when ``lpips_weight > 0``). ``save(model, uri)`` writes the restorer checkpoint
+    (``<out>/restorer.safetensors``) at every checkpoint.
+    """
+    if len(train) < 1:
+        raise FinetuneError("finetune: no training pairs")
+    if train.lq.shape != train.target.shape:
+        raise FinetuneError(f"finetune: LQ and target batches differ in shape: {tuple(train.lq.shape)} vs {tuple(train.target.shape)}")
+    if config.gan_weight > 0 and reals.shape[0] < config.micro_batch:
+        raise FinetuneError(f"finetune: {reals.shape[0]} real images are fewer than a micro-batch ({config.micro_batch})")
+    if config.lpips_weight > 0 and lpips_net is None:
+        raise FinetuneError("finetune: lpips_weight > 0 needs an LPIPS network")
+    device = torch.device(device)
+    out = storage.normalize(out)
+    memory = torch.channels_last if config.channels_last else torch.contiguous_format
+    torch.manual_seed(config.seed)
+    model.to(device, memory_format=memory).train()
+    disc = discriminator(config).to(device, memory_format=memory).train() if config.gan_weight > 0 else None
+    opt_g = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_g, T_max=config.iters, eta_min=config.lr_min)
+    opt_d = (torch.optim.AdamW(disc.parameters(), lr=config.d_lr or config.lr, betas=config.betas,
+                               weight_decay=config.weight_decay) if disc is not None else None)
+    if lpips_net is not None:
+        lpips_net.to(device).eval().requires_grad_(False)
+    gen = torch.Generator().manual_seed(config.seed)
+    step, log = 0, []
+    state_uri = storage.join(out, STATE_FILE)
+    state = load_state(state_uri, device)
+    if state is not None:
+        if state["config"] != asdict(config):
+            raise FinetuneError(f"finetune: {state_uri} was written with a different config; use a new --out")
+        model.load_state_dict(state["model"])
+        opt_g.load_state_dict(state["opt_g"])
+        sched.load_state_dict(state["scheduler"])
+        if disc is not None:
+            disc.load_state_dict(state["disc"])
+            opt_d.load_state_dict(state["opt_d"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if torch.cuda.is_available() and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        step, log = int(state["step"]), list(state["log"])
+    bce = torch.nn.BCEWithLogitsLoss()
+
+    def batch_of(images: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return images[idx].to(device).contiguous(memory_format=memory)
+
+    if step == 0 and val is not None and len(val):
+        log.append({"step": 0, **validate(model, val, lpips_net, device, config)})
+    while step < config.iters:
+        row = {"step": step + 1, "lr": sched.get_last_lr()[0], "loss": 0.0, "l1": 0.0, "lpips": 0.0, "gan": 0.0}
+        fakes = []
+        if disc is not None:
+            disc.requires_grad_(False)
+        opt_g.zero_grad(set_to_none=True)
+        for _ in range(config.accumulation):
+            idx = torch.randint(0, len(train), (config.micro_batch,), generator=gen)
+            lq, target = batch_of(train.lq, idx), batch_of(train.target, idx)
+            with _autocast(device, config):
+                restored = model(lq).float()
+                l1 = (restored - target).abs().mean()
+                lp = (_lpips_distance(lpips_net, restored, target, config.lpips_reduction) if config.lpips_weight
+                      else restored.new_zeros(()))
+                gan = restored.new_zeros(())
+                if disc is not None:  # non-saturating: -log D(R(y))
+                    logits = disc(restored).float()
+                    gan = bce(logits, torch.ones_like(logits))
+                loss = config.l1_weight * l1 + config.lpips_weight * lp + config.gan_weight * gan
+            (loss / config.accumulation).backward()
+            fakes.append(restored.detach())
+            for key, v in (("loss", loss), ("l1", l1), ("lpips", lp), ("gan", gan)):
+                row[key] += float(v.detach()) / config.accumulation
+        opt_g.step()
+        sched.step()
+        if disc is not None:  # one D step per G step: reals (HQ faces) vs this step's restorations
+            disc.requires_grad_(True)
+            opt_d.zero_grad(set_to_none=True)
+            row["d_loss"] = 0.0
+            for fake in fakes:
+                real = batch_of(reals, torch.randint(0, reals.shape[0], (fake.shape[0],), generator=gen))
+                with _autocast(device, config):
+                    d_real, d_fake = disc(real).float(), disc(fake).float()
+                    d_loss = bce(d_real, torch.ones_like(d_real)) + bce(d_fake, torch.zeros_like(d_fake))
+                (d_loss / config.accumulation).backward()
+                row["d_loss"] += float(d_loss.detach()) / config.accumulation
+            opt_d.step()
+        step += 1
+        if val is not None and len(val) and (step % config.validate_every == 0 or step == config.iters):
+            row.update(validate(model, val, lpips_net, device, config))
+        log.append(row)
+        if on_step is not None:
+            on_step(step, row)
+        if step % config.checkpoint_every == 0 or step == config.iters:
+            _checkpoint(out, model, disc, opt_g, opt_d, sched, gen, step, log, config, save)
+    return pd.DataFrame(log)
+
+
+def _checkpoint(out, model, disc, opt_g, opt_d, sched, gen, step, log, config, save) -> None:
+    """The restorer and the log first, then the resume state: a crash between them only repeats steps."""
+    if save is not None:
+        save(model, storage.join(out, "restorer.safetensors"))
+    frame = pd.DataFrame(log)
+    storage.write_bytes_atomic(storage.join(out, LOG_FILE), frame.to_parquet(index=False))
+    storage.write_bytes_atomic(storage.join(out, "log.csv"), frame.to_csv(index=False).encode())
+    save_state(storage.join(out, STATE_FILE), {
+        "config": asdict(config), "step": step, "log": log, "model": model.state_dict(),
+        "disc": disc.state_dict() if disc is not None else None, "opt_g": opt_g.state_dict(),
+        "opt_d": opt_d.state_dict() if opt_d is not None else None, "scheduler": sched.state_dict(),
+        "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    })

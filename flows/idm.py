@@ -1,0 +1,208 @@
+"""IDM as stages: ``idm train`` (one intrinsic round) and ``clean`` (extrinsic rounds with acceptance).
+
+``clean`` round r cleans the HQ images with model r (x* = f_r(x), Eq. 10) and judges every x* (see
+:mod:`bfr_models.idm.acceptance`); between rounds, model r+1 is trained from model r's weights on
+(degrade(x), x*) -- x the original, as the paper does (spec §3.3); ``degrade_source="cleaned"`` draws the
+degradation from x* instead. Every round's manifest is kept; the last is the cleaned dataset. The clean
+stage is incremental: images added to the input later are the only ones the next run processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import torch
+from prefect import flow, get_run_logger, task
+from tqdm.auto import tqdm
+
+from bfr_models import manifest, models, storage
+from bfr_models.idm import AcceptanceConfig, IDMConfig, IDMError, IDMTrainConfig, load_idm, train_idm
+from bfr_models.idm.sampler import VARIANCES
+from flows.prior import images_at_resolution, load_training_images
+from flows.stage import annotate_index, run_stage
+from tasks.clean import STAGE, cached_idm, clean_shard
+from tasks.pseudo_targets import DTYPES
+from tasks.runtime import ensure_gpu_limit, resolve_device, result_storage
+from tasks.shards import CODE_VERSION, InputItem, list_inputs, stable_hash
+
+DEGRADE_SOURCES = ("original", "cleaned")
+DEFAULT_CHANNELS = IDMConfig().channels
+
+
+def _key(context, parameters) -> str:
+    return parameters["key"]
+
+
+def _pairs(targets: str, resolution: int, degrade_source: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sources, targets) in [0, 1] from a clean manifest: the original x and the cleaned dataset's image."""
+    frame = manifest.read_manifest(targets)
+    ok = frame[frame["status"] == "ok"].sort_values("source_uri")
+    x, bad_x = images_at_resolution([InputItem(str(u), "-") for u in ok["source_uri"]], resolution)
+    y, bad_y = images_at_resolution([InputItem(str(u), "-") for u in ok["uri"]], resolution)
+    if bad_x or bad_y:
+        raise IDMError(f"idm train: {len(bad_x) + len(bad_y)} images of {targets} cannot be read "
+                       f"(first: {(bad_x + bad_y)[0]})")
+    return ((y if degrade_source == "cleaned" else x) + 1) / 2, (y + 1) / 2
+
+
+@task(name="idm-train", cache_key_fn=_key, persist_result=True)
+def idm_train_task(key: str, input: str, targets: str | None, model: dict, train: dict, resolution: int,
+                   degrade_source: str, init: str | None, round: int, out: str, device: str) -> str:
+    cfg, tcfg = IDMConfig(**model), IDMTrainConfig(**train)
+    if targets:
+        sources, target_images = _pairs(targets, resolution, degrade_source)
+    else:
+        images, _ = load_training_images(input, resolution)
+        sources, target_images = (images + 1) / 2, None
+    init_model = load_idm(init, device) if init else None
+    source = {"round": round, "resolution": resolution, "input": input, "targets": targets,
+              "degrade_source": degrade_source, "images": int(sources.shape[0])}
+    with tqdm(total=tcfg.iters, desc=f"idm train (round {round})", unit="it", dynamic_ncols=True) as bar:
+        def on_step(step: int, loss: float) -> None:
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            bar.update(step - bar.n)
+
+        return train_idm(sources, cfg, tcfg, out, targets=target_images, init=init_model, device=device,
+                         source=source, on_step=on_step)
+
+
+def plan_idm_train(input: str, resolution: int, crop: int | None, channels, layers_per_block: int, attention,
+                   norm_groups: int, train: dict) -> tuple[IDMConfig, IDMTrainConfig, list]:
+    """Validate before any work: the architecture, the training knobs and that there are images."""
+    model = IDMConfig(crop=crop or resolution, channels=tuple(channels), layers_per_block=layers_per_block,
+                      attention=tuple(attention), norm_groups=norm_groups)
+    if model.crop > resolution:
+        raise IDMError(f"idm train: crop {model.crop} is larger than the resolution {resolution}")
+    tcfg = IDMTrainConfig(**train)
+    if not storage.exists(input):
+        raise FileNotFoundError(f"input not found: {input}")
+    items, _ = list_inputs(input)
+    if not items:
+        raise IDMError(f"idm train: no images in {input}")
+    return model, tcfg, items
+
+
+@flow(name="idm-train")
+def idm_train_flow(input: str, out: str, resolution: int = 512, crop: int | None = None,
+                   channels: tuple[int, ...] = DEFAULT_CHANNELS, layers_per_block: int = 2,
+                   attention: tuple[int, ...] = (32, 16), norm_groups: int = 32, iters: int = 100_000,
+                   batch_size: int = 32, lr: float = 1e-4, warmup: int = 10_000, ema_decay: float = 0.9999,
+                   loss_p: int = 1, preset: str = "idm", checkpoint_every: int = 5000, seed: int = 0,
+                   targets: str | None = None, init: str | None = None, degrade_source: str = "original",
+                   round: int = 1, device: str = "auto") -> str:
+    """Train the conditional IDM restorer on the images of `input` (round 1) or on a clean manifest's pairs
+    (`targets`, later rounds, initialised from `init`); returns the model folder's URI."""
+    train = dict(iters=iters, batch_size=batch_size, lr=lr, warmup=warmup, ema_decay=ema_decay, loss_p=loss_p,
+                 preset=preset, checkpoint_every=checkpoint_every, seed=seed)
+    model, tcfg, items = plan_idm_train(input, resolution, crop, channels, layers_per_block, attention,
+                                        norm_groups, train)
+    dev = resolve_device(device)
+    init_sha = load_idm(init).sha256 if init else None
+    target_version = manifest.read_index(targets)["key"] if targets else None
+    key = stable_hash(["idm", asdict(model), asdict(tcfg), resolution, [(i.uri, i.version) for i in items],
+                       target_version, init_sha, degrade_source, round], length=12)
+    where = storage.join(storage.normalize(out), "idm", key)
+    get_run_logger().info("idm train round %d: %d images -> %s", round, len(items), where)
+    return idm_train_task.with_options(result_storage=result_storage(where))(
+        key=stable_hash([where, CODE_VERSION]), input=input, targets=targets, model=asdict(model), train=asdict(tcfg),
+        resolution=resolution, degrade_source=degrade_source, init=init, round=round, out=where, device=str(dev))
+
+
+def _optional_scorer(card: str, wanted: bool | None, not_computed: list, metric: str) -> bool:
+    """Use a scorer when its weights are cached (``wanted=None``: if present; True: required)."""
+    if wanted is False:
+        return False
+    try:
+        models.model_path(card)
+        return True
+    except models.ModelMissingError as e:
+        if wanted:
+            raise
+        not_computed.append({"metric": metric, "needs": card, "command": f"bfr-curate models pull {card}",
+                             "reason": str(e).splitlines()[0]})
+        return False
+
+
+def plan_clean(input: str, model: str, rounds: int, steps: int, variance: str, passes: int, degrade_source: str,
+               dtype: str, acceptance: dict):
+    if rounds < 1:
+        raise IDMError(f"clean: --rounds must be >= 1, got {rounds}")
+    if passes < 1:
+        raise IDMError(f"clean: --passes must be >= 1, got {passes}")
+    if steps < 1:
+        raise IDMError(f"clean: --steps must be >= 1, got {steps}")
+    if variance not in VARIANCES:
+        raise IDMError(f"clean: --variance must be one of {', '.join(VARIANCES)}, got {variance!r}")
+    if degrade_source not in DEGRADE_SOURCES:
+        raise IDMError(f"clean: degrade_source must be one of {', '.join(DEGRADE_SOURCES)}")
+    if dtype not in DTYPES:
+        raise IDMError(f"clean: --dtype must be one of {', '.join(DTYPES)}")
+    AcceptanceConfig(**acceptance)
+    if not storage.exists(input):
+        raise FileNotFoundError(f"input not found: {input}")
+    return load_idm(model)  # missing / corrupt model: one line, before any work
+
+
+@flow(name="clean")
+def clean_flow(input: str, out: str, model: str, rounds: int = 1, steps: int = 10, variance: str = "posterior",
+               passes: int = 1, degrade_source: str = "original", round_iters: int = 50_000,
+               round_batch_size: int = 32, round_lr: float = 1e-4, round_warmup: int = 1000,
+               round_checkpoint_every: int = 5000, min_lowpass_psnr: float = 30.0, lowpass_N: int = 8,
+               max_lowpass_lpips: float = 0.15, musiq: bool | None = None, lpips: bool | None = None,
+               fid: bool | None = None, seed: int = 0, shard_size: int = 64, batch_size: int = 8,
+               device: str = "auto", dtype: str = "fp32") -> str:
+    """Clean the images of `input` with an IDM model for `rounds` extrinsic rounds; returns the last manifest."""
+    acceptance = dict(lowpass_N=lowpass_N, min_lowpass_psnr=min_lowpass_psnr, max_lowpass_lpips=max_lowpass_lpips)
+    first = plan_clean(input, model, rounds, steps, variance, passes, degrade_source, dtype, acceptance)
+    dev = resolve_device(device)
+    ensure_gpu_limit(dev)
+    not_computed: list[dict] = []
+    use_musiq = _optional_scorer("musiq_koniq", musiq, not_computed, "musiq")
+    use_lpips = _optional_scorer("lpips_vgg16_backbone", lpips, not_computed, "lowpass_lpips")
+    use_fid = _optional_scorer("fid_inception_clean", fid, not_computed, "fid")
+    items, skipped = list_inputs(input)
+    logger = get_run_logger()
+    logger.info("clean: %d images (%d error rows skipped), %d round(s)", len(items), skipped, rounds)
+    model_uri, history, uri = storage.normalize(model), [], None
+    resolution = first.meta.get("source", {}).get("resolution", first.config.crop)
+    for r in range(1, rounds + 1):
+        if r > 1:  # f_{r} initialised from f_{r-1}, trained on (degrade(x), x*) of the last round
+            model_uri = idm_train_flow(
+                input=input, out=out, resolution=resolution, crop=first.config.crop,
+                channels=first.config.channels, layers_per_block=first.config.layers_per_block,
+                attention=first.config.attention, norm_groups=first.config.norm_groups, iters=round_iters,
+                batch_size=round_batch_size, lr=round_lr, warmup=round_warmup, checkpoint_every=round_checkpoint_every,
+                seed=seed, targets=uri, init=model_uri, degrade_source=degrade_source, round=r, device=str(dev))
+        m = cached_idm(model_uri, str(dev))
+        config = {"model": m.sha256, "model_uri": model_uri, "round": r, "steps": steps, "variance": variance,
+                  "passes": passes, "acceptance": acceptance, "musiq": use_musiq, "lpips": use_lpips, "seed": seed,
+                  "dtype": dtype}
+        uri = run_stage(clean_shard, STAGE, config, items, input, out, shard_size, incremental=True,
+                        model_uri=model_uri, round=r, steps=steps, variance=variance, passes=passes,
+                        acceptance=acceptance, musiq=use_musiq, lpips=use_lpips, seed=seed, device=str(dev),
+                        dtype=dtype, batch_size=batch_size)
+        frame = manifest.read_manifest(uri)
+        ok = frame[frame["status"] == "ok"]
+        history.append({"round": r, "model": model_uri, "manifest": uri, "images": int(len(ok)),
+                        "replaced": int(ok["replaced"].sum()) if len(ok) else 0, "errors": int(len(frame) - len(ok))})
+        logger.info("clean round %d: %d of %d images replaced", r, history[-1]["replaced"], len(ok))
+    set_metrics = _fid_cleaned_vs_original(uri, out, dev) if use_fid else {}
+    annotate_index(uri, rounds=history, not_computed=not_computed, set_metrics=set_metrics, source=input)
+    return uri
+
+
+def _fid_cleaned_vs_original(uri: str, out: str, dev) -> dict:
+    """FID between the cleaned dataset and the originals (same images before cleaning), clean-fid convention."""
+    from bfr_models.metrics.fid import FeatureCache, FIDStats, ImageRef, InceptionFeatures, extract_features, fid_from_stats
+
+    extractor = InceptionFeatures(convention="clean", device=dev)
+    cache = FeatureCache(storage.join(storage.normalize(out), "fid-cache"), extractor.fingerprint)
+    ok = manifest.read_manifest(uri)
+    ok = ok[ok["status"] == "ok"]
+    stats = {}
+    for name, uris, shas in (("cleaned", ok["uri"], ok["sha256"]), ("original", ok["source_uri"], ok["source_sha256"])):
+        refs = [ImageRef(str(u), str(s)) for u, s in zip(uris, shas)]
+        stats[name] = FIDStats.from_features(extract_features(refs, extractor, cache).feats, "clean", name,
+                                             extractor.network)
+    record = fid_from_stats(stats["cleaned"], stats["original"]).as_record()
+    return {"fid_cleaned_vs_original": record}

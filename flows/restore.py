@@ -1,0 +1,33 @@
+"""The restore stage: any restorer (built-in, our checkpoints, spandrel) over a manifest or folder, batched."""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+
+from bfr_models import storage
+from flows.stage import run_stage
+from tasks.pseudo_targets import cached_restorer
+from tasks.restore import STAGE, restore_shard
+from tasks.runtime import ensure_gpu_limit, resolve_device
+from tasks.shards import list_inputs
+
+
+def plan_restore(input: str, restorer: str, device: str):
+    """Before any work: the input exists and the restorer loads (RestorerError says what spandrel can load)."""
+    if not storage.exists(input):
+        raise FileNotFoundError(f"input not found: {input}")
+    return cached_restorer(restorer, str(resolve_device(device)))
+
+
+@flow(name="restore")
+def restore_flow(input: str, out: str, restorer: str, shard_size: int = 256, batch_size: int = 8,
+                 device: str = "auto") -> str:
+    """Restore every ok row of `input` with `restorer`; returns the manifest URI."""
+    model = plan_restore(input, restorer, device)
+    dev = resolve_device(device)
+    ensure_gpu_limit(dev)
+    items, skipped = list_inputs(input)
+    get_run_logger().info("restore: %d images (%d error rows skipped) with %s", len(items), skipped, model)
+    config = {"restorer": model.describe()}
+    return run_stage(restore_shard, STAGE, config, items, input, out, shard_size, restorer=restorer,
+                     device=str(dev), batch_size=batch_size)

@@ -1,0 +1,194 @@
+"""`bfr-curate finetune`, `restore`, `idm train`, `clean` and `schedule`.
+
+Wired into the main parser by ``add_training_parsers``; errors are ValueError / FileNotFoundError
+subclasses with one-line messages (printed by flows/cli.py, exit 2), raised before any work.
+"""
+
+from __future__ import annotations
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",") if v.strip())
+
+
+def cmd_finetune(args, run) -> None:
+    from flows.finetune import finetune_flow, plan_finetune
+    from bfr_models.training.finetune import load_finetune_config
+
+    knobs = dict(iters=args.iters, batch_size=args.batch_size, micro_batch=args.micro_batch, lr=args.lr,
+                 val_pairs=args.val_pairs, validate_every=args.validate_every, checkpoint_every=args.checkpoint_every,
+                 precision=args.precision, seed=args.seed)
+    plan_finetune(args.pairs, args.restorer, args.real, load_finetune_config(args.config, **knobs))
+    uri = run(finetune_flow, args, pairs=args.pairs, restorer=args.restorer, real=args.real, out=args.out,
+              config=args.config, device=args.device, **knobs)
+    from bfr_models import manifest, storage
+
+    index = manifest.read_index(uri)["config"]
+    print(f"finetune: {index['train_pairs']} training pairs, {index['val_pairs']} held out "
+          f"({index['skipped_pairs']} error rows skipped)")
+    print(f"  restorer: {index['restorer_uri']}")
+    print(f"  log:      {index['log_uri']}")
+    print(f"  manifest: {storage.join(uri, manifest.INDEX_NAME)}")
+    for k, v in sorted(index["final_validation"].items()):
+        print(f"  {k}: {v:.4f}")
+
+
+def cmd_restore(args, run, print_result) -> None:
+    from flows.restore import plan_restore, restore_flow
+
+    plan_restore(args.input, args.restorer, args.device)
+    uri = run(restore_flow, args, input=args.input, restorer=args.restorer, out=args.out, shard_size=args.shard_size,
+              batch_size=args.batch_size, device=args.device)
+    print_result("restore", uri)
+
+
+def _idm_train_options(args) -> dict:
+    return dict(resolution=args.resolution, crop=args.crop, channels=_ints(args.channels),
+                layers_per_block=args.layers_per_block, attention=_ints(args.attention), norm_groups=args.norm_groups,
+                iters=args.iters, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, preset=args.preset,
+                checkpoint_every=args.checkpoint_every, seed=args.seed)
+
+
+def cmd_idm_train(args, run) -> None:
+    from flows.idm import idm_train_flow, plan_idm_train
+    from tasks.runtime import resolve_device
+
+    o = _idm_train_options(args)
+    train = {k: o[k] for k in ("iters", "batch_size", "lr", "warmup", "preset", "checkpoint_every", "seed")}
+    plan_idm_train(args.input, o["resolution"], o["crop"], o["channels"], o["layers_per_block"], o["attention"],
+                   o["norm_groups"], train)
+    resolve_device(args.device)
+    uri = run(idm_train_flow, args, input=args.input, out=args.out, device=args.device, **o)
+    print(f"idm model: {uri}  (clean with: bfr-curate clean --input {args.input} --model {uri} --out {args.out})")
+
+
+def cmd_clean(args, run, print_result) -> None:
+    from flows.idm import clean_flow, plan_clean
+
+    acceptance = dict(lowpass_N=args.lowpass_n, min_lowpass_psnr=args.min_lowpass_psnr,
+                      max_lowpass_lpips=args.max_lowpass_lpips)
+    plan_clean(args.input, args.model, args.rounds, args.steps, args.variance, args.passes, args.degrade_source,
+               args.dtype, acceptance)
+    uri = run(clean_flow, args, input=args.input, out=args.out, model=args.model, rounds=args.rounds, steps=args.steps,
+              variance=args.variance, passes=args.passes, degrade_source=args.degrade_source,
+              round_iters=args.round_iters, round_batch_size=args.round_batch_size, seed=args.seed,
+              shard_size=args.shard_size, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+              **{k: v for k, v in acceptance.items()})
+    print_result("clean", uri)
+    from bfr_models import manifest
+
+    for r in manifest.read_index(uri)["config"]["rounds"]:
+        print(f"  round {r['round']}: {r['replaced']} of {r['images']} images replaced (model {r['model']})")
+
+
+def cmd_schedule(args) -> None:
+    from flows.schedule import recipe_deployment, serve_recipe
+
+    recipe_deployment(args.recipe, args.cron, args.interval, args.out, args.device, args.name)  # checks, one line
+    serve_recipe(args.recipe, args.cron, args.interval, args.out, args.device, args.name, args.limit)
+
+
+def add_training_parsers(sub, add_common, run, print_result) -> None:
+    from bfr_models.idm.sampler import VARIANCES
+    from flows.idm import DEGRADE_SOURCES
+
+    p = sub.add_parser("finetune", help="fine-tune a restorer on pseudo-target pairs (L1 + LPIPS + GAN)",
+                       description="The unsupervised-BFR objective: L1 + 0.1 LPIPS(VGG) + 0.1 GAN with a U-Net "
+                                   "discriminator (spectral norm) trained from scratch on --real faces; AdamW, "
+                                   "cosine LR, batch 16 from micro-batches of 4. Every default is in "
+                                   "catalogs/finetune/unsupervised_bfr.yaml. Checkpoints go to the output store; "
+                                   "rerunning the same command after an interruption resumes.")
+    p.add_argument("--pairs", required=True, help="a pseudo-target manifest (each row's parent is its LQ input)")
+    p.add_argument("--restorer", required=True,
+                   help="small or swinir (fresh networks), or a checkpoint: ours (restore/finetune output) or "
+                        "any same-resolution architecture spandrel loads")
+    p.add_argument("--real", required=True, help="manifest or folder of real HQ faces for the discriminator")
+    p.add_argument("--out", required=True, help="output root (local or fsspec URL)")
+    p.add_argument("--config", default="unsupervised_bfr", help="catalogs/finetune/<name>.yaml or a YAML path")
+    p.add_argument("--iters", type=int, default=None, help="iterations (config default 20000)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (config default 16)")
+    p.add_argument("--micro-batch", type=int, default=None, help="micro-batch for gradient accumulation (default 4)")
+    p.add_argument("--lr", type=float, default=None, help="initial learning rate (config default 2e-5)")
+    p.add_argument("--val-pairs", type=int, default=None, help="pairs held out for validation (default 16)")
+    p.add_argument("--validate-every", type=int, default=None, help="validation interval in steps (default 500)")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint interval in steps (default 1000)")
+    p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 autocast on a GPU, fp32 on the CPU")
+    p.add_argument("--seed", type=int, default=None, help="training seed (default 0)")
+    p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
+    p.set_defaults(func=lambda args: cmd_finetune(args, run))
+
+    p = sub.add_parser("restore", help="run a restorer over a manifest or folder, batched",
+                       description="Restores every image with a built-in restorer, our checkpoint (e.g. a "
+                                   "finetune output) or any architecture spandrel can load.")
+    p.add_argument("--input", required=True, help="manifest or folder of images")
+    p.add_argument("--restorer", required=True, help="none, bicubic, or a checkpoint path / URL")
+    add_common(p, shard_size=256, batch_size=8)
+    p.set_defaults(func=lambda args: cmd_restore(args, run, print_result))
+
+    p = sub.add_parser("idm", help="train IDM's conditional diffusion restorer (x0 prediction)")
+    isub = p.add_subparsers(dest="idm_command", required=True, metavar="SUBCOMMAND")
+    q = isub.add_parser("train", help="train one intrinsic round on (degrade(x), x) pairs of --input",
+                        description="IDM (ICCV 2023): a UNet predicting x0 from x_t and the degraded image "
+                                    "(concatenated), trained with L1 on pairs degraded on the fly with the idm "
+                                    "preset (IDM's ranges, GFPGAN's mechanics). Defaults are the paper's scale "
+                                    "(512 px, 6 levels, ~119M parameters, 100k iterations); use --channels "
+                                    "32,64,64 --attention 16 and a small --resolution on a CPU.")
+    q.add_argument("--input", required=True, help="manifest or folder of HQ faces")
+    q.add_argument("--out", required=True, help="output root (local or fsspec URL)")
+    q.add_argument("--resolution", type=int, default=512, help="images are resized to this (default 512)")
+    q.add_argument("--crop", type=int, default=None, help="random training crops of this size (default: whole image)")
+    q.add_argument("--channels", default=",".join(map(str, (128, 128, 256, 256, 512, 512))),
+                   help="UNet channels per level (default 128,128,256,256,512,512)")
+    q.add_argument("--layers-per-block", type=int, default=2, help="ResNet blocks per level (default 2)")
+    q.add_argument("--attention", default="32,16", help="resolutions (at the crop size) with self-attention")
+    q.add_argument("--norm-groups", type=int, default=32, help="GroupNorm groups (default 32)")
+    q.add_argument("--iters", type=int, default=100_000, help="iterations (default 100000)")
+    q.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
+    q.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
+    q.add_argument("--warmup", type=int, default=10_000, help="linear warm-up steps (default 10000)")
+    q.add_argument("--preset", default="idm", help="training degradation preset (default idm)")
+    q.add_argument("--checkpoint-every", type=int, default=5000, help="checkpoint interval (default 5000)")
+    q.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    q.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
+    q.set_defaults(func=lambda args: cmd_idm_train(args, run))
+
+    p = sub.add_parser("clean", help="clean an HQ dataset the way IDM does, judging every cleaned image",
+                       description="Round r: x* = f_r(x) for every image (10-step DDPM from noise, conditioned "
+                                   "on x); x* replaces x only if NIQE improves (and MUSIQ, when its weights are "
+                                   "pulled) while the low-pass content stays within --min-lowpass-psnr (and "
+                                   "low-pass LPIPS, when its weights are pulled); otherwise x is kept, with the "
+                                   "reason. Between rounds the next model is trained from the last one on "
+                                   "(degrade(x), x*). Incremental: a rerun processes only images added since.")
+    p.add_argument("--input", required=True, help="manifest or folder of HQ faces")
+    p.add_argument("--model", required=True, help="IDM model folder (bfr-curate idm train)")
+    p.add_argument("--rounds", type=int, default=1, help="extrinsic rounds (default 1)")
+    p.add_argument("--steps", type=int, default=10, help="sampling steps (default 10, the paper's)")
+    p.add_argument("--variance", default="posterior", choices=VARIANCES,
+                   help="reverse-step variance: posterior (default) or large (Eq. 8 as printed)")
+    p.add_argument("--passes", type=int, default=1, help="apply the restorer this many times (Eq. 3; default 1)")
+    p.add_argument("--degrade-source", default="original", choices=DEGRADE_SOURCES,
+                   help="later rounds train on (degrade(x), x*) (original, the paper) or (degrade(x*), x*)")
+    p.add_argument("--round-iters", type=int, default=50_000, help="training iterations of rounds >= 2")
+    p.add_argument("--round-batch-size", type=int, default=32, help="training batch of rounds >= 2")
+    p.add_argument("--min-lowpass-psnr", type=float, default=30.0, help="content limit in dB (default 30)")
+    p.add_argument("--lowpass-n", type=int, default=8, help="low-pass factor for the content check (default 8)")
+    p.add_argument("--max-lowpass-lpips", type=float, default=0.15, help="low-pass LPIPS limit (default 0.15)")
+    p.add_argument("--seed", type=int, default=0, help="run seed; each image's seed derives from it")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="UNet precision (bf16 on GPU)")
+    add_common(p, shard_size=64, batch_size=8)
+    p.set_defaults(func=lambda args: cmd_clean(args, run, print_result))
+
+    p = sub.add_parser("schedule", help="serve a recipe as a Prefect deployment on a cron or interval schedule",
+                       description="Serves the recipe until Ctrl-C. Without PREFECT_API_URL, Prefect's embedded "
+                                   "API runs it from this process; with PREFECT_API_URL set, the deployment and "
+                                   "its runs appear on that Prefect server.")
+    p.add_argument("recipe", help="recipe YAML path or name in catalogs/recipes")
+    p.add_argument("--cron", default=None, help="cron string, e.g. '0 3 * * *' (03:00 UTC every day)")
+    p.add_argument("--interval", type=float, default=None, help="or: every this many seconds")
+    p.add_argument("--out", default=None, help="output root (default ./runs/<recipe name>)")
+    p.add_argument("--name", default=None, help="deployment name (default: the recipe's name)")
+    p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
+    p.add_argument("--limit", type=int, default=None, help="runs served at once (default: no limit)")
+    p.set_defaults(func=cmd_schedule)
+

@@ -1,0 +1,89 @@
+"""The clean shard task (IDM Eq. 10 + acceptance): x* = f(x) for a shard of HQ images, judged per image.
+
+Each row is the image the cleaned dataset holds: x* when accepted, else the original x (its own URI,
+no copy). The candidate x* is always written (``candidate_uri``) so reports can show what was rejected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from prefect import task
+
+from bfr_models import storage
+from bfr_models.idm import AcceptanceConfig, IDMModel, idm_sample, judge, load_idm
+from bfr_models.imageio import encode_png
+from bfr_models.manifest import ManifestWriter
+from bfr_models.metrics.niqe import niqe
+from tasks.pseudo_targets import DTYPES, niqe_defined
+from tasks.rows import content_id, decode_items, ok_row, same_size_batches, to_uint8
+from tasks.runtime import device_slot, resolve_device, shard_cache_key
+from tasks.shards import ShardSpec, derived_seed, read_many
+
+STAGE = "clean"
+
+
+@lru_cache(maxsize=2)
+def cached_idm(uri: str, device: str) -> IDMModel:
+    return load_idm(uri, device)
+
+
+@lru_cache(maxsize=2)
+def cached_scorers(musiq: bool, lpips: bool, device: str) -> tuple:
+    """The optional scorers, built once per process (None where the flow found no weights)."""
+    from bfr_models.metrics.lpips_metric import LPIPS
+    from bfr_models.metrics.musiq import MUSIQ
+
+    return (MUSIQ(device=device) if musiq else None), (LPIPS("vgg", device=device) if lpips else None)
+
+
+def clean_batch(model: IDMModel, images: torch.Tensor, seeds: list[int], steps: int, variance: str, passes: int,
+                dtype: str = "fp32") -> torch.Tensor:
+    """x* = f(...f(x)) (``passes`` times, Eq. 3) for a (B, 3, H, W) batch in [0, 1]; padded to the
+    network's multiple (replicate) and cropped back."""
+    h, w = images.shape[-2:]
+    m = model.config.multiple
+    x = F.pad(images, (0, (-w) % m, 0, (-h) % m), mode="replicate") * 2 - 1
+    call = model.x0_model(DTYPES[dtype])
+    schedule = model.config.schedule()
+    for k in range(passes):
+        gens = [torch.Generator().manual_seed(derived_seed(s, str(k))) for s in seeds]
+        x = idm_sample(call, x, schedule, gens, steps=steps, variance=variance)
+    return ((x[..., :h, :w] + 1) / 2).clamp(0, 1)
+
+
+@task(name="clean-shard", cache_key_fn=shard_cache_key, persist_result=True, cache_result_in_memory=False)
+def clean_shard(spec: ShardSpec, stage_uri: str, model_uri: str, round: int, steps: int, variance: str, passes: int,
+                acceptance: dict, musiq: bool, lpips: bool, seed: int, device: str, dtype: str,
+                batch_size: int) -> dict:
+    dev = resolve_device(device)
+    model = cached_idm(model_uri, str(dev))
+    musiq_fn, lpips_fn = cached_scorers(musiq, lpips, str(dev))
+    accept = AcceptanceConfig(**acceptance)
+    writer = ManifestWriter(stage_uri)
+    fetched = read_many([i.uri for i in spec.items])
+    decoded, rows = decode_items(STAGE, spec.items, fetched)
+    common = {"model": model.describe(), "round": round, "steps": steps, "variance": variance, "passes": passes,
+              "acceptance": acceptance, "seed": seed}
+    for batch in same_size_batches(decoded, batch_size):
+        x = torch.from_numpy(np.stack([rgb for _, _, rgb, _ in batch])).permute(0, 3, 1, 2).float().to(dev) / 255.0
+        seeds = [derived_seed(seed, STAGE, str(round), parent_id) for _, parent_id, _, _ in batch]
+        with device_slot(dev):
+            x_star = clean_batch(model, x, seeds, steps, variance, passes, dtype)
+            h, w = x.shape[-2:]
+            records = judge(x, x_star, accept, niqe=niqe if niqe_defined(h, w) else None, musiq=musiq_fn, lpips=lpips_fn)
+        for (item, parent_id, rgb, _), out, rec, s in zip(batch, x_star, records, seeds):
+            candidate = encode_png(to_uint8(out))
+            candidate_uri = writer.write_image(content_id(candidate), candidate)
+            fields = dict(split=item.split, seed=s, params=common, round=round, replaced=rec.pop("accepted"),
+                          reasons=rec.pop("reasons"), candidate_uri=candidate_uri, source_uri=item.uri,
+                          source_sha256=storage.sha256_hex(fetched[item.uri]), **rec)
+            if fields["replaced"]:
+                rows.append(ok_row(STAGE, item, parent_id, candidate_uri, candidate, to_uint8(out), **fields))
+            else:  # the cleaned dataset keeps the original image, with the reason
+                rows.append(ok_row(STAGE, item, parent_id, item.uri, fetched[item.uri], rgb, **fields))
+    return asdict(writer.write_shard(spec.key, rows))

@@ -1,0 +1,37 @@
+"""The restore shard task: run a restorer over a shard of images, batched."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import numpy as np
+import torch
+from prefect import task
+
+from bfr_models.imageio import encode_png
+from bfr_models.manifest import ManifestWriter
+from tasks.pseudo_targets import cached_restorer
+from tasks.rows import content_id, decode_items, ok_row, same_size_batches, to_uint8
+from tasks.runtime import device_slot, resolve_device, shard_cache_key
+from tasks.shards import ShardSpec, read_many
+
+STAGE = "restore"
+
+
+@task(name="restore-shard", cache_key_fn=shard_cache_key, persist_result=True, cache_result_in_memory=False)
+def restore_shard(spec: ShardSpec, stage_uri: str, restorer: str, device: str, batch_size: int) -> dict:
+    dev = resolve_device(device)
+    model = cached_restorer(restorer, str(dev))
+    writer = ManifestWriter(stage_uri)
+    decoded, rows = decode_items(STAGE, spec.items, read_many([i.uri for i in spec.items]))
+    params = {"restorer": model.describe()}
+    for batch in same_size_batches(decoded, batch_size):
+        images = torch.from_numpy(np.stack([rgb for _, _, rgb, _ in batch])).permute(0, 3, 1, 2).float() / 255.0
+        with device_slot(dev):
+            restored = model(images.to(dev)).cpu()
+        for (item, parent_id, _, mode), out in zip(batch, restored):
+            rgb = to_uint8(out)
+            png = encode_png(rgb)
+            rows.append(ok_row(STAGE, item, parent_id, writer.write_image(content_id(png), png), png, rgb,
+                               split=item.split, params={**params, "source_mode": mode}))
+    return asdict(writer.write_shard(spec.key, rows))
