@@ -189,6 +189,6 @@ def add_training_parsers(sub, add_common, run, print_result) -> None:
     p.add_argument("--out", default=None, help="output root (default ./runs/<recipe name>)")
     p.add_argument("--name", default=None, help="deployment name (default: the recipe's name)")
     p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
-    p.add_argument("--limit", type=int, default=None, help="runs served at once (default: no limit)")
+    p.add_argument("--limit", type=int, default=1, help="flow runs this process executes at once (default 1)")
     p.set_defaults(func=cmd_schedule)
 
