@@ -23,7 +23,9 @@ from bfr_models.manifest import ManifestWriter, ShardInfo
 from bfr_models.metrics.fullref import psnr, ssim
 from bfr_models.restorers import (CheckpointModel, RestorerError, SmallRestorer, SpandrelModel, SwinIRRestorer,
                                   load_restorer, save_restorer)
-from bfr_models.training.finetune import FinetuneConfig, FinetuneError, Pairs, finetune, load_finetune_config
+from bfr_models.restorers.codeformer import CodeFormerRestorer
+from bfr_models.training.codeformer import CodeFormerFinetuneConfig, finetune_codeformer
+from bfr_models.training.finetune import FinetuneError, Pairs, finetune, load_finetune_config
 from flows.prior import load_training_images
 from flows.score import Lineage
 from tasks.rows import content_id, to_uint8
@@ -38,7 +40,8 @@ def save_state_dict(model: torch.nn.Module, uri: str) -> None:
     """A spandrel architecture's weights as a plain safetensors state dict (spandrel detects it again)."""
     from safetensors.torch import save
 
-    storage.write_bytes_atomic(uri, save({k: v.detach().cpu().float().contiguous() for k, v in model.state_dict().items()}))
+    net = model.net if isinstance(model, CodeFormerRestorer) else model  # the adapter holds no weights of its own
+    storage.write_bytes_atomic(uri, save({k: v.detach().cpu().float().contiguous() for k, v in net.state_dict().items()}))
 
 
 def trainable_restorer(spec: str) -> tuple[torch.nn.Module, object, dict]:
@@ -47,6 +50,8 @@ def trainable_restorer(spec: str) -> tuple[torch.nn.Module, object, dict]:
         net = FRESH[spec]()
         return net, save_restorer, {"name": spec, "arch": spec, "sha256": None, "config": net.config}
     restorer = load_restorer(spec)
+    if isinstance(restorer.model, CodeFormerRestorer):
+        return restorer.model, save_state_dict, restorer.describe()
     if isinstance(restorer, CheckpointModel):
         return restorer.model, save_restorer, restorer.describe()
     if isinstance(restorer, SpandrelModel):
@@ -119,31 +124,50 @@ def split(pairs: Pairs, val_pairs: int) -> tuple[Pairs, Pairs | None]:
     return part(slice(0, cut)), (part(slice(cut, n)) if val_pairs else None)
 
 
-def plan_finetune(pairs: str, restorer: str, real: str, config: FinetuneConfig):
-    """Everything checked before any work. Returns (pairs, ids, skipped, network, save, restorer info, reals)."""
+def finetune_config(config: str, restorer_net: torch.nn.Module, **overrides):
+    """The config to train ``restorer_net`` with: ``auto`` picks the CodeFormer recipe for CodeFormer, else the
+    image-level one; a mismatch is refused (the code-level recipe is specific to CodeFormer, spec §2.3)."""
+    is_codeformer = isinstance(restorer_net, CodeFormerRestorer)
+    name = ("codeformer" if is_codeformer else "unsupervised_bfr") if config == "auto" else config
+    cfg = load_finetune_config(name, **overrides)
+    if is_codeformer != isinstance(cfg, CodeFormerFinetuneConfig):
+        raise FinetuneError(f"finetune config {name} is the {'codeformer' if not is_codeformer else 'image'}-level "
+                            f"recipe, but the restorer is {'' if is_codeformer else 'not '}a CodeFormer "
+                            f"(use --config auto)")
+    return cfg
+
+
+def plan_finetune(pairs: str, restorer: str, real: str | None, config: str, overrides: dict):
+    """Everything checked before any work. Returns (pairs, ids, skipped, network, save, info, reals, config)."""
     data, ids, skipped = load_pairs(pairs)
     net, save, info = trainable_restorer(restorer)
+    cfg = finetune_config(config, net, **overrides)
     size = data.lq.shape[-1]
     multiple = getattr(net, "pad_multiple", 1)
     if data.lq.shape[-2] % multiple or size % multiple:
         raise FinetuneError(f"{info['arch']} needs sides that are multiples of {multiple}; pairs are "
                             f"{data.lq.shape[-1]}x{data.lq.shape[-2]}")
-    split(data, config.val_pairs)
+    split(data, cfg.val_pairs)
     if data.lq.shape[-2] != size:
         raise FinetuneError(f"pairs are {size}x{data.lq.shape[-2]}: only square pairs are supported "
                             f"(real faces are resized to the pair size)")
-    if config.lpips_weight > 0:
+    if getattr(cfg, "lpips_weight", 0) > 0:
         from bfr_models.metrics.lpips_metric import BACKBONE_CARDS
         from bfr_models.models import model_path
 
-        model_path(BACKBONE_CARDS[config.lpips_net])  # ModelMissingError names the file and the pull command
-    if not storage.exists(real):
-        raise FileNotFoundError(f"--real not found: {real}")
-    reals, _ = load_training_images(real, size)
-    if config.gan_weight > 0 and reals.shape[0] < config.batch_size:
-        raise FinetuneError(f"--real has {reals.shape[0]} images, fewer than the batch ({config.batch_size}); "
-                            f"the discriminator needs at least a batch of real faces")
-    return data, ids, skipped, net, save, info, (reals + 1) / 2
+        model_path(BACKBONE_CARDS[cfg.lpips_net])  # ModelMissingError names the file and the pull command
+    reals = None
+    if getattr(cfg, "gan_weight", 0) > 0:
+        if not real:
+            raise FinetuneError("--real (HQ faces for the discriminator) is required by the image-level recipe")
+        if not storage.exists(real):
+            raise FileNotFoundError(f"--real not found: {real}")
+        reals, _ = load_training_images(real, size)
+        if reals.shape[0] < cfg.batch_size:
+            raise FinetuneError(f"--real has {reals.shape[0]} images, fewer than the batch ({cfg.batch_size}); "
+                                f"the discriminator needs at least a batch of real faces")
+        reals = (reals + 1) / 2
+    return data, ids, skipped, net, save, info, reals, cfg
 
 
 def _key(context, parameters) -> str:
@@ -151,9 +175,9 @@ def _key(context, parameters) -> str:
 
 
 @task(name="finetune-train", cache_key_fn=_key, persist_result=True)
-def finetune_task(key: str, pairs: str, restorer: str, real: str, config: dict, out: str, device: str) -> dict:
-    cfg = FinetuneConfig(**config)
-    data, ids, _, net, save, info, reals = plan_finetune(pairs, restorer, real, cfg)
+def finetune_task(key: str, pairs: str, restorer: str, real: str | None, config: str, overrides: dict, out: str,
+                  device: str) -> dict:
+    data, ids, _, net, save, info, reals, cfg = plan_finetune(pairs, restorer, real, config, overrides)
     train, val = split(data, cfg.val_pairs)
     dev = resolve_device(device)
     lpips_net = _lpips(cfg, dev)
@@ -162,7 +186,12 @@ def finetune_task(key: str, pairs: str, restorer: str, real: str, config: dict, 
             bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
             bar.update(step - bar.n)
 
-        log = finetune(net, train, val, reals, cfg, out, lpips_net=lpips_net, device=dev, save=save, on_step=on_step)
+        if isinstance(cfg, CodeFormerFinetuneConfig):
+            log = finetune_codeformer(net, train, val, cfg, out, lpips_net=lpips_net, device=dev, save=save,
+                                      on_step=on_step)
+        else:
+            log = finetune(net, train, val, reals, cfg, out, lpips_net=lpips_net, device=dev, save=save,
+                           on_step=on_step)
     writer = ManifestWriter(out)
     rows = []
     if val is not None:
@@ -175,15 +204,15 @@ def finetune_task(key: str, pairs: str, restorer: str, real: str, config: dict, 
             "train_pairs": len(train), "val_pairs": len(val) if val is not None else 0}
 
 
-def _lpips(cfg: FinetuneConfig, dev):
+def _lpips(cfg, dev):
     """The LPIPS module for the loss and validation; None when its weights are missing and the loss needs none."""
     from bfr_models.metrics.lpips_metric import LPIPS
     from bfr_models.models import ModelMissingError
 
     try:
-        return LPIPS(cfg.lpips_net, device=dev).model
+        return LPIPS(getattr(cfg, "lpips_net", "vgg"), device=dev).model
     except ModelMissingError:
-        if cfg.lpips_weight > 0:
+        if getattr(cfg, "lpips_weight", 0) > 0:
             raise
         return None
 
@@ -211,30 +240,30 @@ def _validation_rows(net, val: Pairs, ids, writer, lpips_net, dev) -> list[dict]
 
 
 @flow(name="finetune")
-def finetune_flow(pairs: str, restorer: str, real: str, out: str, config: str = "unsupervised_bfr",
+def finetune_flow(pairs: str, restorer: str, out: str, real: str | None = None, config: str = "auto",
                   iters: int | None = None, batch_size: int | None = None, micro_batch: int | None = None,
-                  lr: float | None = None, lr_min: float | None = None, val_pairs: int | None = None,
-                  validate_every: int | None = None, checkpoint_every: int | None = None,
-                  lpips_weight: float | None = None, gan_weight: float | None = None, lpips_net: str | None = None,
-                  d_num_feat: int | None = None, precision: str | None = None, seed: int | None = None,
+                  lr: float | None = None, val_pairs: int | None = None, validate_every: int | None = None,
+                  checkpoint_every: int | None = None, precision: str | None = None, seed: int | None = None,
                   device: str = "auto") -> str:
-    """Fine-tune `restorer` on the pairs; returns the stage folder (restorer, log, validation manifest)."""
-    cfg = load_finetune_config(config, iters=iters, batch_size=batch_size, micro_batch=micro_batch, lr=lr,
-                               lr_min=lr_min, val_pairs=val_pairs, validate_every=validate_every,
-                               checkpoint_every=checkpoint_every, lpips_weight=lpips_weight, gan_weight=gan_weight,
-                               lpips_net=lpips_net, d_num_feat=d_num_feat, precision=precision, seed=seed)
-    data, ids, skipped, _, _, info, reals = plan_finetune(pairs, restorer, real, cfg)
+    """Fine-tune `restorer` on the pairs; returns the stage folder (restorer, log, validation manifest).
+
+    ``config`` names a catalogs/finetune YAML (``auto``: the CodeFormer recipe for CodeFormer checkpoints,
+    else the image-level one); the other arguments override its values.
+    """
+    overrides = dict(iters=iters, batch_size=batch_size, micro_batch=micro_batch, lr=lr, val_pairs=val_pairs,
+                     validate_every=validate_every, checkpoint_every=checkpoint_every, precision=precision, seed=seed)
+    data, ids, skipped, _, _, info, reals, cfg = plan_finetune(pairs, restorer, real, config, overrides)
     dev = resolve_device(device)
-    logger = get_run_logger()
-    logger.info("finetune: %d pairs (%d error rows skipped), %d real faces, %s", len(ids), skipped, len(reals), info["arch"])
-    real_items, _ = list_inputs(real)
-    key = stable_hash([STAGE, asdict(cfg), manifest.read_index(pairs)["key"], [(i.uri, i.version) for i in real_items],
-                       info.get("sha256") or info.get("name")], length=12)
+    get_run_logger().info("finetune: %d pairs (%d error rows skipped), %s real faces, %s, %s", len(ids), skipped,
+                          "no" if reals is None else len(reals), info["arch"], type(cfg).__name__)
+    real_items = list_inputs(real)[0] if reals is not None else []
+    key = stable_hash([STAGE, type(cfg).__name__, asdict(cfg), manifest.read_index(pairs)["key"],
+                       [(i.uri, i.version) for i in real_items], info.get("sha256") or info.get("name")], length=12)
     where = storage.join(storage.normalize(out), STAGE, key)
     result = finetune_task.with_options(result_storage=result_storage(where))(
-        key=stable_hash([where, CODE_VERSION]), pairs=pairs, restorer=restorer, real=real, config=asdict(cfg),
-        out=where, device=str(dev))
-    config = {"finetune": asdict(cfg), "pairs": pairs, "real": real, "skipped_pairs": skipped,
-              **{k: v for k, v in result.items() if k != "shard"}}
-    ManifestWriter(where).write_index(STAGE, key, config, [ShardInfo(**result["shard"])])
+        key=stable_hash([where, CODE_VERSION]), pairs=pairs, restorer=restorer, real=real, config=config,
+        overrides=overrides, out=where, device=str(dev))
+    index_config = {"finetune": asdict(cfg), "recipe": type(cfg).__name__, "pairs": pairs, "real": real,
+                    "skipped_pairs": skipped, **{k: v for k, v in result.items() if k != "shard"}}
+    ManifestWriter(where).write_index(STAGE, key, index_config, [ShardInfo(**result["shard"])])
     return where

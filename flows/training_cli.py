@@ -13,12 +13,11 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def cmd_finetune(args, run) -> None:
     from flows.finetune import finetune_flow, plan_finetune
-    from bfr_models.training.finetune import load_finetune_config
 
     knobs = dict(iters=args.iters, batch_size=args.batch_size, micro_batch=args.micro_batch, lr=args.lr,
                  val_pairs=args.val_pairs, validate_every=args.validate_every, checkpoint_every=args.checkpoint_every,
                  precision=args.precision, seed=args.seed)
-    plan_finetune(args.pairs, args.restorer, args.real, load_finetune_config(args.config, **knobs))
+    plan_finetune(args.pairs, args.restorer, args.real, args.config, knobs)
     uri = run(finetune_flow, args, pairs=args.pairs, restorer=args.restorer, real=args.real, out=args.out,
               config=args.config, device=args.device, **knobs)
     from bfr_models import manifest, storage
@@ -95,16 +94,21 @@ def add_training_parsers(sub, add_common, run, print_result) -> None:
     p = sub.add_parser("finetune", help="fine-tune a restorer on pseudo-target pairs (L1 + LPIPS + GAN)",
                        description="The unsupervised-BFR objective: L1 + 0.1 LPIPS(VGG) + 0.1 GAN with a U-Net "
                                    "discriminator (spectral norm) trained from scratch on --real faces; AdamW, "
-                                   "cosine LR, batch 16 from micro-batches of 4. Every default is in "
-                                   "catalogs/finetune/unsupervised_bfr.yaml. Checkpoints go to the output store; "
+                                   "cosine LR, batch 16 from micro-batches of 4 (catalogs/finetune/"
+                                   "unsupervised_bfr.yaml). A CodeFormer checkpoint gets CodeFormer's code-level "
+                                   "recipe instead (frozen codebook/decoder, feature + 0.5 token loss; "
+                                   "catalogs/finetune/codeformer.yaml). Checkpoints go to the output store; "
                                    "rerunning the same command after an interruption resumes.")
     p.add_argument("--pairs", required=True, help="a pseudo-target manifest (each row's parent is its LQ input)")
     p.add_argument("--restorer", required=True,
                    help="small or swinir (fresh networks), or a checkpoint: ours (restore/finetune output) or "
                         "any same-resolution architecture spandrel loads")
-    p.add_argument("--real", required=True, help="manifest or folder of real HQ faces for the discriminator")
+    p.add_argument("--real", default=None, help="manifest or folder of real HQ faces for the discriminator "
+                                                "(image-level recipe; CodeFormer's code-level recipe has no GAN)")
     p.add_argument("--out", required=True, help="output root (local or fsspec URL)")
-    p.add_argument("--config", default="unsupervised_bfr", help="catalogs/finetune/<name>.yaml or a YAML path")
+    p.add_argument("--config", default="auto",
+                   help="catalogs/finetune/<name>.yaml or a YAML path; auto: codeformer for a CodeFormer "
+                        "checkpoint, else unsupervised_bfr")
     p.add_argument("--iters", type=int, default=None, help="iterations (config default 20000)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size (config default 16)")
     p.add_argument("--micro-batch", type=int, default=None, help="micro-batch for gradient accumulation (default 4)")

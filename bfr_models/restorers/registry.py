@@ -20,6 +20,7 @@ which is resized back to the input size with antialiased bicubic; ``describe()``
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 
@@ -29,6 +30,8 @@ import torch.nn.functional as F
 from bfr_models import storage
 from bfr_models.restorers.checkpoint import (FORMAT, arch_of, is_restorer_checkpoint, read_checkpoint, safetensors_metadata,
                                              restorer_from_bytes)
+from bfr_models.restorers.codeformer import ARCH as CODEFORMER
+from bfr_models.restorers.codeformer import CodeFormerRestorer
 from bfr_models.restorers.errors import RestorerError
 
 BUILTINS = {
@@ -43,11 +46,19 @@ def list_restorers() -> list[str]:
     return list(BUILTINS)
 
 
-def spandrel_architectures() -> list[str]:
-    """The names of the architectures spandrel can detect and load, in its registry's order."""
+@functools.lru_cache(maxsize=1)
+def spandrel_registry():
+    """spandrel's registry with spandrel-extra-arches added (CodeFormer and the other non-commercial ones)."""
+    import spandrel_extra_arches
     from spandrel import MAIN_REGISTRY
 
-    return [a.architecture.name for a in MAIN_REGISTRY.architectures()]
+    spandrel_extra_arches.install()
+    return MAIN_REGISTRY
+
+
+def spandrel_architectures() -> list[str]:
+    """The names of the architectures spandrel can detect and load, in its registry's order."""
+    return [a.architecture.name for a in spandrel_registry().architectures()]
 
 
 def _spandrel_can_load() -> str:
@@ -159,6 +170,10 @@ def load_restorer(spec: str, device: str | torch.device = "cpu") -> Restorer:
                                config=net.config, model=net)
     descriptor = _spandrel_load(data, uri)
     descriptor = descriptor.to(torch.device(device)).float().eval()
+    if descriptor.architecture.name == CODEFORMER:  # [-1, 1] inside, any multiple of 32: our adapter
+        net = CodeFormerRestorer(descriptor.model).eval()
+        return CheckpointModel(name, CODEFORMER, device=device, sha256=digest, scale=1, uri=uri,
+                               config={"loader": "spandrel", **net.config}, model=net)
     config = {"loader": "spandrel", "arch_name": descriptor.architecture.name, "purpose": descriptor.purpose,
               "tags": list(descriptor.tags)}
     return SpandrelModel(descriptor, name=name, arch=str(descriptor.architecture.id), device=device, sha256=digest,
@@ -187,12 +202,12 @@ def _read_state_dict(data: bytes, uri: str) -> dict:
 
 def _spandrel_load(data: bytes, uri: str):
     """The spandrel ImageModelDescriptor of a checkpoint's state dict, checked to be an RGB -> RGB restorer."""
-    from spandrel import ImageModelDescriptor, MAIN_REGISTRY, UnsupportedModelError, canonicalize_state_dict
+    from spandrel import ImageModelDescriptor, UnsupportedModelError, canonicalize_state_dict
 
     state = _read_state_dict(data, uri)
     try:
         state = canonicalize_state_dict(state)
-        descriptor = MAIN_REGISTRY.load(state)
+        descriptor = spandrel_registry().load(state)
     except UnsupportedModelError:
         keys = ", ".join(list(map(str, state))[:3]) or "no keys"
         raise RestorerError(f"restorer checkpoint {uri}: spandrel recognises no architecture in its state dict "

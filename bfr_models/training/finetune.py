@@ -99,9 +99,15 @@ def finetune_configs_dir() -> Path:
     return catalogs_dir() / "finetune"
 
 
-def load_finetune_config(name_or_path: str = "unsupervised_bfr", **overrides) -> FinetuneConfig:
-    """A config from ``catalogs/finetune/<name>.yaml`` (or a YAML path), with ``overrides`` on top."""
+def load_finetune_config(name_or_path: str = "unsupervised_bfr", **overrides):
+    """A config from ``catalogs/finetune/<name>.yaml`` (or a YAML path), with ``overrides`` on top.
+
+    Its ``recipe`` key picks the kind: ``image`` (:class:`FinetuneConfig`, the default) or ``codeformer``
+    (:class:`~bfr_models.training.codeformer.CodeFormerFinetuneConfig`).
+    """
     import yaml
+
+    from bfr_models.training.codeformer import CodeFormerFinetuneConfig
 
     path = Path(name_or_path)
     if not path.exists():
@@ -114,12 +120,18 @@ def load_finetune_config(name_or_path: str = "unsupervised_bfr", **overrides) ->
     except yaml.YAMLError as e:
         raise FinetuneError(f"finetune config {path}: not valid YAML: {getattr(e, 'problem', e)}") from None
     data = {k: v for k, v in data.items() if k != "description"}
+    recipes = {"image": FinetuneConfig, "codeformer": CodeFormerFinetuneConfig}
+    recipe = data.pop("recipe", "image")
+    if recipe not in recipes:
+        raise FinetuneError(f"finetune config {path}: recipe must be one of {', '.join(recipes)}, got {recipe!r}")
+    cls = recipes[recipe]
+    known = {f.name for f in fields(cls)}
     data.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in fields(FinetuneConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise FinetuneError(f"finetune config {path}: unknown key '{unknown[0]}' (keys: {', '.join(sorted(known))})")
-    return FinetuneConfig(**data)
+        raise FinetuneError(f"finetune config {path}: unknown key '{unknown[0]}' for the {recipe} recipe "
+                            f"(keys: {', '.join(sorted(known))})")
+    return cls(**data)
 
 
 @dataclass
@@ -223,9 +235,7 @@ def finetune(model: torch.nn.Module, train: Pairs, val: Pairs | None, reals: tor
             disc.load_state_dict(state["disc"])
             opt_d.load_state_dict(state["opt_d"])
         gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if torch.cuda.is_available() and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        restore_rng(state)
         step, log = int(state["step"]), list(state["log"])
     bce = torch.nn.BCEWithLogitsLoss()
 
@@ -278,21 +288,26 @@ def finetune(model: torch.nn.Module, train: Pairs, val: Pairs | None, reals: tor
         if on_step is not None:
             on_step(step, row)
         if step % config.checkpoint_every == 0 or step == config.iters:
-            _checkpoint(out, model, disc, opt_g, opt_d, sched, gen, step, log, config, save)
+            write_checkpoint(out, save, model, log, {
+                "config": asdict(config), "step": step, "model": model.state_dict(),
+                "disc": disc.state_dict() if disc is not None else None, "opt_g": opt_g.state_dict(),
+                "opt_d": opt_d.state_dict() if opt_d is not None else None, "scheduler": sched.state_dict(),
+                "generator": gen.get_state()})
     return pd.DataFrame(log)
 
 
-def _checkpoint(out, model, disc, opt_g, opt_d, sched, gen, step, log, config, save) -> None:
+def write_checkpoint(out: str, save, model, log: list[dict], state: dict) -> None:
     """The restorer and the log first, then the resume state: a crash between them only repeats steps."""
     if save is not None:
         save(model, storage.join(out, "restorer.safetensors"))
     frame = pd.DataFrame(log)
     storage.write_bytes_atomic(storage.join(out, LOG_FILE), frame.to_parquet(index=False))
     storage.write_bytes_atomic(storage.join(out, "log.csv"), frame.to_csv(index=False).encode())
-    save_state(storage.join(out, STATE_FILE), {
-        "config": asdict(config), "step": step, "log": log, "model": model.state_dict(),
-        "disc": disc.state_dict() if disc is not None else None, "opt_g": opt_g.state_dict(),
-        "opt_d": opt_d.state_dict() if opt_d is not None else None, "scheduler": sched.state_dict(),
-        "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    })
+    save_state(storage.join(out, STATE_FILE), {**state, "log": log, "torch_rng": torch.get_rng_state(),
+                                               "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None})
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch_rng"])
+    if torch.cuda.is_available() and state.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
