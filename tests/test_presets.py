@@ -66,7 +66,7 @@ def _shipped(name: str = "gfpgan") -> dict:
 
 def test_list_presets():
     assert set(list_presets()) == {"gfpgan", "codeformer_stage2", "codeformer_stage3", "difface", "diffbir",
-                                   "dt_bfr_swinir", "dr2", "diffbfr", "idm", "camera_raw", "difbfsr-gaussian8"}
+                                   "dt_bfr_swinir", "dr2", "diffbfr", "idm", "idm_noise", "camera_raw", "difbfsr-gaussian8"}
 
 
 @pytest.mark.parametrize("name,split", list(SPEC))

@@ -19,7 +19,7 @@ from diffusers import UNet2DModel
 from bfr_models import storage
 from bfr_models.diffusion.prior import save_prior
 from bfr_models.diffusion.schedule import DDPMSchedule
-from bfr_models.training.state import ema_update, load_state, save_state
+from bfr_models.training.state import ema_update, resume, save_state
 
 STATE_FILE = "checkpoints/train_state.pt"
 
@@ -89,14 +89,9 @@ def train_prior(images: torch.Tensor, config: PriorTrainConfig, out: str, device
     gen = torch.Generator().manual_seed(config.seed)
     step = 0
     state_uri = storage.join(out, STATE_FILE)
-    state = load_state(state_uri, device)
+    state = resume(state_uri, device, asdict(config),
+                   {"unet": unet, "ema": ema, "optimizer": opt, "generator": gen}, "prior train")
     if state is not None:
-        if state["config"] != asdict(config):
-            raise ValueError(f"prior train: {state_uri} was written with a different config; use a new --out")
-        unet.load_state_dict(state["unet"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
         step = int(state["step"])
 
     data = images.float()

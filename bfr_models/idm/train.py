@@ -21,7 +21,7 @@ import torch
 from bfr_models import storage
 from bfr_models.degradations import load_preset
 from bfr_models.idm.model import IDMConfig, IDMError, IDMModel, idm_unet, save_idm
-from bfr_models.training.state import ema_update, load_state, save_state
+from bfr_models.training.state import ema_update, resume, save_state
 
 STATE_FILE = "checkpoints/train_state.pt"
 
@@ -102,15 +102,9 @@ def train_idm(sources: torch.Tensor, model: IDMConfig, config: IDMTrainConfig, o
     gen = torch.Generator().manual_seed(config.seed)
     step = 0
     state_uri = storage.join(out, STATE_FILE)
-    state = load_state(state_uri, device)
+    state = resume(state_uri, device, [asdict(model), asdict(config)],
+                   {"unet": unet, "ema": ema, "optimizer": opt, "scheduler": sched, "generator": gen}, "idm train", IDMError)
     if state is not None:
-        if state["config"] != [asdict(model), asdict(config)]:
-            raise IDMError(f"idm train: {state_uri} was written with a different config; use a new --out")
-        unet.load_state_dict(state["unet"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["generator"])
         step = int(state["step"])
 
     unet.train()

@@ -25,7 +25,7 @@ from bfr_models import storage
 from bfr_models.restorers.codeformer import FIDELITY_WEIGHT, CodeFormerRestorer
 from bfr_models.training.finetune import (STATE_FILE, FinetuneError, Pairs, restore_rng, validate,
                                           write_checkpoint)
-from bfr_models.training.state import ema_update, load_state
+from bfr_models.training.state import ema_update, resume
 
 TRAINED = ("encoder", "position_emb", "feat_emb", "ft_layers", "idx_pred_layer")  # the rest is frozen
 
@@ -110,17 +110,10 @@ def finetune_codeformer(restorer: CodeFormerRestorer, train: Pairs, val: Pairs |
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(config.milestones), gamma=config.gamma)
     gen = torch.Generator().manual_seed(config.seed)
     step, log = 0, []
-    state = load_state(storage.join(out, STATE_FILE), device)
+    state = resume(storage.join(out, STATE_FILE), device, asdict(config),
+                   {"model": restorer, "ema": ema, "frozen_encoder": frozen_encoder, "optimizer": opt,
+                    "scheduler": sched, "generator": gen}, "finetune", FinetuneError)
     if state is not None:
-        if state["config"] != asdict(config):
-            raise FinetuneError(f"finetune: {storage.join(out, STATE_FILE)} was written with a different config; "
-                                f"use a new --out")
-        restorer.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        frozen_encoder.load_state_dict(state["frozen_encoder"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["generator"])
         restore_rng(state)
         step, log = int(state["step"]), list(state["log"])
     if step == 0 and val is not None and len(val):

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from bfr_models import storage
 from bfr_models.metrics.fullref import psnr, ssim
-from bfr_models.training.state import load_state, save_state
+from bfr_models.training.state import resume, save_state
 
 STATE_FILE = "checkpoints/train_state.pt"
 LOG_FILE = "log.parquet"
@@ -224,17 +224,9 @@ def finetune(model: torch.nn.Module, train: Pairs, val: Pairs | None, reals: tor
     gen = torch.Generator().manual_seed(config.seed)
     step, log = 0, []
     state_uri = storage.join(out, STATE_FILE)
-    state = load_state(state_uri, device)
+    state = resume(state_uri, device, asdict(config), {"model": model, "opt_g": opt_g, "scheduler": sched,
+                   "disc": disc, "opt_d": opt_d, "generator": gen}, "finetune", FinetuneError)
     if state is not None:
-        if state["config"] != asdict(config):
-            raise FinetuneError(f"finetune: {state_uri} was written with a different config; use a new --out")
-        model.load_state_dict(state["model"])
-        opt_g.load_state_dict(state["opt_g"])
-        sched.load_state_dict(state["scheduler"])
-        if disc is not None:
-            disc.load_state_dict(state["disc"])
-            opt_d.load_state_dict(state["opt_d"])
-        gen.set_state(state["generator"])
         restore_rng(state)
         step, log = int(state["step"]), list(state["log"])
     bce = torch.nn.BCEWithLogitsLoss()

@@ -30,3 +30,18 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step:
     d = min(decay, (1.0 + step) / (10.0 + step))
     for pe, p in zip(ema.parameters(), model.parameters()):
         pe.lerp_(p, 1.0 - d)
+
+
+def resume(uri: str, device, config, objects: dict, what: str, error: type[Exception] = ValueError) -> dict | None:
+    """Load the state saved at ``uri`` into ``objects`` (name -> module, optimizer, scheduler or torch.Generator,
+    each restored from the entry of that name); None when there is none. A state written with another
+    ``config`` is refused: resuming it would silently mix two runs."""
+    state = load_state(uri, device)
+    if state is None:
+        return None
+    if state["config"] != config:
+        raise error(f"{what}: {uri} was written with a different config; use a new --out")
+    for name, obj in objects.items():
+        if obj is not None and state.get(name) is not None:
+            (obj.set_state if isinstance(obj, torch.Generator) else obj.load_state_dict)(state[name])
+    return state
