@@ -148,17 +148,19 @@ def clean_flow(input: str, out: str, model: str, rounds: int = 1, steps: int = 1
                passes: int = 1, degrade_source: str = "original", round_iters: int = 50_000,
                round_batch_size: int = 32, round_lr: float = 1e-4, round_warmup: int = 1000,
                round_checkpoint_every: int = 5000, min_lowpass_psnr: float = 30.0, lowpass_N: int = 8,
-               max_lowpass_lpips: float = 0.15, musiq: bool | None = None, lpips: bool | None = None,
-               fid: bool | None = None, seed: int = 0, shard_size: int = 64, batch_size: int = 8,
+               max_lowpass_lpips: float = 0.15, min_identity: float = 0.85, musiq: bool | None = None,
+               lpips: bool | None = None, identity: bool | None = None, fid: bool | None = None, seed: int = 0, shard_size: int = 64, batch_size: int = 8,
                device: str = "auto", dtype: str = "fp32") -> str:
     """Clean the images of `input` with an IDM model for `rounds` extrinsic rounds; returns the last manifest."""
-    acceptance = dict(lowpass_N=lowpass_N, min_lowpass_psnr=min_lowpass_psnr, max_lowpass_lpips=max_lowpass_lpips)
+    acceptance = dict(lowpass_N=lowpass_N, min_lowpass_psnr=min_lowpass_psnr, max_lowpass_lpips=max_lowpass_lpips,
+                      min_identity=min_identity)
     first = plan_clean(input, model, rounds, steps, variance, passes, degrade_source, dtype, acceptance)
     dev = resolve_device(device)
     ensure_gpu_limit(dev)
     not_computed: list[dict] = []
     use_musiq = _optional_scorer("musiq_koniq", musiq, not_computed, "musiq")
     use_lpips = _optional_scorer("lpips_vgg16_backbone", lpips, not_computed, "lowpass_lpips")
+    use_identity = _optional_scorer("facenet_vggface2", identity, not_computed, "identity_cos")
     use_fid = _optional_scorer("fid_inception_clean", fid, not_computed, "fid")
     items, skipped = list_inputs(input)
     logger = get_run_logger()
@@ -175,11 +177,12 @@ def clean_flow(input: str, out: str, model: str, rounds: int = 1, steps: int = 1
                 seed=seed, targets=uri, init=model_uri, degrade_source=degrade_source, round=r, device=str(dev))
         m = cached_idm(model_uri, str(dev))
         config = {"model": m.sha256, "model_uri": model_uri, "round": r, "steps": steps, "variance": variance,
-                  "passes": passes, "acceptance": acceptance, "musiq": use_musiq, "lpips": use_lpips, "seed": seed,
-                  "dtype": dtype}
+                  "passes": passes, "acceptance": acceptance, "musiq": use_musiq, "lpips": use_lpips,
+                  "identity": use_identity, "seed": seed, "dtype": dtype}
         uri = run_stage(clean_shard, STAGE, config, items, input, out, shard_size, incremental=True,
                         model_uri=model_uri, round=r, steps=steps, variance=variance, passes=passes,
-                        acceptance=acceptance, musiq=use_musiq, lpips=use_lpips, seed=seed, device=str(dev),
+                        acceptance=acceptance, musiq=use_musiq, lpips=use_lpips, identity=use_identity,
+                        seed=seed, device=str(dev),
                         dtype=dtype, batch_size=batch_size)
         frame = manifest.read_manifest(uri)
         ok = frame[frame["status"] == "ok"]

@@ -65,7 +65,7 @@ def cmd_clean(args, run, print_result) -> None:
     from flows.idm import clean_flow, plan_clean
 
     acceptance = dict(lowpass_N=args.lowpass_n, min_lowpass_psnr=args.min_lowpass_psnr,
-                      max_lowpass_lpips=args.max_lowpass_lpips)
+                      max_lowpass_lpips=args.max_lowpass_lpips, min_identity=args.min_identity)
     plan_clean(args.input, args.model, args.rounds, args.steps, args.variance, args.passes, args.degrade_source,
                args.dtype, acceptance)
     uri = run(clean_flow, args, input=args.input, out=args.out, model=args.model, rounds=args.rounds, steps=args.steps,
@@ -161,7 +161,8 @@ def add_training_parsers(sub, add_common, run, print_result) -> None:
                        description="Round r: x* = f_r(x) for every image (10-step DDPM from noise, conditioned "
                                    "on x); x* replaces x only if NIQE improves (and MUSIQ, when its weights are "
                                    "pulled) while the low-pass content stays within --min-lowpass-psnr (and "
-                                   "low-pass LPIPS, when its weights are pulled); otherwise x is kept, with the "
+                                   "low-pass LPIPS, and FaceNet identity similarity, when their weights are pulled); "
+                                   "otherwise x is kept, with the "
                                    "reason. Between rounds the next model is trained from the last one on "
                                    "(degrade(x), x*). Incremental: a rerun processes only images added since.")
     p.add_argument("--input", required=True, help="manifest or folder of HQ faces")
@@ -178,6 +179,8 @@ def add_training_parsers(sub, add_common, run, print_result) -> None:
     p.add_argument("--min-lowpass-psnr", type=float, default=30.0, help="content limit in dB (default 30)")
     p.add_argument("--lowpass-n", type=int, default=8, help="low-pass factor for the content check (default 8)")
     p.add_argument("--max-lowpass-lpips", type=float, default=0.15, help="low-pass LPIPS limit (default 0.15)")
+    p.add_argument("--min-identity", type=float, default=0.85,
+                   help="FaceNet cosine similarity limit, when facenet_vggface2 is pulled (default 0.85)")
     p.add_argument("--seed", type=int, default=0, help="run seed; each image's seed derives from it")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="UNet precision (bf16 on GPU)")
     add_common(p, shard_size=64, batch_size=8)

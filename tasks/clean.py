@@ -33,12 +33,14 @@ def cached_idm(uri: str, device: str) -> IDMModel:
 
 
 @lru_cache(maxsize=2)
-def cached_scorers(musiq: bool, lpips: bool, device: str) -> tuple:
+def cached_scorers(musiq: bool, lpips: bool, identity: bool, device: str) -> tuple:
     """The optional scorers, built once per process (None where the flow found no weights)."""
+    from bfr_models.metrics.identity import FaceIdentity
     from bfr_models.metrics.lpips_metric import LPIPS
     from bfr_models.metrics.musiq import MUSIQ
 
-    return (MUSIQ(device=device) if musiq else None), (LPIPS("vgg", device=device) if lpips else None)
+    return ((MUSIQ(device=device) if musiq else None), (LPIPS("vgg", device=device) if lpips else None),
+            (FaceIdentity(device=device) if identity else None))
 
 
 def clean_batch(model: IDMModel, images: torch.Tensor, seeds: list[int], steps: int, variance: str, passes: int,
@@ -58,11 +60,11 @@ def clean_batch(model: IDMModel, images: torch.Tensor, seeds: list[int], steps: 
 
 @task(name="clean-shard", cache_key_fn=shard_cache_key, persist_result=True, cache_result_in_memory=False)
 def clean_shard(spec: ShardSpec, stage_uri: str, model_uri: str, round: int, steps: int, variance: str, passes: int,
-                acceptance: dict, musiq: bool, lpips: bool, seed: int, device: str, dtype: str,
+                acceptance: dict, musiq: bool, lpips: bool, identity: bool, seed: int, device: str, dtype: str,
                 batch_size: int) -> dict:
     dev = resolve_device(device)
     model = cached_idm(model_uri, str(dev))
-    musiq_fn, lpips_fn = cached_scorers(musiq, lpips, str(dev))
+    musiq_fn, lpips_fn, identity_fn = cached_scorers(musiq, lpips, identity, str(dev))
     accept = AcceptanceConfig(**acceptance)
     writer = ManifestWriter(stage_uri)
     fetched = read_many([i.uri for i in spec.items])
@@ -75,7 +77,8 @@ def clean_shard(spec: ShardSpec, stage_uri: str, model_uri: str, round: int, ste
         with device_slot(dev):
             x_star = clean_batch(model, x, seeds, steps, variance, passes, dtype)
             h, w = x.shape[-2:]
-            records = judge(x, x_star, accept, niqe=niqe if niqe_defined(h, w) else None, musiq=musiq_fn, lpips=lpips_fn)
+            records = judge(x, x_star, accept, niqe=niqe if niqe_defined(h, w) else None, musiq=musiq_fn,
+                            lpips=lpips_fn, identity=identity_fn)
         for (item, parent_id, rgb, _), out, rec, s in zip(batch, x_star, records, seeds):
             candidate = encode_png(to_uint8(out))
             candidate_uri = writer.write_image(content_id(candidate), candidate)

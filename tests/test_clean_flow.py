@@ -48,7 +48,7 @@ def test_clean_improves_quality_within_the_content_limit_over_two_rounds(tmp_pat
     assert [r["round"] for r in rounds] == [1, 2] and rounds[0]["model"] != rounds[1]["model"]
     second = load_idm(rounds[1]["model"])
     assert second.meta["source"]["round"] == 2 and second.meta["source"]["init"]["sha256"] == load_idm(model).sha256
-    assert {r["metric"] for r in index["not_computed"]} == {"musiq", "lowpass_lpips", "fid"}  # no weights here
+    assert {r["metric"] for r in index["not_computed"]} == {"musiq", "lowpass_lpips", "identity_cos", "fid"}
 
     from flows.report import report_flow
 
