@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from bfr_models import storage
 from bfr_models.restorers.codeformer import FIDELITY_WEIGHT, CodeFormerRestorer
-from bfr_models.training.finetune import (STATE_FILE, FinetuneError, Pairs, restore_rng, validate,
+from bfr_models.training.finetune import (STATE_FILE, FinetuneError, LoopKnobs, Pairs, restore_rng, validate,
                                           write_checkpoint)
 from bfr_models.training.state import ema_update, resume
 
@@ -31,7 +31,7 @@ TRAINED = ("encoder", "position_emb", "feat_emb", "ft_layers", "idx_pred_layer")
 
 
 @dataclass(frozen=True)
-class CodeFormerFinetuneConfig:
+class CodeFormerFinetuneConfig(LoopKnobs):
     iters: int = 40_000
     batch_size: int = 8
     lr: float = 1e-4
@@ -44,12 +44,6 @@ class CodeFormerFinetuneConfig:
     token_weight: float = 0.5
     hflip: bool = True
     fidelity_weight: float = FIDELITY_WEIGHT  # w at validation (the paper's inference setting)
-    precision: str = "auto"
-    channels_last: bool = False
-    checkpoint_every: int = 1000
-    validate_every: int = 500
-    val_pairs: int = 16
-    seed: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))

@@ -43,7 +43,19 @@ class FinetuneError(ValueError):
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
+class LoopKnobs:
+    """What every fine-tuning recipe has besides its losses and optimiser: precision, checkpoints, validation."""
+
+    precision: str = "auto"
+    channels_last: bool = False
+    checkpoint_every: int = 1000
+    validate_every: int = 500
+    val_pairs: int = 16
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(LoopKnobs):
     iters: int = 20_000
     batch_size: int = 16
     micro_batch: int = 4
@@ -59,12 +71,6 @@ class FinetuneConfig:
     d_num_feat: int = 64
     d_skip_connection: bool = True
     d_lr: float | None = None  # None: the generator's LR
-    precision: str = "auto"
-    channels_last: bool = False
-    checkpoint_every: int = 1000
-    validate_every: int = 500
-    val_pairs: int = 16
-    seed: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
