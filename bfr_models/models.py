@@ -332,6 +332,12 @@ def _missing_error(missing: list[ModelCard]) -> ModelMissingError:
     return ModelMissingError(msg, missing, cache)
 
 
+def missing_record(metric: str, card: str, error: ModelMissingError) -> dict:
+    """What a manifest's index records, and the report lists, for a metric not computed for want of its file."""
+    return {"metric": metric, "reason": "weights missing", "needs": get_card(card).filename,
+            "command": f"bfr-curate models pull {card}", "detail": str(error)}
+
+
 def model_path(name: str) -> Path:
     """The verified local path of a model's file. Raises ModelMissingError if it is not in the cache."""
     return check_cached(get_card(name))

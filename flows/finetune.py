@@ -18,22 +18,21 @@ from prefect import flow, get_run_logger, task
 from tqdm.auto import tqdm
 
 from bfr_models import manifest, storage
-from bfr_models.imageio import ImageError, decode_rgb, encode_png
+from bfr_models.imageio import encode_png
 from bfr_models.manifest import ManifestWriter, ShardInfo
 from bfr_models.metrics.fullref import psnr, ssim
-from bfr_models.restorers import (CheckpointModel, RestorerError, SmallRestorer, SpandrelModel, SwinIRRestorer,
-                                  load_restorer, save_restorer)
+from bfr_models.restorers import CheckpointModel, RestorerError, SpandrelModel, load_restorer, save_restorer
+from bfr_models.restorers.checkpoint import ARCHS
 from bfr_models.restorers.codeformer import CodeFormerRestorer
 from bfr_models.training.codeformer import CodeFormerFinetuneConfig, finetune_codeformer
 from bfr_models.training.finetune import FinetuneError, Pairs, finetune, load_finetune_config
 from flows.prior import load_training_images
 from flows.score import Lineage
-from tasks.rows import content_id, to_uint8
-from tasks.runtime import resolve_device, result_storage
-from tasks.shards import CODE_VERSION, list_inputs, read_many, stable_hash
+from tasks.rows import content_id, decode_items, ok_row, to_uint8
+from tasks.runtime import key_parameter, resolve_device, result_storage
+from tasks.shards import CODE_VERSION, InputItem, list_inputs, read_many, stable_hash
 
 STAGE = "finetune"
-FRESH = {"small": SmallRestorer, "swinir": SwinIRRestorer}
 
 
 def save_state_dict(model: torch.nn.Module, uri: str) -> None:
@@ -46,8 +45,8 @@ def save_state_dict(model: torch.nn.Module, uri: str) -> None:
 
 def trainable_restorer(spec: str) -> tuple[torch.nn.Module, object, dict]:
     """(network, save function, description) for ``small``, ``swinir`` (fresh) or a checkpoint."""
-    if spec in FRESH:
-        net = FRESH[spec]()
+    if spec in ARCHS:  # a fresh network of an architecture our checkpoint format knows
+        net = ARCHS[spec]()
         return net, save_restorer, {"name": spec, "arch": spec, "sha256": None, "config": net.config}
     restorer = load_restorer(spec)
     if isinstance(restorer.model, CodeFormerRestorer):
@@ -60,16 +59,6 @@ def trainable_restorer(spec: str) -> tuple[torch.nn.Module, object, dict]:
                                 f"needs a same-resolution restorer")
         return restorer.model, save_state_dict, restorer.describe()
     raise RestorerError(f"restorer {spec!r} has no weights to fine-tune (use small, swinir or a checkpoint)")
-
-
-def _decode(uris: list[str]) -> dict[str, np.ndarray | str]:
-    out = {}
-    for uri, data in read_many(uris).items():
-        try:
-            out[uri] = decode_rgb(data)[0] if not isinstance(data, Exception) else f"cannot read: {data}"
-        except ImageError as e:
-            out[uri] = str(e)
-    return out
 
 
 def load_pairs(pairs: str) -> tuple[Pairs, list[str], int]:
@@ -89,10 +78,11 @@ def load_pairs(pairs: str) -> tuple[Pairs, list[str], int]:
     for row in ok.to_dict("records"):
         chain = list(lineage.chain(row))
         gts.append(chain[1]["parent_uri"] if len(chain) > 1 and chain[1].get("stage") == "degrade" else None)
-    images = _decode(list(ok["uri"]) + list(ok["parent_uri"]) + [g for g in gts if g])
-    bad = [(u, images[u]) for u in images if isinstance(images[u], str)]
+    uris = list(ok["uri"]) + list(ok["parent_uri"]) + [g for g in gts if g]
+    decoded, bad = decode_items(STAGE, [InputItem(u, "-") for u in uris], read_many(uris))
     if bad:
-        raise FinetuneError(f"{len(bad)} pair images cannot be read (first: {bad[0][0]}: {bad[0][1]})")
+        raise FinetuneError(f"{len(bad)} pair images cannot be read (first: {bad[0]['parent_uri']}: {bad[0]['error']})")
+    images = {item.uri: rgb for item, _, rgb, _ in decoded}
     sizes = [(images[t].shape, images[l].shape) for t, l in zip(ok["uri"], ok["parent_uri"])]
     differ = [i for i, (a, b) in enumerate(sizes) if a != b]
     if differ:
@@ -170,11 +160,7 @@ def plan_finetune(pairs: str, restorer: str, real: str | None, config: str, over
     return data, ids, skipped, net, save, info, reals, cfg
 
 
-def _key(context, parameters) -> str:
-    return parameters["key"]
-
-
-@task(name="finetune-train", cache_key_fn=_key, persist_result=True)
+@task(name="finetune-train", cache_key_fn=key_parameter, persist_result=True)
 def finetune_task(key: str, pairs: str, restorer: str, real: str | None, config: str, overrides: dict, out: str,
                   device: str) -> dict:
     data, ids, _, net, save, info, reals, cfg = plan_finetune(pairs, restorer, real, config, overrides)
@@ -231,11 +217,8 @@ def _validation_rows(net, val: Pairs, ids, writer, lpips_net, dev) -> list[dict]
     for b, (image_id, lq_uri) in enumerate(ids):
         rgb = to_uint8(out[b])
         png = encode_png(rgb)
-        uri = writer.write_image(content_id(png), png)
-        rows.append({"image_id": content_id(png), "uri": uri, "sha256": storage.sha256_hex(png),
-                     "width": int(rgb.shape[1]), "height": int(rgb.shape[0]), "parent_id": image_id,
-                     "parent_uri": lq_uri, "stage": STAGE, "status": "ok", "split": "validation",
-                     **{k: float(v[b]) for k, v in scores.items() if v is not None}})
+        rows.append(ok_row(STAGE, InputItem(lq_uri, "-"), image_id, writer.write_image(content_id(png), png), png,
+                           rgb, split="validation", **{k: float(v[b]) for k, v in scores.items() if v is not None}))
     return rows
 
 

@@ -22,15 +22,11 @@ from flows.prior import images_at_resolution, load_training_images
 from flows.stage import annotate_index, run_stage
 from tasks.clean import STAGE, cached_idm, clean_shard
 from tasks.pseudo_targets import DTYPES
-from tasks.runtime import ensure_gpu_limit, resolve_device, result_storage
+from tasks.runtime import ensure_gpu_limit, key_parameter, resolve_device, result_storage
 from tasks.shards import CODE_VERSION, InputItem, list_inputs, stable_hash
 
 DEGRADE_SOURCES = ("original", "cleaned")
 DEFAULT_CHANNELS = IDMConfig().channels
-
-
-def _key(context, parameters) -> str:
-    return parameters["key"]
 
 
 def _pairs(targets: str, resolution: int, degrade_source: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,7 +41,7 @@ def _pairs(targets: str, resolution: int, degrade_source: str) -> tuple[torch.Te
     return ((y if degrade_source == "cleaned" else x) + 1) / 2, (y + 1) / 2
 
 
-@task(name="idm-train", cache_key_fn=_key, persist_result=True)
+@task(name="idm-train", cache_key_fn=key_parameter, persist_result=True)
 def idm_train_task(key: str, input: str, targets: str | None, model: dict, train: dict, resolution: int,
                    degrade_source: str, init: str | None, round: int, out: str, device: str) -> str:
     cfg, tcfg = IDMConfig(**model), IDMTrainConfig(**train)
@@ -118,8 +114,7 @@ def _optional_scorer(card: str, wanted: bool | None, not_computed: list, metric:
     except models.ModelMissingError as e:
         if wanted:
             raise
-        not_computed.append({"metric": metric, "needs": card, "command": f"bfr-curate models pull {card}",
-                             "reason": str(e).splitlines()[0]})
+        not_computed.append(models.missing_record(metric, card, e))
         return False
 
 
@@ -149,8 +144,8 @@ def clean_flow(input: str, out: str, model: str, rounds: int = 1, steps: int = 1
                round_batch_size: int = 32, round_lr: float = 1e-4, round_warmup: int = 1000,
                round_checkpoint_every: int = 5000, min_lowpass_psnr: float = 30.0, lowpass_N: int = 8,
                max_lowpass_lpips: float = 0.15, min_identity: float = 0.85, musiq: bool | None = None,
-               lpips: bool | None = None, identity: bool | None = None, fid: bool | None = None, seed: int = 0, shard_size: int = 64, batch_size: int = 8,
-               device: str = "auto", dtype: str = "fp32") -> str:
+               lpips: bool | None = None, identity: bool | None = None, fid: bool | None = None, seed: int = 0,
+               shard_size: int = 64, batch_size: int = 8, device: str = "auto", dtype: str = "fp32") -> str:
     """Clean the images of `input` with an IDM model for `rounds` extrinsic rounds; returns the last manifest."""
     acceptance = dict(lowpass_N=lowpass_N, min_lowpass_psnr=min_lowpass_psnr, max_lowpass_lpips=max_lowpass_lpips,
                       min_identity=min_identity)
@@ -182,8 +177,7 @@ def clean_flow(input: str, out: str, model: str, rounds: int = 1, steps: int = 1
         uri = run_stage(clean_shard, STAGE, config, items, input, out, shard_size, incremental=True,
                         model_uri=model_uri, round=r, steps=steps, variance=variance, passes=passes,
                         acceptance=acceptance, musiq=use_musiq, lpips=use_lpips, identity=use_identity,
-                        seed=seed, device=str(dev),
-                        dtype=dtype, batch_size=batch_size)
+                        seed=seed, device=str(dev), dtype=dtype, batch_size=batch_size)
         frame = manifest.read_manifest(uri)
         ok = frame[frame["status"] == "ok"]
         history.append({"round": r, "model": model_uri, "manifest": uri, "images": int(len(ok)),

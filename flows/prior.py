@@ -13,7 +13,7 @@ from bfr_models.diffusion.prior import save_prior
 from bfr_models.diffusion.train import PriorTrainConfig, train_prior
 from bfr_models.pseudo_targets import to_resolution
 from tasks.rows import decode_items
-from tasks.runtime import resolve_device, result_storage
+from tasks.runtime import key_parameter, resolve_device, result_storage
 from tasks.shards import CODE_VERSION, InputItem, list_inputs, read_many, stable_hash
 
 STAGE = "prior"
@@ -34,11 +34,7 @@ def images_at_resolution(items: list[InputItem], resolution: int) -> tuple[torch
     return images, [f"{r['parent_uri']}: {r['error']}" for r in errors]
 
 
-def _train_key(context, parameters) -> str:
-    return parameters["key"]
-
-
-@task(name="prior-train", cache_key_fn=_train_key, persist_result=True)
+@task(name="prior-train", cache_key_fn=key_parameter, persist_result=True)
 def train_task(key: str, input: str, config: dict, out: str, device: str) -> str:
     """Train (resuming from the last checkpoint under ``out``) and return the prior's URI."""
     cfg = PriorTrainConfig(**{**config, "channels": tuple(config["channels"])})

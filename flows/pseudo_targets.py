@@ -22,7 +22,7 @@ from bfr_models.pseudo_targets import (RESIZE_MODES, Candidate, MethodParams, Ps
                                        with_resolution)
 from flows.stage import run_stage
 from tasks.rows import decode_items, same_size_batches
-from tasks.runtime import ensure_gpu_limit, resolve_device
+from tasks.runtime import ensure_gpu_limit, key_parameter, resolve_device
 from tasks.pseudo_targets import (DTYPES, STAGE, cached_prior, cached_restorer, niqe_defined, pseudo_target_shard,
                                   run_generate, sample_seeds)
 from tasks.shards import CODE_VERSION, InputItem, list_inputs, read_many, stable_hash
@@ -104,11 +104,7 @@ def _output_size(input: str, resolution: int, resize: str, up: int) -> tuple[int
     return (int(ok["height"].min()) * up, int(ok["width"].min()) * up) if len(ok) else None
 
 
-def _search_key(context, parameters) -> str:
-    return parameters["key"]
-
-
-@task(name="pseudo-targets-auto", cache_key_fn=_search_key, persist_result=True)
+@task(name="pseudo-targets-auto", cache_key_fn=key_parameter, persist_result=True)
 def auto_search(key: str, sample_uris: list[str], sample_ids: list[str], candidates: list[dict], prior_uri: str,
                 restorer: str | None, resize: str, fidelity_limit: float, fidelity_N: int, metric: str, seed: int,
                 device: str, dtype: str, batch_size: int) -> dict:

@@ -57,13 +57,13 @@ def _absolute(recipe: dict) -> dict:
 def recipe_deployment(recipe_path: str, cron: str | None = None, interval: float | None = None,
                       out: str | None = None, device: str = "auto", name: str | None = None):
     """The deployment ``schedule`` serves (validated recipe, schedule and parameters; nothing runs)."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
     from flows.recipe import load_recipe, recipe_flow
 
     schedule = make_schedule(cron, interval)
     recipe = _absolute(load_recipe(recipe_path))
     out = storage.normalize(out or f"./runs/{recipe['name']}")
-    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
-
     # one run at a time: a run still going when the next is due makes that one cancel (it would redo the same work)
     once = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
     return recipe_flow.to_deployment(name=name or recipe["name"], schedules=[schedule], concurrency_limit=once,

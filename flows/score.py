@@ -85,9 +85,7 @@ def plan_score(input: str, metrics: str | list[str], reference: str | None, fid_
         except models.ModelMissingError as e:
             if not skip_missing:
                 raise
-            cards = models.load_cards()
-            not_computed.append({"metric": metric, "reason": "weights missing", "needs": cards[card].filename,
-                                 "command": f"bfr-curate models pull {card}", "detail": str(e)})
+            not_computed.append(models.missing_record(metric, card, e))
     skip = [r["metric"] for r in not_computed]
     rows = input_rows(input)
     lookup = _reference_lookup(reference)

@@ -72,7 +72,7 @@ def cmd_clean(args, run, print_result) -> None:
               variance=args.variance, passes=args.passes, degrade_source=args.degrade_source,
               round_iters=args.round_iters, round_batch_size=args.round_batch_size, seed=args.seed,
               shard_size=args.shard_size, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-              **{k: v for k, v in acceptance.items()})
+              **acceptance)
     print_result("clean", uri)
     from bfr_models import manifest
 

@@ -80,13 +80,14 @@ def clean_shard(spec: ShardSpec, stage_uri: str, model_uri: str, round: int, ste
             records = judge(x, x_star, accept, niqe=niqe if niqe_defined(h, w) else None, musiq=musiq_fn,
                             lpips=lpips_fn, identity=identity_fn)
         for (item, parent_id, rgb, _), out, rec, s in zip(batch, x_star, records, seeds):
-            candidate = encode_png(to_uint8(out))
+            rgb_star = to_uint8(out)
+            candidate = encode_png(rgb_star)
             candidate_uri = writer.write_image(content_id(candidate), candidate)
             fields = dict(split=item.split, seed=s, params=common, round=round, replaced=rec.pop("accepted"),
                           reasons=rec.pop("reasons"), candidate_uri=candidate_uri, source_uri=item.uri,
                           source_sha256=storage.sha256_hex(fetched[item.uri]), **rec)
             if fields["replaced"]:
-                rows.append(ok_row(STAGE, item, parent_id, candidate_uri, candidate, to_uint8(out), **fields))
+                rows.append(ok_row(STAGE, item, parent_id, candidate_uri, candidate, rgb_star, **fields))
             else:  # the cleaned dataset keeps the original image, with the reason
                 rows.append(ok_row(STAGE, item, parent_id, item.uri, fetched[item.uri], rgb, **fields))
     return asdict(writer.write_shard(spec.key, rows))

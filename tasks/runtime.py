@@ -20,6 +20,11 @@ def shard_cache_key(context, parameters) -> str:
     return parameters["spec"].key
 
 
+def key_parameter(context, parameters) -> str:
+    """Cache key of a task whose caller computed it and passes it as ``key`` (training, searches)."""
+    return parameters["key"]
+
+
 def result_storage(stage_uri: str):
     """Persist task results beside the stage's data, so deleting the output also drops the cache.
 
