@@ -4,9 +4,10 @@ Methods (samplers in :mod:`bfr_models.diffusion.samplers`; timesteps on the T=10
 
 - ``dr2``: DR2 on the LQ input y (N, tau, omega = tau + 0.25T), 100 respaced steps as DR2's code.
 - ``lowfreq``: the unsupervised-BFR Algorithm 1 on y0 = R(y) (N, K=600, L=360), 250 respaced steps.
-- ``polish``: DiffBFR's truncated TEM polish of y0 = R(y) (n2 = 0.1T), 100 respaced steps.
+- ``polish``: DiffBFR's truncated TEM polish of y0 = R(y) (n2 = 0.1T): Algorithm 1's t = N2 ... 1 on the
+  full 1000-step schedule, exactly N2 model calls (``respace`` is an explicit speed option).
 - ``difbfsr``: DifBFSR zero-shot x4 super-resolution of y (per-image modules fitted while sampling;
-  :mod:`bfr_models.diffusion.difbfsr`), truncated start t=401 of 250 respaced steps.
+  :mod:`bfr_models.diffusion.difbfsr`), truncated: exactly 100 steps of 250 respaced steps.
 
 Checks recorded per target: ``lf_psnr`` (PSNR of Φ_N(target) against Φ_N(reference), the
 low-frequency consistency the methods enforce by construction) and ``noise_sigma`` (Immerkær's
@@ -30,7 +31,7 @@ from bfr_models.diffusion.schedule import DDPMSchedule, respace
 
 METHODS = ("dr2", "lowfreq", "polish", "difbfsr")
 RESIZE_MODES = ("input", "prior", "refuse")
-DEFAULT_RESPACE = {"dr2": 100, "lowfreq": 250, "polish": 100, "difbfsr": 250}
+DEFAULT_RESPACE = {"dr2": 100, "lowfreq": 250, "polish": 1000, "difbfsr": 250}  # polish: no respacing (DiffBFR)
 # The --auto grids (T=1000 scale): DR2's Table A3 range of N and tau; Algorithm 1's N sweep and K.
 AUTO_GRID = {
     "dr2": {"N": [4, 8, 16], "tau": [100, 200, 300]},
@@ -124,16 +125,16 @@ def validate(p: MethodParams, resolution: int, T: int = 1000) -> None:
             raise PseudoTargetError(f"N must be >= 1, got {p.N}")
         if resolution % p.N:
             raise PseudoTargetError(f"N={p.N} does not divide the prior's resolution {resolution} (try a power of two)")
-    for name in ("tau", "omega", "K", "L", "n2"):
+    for name in ("tau", "omega", "K", "L"):
         v = getattr(p, name)
         if v is not None and not 0 <= v < T:
             raise PseudoTargetError(f"{name}={v} must be in 0..{T - 1} (timesteps on the T={T} scale)")
+    if p.n2 is not None and not 1 <= p.n2 <= T:
+        raise PseudoTargetError(f"n2={p.n2} must be in 1..{T} (DiffBFR's N2: the number of steps on the T={T} scale)")
     if p.method == "dr2" and p.tau >= p.omega:
         raise PseudoTargetError(f"tau ({p.tau}) must be smaller than omega ({p.omega})")
     if p.method == "lowfreq" and p.L >= p.K:
         raise PseudoTargetError(f"L ({p.L}) must be smaller than K ({p.K})")
-    if p.method == "polish" and p.n2 < 1:
-        raise PseudoTargetError(f"n2 must be >= 1, got {p.n2}")
     if not 1 <= p.respace <= T:
         raise PseudoTargetError(f"respace must be in 1..{T}, got {p.respace}")
     sched = respace(DDPMSchedule.linear(T), p.respace)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from bfr_models.diffusion.lowpass import lowpass
+from bfr_models.diffusion.difbfsr import DifBFSRConfig, difbfsr_sample
+from bfr_models.diffusion.lowpass import lowpass, matlab_resize
 from bfr_models.diffusion.samplers import dr2_sample, lowfreq_sample, polish_sample
 from bfr_models.diffusion.schedule import DDPMSchedule, respace, space_timesteps
 
@@ -106,6 +107,65 @@ def test_lowpass_constant_checkerboard_sinusoid():
         lowpass(const, 0)
 
 
+def test_matlab_cubic_upsample_impulse_response():
+    # x2 up of an impulse: MATLAB's cubic, a = -0.5, at distances 0.25, 0.75, 1.25, 1.75 (not torch's a = -0.75)
+    impulse = torch.zeros(1, 1, 8, 8, dtype=torch.float64)
+    impulse[..., 4, 4] = 1.0
+    up = matlab_resize(impulse, (16, 16))[0, 0]
+    w = torch.tensor([-0.0234375, -0.0703125, 0.2265625, 0.8671875], dtype=torch.float64)
+    taps = torch.cat([w, w.flip(0)])  # outputs 5..12 around the impulse, symmetric
+    torch.testing.assert_close(up[5:13, 5:13], torch.outer(taps, taps), atol=1e-12, rtol=0)
+    assert up.sum().item() == pytest.approx(4.0)  # x2 up preserves the mean: sum grows by 2 x 2
+
+
+@pytest.mark.parametrize("N", [2, 4, 8])
+def test_lowpass_equals_basicsr_matlab_imresize_down_then_up(N):
+    from basicsr.utils.matlab_functions import imresize  # an independent MATLAB imresize port
+
+    x = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(N))
+    down = imresize(x, 1 / N)
+    ref = imresize(down, N)
+    torch.testing.assert_close(matlab_resize(x, (64 // N, 64 // N)), down, atol=1e-5, rtol=0)
+    # the whole image, borders included: both mirror symmetrically (edge pixel repeated)
+    torch.testing.assert_close(lowpass(x, N), ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(lowpass(x.unsqueeze(0), N)[0], ref, atol=1e-5, rtol=0)
+
+
+class _CountingModel:
+    """A cheap ε model (ε-only, fixed large variance) that counts its calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, x_t, t):
+        self.calls += 1
+        return 0.1 * x_t
+
+
+@pytest.mark.parametrize("name, run, calls", [
+    # DR2 (respaced 100, code's tau=22): steps omega..tau+1 then Eq. 11's one call at tau: 47 - 22 + 1
+    ("dr2", lambda x, m, g: dr2_sample(x, m, respace(BASE, 100), N=4, tau=220, generators=g), 26),
+    # Algorithm 1 on 250 steps: K=600 -> index 150, every kept step 150..0
+    ("lowfreq", lambda x, m, g: lowfreq_sample(x, None, m, respace(BASE, 250), N=4, generators=g), 151),
+    # DiffBFR Algorithm 1: t = N2 ... 1 on the full schedule, exactly N2 = 100 calls
+    ("polish", lambda x, m, g: polish_sample(x, m, BASE, generators=g), 100),
+    ("polish n2=37", lambda x, m, g: polish_sample(x, m, BASE, n2=37, generators=g), 37),
+    # the explicit speed option: N2 - 1 = 99 -> kept index 10 (t = 101) of 100, 11 steps
+    ("polish respaced", lambda x, m, g: polish_sample(x, m, respace(BASE, 100), generators=g), 11),
+])
+def test_model_calls_per_method(name, run, calls):
+    model = _CountingModel()
+    out = run(_target(B=2, H=8, W=8), model, _gens([1, 2]))
+    assert model.calls == calls and out.shape == (2, 3, 8, 8)
+
+
+def test_difbfsr_runs_exactly_100_denoising_steps():
+    model = _CountingModel()  # spec difbfsr.md §4.6: 250 respaced steps, start index 100 (t=401): exactly 100
+    cfg = DifBFSRConfig(warmup=0, srm_channels=4, N=2)
+    out = difbfsr_sample(_target(B=1, H=4, W=4), model, BASE, cfg, _gens([3]))
+    assert model.calls == 100 and out.images.shape == (1, 3, 16, 16)
+
+
 @pytest.mark.parametrize("steps", [1000, 100])
 def test_dr2_oracle_recovers_target(steps):
     x0 = _target()
@@ -168,6 +228,8 @@ def test_bad_arguments_raise():
         lowfreq_sample(x, None, _noisy_model, BASE, N=4, K=300, L=300, generators=g)
     with pytest.raises(ValueError):
         polish_sample(x, _noisy_model, BASE, n2=0, generators=g)
+    with pytest.raises(ValueError, match="n2 must be in 1..1000"):
+        polish_sample(x, _noisy_model, BASE, n2=1001, generators=g)
     with pytest.raises(ValueError):
         respace(BASE, 0)
     with pytest.raises(ValueError):

@@ -55,14 +55,26 @@ class Prior:
         """``f(x_t, t) -> model output`` in float32, as the samplers call it (original timesteps).
 
         ``dtype=torch.bfloat16`` runs the UNet under autocast (GPU); the output is cast back.
+
+        On the CPU the UNet is called one image at a time, in batch order: its conv and matmul
+        kernels depend on the batch size (measured: an image alone and in a batch of 5 differ by
+        2e-6 in ε), and a last-ulp difference flips a rounded 8-bit pixel near .5, so an image's
+        output bytes would depend on its companions. Per-image calls make them independent by
+        construction, at no throughput cost on a compute-bound CPU. On accelerators the batch is
+        kept whole for throughput (there, bytes can depend on the batch composition).
         """
         unet = self.unet
 
-        def call(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        def run(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             if dtype is None or dtype == torch.float32:
                 return unet(x, t).sample
             with torch.autocast(device_type=x.device.type, dtype=dtype):
                 return unet(x, t).sample.float()
+
+        def call(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if x.device.type != "cpu":
+                return run(x, t)
+            return torch.cat([run(x[b : b + 1], t[b : b + 1]) for b in range(x.shape[0])])
 
         return call
 

@@ -167,18 +167,23 @@ def polish_sample(
     generators: Sequence[torch.Generator] = (),
     variance_type: str | None = None,
 ) -> torch.Tensor:
-    """DiffBFR TEM truncated polish (dr2_diffbfr.md §3.3): ``y_{N2} = q(x, N2)``, then unconditional
-    ancestral steps from N2 down to 0. ``n2`` is on the original T-step scale, default ``0.1 T`` (100),
-    mapped to the nearest kept step. Algorithm 1's σ_t = sqrt(β_t) is ``variance_type="fixed_large"``
+    """DiffBFR TEM truncated polish (dr2_diffbfr.md §3.3-3.4, Algorithm 1): ``y_{N2} = q(x, N2)``,
+    then unconditional ancestral steps t = N2 ... 1.
+
+    ``n2`` is Algorithm 1's N2 (default ``0.1 T`` = 100), 1-indexed as in the paper: the chain is noised
+    to ᾱ_{N2} (0-indexed timestep ``n2 - 1``) and runs the ``n2`` steps at timesteps ``n2 - 1 ... 0``:
+    exactly ``n2`` model calls on the full schedule, the paper's setting. On a respaced ``schedule``
+    (an explicit speed option) timestep ``n2 - 1`` is mapped to the nearest kept step ``i`` and the
+    ``i + 1`` kept steps down to 0 run. Algorithm 1's σ_t = sqrt(β_t) is ``variance_type="fixed_large"``
     (the default for an ε-only model); a 6-channel TEM defaults to its learned range.
     """
     _check(x, generators, "polish_sample")
     T = int(schedule.timestep_map[-1]) + 1
     if n2 is None:
         n2 = T // 10
-    if int(n2) < 1:
-        raise ValueError(f"polish_sample: n2 must be >= 1, got {n2}")
-    i_n2 = _index(schedule, n2, "polish_sample", "n2")
+    if not 1 <= int(n2) <= T:
+        raise ValueError(f"polish_sample: n2 must be in 1..{T}, got {n2}")
+    i_n2 = _index(schedule, int(n2) - 1, "polish_sample", "n2 - 1")
     z = _q(x, i_n2, schedule, generators)
     for i in range(i_n2, -1, -1):
         z, _ = _p_step(z, i, eps_model, schedule, generators, variance_type)
