@@ -160,10 +160,14 @@ def test_model_calls_per_method(name, run, calls):
 
 
 def test_difbfsr_runs_exactly_100_denoising_steps():
-    model = _CountingModel()  # spec difbfsr.md §4.6: 250 respaced steps, start index 100 (t=401): exactly 100
-    cfg = DifBFSRConfig(warmup=0, srm_channels=4, N=2)
+    # spec difbfsr.md §4.6: 250 respaced steps, start at index 100 (t=401) = exactly 100 steps. The
+    # step count is the respaced index of t_start; counted on 25 steps (fast): 401 -> index 10, 10 calls
+    d = DifBFSRConfig()
+    assert respace(BASE, d.respace).index_for(d.t_start) == 100
+    model = _CountingModel()
+    cfg = DifBFSRConfig(respace=25, warmup=0, srm_channels=4, N=2)
     out = difbfsr_sample(_target(B=1, H=4, W=4), model, BASE, cfg, _gens([3]))
-    assert model.calls == 100 and out.images.shape == (1, 3, 16, 16)
+    assert model.calls == 10 and out.images.shape == (1, 3, 16, 16)
 
 
 @pytest.mark.parametrize("steps", [1000, 100])

@@ -7,8 +7,10 @@ import torch
 
 from bfr_models.diffusion.prior import PriorError, load_prior, save_prior
 from bfr_models.diffusion.train import PriorTrainConfig, small_unet
+from bfr_models.imageio import encode_png
 from bfr_models.pseudo_targets import (Candidate, PseudoTargetError, choose, generate, grid, lowfreq_psnr,
                                        method_params, noise_sigma, validate)
+from tasks.rows import to_uint8
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +102,26 @@ def test_an_image_alone_equals_it_inside_a_batch_of_16(tiny_prior, method, param
     assert batch.records[5]["seed"] == 1005 and batch.records[5]["best_of"] == 1
     other_seed = generate(p, images[5:6], tiny_prior, [[7]])
     assert not torch.allclose(other_seed.images[0], alone.images[0], atol=1e-3)
+
+
+@pytest.mark.parametrize("method, params, size", [("dr2", {"N": 4, "tau": 200, "respace": 20}, 32),
+                                                  ("lowfreq", {"N": 8, "K": 600, "L": 360, "respace": 10}, 32),
+                                                  ("polish", {"n2": 5}, 32),
+                                                  ("difbfsr", {"N": 4, "respace": 10, "warmup": 1}, 8)])
+def test_an_images_png_bytes_do_not_depend_on_its_batch(tiny_prior, method, params, size):
+    # the user-visible contract: the same PNG bytes alone and among 2 or 4 other images, whatever the CPU's
+    # kernels do with batch size (the UNet and DifBFSR's modules run per image on the CPU)
+    g = torch.Generator().manual_seed(2)
+    images = torch.rand(8, 3, size, size, generator=g)
+    p = method_params(method, **params)
+
+    def png_of_image_0(rows: list[int]) -> bytes:
+        out = generate(p, images[rows], tiny_prior, [[500 + r] for r in rows])
+        return encode_png(to_uint8(out.images[rows.index(0)]))
+
+    alone = png_of_image_0([0])
+    assert png_of_image_0([3, 0, 5]) == alone
+    assert png_of_image_0([7, 6, 1, 0, 2]) == alone
 
 
 def test_resize_modes_and_refusal(tiny_prior):
