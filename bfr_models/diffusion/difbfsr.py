@@ -8,8 +8,8 @@ diffusion; at every step the low band of the x0 estimate is replaced by the modu
 corrected in §11 / §4.5).
 
 The modules are per image but run as one batch: every weight is stored stacked, (B, ...), and
-applied with grouped convolutions (groups = B), so B images train their own modules in one
-forward/backward. The loss is the SUM over images of each image's mean loss: each image's
+applied with grouped convolutions (groups = B; one conv per image on the CPU, see ``_gconv``), so
+B images train their own modules in one forward/backward. The loss is the SUM over images of each image's mean loss: each image's
 gradient is then exactly its own, and Adam, being elementwise, is B independent Adams.
 """
 
