@@ -38,7 +38,7 @@ def test_clean_improves_quality_within_the_content_limit_over_two_rounds(tmp_pat
     assert len(frame) == 6 and (frame["status"] == "ok").all()
     # the cleaned dataset: x* where accepted, x where not; its mean NIQE is lower, the low band is kept
     after = np.where(frame["replaced"], frame["niqe_after"], frame["niqe_before"])
-    assert frame["replaced"].sum() >= 4, frame[["niqe_before", "niqe_after", "lowpass_psnr", "reasons"]]
+    assert frame["replaced"].sum() >= 4, frame[["niqe_before", "niqe_after", "lowpass_psnr", "degraded", "reasons"]]
     assert after.mean() < frame["niqe_before"].mean() - 0.3
     assert (frame.loc[frame["replaced"], "lowpass_psnr"] >= 30).all()
     rejected = frame[~frame["replaced"]]
@@ -48,7 +48,19 @@ def test_clean_improves_quality_within_the_content_limit_over_two_rounds(tmp_pat
     assert [r["round"] for r in rounds] == [1, 2] and rounds[0]["model"] != rounds[1]["model"]
     second = load_idm(rounds[1]["model"])
     assert second.meta["source"]["round"] == 2 and second.meta["source"]["init"]["sha256"] == load_idm(model).sha256
-    assert {r["metric"] for r in index["not_computed"]} == {"musiq", "lowpass_lpips", "identity_cos", "fid"}
+    assert {r["metric"] for r in index["not_computed"]} == {"musiq", "lpips", "identity_cos", "fid"}
+    # the thresholds (catalogs/acceptance/idm.yaml) and the set's calibration are recorded: without MUSIQ the
+    # worst 15% of 6 by NIQE (one image, the highest NIQE) is "degraded" and had to improve by 0.3
+    assert index["acceptance"]["max_niqe_increase"] == 0.1 and index["acceptance"]["max_lpips"] == 0.15
+    cal = index["calibration"]
+    assert cal["degraded_metric"] == "niqe" and cal["images_scored"] == 6 and cal["min_identity"] is None
+    first_round = manifest.read_manifest(rounds[0]["manifest"])
+    assert first_round["degraded"].sum() == 1
+    assert first_round.loc[first_round["degraded"], "niqe_before"].item() == first_round["niqe_before"].max()
+    gained = first_round["niqe_after"] - first_round["niqe_before"]
+    content_kept = first_round["lowpass_psnr"].isna() | (first_round["lowpass_psnr"] >= 30)
+    quality_rule = np.where(first_round["degraded"], gained <= -0.3, gained <= 0.1)
+    assert (first_round["replaced"] == (quality_rule & content_kept)).all()
 
     from flows.report import report_flow
 
