@@ -100,6 +100,27 @@ def test_clean_is_incremental_when_images_are_added(tmp_path):
     assert sorted(rows["source_uri"].str.rsplit("/", n=1).str[-1]) == [f"img{i:03d}.png" for i in range(100, 110)]
 
 
+def test_set_calibration_is_computed_once_and_kept_when_images_are_added(tmp_path):
+    """The 'degraded' cut is the rank of the set first seen: added images do not move it (earlier verdicts stay
+    valid); other rules are another calibration."""
+    from bfr_models.idm import AcceptanceConfig
+    from flows.idm import _frozen_calibration
+    from tasks.shards import list_inputs
+
+    folder = mildly_noisy_faces(tmp_path / "hq", 4, 192)
+    out = str(tmp_path / "run")
+    first = _frozen_calibration(str(folder), out, list_inputs(str(folder))[0], AcceptanceConfig(), False, False, "cpu", 4)
+    assert first.degraded_metric == "niqe" and first.images_scored == 4 and first.degraded_cut is not None
+    mildly_noisy_faces(tmp_path / "more", 2, 192, seed=1)
+    for f in (tmp_path / "more").iterdir():
+        f.rename(folder / f"new_{f.name}")
+    items = list_inputs(str(folder))[0]
+    assert len(items) == 6
+    assert _frozen_calibration(str(folder), out, items, AcceptanceConfig(), False, False, "cpu", 4) == first
+    other = _frozen_calibration(str(folder), out, items, AcceptanceConfig(degraded_fraction=0.5), False, False, "cpu", 4)
+    assert other.images_scored == 6
+
+
 def test_clean_cli_bad_inputs_fail_in_one_line(tmp_path):
     folder = mildly_noisy_faces(tmp_path / "hq", 1, 32)
 
@@ -109,6 +130,11 @@ def test_clean_cli_bad_inputs_fail_in_one_line(tmp_path):
 
     rc, err = run("clean", "--input", str(folder), "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
     assert rc == 2 and "no idm.json" in err and len(err.splitlines()) == 1
+    bad = tmp_path / "accept.yaml"
+    bad.write_text("max_lowpass_lpips: 0.15\n")
+    rc, err = run("clean", "--input", str(folder), "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o"),
+                  "--acceptance", str(bad))
+    assert rc == 2 and "unknown field(s) max_lowpass_lpips" in err and len(err.splitlines()) == 1
     rc, err = run("schedule", "demo", "--cron", "0 25 * * *")
     assert rc == 2 and "not a valid cron string" in err and len(err.splitlines()) == 1
     rc, err = run("idm", "train", "--input", str(folder), "--out", str(tmp_path / "o"), "--resolution", "64",
