@@ -1,10 +1,11 @@
 """IDM as stages: ``idm train`` (one intrinsic round) and ``clean`` (extrinsic rounds with acceptance).
 
 ``clean`` round r cleans the HQ images with model r (x* = f_r(x), Eq. 10) and judges every x* (see
-:mod:`bfr_models.idm.acceptance`; thresholds from ``catalogs/acceptance/idm.yaml``); between rounds, model r+1 is trained from model r's weights on
-(degrade(x), x*) -- x the original, as the paper does (spec §3.3); ``degrade_source="cleaned"`` draws the
-degradation from x* instead. Every round's manifest is kept; the last is the cleaned dataset. The clean
-stage is incremental: images added to the input later are the only ones the next run processes.
+:mod:`bfr_models.idm.acceptance`, thresholds in ``catalogs/acceptance/idm.yaml``); between rounds, model
+r+1 is trained from model r's weights on (degrade(x), x*) -- x the original, as the paper does (spec
+§3.3); ``degrade_source="cleaned"`` draws the degradation from x* instead. Every round's manifest is
+kept; the last is the cleaned dataset. The clean stage is incremental: images added to the input later
+are the only ones the next run processes.
 """
 
 from __future__ import annotations
@@ -145,8 +146,8 @@ def clean_flow(input: str, out: str, model: str, rounds: int = 1, steps: int = 1
                round_batch_size: int = 32, round_lr: float = 1e-4, round_warmup: int = 1000,
                round_checkpoint_every: int = 5000, acceptance: str | None = None, min_lowpass_psnr: float | None = None,
                lowpass_N: int | None = None, max_lpips: float | None = None, min_identity: float | None = None,
-               musiq: bool | None = None,
-               lpips: bool | None = None, identity: bool | None = None, fid: bool | None = None, seed: int = 0,
+               musiq: bool | None = None, lpips: bool | None = None, identity: bool | None = None,
+               fid: bool | None = None, seed: int = 0,
                shard_size: int = 64, batch_size: int = 8, device: str = "auto", dtype: str = "fp32") -> str:
     """Clean the images of `input` with an IDM model for `rounds` extrinsic rounds; returns the last manifest.
 
@@ -180,12 +181,11 @@ def clean_flow(input: str, out: str, model: str, rounds: int = 1, steps: int = 1
         m = cached_idm(model_uri, str(dev))
         config = {"model": m.sha256, "model_uri": model_uri, "round": r, "steps": steps, "variance": variance,
                   "passes": passes, "acceptance": asdict(accept), "calibration": asdict(calibration),
-                  "musiq": use_musiq, "lpips": use_lpips,
-                  "identity": use_identity, "seed": seed, "dtype": dtype}
+                  "musiq": use_musiq, "lpips": use_lpips, "identity": use_identity, "seed": seed, "dtype": dtype}
         uri = run_stage(clean_shard, STAGE, config, items, input, out, shard_size, incremental=True,
                         model_uri=model_uri, round=r, steps=steps, variance=variance, passes=passes,
-                        acceptance=asdict(accept), calibration=asdict(calibration), musiq=use_musiq, lpips=use_lpips, identity=use_identity,
-                        seed=seed, device=str(dev), dtype=dtype, batch_size=batch_size)
+                        acceptance=asdict(accept), calibration=asdict(calibration), musiq=use_musiq, lpips=use_lpips,
+                        identity=use_identity, seed=seed, device=str(dev), dtype=dtype, batch_size=batch_size)
         frame = manifest.read_manifest(uri)
         ok = frame[frame["status"] == "ok"]
         history.append({"round": r, "model": model_uri, "manifest": uri, "images": int(len(ok)),

@@ -180,7 +180,8 @@ def add_training_parsers(sub, add_common, run, print_result) -> None:
     p.add_argument("--round-iters", type=int, default=50_000, help="training iterations of rounds >= 2")
     p.add_argument("--round-batch-size", type=int, default=32, help="training batch of rounds >= 2")
     p.add_argument("--acceptance", default=None,
-                   help="acceptance thresholds YAML (default catalogs/acceptance/idm.yaml); the options below override it")
+                   help="acceptance thresholds YAML (default catalogs/acceptance/idm.yaml); "
+                        "the options below override it")
     p.add_argument("--min-lowpass-psnr", type=float, default=None, help="PSNR limit of the x1/N copies in dB (30)")
     p.add_argument("--lowpass-n", type=int, default=None, help="downscale factor N of the content check (8)")
     p.add_argument("--max-lpips", type=float, default=None, help="LPIPS(x, x*) limit on the full image (0.15)")

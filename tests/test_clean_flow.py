@@ -109,7 +109,8 @@ def test_set_calibration_is_computed_once_and_kept_when_images_are_added(tmp_pat
 
     folder = mildly_noisy_faces(tmp_path / "hq", 4, 192)
     out = str(tmp_path / "run")
-    first = _frozen_calibration(str(folder), out, list_inputs(str(folder))[0], AcceptanceConfig(), False, False, "cpu", 4)
+    items = list_inputs(str(folder))[0]
+    first = _frozen_calibration(str(folder), out, items, AcceptanceConfig(), False, False, "cpu", 4)
     assert first.degraded_metric == "niqe" and first.images_scored == 4 and first.degraded_cut is not None
     mildly_noisy_faces(tmp_path / "more", 2, 192, seed=1)
     for f in (tmp_path / "more").iterdir():
@@ -117,7 +118,8 @@ def test_set_calibration_is_computed_once_and_kept_when_images_are_added(tmp_pat
     items = list_inputs(str(folder))[0]
     assert len(items) == 6
     assert _frozen_calibration(str(folder), out, items, AcceptanceConfig(), False, False, "cpu", 4) == first
-    other = _frozen_calibration(str(folder), out, items, AcceptanceConfig(degraded_fraction=0.5), False, False, "cpu", 4)
+    other = _frozen_calibration(str(folder), out, items, AcceptanceConfig(degraded_fraction=0.5), False, False,
+                                "cpu", 4)
     assert other.images_scored == 6
 
 

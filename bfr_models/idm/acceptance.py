@@ -79,7 +79,8 @@ def load_acceptance(path: str | Path | None = None, **overrides) -> AcceptanceCo
     known = {f.name for f in fields(AcceptanceConfig)}
     if not isinstance(raw, dict) or set(raw) - known:
         unknown = sorted(set(raw) - known) if isinstance(raw, dict) else ["(not a mapping)"]
-        raise ValueError(f"acceptance file {path}: unknown field(s) {', '.join(unknown)} (expected: {', '.join(sorted(known))})")
+        raise ValueError(f"acceptance file {path}: unknown field(s) {', '.join(unknown)} "
+                         f"(expected: {', '.join(sorted(known))})")
     return AcceptanceConfig(**{**raw, **{k: v for k, v in overrides.items() if v is not None}})
 
 
@@ -151,7 +152,8 @@ def judge(x: torch.Tensor, x_star: torch.Tensor, config: AcceptanceConfig, calib
     """One record per image of the (B, 3, H, W) batches in [0, 1]: every measure, ``degraded``, ``accepted``
     and ``reasons``. ``niqe`` is None when the images are too small for NIQE; the other scorers are optional."""
     if x.shape != x_star.shape or x.dim() != 4:
-        raise ValueError(f"acceptance: x and x* must be equal (B, 3, H, W) batches, got {tuple(x.shape)} and {tuple(x_star.shape)}")
+        raise ValueError(f"acceptance: x and x* must be equal (B, 3, H, W) batches, "
+                         f"got {tuple(x.shape)} and {tuple(x_star.shape)}")
     finite = torch.isfinite(x_star).flatten(1).all(1).tolist()
     x_star = torch.nan_to_num(x_star).clamp(0, 1)
     cols: dict[str, list] = {"lowpass_psnr": downscaled_psnr(x_star, x, config.lowpass_N).tolist()}
