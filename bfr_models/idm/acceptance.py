@@ -208,8 +208,9 @@ def _quality_reasons(rec: dict, config: AcceptanceConfig, has_niqe: bool, has_mu
         improved = (d_musiq is not None and d_musiq >= config.degraded_min_musiq_gain) or \
                    (d_niqe is not None and d_niqe <= -config.degraded_min_niqe_drop)
         if not improved:
-            reasons.append(f"degraded image not improved (dMUSIQ {_fmt(d_musiq)} < +{config.degraded_min_musiq_gain:g} "
-                           f"and dNIQE {_fmt(d_niqe)} > -{config.degraded_min_niqe_drop:g})")
+            measured = ([f"dMUSIQ {_fmt(d_musiq)} < +{config.degraded_min_musiq_gain:g}"] if has_musiq else []) + \
+                       ([f"dNIQE {_fmt(d_niqe)} > -{config.degraded_min_niqe_drop:g}"] if has_niqe else [])
+            reasons.append(f"degraded image not improved ({' and '.join(measured)})")
     elif "lpips" in rec and rec["lpips"] is not None and rec["lpips"] > config.clean_max_lpips:
         reasons.append(f"clean image changed: LPIPS {_fmt(rec['lpips'])} > {config.clean_max_lpips:g} (near-identity)")
     return reasons
