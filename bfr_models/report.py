@@ -41,8 +41,8 @@ METRIC_DIRECTIONS = {"niqe": "lower", "musiq": "higher", "lpips": "lower", "psnr
                      # the pseudo-target checks: low-frequency consistency with the input, noise leakage
                      "lf_psnr": "higher", "noise_sigma": "lower",
                      "nrqm": "higher", "pi": "lower",
-                     # the clean stage's content checks (low-pass copies of x* against x)
-                     "lowpass_psnr": "higher", "lowpass_lpips": "lower"}
+                     # the clean stage's content check (x1/8 copies of x* against x; its LPIPS is "lpips")
+                     "lowpass_psnr": "higher"}
 _METRIC_RE = re.compile(r"^(%s)(_[A-Za-z0-9_]+)?$" % "|".join(METRIC_DIRECTIONS))
 # Okabe-Ito: distinguishable with the common colour-vision deficiencies.
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#8C6D1F", "#000000")

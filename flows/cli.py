@@ -234,8 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fid-convention", default="clean", choices=["clean", "legacy_pytorch"],
                    help="FID resizing/network convention (default clean, as clean-fid)")
     p.add_argument("--fid-allow-small", action="store_true", help="accept a FID reference under 2048 images")
-    p.add_argument("--niqe-convention", default="pyiqa", choices=["pyiqa", "matlab"],
-                   help="pyiqa/BasicSR (what BFR papers report; default) or the official MATLAB code")
+    p.add_argument("--niqe-convention", default="pyiqa", choices=["pyiqa", "live_computequality", "matlab"],
+                   help="pyiqa/BasicSR (what BFR papers report; default) or live_computequality, the official LIVE "
+                        "computequality.m (alias: matlab)")
     p.add_argument("--crop-border", type=int, default=0, help="pixels cropped from each border (default 0)")
     p.add_argument("--y-channel", action="store_true", help="PSNR/SSIM on the Y channel instead of RGB")
     p.add_argument("--lpips-net", default="vgg", choices=["vgg", "alex"], help="LPIPS backbone (default vgg)")

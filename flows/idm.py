@@ -1,14 +1,16 @@
 """IDM as stages: ``idm train`` (one intrinsic round) and ``clean`` (extrinsic rounds with acceptance).
 
 ``clean`` round r cleans the HQ images with model r (x* = f_r(x), Eq. 10) and judges every x* (see
-:mod:`bfr_models.idm.acceptance`); between rounds, model r+1 is trained from model r's weights on
-(degrade(x), x*) -- x the original, as the paper does (spec §3.3); ``degrade_source="cleaned"`` draws the
-degradation from x* instead. Every round's manifest is kept; the last is the cleaned dataset. The clean
-stage is incremental: images added to the input later are the only ones the next run processes.
+:mod:`bfr_models.idm.acceptance`, thresholds in ``catalogs/acceptance/idm.yaml``); between rounds, model
+r+1 is trained from model r's weights on (degrade(x), x*) -- x the original, as the paper does (spec
+§3.3); ``degrade_source="cleaned"`` draws the degradation from x* instead. Every round's manifest is
+kept; the last is the cleaned dataset. The clean stage is incremental: images added to the input later
+are the only ones the next run processes.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 
 import torch
@@ -16,11 +18,12 @@ from prefect import flow, get_run_logger, task
 from tqdm.auto import tqdm
 
 from bfr_models import manifest, models, storage
-from bfr_models.idm import AcceptanceConfig, IDMConfig, IDMError, IDMTrainConfig, load_idm, train_idm
+from bfr_models.idm import (AcceptanceConfig, IDMConfig, IDMError, IDMTrainConfig, SetCalibration, load_acceptance,
+                            load_idm, train_idm)
 from bfr_models.idm.sampler import VARIANCES
 from flows.prior import images_at_resolution, load_training_images
 from flows.stage import annotate_index, run_stage
-from tasks.clean import STAGE, cached_idm, clean_shard
+from tasks.clean import STAGE, cached_idm, clean_shard, set_calibration
 from tasks.pseudo_targets import DTYPES
 from tasks.runtime import ensure_gpu_limit, key_parameter, resolve_device, result_storage
 from tasks.shards import CODE_VERSION, InputItem, list_inputs, stable_hash
@@ -119,7 +122,7 @@ def _optional_scorer(card: str, wanted: bool | None, not_computed: list, metric:
 
 
 def plan_clean(input: str, model: str, rounds: int, steps: int, variance: str, passes: int, degrade_source: str,
-               dtype: str, acceptance: dict):
+               dtype: str):
     if rounds < 1:
         raise IDMError(f"clean: --rounds must be >= 1, got {rounds}")
     if passes < 1:
@@ -132,7 +135,6 @@ def plan_clean(input: str, model: str, rounds: int, steps: int, variance: str, p
         raise IDMError(f"clean: degrade_source must be one of {', '.join(DEGRADE_SOURCES)}")
     if dtype not in DTYPES:
         raise IDMError(f"clean: --dtype must be one of {', '.join(DTYPES)}")
-    AcceptanceConfig(**acceptance)
     if not storage.exists(input):
         raise FileNotFoundError(f"input not found: {input}")
     return load_idm(model)  # missing / corrupt model: one line, before any work
@@ -142,19 +144,23 @@ def plan_clean(input: str, model: str, rounds: int, steps: int, variance: str, p
 def clean_flow(input: str, out: str, model: str, rounds: int = 1, steps: int = 10, variance: str = "posterior",
                passes: int = 1, degrade_source: str = "original", round_iters: int = 50_000,
                round_batch_size: int = 32, round_lr: float = 1e-4, round_warmup: int = 1000,
-               round_checkpoint_every: int = 5000, min_lowpass_psnr: float = 30.0, lowpass_N: int = 8,
-               max_lowpass_lpips: float = 0.15, min_identity: float = 0.85, musiq: bool | None = None,
-               lpips: bool | None = None, identity: bool | None = None, fid: bool | None = None, seed: int = 0,
+               round_checkpoint_every: int = 5000, acceptance: str | None = None, min_lowpass_psnr: float | None = None,
+               lowpass_N: int | None = None, max_lpips: float | None = None, min_identity: float | None = None,
+               musiq: bool | None = None, lpips: bool | None = None, identity: bool | None = None,
+               fid: bool | None = None, seed: int = 0,
                shard_size: int = 64, batch_size: int = 8, device: str = "auto", dtype: str = "fp32") -> str:
-    """Clean the images of `input` with an IDM model for `rounds` extrinsic rounds; returns the last manifest."""
-    acceptance = dict(lowpass_N=lowpass_N, min_lowpass_psnr=min_lowpass_psnr, max_lowpass_lpips=max_lowpass_lpips,
-                      min_identity=min_identity)
-    first = plan_clean(input, model, rounds, steps, variance, passes, degrade_source, dtype, acceptance)
+    """Clean the images of `input` with an IDM model for `rounds` extrinsic rounds; returns the last manifest.
+
+    `acceptance`: a thresholds YAML (default catalogs/acceptance/idm.yaml); the other acceptance
+    arguments override single values of it when given."""
+    accept = load_acceptance(acceptance, min_lowpass_psnr=min_lowpass_psnr, lowpass_N=lowpass_N, max_lpips=max_lpips,
+                             min_identity=min_identity)
+    first = plan_clean(input, model, rounds, steps, variance, passes, degrade_source, dtype)
     dev = resolve_device(device)
     ensure_gpu_limit(dev)
     not_computed: list[dict] = []
     use_musiq = _optional_scorer("musiq_koniq", musiq, not_computed, "musiq")
-    use_lpips = _optional_scorer("lpips_vgg16_backbone", lpips, not_computed, "lowpass_lpips")
+    use_lpips = _optional_scorer("lpips_vgg16_backbone", lpips, not_computed, "lpips")
     use_identity = _optional_scorer("facenet_vggface2", identity, not_computed, "identity_cos")
     use_fid = _optional_scorer("fid_inception_clean", fid, not_computed, "fid")
     items, skipped = list_inputs(input)
@@ -162,6 +168,8 @@ def clean_flow(input: str, out: str, model: str, rounds: int = 1, steps: int = 1
     logger.info("clean: %d images (%d error rows skipped), %d round(s)", len(items), skipped, rounds)
     model_uri, history, uri = storage.normalize(model), [], None
     resolution = first.meta.get("source", {}).get("resolution", first.config.crop)
+    calibration = _frozen_calibration(input, out, items, accept, use_musiq, use_identity, str(dev), batch_size)
+    logger.info("clean: %s", calibration)
     for r in range(1, rounds + 1):
         if r > 1:  # f_{r} initialised from f_{r-1}, trained on (degrade(x), x*) of the last round
             model_uri = idm_train_flow(
@@ -172,12 +180,12 @@ def clean_flow(input: str, out: str, model: str, rounds: int = 1, steps: int = 1
                 seed=seed, targets=uri, init=model_uri, degrade_source=degrade_source, round=r, device=str(dev))
         m = cached_idm(model_uri, str(dev))
         config = {"model": m.sha256, "model_uri": model_uri, "round": r, "steps": steps, "variance": variance,
-                  "passes": passes, "acceptance": acceptance, "musiq": use_musiq, "lpips": use_lpips,
-                  "identity": use_identity, "seed": seed, "dtype": dtype}
+                  "passes": passes, "acceptance": asdict(accept), "calibration": asdict(calibration),
+                  "musiq": use_musiq, "lpips": use_lpips, "identity": use_identity, "seed": seed, "dtype": dtype}
         uri = run_stage(clean_shard, STAGE, config, items, input, out, shard_size, incremental=True,
                         model_uri=model_uri, round=r, steps=steps, variance=variance, passes=passes,
-                        acceptance=acceptance, musiq=use_musiq, lpips=use_lpips, identity=use_identity,
-                        seed=seed, device=str(dev), dtype=dtype, batch_size=batch_size)
+                        acceptance=asdict(accept), calibration=asdict(calibration), musiq=use_musiq, lpips=use_lpips,
+                        identity=use_identity, seed=seed, device=str(dev), dtype=dtype, batch_size=batch_size)
         frame = manifest.read_manifest(uri)
         ok = frame[frame["status"] == "ok"]
         history.append({"round": r, "model": model_uri, "manifest": uri, "images": int(len(ok)),
@@ -186,6 +194,22 @@ def clean_flow(input: str, out: str, model: str, rounds: int = 1, steps: int = 1
     set_metrics = _fid_cleaned_vs_original(uri, out, dev) if use_fid else {}
     annotate_index(uri, rounds=history, not_computed=not_computed, set_metrics=set_metrics, source=input)
     return uri
+
+
+def _frozen_calibration(input: str, out: str, items: list, accept: AcceptanceConfig, musiq: bool, identity: bool,
+                        device: str, batch_size: int) -> SetCalibration:
+    """The set-level calibration (A4's degraded cut, A1's threshold) of this input and these rules, computed
+    from the images of the first run and then kept: images added later are judged against the same cut, so
+    the verdicts already written stay valid (the rank is that of the set first seen). It is part of the
+    stage's config, so a different calibration is a different stage folder."""
+    key = stable_hash(["clean-calibration", storage.normalize(input), asdict(accept), musiq, identity, CODE_VERSION],
+                      length=12)
+    uri = storage.join(storage.normalize(out), STAGE, f"calibration-{key}.json")
+    if storage.exists(uri):
+        return SetCalibration(**json.loads(storage.read_bytes(uri)))
+    calibration = set_calibration(items, accept, musiq, identity, device, batch_size)
+    storage.write_bytes_atomic(uri, json.dumps(asdict(calibration)).encode())
+    return calibration
 
 
 def _fid_cleaned_vs_original(uri: str, out: str, dev) -> dict:

@@ -8,6 +8,7 @@ import os
 from prefect import flow, get_run_logger
 
 from bfr_models import manifest, models, storage
+from bfr_models.metrics.niqe import niqe_convention as niqe_convention_name
 from bfr_models.metrics.suite import FULL_REFERENCE, ScoreConfig, conventions, model_cards_needed, parse_metrics
 from flows.stage import annotate_index, run_stage
 from tasks.rows import content_id
@@ -75,9 +76,8 @@ def plan_score(input: str, metrics: str | list[str], reference: str | None, fid_
                niqe_convention: str, crop_border: int, y_channel: bool, lpips_net: str, fid_convention: str,
                skip_missing: bool, fid_allow_small: bool = False):
     """Validate everything before any work; returns (config, items, skip list, not-computed records)."""
-    config = ScoreConfig(parse_metrics(metrics), niqe_convention, crop_border, y_channel, lpips_net, fid_convention)
-    if niqe_convention not in ("pyiqa", "matlab"):
-        raise ValueError(f"unknown NIQE convention {niqe_convention!r}; use pyiqa or matlab")
+    config = ScoreConfig(parse_metrics(metrics), niqe_convention_name(niqe_convention), crop_border, y_channel,
+                         lpips_net, fid_convention)
     not_computed = []
     for metric, card in model_cards_needed(config).items():
         try:

@@ -62,17 +62,19 @@ def cmd_idm_train(args, run) -> None:
 
 
 def cmd_clean(args, run, print_result) -> None:
+    from bfr_models.idm import load_acceptance
     from flows.idm import clean_flow, plan_clean
 
-    acceptance = dict(lowpass_N=args.lowpass_n, min_lowpass_psnr=args.min_lowpass_psnr,
-                      max_lowpass_lpips=args.max_lowpass_lpips, min_identity=args.min_identity)
+    acceptance = dict(lowpass_N=args.lowpass_n, min_lowpass_psnr=args.min_lowpass_psnr, max_lpips=args.max_lpips,
+                      min_identity=args.min_identity)
+    load_acceptance(args.acceptance, **acceptance)  # a bad thresholds file or value: one line, before any work
     plan_clean(args.input, args.model, args.rounds, args.steps, args.variance, args.passes, args.degrade_source,
-               args.dtype, acceptance)
+               args.dtype)
     uri = run(clean_flow, args, input=args.input, out=args.out, model=args.model, rounds=args.rounds, steps=args.steps,
               variance=args.variance, passes=args.passes, degrade_source=args.degrade_source,
               round_iters=args.round_iters, round_batch_size=args.round_batch_size, seed=args.seed,
               shard_size=args.shard_size, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-              **acceptance)
+              acceptance=args.acceptance, **acceptance)
     print_result("clean", uri)
     from bfr_models import manifest
 
@@ -159,10 +161,11 @@ def add_training_parsers(sub, add_common, run, print_result) -> None:
 
     p = sub.add_parser("clean", help="clean an HQ dataset the way IDM does, judging every cleaned image",
                        description="Round r: x* = f_r(x) for every image (10-step DDPM from noise, conditioned "
-                                   "on x); x* replaces x only if NIQE improves (and MUSIQ, when its weights are "
-                                   "pulled) while the low-pass content stays within --min-lowpass-psnr (and "
-                                   "low-pass LPIPS, and FaceNet identity similarity, when their weights are pulled); "
-                                   "otherwise x is kept, with the "
+                                   "on x); x* replaces x only if it passes spec §9.4's checks (thresholds in "
+                                   "--acceptance): NIQE/MUSIQ not worse, the set's worst 15% by MUSIQ (NIQE "
+                                   "without MUSIQ) improved and the rest nearly unchanged (LPIPS), the x1/8 copies "
+                                   "within --min-lowpass-psnr, LPIPS and FaceNet identity within their limits "
+                                   "(each when its weights are pulled); otherwise x is kept, with the "
                                    "reason. Between rounds the next model is trained from the last one on "
                                    "(degrade(x), x*). Incremental: a rerun processes only images added since.")
     p.add_argument("--input", required=True, help="manifest or folder of HQ faces")
@@ -176,11 +179,15 @@ def add_training_parsers(sub, add_common, run, print_result) -> None:
                    help="later rounds train on (degrade(x), x*) (original, the paper) or (degrade(x*), x*)")
     p.add_argument("--round-iters", type=int, default=50_000, help="training iterations of rounds >= 2")
     p.add_argument("--round-batch-size", type=int, default=32, help="training batch of rounds >= 2")
-    p.add_argument("--min-lowpass-psnr", type=float, default=30.0, help="content limit in dB (default 30)")
-    p.add_argument("--lowpass-n", type=int, default=8, help="low-pass factor for the content check (default 8)")
-    p.add_argument("--max-lowpass-lpips", type=float, default=0.15, help="low-pass LPIPS limit (default 0.15)")
-    p.add_argument("--min-identity", type=float, default=0.85,
-                   help="FaceNet cosine similarity limit, when facenet_vggface2 is pulled (default 0.85)")
+    p.add_argument("--acceptance", default=None,
+                   help="acceptance thresholds YAML (default catalogs/acceptance/idm.yaml); "
+                        "the options below override it")
+    p.add_argument("--min-lowpass-psnr", type=float, default=None, help="PSNR limit of the x1/N copies in dB (30)")
+    p.add_argument("--lowpass-n", type=int, default=None, help="downscale factor N of the content check (8)")
+    p.add_argument("--max-lpips", type=float, default=None, help="LPIPS(x, x*) limit on the full image (0.15)")
+    p.add_argument("--min-identity", type=float, default=None,
+                   help="FaceNet cosine limit, when facenet_vggface2 is pulled (default: calibrated on the set as "
+                        "the 1st percentile of cosine(x, JPEG_75(x)))")
     p.add_argument("--seed", type=int, default=0, help="run seed; each image's seed derives from it")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="UNet precision (bf16 on GPU)")
     add_common(p, shard_size=64, batch_size=8)

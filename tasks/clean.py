@@ -2,6 +2,8 @@
 
 Each row is the image the cleaned dataset holds: x* when accepted, else the original x (its own URI,
 no copy). The candidate x* is always written (``candidate_uri``) so reports can show what was rejected.
+:func:`set_calibration` scores the originals once for the set-level parts of the rules (which images
+are "degraded", the calibrated identity threshold).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import torch.nn.functional as F
 from prefect import task
 
 from bfr_models import storage
-from bfr_models.idm import AcceptanceConfig, IDMModel, idm_sample, judge, load_idm
+from bfr_models.degradations.ops import jpeg
+from bfr_models.idm import AcceptanceConfig, IDMModel, SetCalibration, calibrate, idm_sample, judge, load_idm
 from bfr_models.imageio import encode_png
 from bfr_models.manifest import ManifestWriter
 from bfr_models.metrics.niqe import niqe
@@ -43,6 +46,34 @@ def cached_scorers(musiq: bool, lpips: bool, identity: bool, device: str) -> tup
             (FaceIdentity(device=device) if identity else None))
 
 
+def _batch_tensor(batch, dev) -> torch.Tensor:
+    return torch.from_numpy(np.stack([rgb for _, _, rgb, _ in batch])).permute(0, 3, 1, 2).float().to(dev) / 255.0
+
+
+def set_calibration(items: list, config: AcceptanceConfig, musiq: bool, identity: bool, device: str,
+                    batch_size: int, chunk: int = 256) -> SetCalibration:
+    """Score every original once: MUSIQ (NIQE without MUSIQ) ranks the set for A4's "degraded" cut; with
+    FaceNet and no fixed ``min_identity``, cosine(x, JPEG_q(x)) gives A1's threshold (spec §9.4)."""
+    dev = resolve_device(device)
+    calibrate_identity = identity and config.min_identity is None
+    musiq_fn, _, identity_fn = cached_scorers(musiq, False, calibrate_identity, str(dev))
+    quality, cosines = [], []
+    for start in range(0, len(items), chunk):
+        part = items[start:start + chunk]
+        decoded, _ = decode_items(STAGE, part, read_many([i.uri for i in part]))  # unreadable: error rows later
+        for batch in same_size_batches(decoded, batch_size):
+            x = _batch_tensor(batch, dev)
+            with device_slot(dev):
+                if musiq_fn is not None:
+                    quality += musiq_fn(x).tolist()
+                elif niqe_defined(*x.shape[-2:]):
+                    quality += niqe(x).tolist()
+                if identity_fn is not None:
+                    mild = jpeg(x, [config.identity_jpeg_quality] * len(x)).to(dev)
+                    cosines += identity_fn(mild, x).tolist()
+    return calibrate(config, "musiq" if musiq_fn is not None else "niqe", quality, cosines)
+
+
 def clean_batch(model: IDMModel, images: torch.Tensor, seeds: list[int], steps: int, variance: str, passes: int,
                 dtype: str = "fp32") -> torch.Tensor:
     """x* = f(...f(x)) (``passes`` times, Eq. 3) for a (B, 3, H, W) batch in [0, 1]; padded to the
@@ -60,24 +91,24 @@ def clean_batch(model: IDMModel, images: torch.Tensor, seeds: list[int], steps: 
 
 @task(name="clean-shard", cache_key_fn=shard_cache_key, persist_result=True, cache_result_in_memory=False)
 def clean_shard(spec: ShardSpec, stage_uri: str, model_uri: str, round: int, steps: int, variance: str, passes: int,
-                acceptance: dict, musiq: bool, lpips: bool, identity: bool, seed: int, device: str, dtype: str,
-                batch_size: int) -> dict:
+                acceptance: dict, calibration: dict, musiq: bool, lpips: bool, identity: bool, seed: int, device: str,
+                dtype: str, batch_size: int) -> dict:
     dev = resolve_device(device)
     model = cached_idm(model_uri, str(dev))
     musiq_fn, lpips_fn, identity_fn = cached_scorers(musiq, lpips, identity, str(dev))
-    accept = AcceptanceConfig(**acceptance)
+    accept, cal = AcceptanceConfig(**acceptance), SetCalibration(**calibration)
     writer = ManifestWriter(stage_uri)
     fetched = read_many([i.uri for i in spec.items])
     decoded, rows = decode_items(STAGE, spec.items, fetched)
     common = {"model": model.describe(), "round": round, "steps": steps, "variance": variance, "passes": passes,
-              "acceptance": acceptance, "seed": seed}
+              "acceptance": acceptance, "calibration": calibration, "seed": seed}
     for batch in same_size_batches(decoded, batch_size):
-        x = torch.from_numpy(np.stack([rgb for _, _, rgb, _ in batch])).permute(0, 3, 1, 2).float().to(dev) / 255.0
+        x = _batch_tensor(batch, dev)
         seeds = [derived_seed(seed, STAGE, str(round), parent_id) for _, parent_id, _, _ in batch]
         with device_slot(dev):
             x_star = clean_batch(model, x, seeds, steps, variance, passes, dtype)
             h, w = x.shape[-2:]
-            records = judge(x, x_star, accept, niqe=niqe if niqe_defined(h, w) else None, musiq=musiq_fn,
+            records = judge(x, x_star, accept, cal, niqe=niqe if niqe_defined(h, w) else None, musiq=musiq_fn,
                             lpips=lpips_fn, identity=identity_fn)
         for (item, parent_id, rgb, _), out, rec, s in zip(batch, x_star, records, seeds):
             rgb_star = to_uint8(out)

@@ -18,6 +18,15 @@ from tasks.shards import ShardSpec, derived_seed, read_many
 STAGE = "degrade"
 
 
+def degradation_seed(seed: int, preset: str, split: str | None, scale: float | None, parent_id: str) -> int:
+    """The image's seed for one split at one scale: DR2's mild/medium/severe x 4/8/16 draw their own noise
+    type, position in each range and noise stream for the same image (the split and scale join the seed
+    when given; presets without them keep the seed of (run seed, stage, preset, image))."""
+    parts = [STAGE, preset] + ([f"split={split}"] if split is not None else []) + \
+        ([f"scale={float(scale):g}"] if scale is not None else [])
+    return derived_seed(seed, *parts, parent_id)
+
+
 @task(name="degrade-shard", cache_key_fn=shard_cache_key, persist_result=True, cache_result_in_memory=False)
 def degrade_shard(spec: ShardSpec, preset: str, split: str | None, scale: float | None, seed: int,
                   stage_uri: str, device: str, batch_size: int) -> dict:
@@ -27,7 +36,7 @@ def degrade_shard(spec: ShardSpec, preset: str, split: str | None, scale: float 
     decoded, rows = decode_items(STAGE, spec.items, read_many([i.uri for i in spec.items]))
     label = degradation.name if split is None else f"{degradation.name}/{split}"
     for batch in same_size_batches(decoded, batch_size):
-        seeds = [derived_seed(seed, STAGE, degradation.name, parent_id) for _, parent_id, _, _ in batch]
+        seeds = [degradation_seed(seed, degradation.name, split, scale, parent_id) for _, parent_id, _, _ in batch]
         params = [degradation.sample(s) for s in seeds]
         images = torch.from_numpy(np.stack([rgb for _, _, rgb, _ in batch])).permute(0, 3, 1, 2)
         try:

@@ -38,7 +38,7 @@ def test_clean_improves_quality_within_the_content_limit_over_two_rounds(tmp_pat
     assert len(frame) == 6 and (frame["status"] == "ok").all()
     # the cleaned dataset: x* where accepted, x where not; its mean NIQE is lower, the low band is kept
     after = np.where(frame["replaced"], frame["niqe_after"], frame["niqe_before"])
-    assert frame["replaced"].sum() >= 4, frame[["niqe_before", "niqe_after", "lowpass_psnr", "reasons"]]
+    assert frame["replaced"].sum() >= 4, frame[["niqe_before", "niqe_after", "lowpass_psnr", "degraded", "reasons"]]
     assert after.mean() < frame["niqe_before"].mean() - 0.3
     assert (frame.loc[frame["replaced"], "lowpass_psnr"] >= 30).all()
     rejected = frame[~frame["replaced"]]
@@ -48,7 +48,19 @@ def test_clean_improves_quality_within_the_content_limit_over_two_rounds(tmp_pat
     assert [r["round"] for r in rounds] == [1, 2] and rounds[0]["model"] != rounds[1]["model"]
     second = load_idm(rounds[1]["model"])
     assert second.meta["source"]["round"] == 2 and second.meta["source"]["init"]["sha256"] == load_idm(model).sha256
-    assert {r["metric"] for r in index["not_computed"]} == {"musiq", "lowpass_lpips", "identity_cos", "fid"}
+    assert {r["metric"] for r in index["not_computed"]} == {"musiq", "lpips", "identity_cos", "fid"}
+    # the thresholds (catalogs/acceptance/idm.yaml) and the set's calibration are recorded: without MUSIQ the
+    # worst 15% of 6 by NIQE (one image, the highest NIQE) is "degraded" and had to improve by 0.3
+    assert index["acceptance"]["max_niqe_increase"] == 0.1 and index["acceptance"]["max_lpips"] == 0.15
+    cal = index["calibration"]
+    assert cal["degraded_metric"] == "niqe" and cal["images_scored"] == 6 and cal["min_identity"] is None
+    first_round = manifest.read_manifest(rounds[0]["manifest"])
+    assert first_round["degraded"].sum() == 1
+    assert first_round.loc[first_round["degraded"], "niqe_before"].item() == first_round["niqe_before"].max()
+    gained = first_round["niqe_after"] - first_round["niqe_before"]
+    content_kept = first_round["lowpass_psnr"].isna() | (first_round["lowpass_psnr"] >= 30)
+    quality_rule = np.where(first_round["degraded"], gained <= -0.3, gained <= 0.1)
+    assert (first_round["replaced"] == (quality_rule & content_kept)).all()
 
     from flows.report import report_flow
 
@@ -88,6 +100,29 @@ def test_clean_is_incremental_when_images_are_added(tmp_path):
     assert sorted(rows["source_uri"].str.rsplit("/", n=1).str[-1]) == [f"img{i:03d}.png" for i in range(100, 110)]
 
 
+def test_set_calibration_is_computed_once_and_kept_when_images_are_added(tmp_path):
+    """The 'degraded' cut is the rank of the set first seen: added images do not move it (earlier verdicts stay
+    valid); other rules are another calibration."""
+    from bfr_models.idm import AcceptanceConfig
+    from flows.idm import _frozen_calibration
+    from tasks.shards import list_inputs
+
+    folder = mildly_noisy_faces(tmp_path / "hq", 4, 192)
+    out = str(tmp_path / "run")
+    items = list_inputs(str(folder))[0]
+    first = _frozen_calibration(str(folder), out, items, AcceptanceConfig(), False, False, "cpu", 4)
+    assert first.degraded_metric == "niqe" and first.images_scored == 4 and first.degraded_cut is not None
+    mildly_noisy_faces(tmp_path / "more", 2, 192, seed=1)
+    for f in (tmp_path / "more").iterdir():
+        f.rename(folder / f"new_{f.name}")
+    items = list_inputs(str(folder))[0]
+    assert len(items) == 6
+    assert _frozen_calibration(str(folder), out, items, AcceptanceConfig(), False, False, "cpu", 4) == first
+    other = _frozen_calibration(str(folder), out, items, AcceptanceConfig(degraded_fraction=0.5), False, False,
+                                "cpu", 4)
+    assert other.images_scored == 6
+
+
 def test_clean_cli_bad_inputs_fail_in_one_line(tmp_path):
     folder = mildly_noisy_faces(tmp_path / "hq", 1, 32)
 
@@ -97,6 +132,11 @@ def test_clean_cli_bad_inputs_fail_in_one_line(tmp_path):
 
     rc, err = run("clean", "--input", str(folder), "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
     assert rc == 2 and "no idm.json" in err and len(err.splitlines()) == 1
+    bad = tmp_path / "accept.yaml"
+    bad.write_text("max_lowpass_lpips: 0.15\n")
+    rc, err = run("clean", "--input", str(folder), "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o"),
+                  "--acceptance", str(bad))
+    assert rc == 2 and "unknown field(s) max_lowpass_lpips" in err and len(err.splitlines()) == 1
     rc, err = run("schedule", "demo", "--cron", "0 25 * * *")
     assert rc == 2 and "not a valid cron string" in err and len(err.splitlines()) == 1
     rc, err = run("idm", "train", "--input", str(folder), "--out", str(tmp_path / "o"), "--resolution", "64",

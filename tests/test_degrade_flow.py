@@ -12,7 +12,10 @@ import pytest
 
 from bfr_models import manifest, storage
 from bfr_models.imageio import decode_rgb
+from bfr_models.degradations import load_preset
 from flows.degrade import degrade_flow
+from tasks.degrade import degradation_seed
+from tasks.shards import derived_seed
 from tests.conftest import BIN, REPO, face_like, task_states, write_png
 
 
@@ -43,9 +46,9 @@ def test_degrade_writes_manifest_and_second_run_is_cached(image_folder, tmp_path
 
 
 def test_same_seed_gives_byte_identical_images(image_folder, tmp_path):
-    def run(out, seed):
+    def run(out, seed, scale=8):
         uri = degrade_flow(input=str(image_folder), out=str(tmp_path / out), preset="dr2", split="severe",
-                           scale=8, seed=seed, shard_size=3, batch_size=2, device="cpu")
+                           scale=scale, seed=seed, shard_size=3, batch_size=2, device="cpu")
         df = manifest.read_manifest(uri).sort_values("parent_uri")
         return [storage.read_bytes(u) for u in df["uri"]], df
 
@@ -56,6 +59,23 @@ def test_same_seed_gives_byte_identical_images(image_folder, tmp_path):
     assert all(x != y for x, y in zip(a, c))
     p = json.loads(dfa["params"].iloc[0])
     assert p["noise_type"] in ("gaussian", "laplace", "poisson")
+    _, dfd = run("d", 1, scale=4)  # the same image at another scale: its own seed (stream, noise type)
+    assert all(x != y for x, y in zip(dfa["seed"], dfd["seed"]))
+
+
+def test_degradation_seed_joins_split_and_scale():
+    """DR2's 3 splits x 3 scales give one image 9 seeds; their draws differ; presets without them keep theirs."""
+    seeds = {(split, scale): degradation_seed(1, "dr2", split, scale, "img0")
+             for split in ("mild", "medium", "severe") for scale in (4, 8, 16)}
+    assert len(set(seeds.values())) == 9
+    assert degradation_seed(1, "dr2", "mild", 8.0, "img0") == seeds[("mild", 8)]
+    presets = {key: load_preset("dr2", *key) for key in seeds}
+    draws = [presets[key].sample(s) for key, s in seeds.items()]
+    # the relative position in each split's noise range (the old seed gave all 9 the same one)
+    where = {round((d["noise_sigma"] - lo) / (hi - lo), 9) for d, (lo, hi) in
+             zip(draws, (presets[k].config["noise"]["sigma"] for k in seeds))}
+    assert len({d["noise_type"] for d in draws}) > 1 and len(where) == 9
+    assert degradation_seed(7, "gfpgan", None, None, "img0") == derived_seed(7, "degrade", "gfpgan", "img0")
 
 
 def test_bad_inputs_become_error_rows_and_the_run_completes(bad_folder, tmp_path):

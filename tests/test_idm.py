@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from bfr_models.diffusion.schedule import DDPMSchedule
-from bfr_models.idm import (AcceptanceConfig, IDMConfig, IDMError, IDMTrainConfig, idm_sample, idm_timesteps,
-                            idm_unet, judge, load_idm, save_idm, train_idm)
+from bfr_models.idm import (AcceptanceConfig, IDMConfig, IDMError, IDMTrainConfig, SetCalibration, calibrate,
+                            idm_sample, idm_timesteps, idm_unet, judge, load_acceptance, load_idm, save_idm, train_idm)
+from bfr_models.idm.acceptance import downscaled_psnr
 
 TINY = IDMConfig(crop=32, channels=(16, 32), layers_per_block=1, attention=(16,), norm_groups=8)
 
@@ -105,16 +106,90 @@ def test_training_lowers_the_loss_and_resumes(tmp_path):
         train_idm(faces, TINY, IDMTrainConfig(iters=7, batch_size=2, checkpoint_every=3), str(tmp_path / "a"))
 
 
-def test_acceptance_rules():
-    x = torch.rand(3, 3, 192, 192)
-    x_star = torch.stack([x[0], x[1] * 0.5, x[2]])  # image 1: its low band changes a lot
+def _fixed(before, after, x):
+    """A scorer that gives `before` for the originals x and `after` for anything else (x*)."""
+    return lambda batch: torch.tensor(before if batch is x else after, dtype=torch.float64)
 
-    def niqe(batch):  # x* better for images 0 and 1, worse for image 2
-        return torch.tensor([5.0, 5.0, 5.0]) if batch is x else torch.tensor([4.0, 4.0, 5.5])
 
-    recs = judge(x, x_star, AcceptanceConfig(), niqe=niqe)
-    assert [r["accepted"] for r in recs] == [True, False, False]
-    assert recs[0]["reasons"] is None and recs[0]["niqe_after"] == 4.0
-    assert "low-pass PSNR" in recs[1]["reasons"] and "NIQE not improved" in recs[2]["reasons"]
-    small = judge(x[:1, :, :64, :64], x[:1, :, :64, :64], AcceptanceConfig(), niqe=None)
-    assert small[0]["accepted"] is False and "NIQE undefined" in small[0]["reasons"]
+def test_acceptance_each_rule_alone():
+    """Spec §9.4 on hand-picked measures: record k fails exactly the rule named in its comment (deltas chosen
+    exactly representable in binary, so the boundary cases are exact)."""
+    torch.manual_seed(0)
+    x = torch.rand(10, 3, 64, 64)
+    x_star = x.clone()
+    x_star[9] = x[9] * 0.5  # record 9: its x1/8 copy changes (about 9 dB)
+    # record:         0     1        2     3     4      5     6     7     8     9
+    niqe_b = [5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0]
+    niqe_a = [5.0625, 5.125, 5.0, 5.0, 4.75, 5.0, 4.5, 5.0, 5.0, 5.0]
+    musiq_b = [60.0, 60, 60, 60, 30, 30, 30, 30, 60, 60]  # records 4-7 are "degraded" (cut 40)
+    musiq_a = [59.0, 60, 58.5, 60, 31, 32, 30, 33, 60, 60]
+    lpips_v = [0.05, 0.0, 0.0, 0.0625, 0.125, 0.125, 0.125, 0.25, 0.0, 0.0]
+    ident = [0.5, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.25, 0.9]
+    cal = SetCalibration(degraded_metric="musiq", degraded_cut=40.0, min_identity=0.5)
+    recs = judge(x, x_star, AcceptanceConfig(), cal, niqe=_fixed(niqe_b, niqe_a, x), musiq=_fixed(musiq_b, musiq_a, x),
+                 lpips=lambda a, b: torch.tensor(lpips_v, dtype=torch.float64),
+                 identity=lambda a, b: torch.tensor(ident, dtype=torch.float64))
+    expected = [
+        None,                                    # 0: every limit met exactly (dNIQE +1/16, dMUSIQ -1, LPIPS 0.05)
+        "NIQE worse",                            # 1: dNIQE +0.125 > +0.1 (A3)
+        "MUSIQ worse",                           # 2: dMUSIQ -1.5 < -1 (A3)
+        "clean image changed: LPIPS 0.062",      # 3: clean, LPIPS 0.0625 > 0.05 (A4 near-identity), < 0.15
+        "degraded image not improved",           # 4: degraded, dMUSIQ +1 < +2 and dNIQE -0.25 > -0.3 (A4)
+        None,                                    # 5: degraded, dMUSIQ +2 (A4 met; LPIPS 0.125 is fine when degraded)
+        None,                                    # 6: degraded, dNIQE -0.5 (A4 met)
+        "LPIPS 0.250 > 0.15",                    # 7: degraded and improved, LPIPS 0.25 > 0.15 (A2a)
+        "identity similarity 0.250 < 0.500",     # 8: FaceNet cosine 0.25 < 0.5 (A1)
+        "low-pass PSNR",                         # 9: x1/8 copies differ (A2b)
+    ]
+    for k, (rec, want) in enumerate(zip(recs, expected)):
+        if want is None:
+            assert rec["accepted"] and rec["reasons"] is None, (k, rec)
+        else:
+            assert not rec["accepted"] and rec["reasons"].startswith(want) and ";" not in rec["reasons"], (k, rec)
+    assert [r["degraded"] for r in recs] == [False] * 4 + [True] * 4 + [False] * 2
+    assert recs[0]["lowpass_psnr"] is None and recs[9]["lowpass_psnr"] < 30  # None: identical (infinite PSNR)
+    assert {"lpips", "identity_cos", "niqe_before", "musiq_after", "lowpass_psnr"} <= set(recs[0])
+
+
+def test_acceptance_without_scorers_and_without_quality():
+    x = torch.rand(2, 3, 64, 64)
+    # NIQE only (no MUSIQ, LPIPS, FaceNet): A3/A4 on NIQE alone; record 1 is degraded by NIQE (cut 6)
+    cal = SetCalibration(degraded_metric="niqe", degraded_cut=6.0)
+    recs = judge(x, x.clone(), AcceptanceConfig(), cal, niqe=_fixed([5.0, 7.0], [5.0, 6.75], x))
+    assert recs[0]["accepted"] and not recs[0]["degraded"] and "lpips" not in recs[0]
+    assert recs[1]["degraded"] and recs[1]["reasons"].startswith("degraded image not improved")
+    small = judge(x, x.clone(), AcceptanceConfig(), SetCalibration(), niqe=None)
+    assert not small[0]["accepted"] and small[0]["reasons"].startswith("no quality score")
+
+
+def test_downscaled_psnr_compares_the_x8_copies():
+    base = torch.full((1, 3, 64, 64), 0.5)
+    # a constant offset of 0.1 survives the bicubic x1/8 copy: MSE 0.01, 20 dB
+    assert torch.allclose(downscaled_psnr(base, base + 0.1, 8), torch.tensor([20.0]), atol=1e-4)
+    # a pixel checkerboard (full-resolution PSNR 20 dB) is high frequency: the antialiased copy removes it
+    checker = ((torch.arange(64)[:, None] + torch.arange(64)[None]) % 2 * 2 - 1).float() * 0.1
+    assert downscaled_psnr(base, base + checker, 8).item() > 40
+
+
+def test_calibration_ranks_the_set_and_sets_the_identity_threshold():
+    config = AcceptanceConfig()
+    # MUSIQ, higher is better: the worst 15% of 10 finite scores is ceil(1.5) = 2 images, cut = 2nd lowest
+    cal = calibrate(config, "musiq", [50, 10, 40, 30, 20, 60, 70, 80, 90, 100, float("nan")])
+    assert (cal.degraded_metric, cal.degraded_cut, cal.images_scored) == ("musiq", 20, 10)
+    # NIQE, lower is better: 15% of 5 rounds up to one image, the highest
+    cal = calibrate(config, "niqe", [3, 9, 4, 8, 5], jpeg_identity=[i / 100 for i in range(100, 0, -1)])
+    assert cal.degraded_cut == 9 and cal.min_identity == 0.01  # the 1st percentile of cosine(x, JPEG_75(x))
+    assert calibrate(AcceptanceConfig(min_identity=0.7), "niqe", [3.0], [0.9]).min_identity == 0.7
+    assert calibrate(AcceptanceConfig(degraded_fraction=0), "niqe", [3.0]).degraded_cut is None
+    assert calibrate(config, "niqe", []) == SetCalibration()
+
+
+def test_acceptance_yaml_is_the_specs_defaults_and_is_checked(tmp_path):
+    assert load_acceptance() == AcceptanceConfig()
+    assert load_acceptance(max_lpips=0.2, min_identity=None).max_lpips == 0.2
+    bad = tmp_path / "a.yaml"
+    bad.write_text("max_lpips: 0.1\nmax_lowpass_lpips: 0.15\n")
+    with pytest.raises(ValueError, match="unknown field.*max_lowpass_lpips"):
+        load_acceptance(bad)
+    with pytest.raises(ValueError, match="degraded_fraction"):
+        load_acceptance(degraded_fraction=1.5)

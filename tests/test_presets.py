@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from bfr_models.degradations import PresetError, list_presets, load_preset
-from bfr_models.degradations.presets import lowres_size
+from bfr_models.degradations.presets import jpeg_quality, lowres_size
 from tests.conftest import face_like
 
 PI = [-math.pi, math.pi]
@@ -78,7 +78,7 @@ def test_classic_preset_ranges_are_the_specs(name, split):
                          "sigma": sigma, "rotation": PI, "betag": [0.5, 8], "betap": [0.5, 8]}
     assert c["downsample"] == {"scale": down, "mode": "bilinear"}
     assert c["noise"] == {"types": ["gaussian"], "sigma": noise, "gray_prob": 0.0}
-    assert c["jpeg"] == {"quality": quality}
+    assert c["jpeg"] == {"quality": quality, "inclusive": False}  # int(uniform(lo, hi)) in all these sources
     assert c["resize_back"] is True and c["resize_back_mode"] == "bilinear" and c["hflip"] is False
     assert c["color_jitter"] == {"prob": jitter, "shift": 20}
     assert c["color_jitter_pt"] == {"prob": jitter_pt, "brightness": [0.5, 1.5], "contrast": [0.5, 1.5],
@@ -95,7 +95,7 @@ def test_dr2_splits_and_scales(split, scale):
     assert c["blur"]["sigma"] == sigma and c["blur"]["kernel_list"] == ["iso"]
     assert c["downsample"] == {"scale": scale, "mode": "bicubic"}
     assert c["noise"] == {"types": ["gaussian", "laplace", "poisson"], "sigma": delta, "gray_prob": 0.0}
-    assert c["jpeg"] == {"quality": quality} and c["resize_back"] is True
+    assert c["jpeg"] == {"quality": quality, "inclusive": True} and c["resize_back"] is True
 
 
 def test_camera_raw_splits_and_scales():
@@ -144,8 +144,9 @@ def test_a_split_preset_without_its_split_fails_at_config_sample_and_apply():
     ("blur:\n  [unclosed", "cannot read it"),
     ({"noise": {"types": ["gaussian"], "sigma": [20, 0], "gray_prob": 0.0}}, "noise.sigma must have low <= high"),
     ({"noise": {"types": ["speckle"], "sigma": [0, 5], "gray_prob": 0.0}}, "noise.types must be a non-empty list of"),
-    ({"jpeg": {"quality": [60.5, 100]}}, "jpeg.quality must be an integer"),
-    ({"jpeg": {"qualty": [60, 100]}}, "jpeg: unknown field(s) qualty (expected: quality)"),
+    ({"jpeg": {"quality": [60.5, 100], "inclusive": False}}, "jpeg.quality must be an integer"),
+    ({"jpeg": {"qualty": [60, 100], "inclusive": False}}, "jpeg: unknown field(s) qualty (expected: quality, inclusive)"),
+    ({"jpeg": {"quality": [60, 100]}}, "jpeg: missing field(s) inclusive"),
     ({"gray_prob": 1.5}, "gray_prob must be in [0, 1]"),
     ({"blur_extra": 1}, ".yaml: unknown field(s) blur_extra (expected: blur, downsample,"),
     ({"noise": {"types": ["gaussian"], "sigma": [-1, 5], "gray_prob": 0.0}}, "noise.sigma must be >= 0, got -1"),
@@ -211,7 +212,18 @@ def test_samples_stay_in_the_preset_ranges():
     dr2 = [load_preset("dr2", "severe", 16).sample(s) for s in range(300)]
     assert {p["noise_type"] for p in dr2} == {"gaussian", "laplace", "poisson"}
     assert all(p["scale"] == 16 and 7 <= p["sigma_x"] <= 9 and p["sigma_y"] == p["sigma_x"] and
-               25 <= p["noise_sigma"] <= 50 and 30 <= p["jpeg_quality"] < 40 for p in dr2)
+               25 <= p["noise_sigma"] <= 50 and 30 <= p["jpeg_quality"] <= 40 for p in dr2)
+
+
+def test_jpeg_top_quality_is_drawn_only_where_the_source_includes_it():
+    """DR2's {30 : 40} holds 40 (inclusive); GFPGAN's int(uniform(60, 100)) never reaches 100."""
+    rng = np.random.default_rng(0)
+    inclusive = [jpeg_quality(rng, {"quality": [30, 33], "inclusive": True}) for _ in range(200)]
+    exclusive = [jpeg_quality(rng, {"quality": [30, 33], "inclusive": False}) for _ in range(200)]
+    assert set(inclusive) == {30, 31, 32, 33} and set(exclusive) == {30, 31, 32}
+    dr2 = {load_preset("dr2", "severe", 4).sample(s)["jpeg_quality"] for s in range(200)}
+    gfpgan = {load_preset("gfpgan").sample(s)["jpeg_quality"] for s in range(400)}
+    assert 40 in dr2 and max(gfpgan) == 99
 
 
 # ----------------------------------------------------------------------------- applying

@@ -279,7 +279,7 @@ def test_metric_columns_and_directions():
     assert metric_direction("psnr_y") == "higher" and metric_direction("lpips") == "lower"
     assert metric_direction("sharpness") is None
     assert set(METRIC_DIRECTIONS) == {"niqe", "musiq", "lpips", "psnr", "ssim", "fid", "lf_psnr", "noise_sigma", "nrqm", "pi",
-                                      "lowpass_psnr", "lowpass_lpips"}
+                                      "lowpass_psnr"}
     assert metric_direction("lf_psnr") == "higher" and metric_direction("noise_sigma") == "lower"
     ticks, _ = nice_ticks(0.11, 0.93, 5)
     assert ticks[0] >= 0.11 and ticks[-1] <= 0.93 and 3 <= len(ticks) <= 6

@@ -110,6 +110,11 @@ def test_bad_score_arguments_fail_before_work(weights, degraded_manifest, tmp_pa
                   lpips_net="vgg", fid_convention="clean", skip_missing=False)
     with pytest.raises(ValueError, match="unknown metric brisque"):
         plan_score(degraded_manifest, "niqe,brisque", **common)
+    with pytest.raises(ValueError, match="unknown NIQE convention 'octave'"):
+        plan_score(degraded_manifest, "niqe", **{**common, "niqe_convention": "octave"})
+    # the old name of the official LIVE computequality.m convention is accepted and recorded under the new one
+    config = plan_score(degraded_manifest, "niqe", **{**common, "niqe_convention": "matlab"})[0]
+    assert config.niqe_convention == "live_computequality"
     with pytest.raises(ValueError, match="fid needs --fid-ref"):
         plan_score(degraded_manifest, "fid", **{**common, "fid_convention": "legacy_pytorch"})
     with pytest.raises(ValueError, match="rank-deficient below 2048"):

@@ -146,7 +146,7 @@ CLASSIC_SCHEMA = {
     "downsample": {"scale": _scale, "mode": partial(_choice, options=RESIZE_MODES)},
     "noise": {"types": partial(_names, options=tuple(NOISE_FUNCTIONS)), "sigma": partial(_range, low=0),
               "gray_prob": _PROB},
-    "jpeg": {"quality": partial(_range, low=0, high=100, integer=True)},
+    "jpeg": {"quality": partial(_range, low=0, high=100, integer=True), "inclusive": _bool},
     "resize_back": _bool,
     "resize_back_mode": partial(_choice, options=RESIZE_MODES),
     "hflip": _bool,
@@ -344,8 +344,7 @@ def _sample_classic(config: dict, rng: np.random.Generator) -> dict:
     out["noise_type"] = noise["types"][int(rng.integers(len(noise["types"])))]
     out["noise_sigma"] = float(rng.uniform(*noise["sigma"]))
     out["gray_noise"] = bool(noise["gray_prob"] > 0 and rng.uniform() < noise["gray_prob"])
-    # int() as CodeFormer and the BasicSR #578 fix do: OpenCV takes only integer qualities.
-    out["jpeg_quality"] = int(rng.uniform(*config["jpeg"]["quality"]))
+    out["jpeg_quality"] = jpeg_quality(rng, config["jpeg"])
     out["color_shift"] = None
     if jitter["prob"] > 0 and rng.uniform() < jitter["prob"]:
         out["color_shift"] = [float(v) for v in rng.uniform(-jitter["shift"], jitter["shift"], 3)]
@@ -355,6 +354,14 @@ def _sample_classic(config: dict, rng: np.random.Generator) -> dict:
         order = [JITTER_NAMES[i] for i in rng.permutation(len(JITTER_NAMES))]
         out["color_jitter"] = {"order": order, **{n: float(rng.uniform(*jitter_pt[n])) for n in JITTER_NAMES}}
     return out
+
+
+def jpeg_quality(rng: np.random.Generator, jpeg_config: dict) -> int:
+    """The JPEG quality as each preset's source draws it (``inclusive`` in the preset says which):
+    inclusive, a uniform integer of [lo, hi] (DR2's integer set {60 : 80} holds 80); exclusive,
+    int(uniform(lo, hi)) as CodeFormer / BasicSR (#578) do, which never draws hi unless lo == hi."""
+    lo, hi = jpeg_config["quality"]
+    return int(rng.integers(lo, hi + 1)) if jpeg_config["inclusive"] else int(rng.uniform(lo, hi))
 
 
 def lowres_size(height: int, width: int, scale: float) -> tuple[int, int]:

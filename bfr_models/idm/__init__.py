@@ -9,10 +9,10 @@
 No Prefect here (see ``flows/clean.py``).
 """
 
-from bfr_models.idm.acceptance import AcceptanceConfig, judge
+from bfr_models.idm.acceptance import AcceptanceConfig, SetCalibration, calibrate, judge, load_acceptance
 from bfr_models.idm.model import IDMConfig, IDMError, IDMModel, idm_unet, load_idm, save_idm
 from bfr_models.idm.sampler import idm_sample, idm_timesteps
 from bfr_models.idm.train import IDMTrainConfig, train_idm
 
-__all__ = ["AcceptanceConfig", "IDMConfig", "IDMError", "IDMModel", "IDMTrainConfig", "idm_sample", "idm_timesteps",
-           "idm_unet", "judge", "load_idm", "save_idm", "train_idm"]
+__all__ = ["AcceptanceConfig", "IDMConfig", "IDMError", "IDMModel", "IDMTrainConfig", "SetCalibration", "calibrate",
+           "idm_sample", "idm_timesteps", "idm_unet", "judge", "load_acceptance", "load_idm", "save_idm", "train_idm"]

@@ -1,44 +1,139 @@
-"""Whether a cleaned image x* = f(x) replaces the original x (spec §9.4; the paper itself keeps every output).
+"""Whether a cleaned image x* = f(x) replaces the original x: spec §9.4's checks (the paper keeps every output).
 
-Checks, each recorded as a column, each failing one as a reason:
+Thresholds: ``catalogs/acceptance/idm.yaml`` (:func:`load_acceptance`), recorded in the clean stage's
+index. Each measure is a column, each failed check a reason:
 
-- quality improves: NIQE(x*) < NIQE(x) (lower is better), and MUSIQ(x*) > MUSIQ(x) when a MUSIQ scorer is
-  given. An image too small for NIQE (< 2 blocks of 96 px) cannot show an improvement and is rejected;
-- content kept: PSNR of the low-pass copies Φ_N(x*) vs Φ_N(x) >= ``min_lowpass_psnr`` (N = 8: bicubic
-  x1/8, spec A2b), and their LPIPS <= ``max_lowpass_lpips`` when an LPIPS scorer is given;
-- identity kept: cosine similarity of face embeddings >= ``min_identity`` when a face-recognition
-  model is given;
-- sanity: x* is finite.
+- A7 sanity: x* is finite;
+- A1 identity: FaceNet cosine(x, x*) >= ``min_identity``; when that is None, the threshold is calibrated on
+  the set (:func:`calibrate`): the 1st percentile of cosine(x, JPEG_75(x)) over the originals;
+- A2 content: (a) LPIPS-VGG(x, x*) on the full images <= ``max_lpips``; (b) PSNR of bicubic x1/8 copies
+  of x and x* (downsampled only) >= ``min_lowpass_psnr``;
+- A3 quality not worse: NIQE(x*) - NIQE(x) <= ``max_niqe_increase`` and MUSIQ(x*) - MUSIQ(x) >=
+  ``min_musiq_change``;
+- A4 an image in the worst ``degraded_fraction`` of the set by MUSIQ (by NIQE without MUSIQ) is
+  ``degraded`` and must improve: dMUSIQ >= ``degraded_min_musiq_gain`` or dNIQE <= -``degraded_min_niqe_drop``;
+  any other image is clean and must pass through nearly unchanged: LPIPS(x, x*) <= ``clean_max_lpips``.
 
-Rejected images keep the original; the reasons say why.
+A check whose scorer is absent is not made (the flow records the metric as not computed). An image with
+no quality score at all (NIQE needs two 96-px blocks, MUSIQ not given) cannot show A3/A4 and is rejected.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
-
-from bfr_models.diffusion.lowpass import lowpass
-from bfr_models.pseudo_targets import lowfreq_psnr
+import torch.nn.functional as F
+import yaml
 
 Scorer = Callable[[torch.Tensor], torch.Tensor]
 PairScorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+DEGRADED_METRICS = {"musiq": "higher", "niqe": "lower"}  # the A4 ranking metric and which way is better
 
 
 @dataclass(frozen=True)
 class AcceptanceConfig:
-    lowpass_N: int = 8
-    min_lowpass_psnr: float = 30.0   # spec A2(b)
-    max_lowpass_lpips: float = 0.15  # spec A2(a)'s limit, applied to the low-pass copies
-    min_identity: float = 0.85       # spec A1
-    min_niqe_gain: float = 0.0       # NIQE must drop by more than this
+    """The spec §9.4 thresholds (defaults = the spec's; the YAML in catalogs/acceptance says why)."""
+
+    max_lpips: float = 0.15                # A2(a)
+    lowpass_N: int = 8                     # A2(b): x1/N copies
+    min_lowpass_psnr: float = 30.0         # A2(b)
+    min_identity: float | None = None      # A1; None: calibrated on the set
+    identity_percentile: float = 1.0       # A1 calibration: this percentile of cosine(x, JPEG_q(x))
+    identity_jpeg_quality: int = 75
+    max_niqe_increase: float = 0.1         # A3
+    min_musiq_change: float = -1.0         # A3
+    degraded_fraction: float = 0.15        # A4: the worst 15% of the set are "degraded"
+    degraded_min_musiq_gain: float = 2.0   # A4 degraded: dMUSIQ >= +2 ...
+    degraded_min_niqe_drop: float = 0.3    # ... or dNIQE <= -0.3
+    clean_max_lpips: float = 0.05          # A4 clean: near-identity
 
     def __post_init__(self):
         if self.lowpass_N < 1:
             raise ValueError(f"acceptance: lowpass_N must be >= 1, got {self.lowpass_N}")
+        if not 0 <= self.degraded_fraction <= 1:
+            raise ValueError(f"acceptance: degraded_fraction must be in [0, 1], got {self.degraded_fraction}")
+        if not 0 <= self.identity_percentile <= 100:
+            raise ValueError(f"acceptance: identity_percentile must be in [0, 100], got {self.identity_percentile}")
+        if not 1 <= self.identity_jpeg_quality <= 100:
+            raise ValueError(f"acceptance: identity_jpeg_quality must be in [1, 100], got {self.identity_jpeg_quality}")
+
+
+def default_acceptance_path() -> Path:
+    from bfr_models.models import catalogs_dir
+
+    return catalogs_dir() / "acceptance" / "idm.yaml"
+
+
+def load_acceptance(path: str | Path | None = None, **overrides) -> AcceptanceConfig:
+    """The thresholds of a YAML file (default: catalogs/acceptance/idm.yaml), then the overrides that are not None."""
+    path = Path(path) if path else default_acceptance_path()
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"acceptance file {path}: cannot read it: {' '.join(str(e).split())}") from None
+    known = {f.name for f in fields(AcceptanceConfig)}
+    if not isinstance(raw, dict) or set(raw) - known:
+        unknown = sorted(set(raw) - known) if isinstance(raw, dict) else ["(not a mapping)"]
+        raise ValueError(f"acceptance file {path}: unknown field(s) {', '.join(unknown)} "
+                         f"(expected: {', '.join(sorted(known))})")
+    return AcceptanceConfig(**{**raw, **{k: v for k, v in overrides.items() if v is not None}})
+
+
+@dataclass(frozen=True)
+class SetCalibration:
+    """The set-level inputs of the per-image rules, computed once from the original images."""
+
+    degraded_metric: str | None = None  # "musiq" or "niqe"; None: no image could be scored
+    degraded_cut: float | None = None   # an image this bad or worse is "degraded" (A4)
+    min_identity: float | None = None   # A1's threshold: the config's, or calibrated
+    images_scored: int = 0
+
+
+def calibrate(config: AcceptanceConfig, metric: str, quality: Sequence[float],
+              jpeg_identity: Sequence[float] = ()) -> SetCalibration:
+    """A4's cut: the score below which (MUSIQ; above which for NIQE) lie the worst ``degraded_fraction`` of the
+    finite scores (the smallest k with k >= fraction * n, at least one image when the fraction is > 0). A1's
+    threshold: ``min_identity`` when set, else the ``identity_percentile``-th percentile of the cosines of
+    (x, JPEG_q(x)) (None when there are none)."""
+    if metric not in DEGRADED_METRICS:
+        raise ValueError(f"acceptance: degraded metric must be one of {', '.join(DEGRADED_METRICS)}, got {metric!r}")
+    q = np.asarray([v for v in quality if math.isfinite(v)], dtype=np.float64)
+    cut = None
+    if len(q) and config.degraded_fraction > 0:
+        signed = q if DEGRADED_METRICS[metric] == "higher" else -q
+        k = max(1, math.ceil(config.degraded_fraction * len(q) - 1e-9))
+        cut = float(np.sort(signed)[k - 1]) * (1 if DEGRADED_METRICS[metric] == "higher" else -1)
+    threshold = config.min_identity
+    cos = [v for v in jpeg_identity if math.isfinite(v)]
+    if threshold is None and cos:
+        threshold = float(np.percentile(cos, config.identity_percentile, method="inverted_cdf"))
+    return SetCalibration(metric if len(q) else None, cut, threshold, int(len(q)))
+
+
+def is_degraded(score: float | None, calibration: SetCalibration) -> bool:
+    if score is None or calibration.degraded_cut is None:
+        return False
+    if DEGRADED_METRICS[calibration.degraded_metric] == "higher":
+        return score <= calibration.degraded_cut
+    return score >= calibration.degraded_cut
+
+
+def downscaled_psnr(a: torch.Tensor, b: torch.Tensor, N: int) -> torch.Tensor:
+    """Per-image PSNR (dB, peak 1) of bicubic x1/N copies of a and b (spec A2b); inf where they are equal.
+
+    Antialiased Keys bicubic (a = -0.5), the family of MATLAB's imresize; torch renormalises the kernel at
+    the border where MATLAB pads symmetrically.
+    """
+    size = (max(1, a.shape[-2] // N), max(1, a.shape[-1] // N))
+    small_a, small_b = (F.interpolate(t.float(), size=size, mode="bicubic", antialias=True, align_corners=False)
+                        for t in (a, b))
+    mse = ((small_a - small_b) ** 2).flatten(1).mean(1)
+    return 10.0 * torch.log10(1.0 / mse)
 
 
 def _num(v) -> float | None:
@@ -46,55 +141,80 @@ def _num(v) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def judge(x: torch.Tensor, x_star: torch.Tensor, config: AcceptanceConfig, *, niqe: Scorer | None,
-          musiq: Scorer | None = None, lpips: PairScorer | None = None,
-          identity: PairScorer | None = None) -> list[dict]:
-    """One record per image of the (B, 3, H, W) batches in [0, 1]: every measure, ``accepted`` and ``reasons``.
+def _delta(rec: dict, metric: str) -> float | None:
+    before, after = rec.get(f"{metric}_before"), rec.get(f"{metric}_after")
+    return None if before is None or after is None else after - before
 
-    ``niqe`` is None when the images are too small for NIQE; the other scorers are optional.
-    """
+
+def judge(x: torch.Tensor, x_star: torch.Tensor, config: AcceptanceConfig, calibration: SetCalibration, *,
+          niqe: Scorer | None, musiq: Scorer | None = None, lpips: PairScorer | None = None,
+          identity: PairScorer | None = None) -> list[dict]:
+    """One record per image of the (B, 3, H, W) batches in [0, 1]: every measure, ``degraded``, ``accepted``
+    and ``reasons``. ``niqe`` is None when the images are too small for NIQE; the other scorers are optional."""
     if x.shape != x_star.shape or x.dim() != 4:
-        raise ValueError(f"acceptance: x and x* must be equal (B, 3, H, W) batches, got {tuple(x.shape)} and {tuple(x_star.shape)}")
+        raise ValueError(f"acceptance: x and x* must be equal (B, 3, H, W) batches, "
+                         f"got {tuple(x.shape)} and {tuple(x_star.shape)}")
     finite = torch.isfinite(x_star).flatten(1).all(1).tolist()
     x_star = torch.nan_to_num(x_star).clamp(0, 1)
-    cols: dict[str, list] = {"lowpass_psnr": lowfreq_psnr(x_star, x, config.lowpass_N).tolist()}
+    cols: dict[str, list] = {"lowpass_psnr": downscaled_psnr(x_star, x, config.lowpass_N).tolist()}
     if niqe is not None:
         cols["niqe_before"], cols["niqe_after"] = niqe(x).tolist(), niqe(x_star).tolist()
     if musiq is not None:
         cols["musiq_before"], cols["musiq_after"] = musiq(x).tolist(), musiq(x_star).tolist()
     if lpips is not None:
-        N = config.lowpass_N
-        cols["lowpass_lpips"] = lpips(lowpass(x_star, N).clamp(0, 1), lowpass(x, N).clamp(0, 1)).tolist()
+        cols["lpips"] = lpips(x_star, x).tolist()
     if identity is not None:
         cols["identity_cos"] = identity(x_star, x).tolist()
     records = []
     for b in range(x.shape[0]):
         rec = {k: _num(v[b]) for k, v in cols.items()}
-        reasons = []
-        if not finite[b]:
-            reasons.append("x* has non-finite values")
-        if niqe is None:
-            reasons.append("NIQE undefined (image smaller than two 96-px blocks): no improvement to show")
-        else:
-            before, after = rec["niqe_before"], rec["niqe_after"]
-            if before is None or after is None or not after < before - config.min_niqe_gain:
-                reasons.append(f"NIQE not improved ({_fmt(before)} -> {_fmt(after)})")
-        if musiq is not None:
-            before, after = rec["musiq_before"], rec["musiq_after"]
-            if before is None or after is None or not after > before:
-                reasons.append(f"MUSIQ not improved ({_fmt(before)} -> {_fmt(after)})")
-        lp = rec["lowpass_psnr"]
-        if lp is not None and lp < config.min_lowpass_psnr:  # None: identical low bands (infinite PSNR)
-            reasons.append(f"low-pass PSNR {lp:.2f} dB < {config.min_lowpass_psnr:g}")
-        if lpips is not None and (rec["lowpass_lpips"] is None or rec["lowpass_lpips"] > config.max_lowpass_lpips):
-            reasons.append(f"low-pass LPIPS {_fmt(rec['lowpass_lpips'])} > {config.max_lowpass_lpips:g}")
-        if identity is not None and (rec["identity_cos"] is None or rec["identity_cos"] < config.min_identity):
-            reasons.append(f"identity similarity {_fmt(rec['identity_cos'])} < {config.min_identity:g}")
+        rec["degraded"] = is_degraded(rec.get(f"{calibration.degraded_metric}_before"), calibration)
+        reasons = [] if finite[b] else ["x* has non-finite values"]
+        reasons += _content_reasons(rec, config, calibration)
+        reasons += _quality_reasons(rec, config, niqe is not None, musiq is not None)
         rec["accepted"] = not reasons
         rec["reasons"] = "; ".join(reasons) or None
         records.append(rec)
     return records
 
 
+def _content_reasons(rec: dict, config: AcceptanceConfig, calibration: SetCalibration) -> list[str]:
+    """A1 and A2: identity and content kept."""
+    reasons = []
+    if "identity_cos" in rec and calibration.min_identity is not None and \
+            (rec["identity_cos"] is None or rec["identity_cos"] < calibration.min_identity):
+        reasons.append(f"identity similarity {_fmt(rec['identity_cos'])} < {calibration.min_identity:.3f}")
+    if "lpips" in rec and (rec["lpips"] is None or rec["lpips"] > config.max_lpips):
+        reasons.append(f"LPIPS {_fmt(rec['lpips'])} > {config.max_lpips:g}")
+    lp = rec["lowpass_psnr"]
+    if lp is not None and lp < config.min_lowpass_psnr:  # None: identical x1/N copies (infinite PSNR)
+        reasons.append(f"low-pass PSNR {lp:.2f} dB < {config.min_lowpass_psnr:g}")
+    return reasons
+
+
+def _quality_reasons(rec: dict, config: AcceptanceConfig, has_niqe: bool, has_musiq: bool) -> list[str]:
+    """A3 (not worse) and A4 (degraded: improved; clean: near-identity)."""
+    if not has_niqe and not has_musiq:
+        return ["no quality score (NIQE needs two 96-px blocks, MUSIQ not computed): A3/A4 cannot be checked"]
+    reasons = []
+    d_niqe, d_musiq = _delta(rec, "niqe"), _delta(rec, "musiq")
+    if has_niqe and (d_niqe is None or d_niqe > config.max_niqe_increase):
+        reasons.append(f"NIQE worse ({_fmt(rec['niqe_before'])} -> {_fmt(rec['niqe_after'])}, "
+                       f"limit +{config.max_niqe_increase:g})")
+    if has_musiq and (d_musiq is None or d_musiq < config.min_musiq_change):
+        reasons.append(f"MUSIQ worse ({_fmt(rec['musiq_before'])} -> {_fmt(rec['musiq_after'])}, "
+                       f"limit {config.min_musiq_change:+g})")
+    if rec["degraded"]:
+        improved = (d_musiq is not None and d_musiq >= config.degraded_min_musiq_gain) or \
+                   (d_niqe is not None and d_niqe <= -config.degraded_min_niqe_drop)
+        if not improved:
+            measured = ([f"dMUSIQ {_fmt(d_musiq)} < +{config.degraded_min_musiq_gain:g}"] if has_musiq else []) + \
+                       ([f"dNIQE {_fmt(d_niqe)} > -{config.degraded_min_niqe_drop:g}"] if has_niqe else [])
+            reasons.append(f"degraded image not improved ({' and '.join(measured)})")
+    elif "lpips" in rec and rec["lpips"] is not None and rec["lpips"] > config.clean_max_lpips:
+        reasons.append(f"clean image changed: LPIPS {_fmt(rec['lpips'])} > {config.clean_max_lpips:g} (near-identity)")
+    return reasons
+
+
 def _fmt(v) -> str:
-    return "nan" if v is None else f"{v:.3f}"
+    return "n/a" if v is None else f"{v:.3f}"

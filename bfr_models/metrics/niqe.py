@@ -7,12 +7,16 @@ basicsr ships as ``basicsr/metrics/niqe_pris_params.npz``; see ``catalogs/metric
 Two conventions (``docs/niqe_calibration.md`` has the per-image calibration table and the reasoning):
 
 ``pyiqa``  (default; pyiqa's ``niqe``, the number most published BFR tables report)
-    Gray = round-half-even(255 * (0.299 R + 0.587 G + 0.114 B)) computed in float32, exactly as
-    ``pyiqa.utils.color_util.to_y_channel(x, 255, 'yiq')`` on a float32 image. The MSCN filter uses
-    pyiqa's window (``fspecial(7, 7/6)`` rounded to float32) and sums the 49 taps in the order pyiqa's /
-    scipy's CPU convolution does, so the floating-point residue left in flat regions is the same
-    as theirs; the half-scale image is made in float32 as pyiqa's ``imresize`` does.
-``matlab`` (the official MATLAB release, ``computequality.m``)
+    Gray = round-half-even(255 * (0.299 R + 0.587 G + 0.114 B)) computed in float32, the formula of
+    ``pyiqa.utils.color_util.to_y_channel(x, 255, 'yiq')`` on a float32 image. pyiqa computes it as a
+    float32 matmul whose rounding depends on the CPU's kernels while we sum the three products, so a
+    few gray levels can round the other way (14 of 983,040 pixels on one machine). The MSCN filter
+    uses pyiqa's window (``fspecial(7, 7/6)`` rounded to float32) and sums the 49 taps in the order
+    pyiqa's / scipy's CPU convolution does; the half-scale image is made in float32 as pyiqa's
+    ``imresize`` does. Within 0.5% of live pyiqa on the TID2013 calibration images (the tested bar;
+    1.7e-4 relative on one machine).
+``live_computequality`` (alias ``matlab``; the official LIVE NIQE release's ``computequality.m``, not
+    MATLAB's built-in ``niqe()``, which has another pristine model)
     Gray = MATLAB ``rgb2gray`` of the 8-bit image (0.298936021293775 R + 0.587043074451121 G +
     0.114020904255103 B, round half away from zero), all in float64, and local-mean residues that are
     zero in exact arithmetic (flat regions) are exactly zero. Within 0.6% of the official values on the
@@ -42,12 +46,13 @@ import torch
 
 from bfr_models.metrics.fullref import matlab_gray_levels
 
-CONVENTIONS = ("pyiqa", "matlab")
+CONVENTIONS = ("pyiqa", "live_computequality")
+CONVENTION_ALIASES = {"matlab": "live_computequality"}  # the old name: accepted, recorded under the new one
 BLOCK = 96
 PRISTINE_FILE = "niqe_pris_params.npz"
 
 _YIQ_GRAY = (0.299, 0.587, 0.114)
-# |im - local mean| at or below this (0..255 scale) is exactly zero for the matlab convention. Float64
+# |im - local mean| at or below this (0..255 scale) is exactly zero for the live_computequality convention. Float64
 # rounding leaves < 1e-12 in flat areas (49 products of values <= 255); the smallest genuine residues on
 # the calibration images are > 1e-9 (half-scale bicubic tails); any threshold in [1e-12, 1e-10] gives
 # the same scores there.
@@ -276,7 +281,7 @@ def niqe_features(gray: torch.Tensor, convention: str = "pyiqa") -> torch.Tensor
             var = var + torch.finfo(torch.float64).eps  # pyiqa's safe_sqrt
         sigma = torch.sqrt(var)
         diff = img - mu
-        if convention == "matlab":
+        if convention == "live_computequality":
             diff = torch.where(diff.abs() <= _EXACT_ZERO_TOL, torch.zeros_like(diff), diff)
         mscn = diff / (sigma + 1)
         out.append(_block_features(mscn, BLOCK // scale, tables))
@@ -324,6 +329,15 @@ def _niqe_same_size(images: torch.Tensor, convention: str, crop_border: int) -> 
     return _mvg_distance(feats)
 
 
+def niqe_convention(name: str) -> str:
+    """The convention's name as recorded (an alias maps to it); ValueError for an unknown one."""
+    name = CONVENTION_ALIASES.get(name, name)
+    if name not in CONVENTIONS:
+        raise ValueError(f"unknown NIQE convention {name!r}; use one of "
+                         f"{', '.join(CONVENTIONS + tuple(CONVENTION_ALIASES))}")
+    return name
+
+
 @torch.no_grad()
 def niqe(images: torch.Tensor | Sequence[torch.Tensor], convention: str = "pyiqa",
          crop_border: int = 0) -> torch.Tensor:
@@ -336,8 +350,7 @@ def niqe(images: torch.Tensor | Sequence[torch.Tensor], convention: str = "pyiqa
     raises ValueError; one without texture to fit (e.g. constant: every block's features are NaN)
     scores NaN.
     """
-    if convention not in CONVENTIONS:
-        raise ValueError(f"unknown NIQE convention {convention!r}; use one of {', '.join(CONVENTIONS)}")
+    convention = niqe_convention(convention)
     if crop_border < 0:
         raise ValueError(f"crop_border must be >= 0, got {crop_border}")
     if isinstance(images, torch.Tensor):
