@@ -475,13 +475,62 @@ def add(name: str, from_path: str | Path, *, progress: bool = True) -> Path:
         raise ModelDownloadError(f"cannot add model '{name}': reading {src} failed: {_reason(e, src)}") from None
 
 
-def state_dict_from_bytes(data: bytes, what: str) -> dict:
-    """A torch state dict from checkpoint bytes: unwraps ``params``/``state_dict``/``model`` and ``module.``."""
-    import io
+def _refusal(e: BaseException) -> str:
+    """Why a file could not be read, in one line of our words: torch's own message for a file with
+    Python objects in it suggests turning the safety off."""
+    text = " ".join(str(e).split())
+    if "weights only" in text.lower() or "weights_only" in text:
+        return "it holds Python objects besides tensors, and reading those could run code"
+    return text[:200] or type(e).__name__
 
+
+def torch_load_weights(data: bytes, what: str):
+    """``torch.load(weights_only=True)`` of checkpoint bytes (tensors, dicts, lists, numbers only): nothing
+    is ever unpickled beyond that. Any refusal is one ValueError line."""
+    import io
     import torch
 
-    obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{what} was refused: not a PyTorch file of plain tensors ({_refusal(e)})") from None
+
+
+def safetensors_metadata(data: bytes) -> dict | None:
+    """The ``__metadata__`` of safetensors bytes ({} when it has none), or None if ``data`` is not safetensors.
+
+    Read from the header directly (8-byte little-endian length, then JSON), so any bytes can be asked.
+    """
+    if len(data) < 10:
+        return None
+    n = int.from_bytes(data[:8], "little")
+    if n < 2 or 8 + n > len(data) or data[8:9] != b"{":
+        return None
+    try:
+        header = json.loads(data[8:8 + n])
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    meta = header.get("__metadata__") or {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def safetensors_from_bytes(data: bytes, what: str) -> dict:
+    """The tensors of safetensors bytes; anything else (a pickle, a truncated file) is one ValueError line."""
+    from safetensors.torch import load
+
+    try:
+        return load(data)
+    except Exception as e:
+        raise ValueError(f"{what} was refused: not a safetensors file ({_refusal(e)})") from None
+
+
+def state_dict_from_bytes(data: bytes, what: str) -> dict:
+    """A torch state dict from checkpoint bytes: unwraps ``params``/``state_dict``/``model`` and ``module.``."""
+    import torch
+
+    obj = torch_load_weights(data, what)
     if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
         for key in ("params", "state_dict", "model"):
             if isinstance(obj.get(key), dict):
