@@ -510,8 +510,14 @@ def _refusal(e: BaseException) -> str:
     """Why a file could not be read, in one line of our words: torch's own message for a file with
     Python objects in it suggests turning the safety off."""
     text = " ".join(str(e).split())
-    if "weights only" in text.lower() or "weights_only" in text:
-        return "it holds Python objects besides tensors, and reading those could run code"
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
+        return f"it holds Python objects besides tensors ({found.group(1)}), and reading those could run code"
+    found = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", text)
+    if found:
+        text = found.group(1)
+    elif "weights_only" in text or "weights only" in text.lower():
+        text = "not readable as plain tensors"
     return text[:200] or type(e).__name__
 
 

@@ -74,10 +74,12 @@ def load_state(uri: str) -> dict | None:
         return None
     data = storage.read_bytes(uri)
     try:
-        tensors = load_safetensors(data)
-        metadata = safetensors_metadata(data) or {}
+        metadata = safetensors_metadata(data)
+        if metadata is None:
+            raise ValueError("not a safetensors file; nothing in it was run")
         if metadata.get("format") != FORMAT:
-            raise ValueError("no training-state header")
+            raise ValueError("a safetensors file without a training-state header")
+        tensors = load_safetensors(data)
         return _rebuild(json.loads(metadata["state"]), tensors)
     except (SafetensorError, ValueError, KeyError, TypeError) as e:
         reason = " ".join(str(e).split())[:200]
