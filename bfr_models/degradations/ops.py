@@ -195,7 +195,8 @@ def add_poisson_noise(images: torch.Tensor, sigmas: Sequence[float], generators:
     noises = []
     for img, s, gen, g in zip(images, sigmas, generators, gray):
         signal = (weighted_channels(img, LUMA_WEIGHTS, 0) if g else img).clamp(0.0, 1.0)
-        mean = float(signal.mean())
+        # numpy's float64 pairwise sum: one fixed order, whatever the thread count (torch splits per thread).
+        mean = float(np.mean(signal.detach().cpu().numpy(), dtype=np.float64))
         if s <= 0 or mean <= 0:  # no noise asked, or no light to make shot noise from
             noises.append(torch.zeros_like(img))
             continue
