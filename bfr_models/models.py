@@ -86,10 +86,15 @@ class ModelCard:
     description: str
     extra: dict = field(default_factory=dict)
 
+    @property
+    def pinned(self) -> bool:
+        """Whether the card names a hash to check files against (``sha256: unpinned`` cards do not)."""
+        return self.sha256 is not None or self.hash_prefix is not None
+
     def matches(self, digest: str) -> bool:
         """Whether a file whose sha256 is ``digest`` is the file this card describes."""
         digest = digest.lower()
-        if self.sha256 is None and self.hash_prefix is None:  # unpinned: no published hash to check against
+        if not self.pinned:  # no published hash to check against: any file is accepted, never "verified"
             return True
         if self.sha256 is not None:
             return digest == self.sha256
@@ -98,7 +103,7 @@ class ModelCard:
     @property
     def expected(self) -> str:
         """The hash requirement in words, for messages."""
-        if self.sha256 is None and self.hash_prefix is None:
+        if not self.pinned:
             return "no hash (unpinned card)"
         if self.sha256 is not None:
             return f"sha256 {self.sha256}"
@@ -289,13 +294,38 @@ def verify(path: str | Path, card: ModelCard) -> str:
     return digest
 
 
+def check_result(card: ModelCard, digest: str) -> str:
+    """What checking a file whose sha256 is ``digest`` established, for messages. A file of an unpinned
+    card is never called verified: nothing was checked."""
+    return f"verified {card.expected}" if card.pinned else f"sha256 not pinned: {digest}"
+
+
+def cached_check_result(card: ModelCard, path: Path) -> str:
+    """:func:`check_result` of a file in the cache (its recorded sha256, or hashed now)."""
+    return check_result(card, _recorded_digest(path) or file_sha256(path))
+
+
 def state(card: ModelCard) -> str:
-    """'verified', 'unverified' (present, not hashed yet) or 'missing'. Never hashes."""
+    """'verified', 'unpinned' (present, hashed, but the card has no hash to check against), 'unverified'
+    (present, not hashed yet) or 'missing'. Never hashes."""
     path = cached_path(card)
     if not path.is_file():
         return "missing"
     digest = _recorded_digest(path)
-    return "verified" if digest is not None and card.matches(digest) else "unverified"
+    if digest is None or not card.matches(digest):
+        return "unverified"
+    return "verified" if card.pinned else "unpinned"
+
+
+_WARNED_UNPINNED: set[str] = set()
+
+
+def _warn_unpinned(card: ModelCard, digest: str, path: Path) -> None:
+    """Say once per process that a model is used unchecked, with the hash to pin."""
+    if not card.pinned and card.name not in _WARNED_UNPINNED:
+        _WARNED_UNPINNED.add(card.name)
+        print(f"bfr-curate: model '{card.name}' ({path}): {check_result(card, digest)} "
+              f"(pin it in its card to have it checked)", file=sys.stderr)
 
 
 def check_cached(card: ModelCard) -> Path:
@@ -312,6 +342,7 @@ def check_cached(card: ModelCard) -> Path:
                 f"the cached file {path} of model '{card.name}' has the wrong content (expected {card.expected}); "
                 f"delete it and run `bfr-curate models pull {card.name}`") from None
         _write_record(path, digest)
+    _warn_unpinned(card, digest, path)
     return path
 
 
@@ -475,13 +506,68 @@ def add(name: str, from_path: str | Path, *, progress: bool = True) -> Path:
         raise ModelDownloadError(f"cannot add model '{name}': reading {src} failed: {_reason(e, src)}") from None
 
 
-def state_dict_from_bytes(data: bytes, what: str) -> dict:
-    """A torch state dict from checkpoint bytes: unwraps ``params``/``state_dict``/``model`` and ``module.``."""
-    import io
+def _refusal(e: BaseException) -> str:
+    """Why a file could not be read, in one line of our words: torch's own message for a file with
+    Python objects in it suggests turning the safety off."""
+    text = " ".join(str(e).split())
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
+        return f"it holds Python objects besides tensors ({found.group(1)}), and reading those could run code"
+    found = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", text)
+    if found:
+        text = found.group(1)
+    elif "weights_only" in text or "weights only" in text.lower():
+        text = "not readable as plain tensors"
+    return text[:200] or type(e).__name__
 
+
+def torch_load_weights(data: bytes, what: str):
+    """``torch.load(weights_only=True)`` of checkpoint bytes (tensors, dicts, lists, numbers only): nothing
+    is ever unpickled beyond that. Any refusal is one ValueError line."""
+    import io
     import torch
 
-    obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{what} was refused: not a PyTorch file of plain tensors ({_refusal(e)})") from None
+
+
+def safetensors_metadata(data: bytes) -> dict | None:
+    """The ``__metadata__`` of safetensors bytes ({} when it has none), or None if ``data`` is not safetensors.
+
+    Read from the header directly (8-byte little-endian length, then JSON), so any bytes can be asked.
+    """
+    if len(data) < 10:
+        return None
+    n = int.from_bytes(data[:8], "little")
+    if n < 2 or 8 + n > len(data) or data[8:9] != b"{":
+        return None
+    try:
+        header = json.loads(data[8:8 + n])
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    meta = header.get("__metadata__") or {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def safetensors_from_bytes(data: bytes, what: str) -> dict:
+    """The tensors of safetensors bytes; anything else (a pickle, a truncated file) is one ValueError line."""
+    from safetensors.torch import load
+
+    try:
+        return load(data)
+    except Exception as e:
+        raise ValueError(f"{what} was refused: not a safetensors file ({_refusal(e)})") from None
+
+
+def state_dict_from_bytes(data: bytes, what: str) -> dict:
+    """A torch state dict from checkpoint bytes: unwraps ``params``/``state_dict``/``model`` and ``module.``."""
+    import torch
+
+    obj = torch_load_weights(data, what)
     if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
         for key in ("params", "state_dict", "model"):
             if isinstance(obj.get(key), dict):

@@ -38,7 +38,8 @@ def cmd_models_list(args) -> None:
             where = "no"
         else:
             present += 1
-            where = f"yes {models.cached_path(card)}" + (" (not yet verified)" if st == "unverified" else "")
+            where = f"yes {models.cached_path(card)}" + {"unverified": " (not yet verified)",
+                                                          "unpinned": " (sha256 not pinned)"}.get(st, "")
         rows.append([card.name, card.filename, where, card.license, "; ".join(card.used_by)])
     if not rows:
         print(f"no model cards in {models.catalogs_dir() / 'models'}")
@@ -73,11 +74,7 @@ def cmd_models_pull(args) -> None:
             print(f"{name}: FAILED: {e}")
             failures.append(name)
             continue
-        card = cards[name]
-        if card.sha256 is None and card.hash_prefix is None:
-            print(f"{name}: {path} (unpinned card: sha256 {models.file_sha256(path)}; pin it in the card)")
-        else:
-            print(f"{name}: {path} (verified {card.expected})")
+        print(f"{name}: {path} ({models.cached_check_result(cards[name], path)})")
     if failures:
         raise models.ModelDownloadError(f"{len(failures)} of {len(names)} models could not be pulled: "
                                         f"{', '.join(failures)} (reasons above)")
@@ -87,7 +84,7 @@ def cmd_models_add(args) -> None:
     from bfr_models import models
 
     path = models.add(args.name, args.from_path, progress=not args.quiet)
-    print(f"{args.name}: {path} (verified {models.get_card(args.name).expected})")
+    print(f"{args.name}: {path} ({models.cached_check_result(models.get_card(args.name), path)})")
 
 
 def add_models_parser(subparsers) -> argparse.ArgumentParser:

@@ -74,7 +74,7 @@ def test_lpips_backbone_comes_from_the_card_file(net, lpips_cache, backbones):
         _, idx, pname = key.split(".", 2)
         torch.testing.assert_close(value, ref[f"features.{idx}.{pname}"], rtol=0, atol=0)
     # the linear layers are the package's calibrated ones
-    shipped = torch.load(Path(lpips_pkg.__file__).parent / "weights" / "v0.1" / f"{net}.pth", map_location="cpu")
+    shipped = torch.load(Path(lpips_pkg.__file__).parent / "weights" / "v0.1" / f"{net}.pth", map_location="cpu", weights_only=True)
     for key, value in shipped.items():
         torch.testing.assert_close(metric.model.state_dict()[key], value, rtol=0, atol=0)
     # end to end, the trunk computes torchvision's own features of the file's network

@@ -337,3 +337,27 @@ def test_cli_list_pull_add(catalog, http_folder, tmp_path, capsys):
                  ["models", "pull", "cli_a", "cli_b", "--from-url", f"{base}/a.pth"], ["models", "pull", "nope"]):
         with pytest.raises(ValueError):
             _cli(argv)
+
+
+def test_unpinned_cards_say_not_pinned_and_never_verified(catalog, http_folder, tmp_path, capsys):
+    folder, base = http_folder
+    data = _weights(13, size=3000)
+    digest = hashlib.sha256(data).hexdigest()
+    (folder / "u.pth").write_bytes(data)
+    (catalog.root / "models" / "net_u.yaml").write_text(_card_yaml("net_u", "u.pth", f"{base}/u.pth", sha256="unpinned"))
+    src = tmp_path / "mine.pth"
+    src.write_bytes(data)
+
+    _cli(["models", "add", "net_u", "--from", str(src), "--quiet"])
+    _cli(["models", "pull", "net_u", "--quiet", "--force"])
+    _cli(["models", "list", "--verify"])
+    models._WARNED_UNPINNED.clear()
+    assert models.model_path("net_u") == catalog.cache / "u.pth"  # loading: one warning on stderr
+    out, err = capsys.readouterr()
+    assert out.count(f"net_u: {catalog.cache / 'u.pth'} (sha256 not pinned: {digest})") == 2  # add, pull
+    assert f"yes {catalog.cache / 'u.pth'} (sha256 not pinned)" in out
+    warning = (f"bfr-curate: model 'net_u' ({catalog.cache / 'u.pth'}): sha256 not pinned: {digest} "
+               f"(pin it in its card to have it checked)")
+    assert err.strip().splitlines() == [warning, warning]  # list --verify, then the load; once per process
+    assert "verified" not in out.replace(".verified.json", "") + err
+    assert models.state(models.get_card("net_u")) == "unpinned"

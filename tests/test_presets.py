@@ -15,6 +15,8 @@ import yaml
 
 from bfr_models.degradations import PresetError, list_presets, load_preset
 from bfr_models.degradations.presets import jpeg_quality, lowres_size
+from bfr_models.imageio import encode_png
+from tasks.rows import to_uint8
 from tests.conftest import face_like
 
 PI = [-math.pi, math.pi]
@@ -255,20 +257,33 @@ def test_dr2_resize_back_option(custom_catalog):
         assert [tuple(o.shape) for o in load_preset("dr2", "medium", scale).apply(images, params)] == [(3, 64, 64)] * 2
 
 
-@pytest.mark.parametrize("name,split,scale", [("gfpgan", None, None), ("dr2", "severe", 8), ("difface", None, None)])
-def test_same_seed_same_output_alone_or_in_a_batch(name, split, scale):
-    preset = load_preset(name, split, scale)
-    images = _faces(4)
-    params = [preset.sample(s) for s in (11, 12, 13, 14)]
-    batch = preset.apply(images, params)
-    for out in batch:
-        assert out.min() >= 0 and out.max() <= 1 and torch.equal(out, (out * 255).round() / 255)
-    again = preset.apply(images, params)
-    assert all(torch.equal(a, b) for a, b in zip(batch, again))
-    for i in range(4):
-        assert torch.equal(preset.apply(images[i : i + 1], params[i : i + 1])[0], batch[i])
-    other = preset.apply(images, [preset.sample(s) for s in (21, 22, 23, 24)])
-    assert all(not torch.equal(a, b) for a, b in zip(batch, other))
+def _variants(name: str) -> list:
+    """Every (split, scale) a shipped preset can be applied with."""
+    raw = load_preset(name).raw
+    return [(split, scale) for split in (raw.get("splits") or [None]) for scale in (raw.get("scales") or [None])]
+
+
+def _png(image: torch.Tensor) -> bytes:
+    """What a user gets on disk for one degraded image."""
+    return encode_png(to_uint8(image))
+
+
+@pytest.mark.parametrize("name", list_presets())
+def test_an_images_bytes_do_not_depend_on_its_batch(name):
+    """The contract users see, on every split and scale of every shipped preset: the PNG bytes of an
+    image degraded alone equal its bytes inside batches of 2 and 5, whatever its companions; and
+    the result is 8-bit and seeded (other seeds, other bytes)."""
+    images = _faces(5, 32)
+    for split, scale in _variants(name):
+        preset = load_preset(name, split, scale)
+        params = [preset.sample(s) for s in (11, 12, 13, 14, 15)]
+        alone = [_png(preset.apply(images[i : i + 1], params[i : i + 1])[0]) for i in range(5)]
+        for idx in ([0, 1, 2, 3, 4], [3, 0], [1, 4], [4, 2]):
+            outs = preset.apply(images[idx], [params[i] for i in idx])
+            assert all(torch.equal(o, (o * 255).round() / 255) for o in outs)
+            assert [_png(o) for o in outs] == [alone[i] for i in idx], (name, split, scale, idx)
+        other = preset.apply(images, [preset.sample(s) for s in (21, 22, 23, 24, 25)])
+        assert [_png(o) for o in other] != alone
 
 
 def test_noise_is_drawn_from_the_params_seed():

@@ -27,7 +27,7 @@ def prior_uri(faces_192, tmp_path_factory):
     out = tmp_path_factory.mktemp("prior_out")
     assert main(["prior", "train", "--input", str(faces_192), "--out", str(out), "--device", "cpu", *TINY_PRIOR]) == 0
     (found,) = [p.parent for p in out.rglob("prior.json")]
-    assert (found / "checkpoints" / "train_state.pt").exists()
+    assert (found / "checkpoints" / "train_state.safetensors").exists()
     return str(found)
 
 

@@ -249,7 +249,7 @@ def test_garbage_file_lists_spandrel_architectures(tmp_path):
     with pytest.raises(RestorerError) as e:
         load_restorer(str(path))
     text = _one_line(e)
-    assert text.startswith(f"restorer checkpoint {path} is neither a bfr-curate-restorer file nor a state dict torch can read")
+    assert text.startswith(f"restorer checkpoint {path} was refused: not a PyTorch file of plain tensors")
     archs = spandrel_architectures()
     assert len(archs) > 20 and "RealESRGAN Compact" in archs and "SwinIR" in archs
     assert text.endswith("spandrel can load: " + ", ".join(archs))

@@ -49,6 +49,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bfr_models.degradations.ops import each_image, weighted_channels
+
 __all__ = [
     "BLACK_LEVEL",
     "WHITE_LEVEL",
@@ -196,13 +198,22 @@ def _per_image(value, batch: int, shape: tuple[int, ...], like: torch.Tensor) ->
 
 
 def _apply_matrix(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """out[b, i] = sum_k m[b, i, k] * x[b, k] for x (B, 3, H, W), m (B, 3, 3); element-wise only."""
-    return (m[:, :, :, None, None] * x[:, None, :, :, :]).sum(dim=2)
+    """out[b, i] = m[b, i, 0] * x[b, 0] + m[b, i, 1] * x[b, 1] + m[b, i, 2] * x[b, 2] for x (B, 3, H, W),
+    m (B, 3, 3), summed in that order (no matmul/reduction: the same bits for any batch or CPU)."""
+    return torch.cat([weighted_channels(x, m[:, i, :, None, None, None].unbind(1), 1) for i in range(3)], dim=1)
 
 
 def _inverse(m: torch.Tensor) -> torch.Tensor:
-    """Per-matrix inverse in float64 (batch-size independent), back to m's dtype and device."""
-    return torch.linalg.inv(m.detach().to("cpu", torch.float64)).to(device=m.device, dtype=m.dtype)
+    """Inverse of each matrix on its own in float64 (a batched LAPACK call need not round the same for
+    every batch size), back to m's dtype and device."""
+    m64 = m.detach().to("cpu", torch.float64)
+    return torch.stack([torch.linalg.inv(mi) for mi in m64]).to(device=m.device, dtype=m.dtype)
+
+
+def _gamma(x: torch.Tensor, exponent: float) -> torch.Tensor:
+    """x ** exponent per image: pow is not exactly rounded, and which elements fall in a vectorised
+    loop's scalar tail depends on the tensor's size."""
+    return each_image(lambda xi: xi**exponent, x)
 
 
 def unprocess(images: torch.Tensor, rgb2cam, wb_gains) -> torch.Tensor:
@@ -214,7 +225,7 @@ def unprocess(images: torch.Tensor, rgb2cam, wb_gains) -> torch.Tensor:
     b = images.shape[0]
     m = _per_image(rgb2cam, b, (3, 3), images)
     g = _per_image(wb_gains, b, (3,), images)
-    lin = images.clamp(0.0, 1.0) ** GAMMA
+    lin = _gamma(images.clamp(0.0, 1.0), GAMMA)
     cam = _apply_matrix(lin, m)
     return cam / g[:, :, None, None]
 
@@ -226,7 +237,7 @@ def process(raw_rgb: torch.Tensor, rgb2cam, wb_gains) -> torch.Tensor:
     g = _per_image(wb_gains, b, (3,), raw_rgb)
     balanced = raw_rgb * g[:, :, None, None]
     lin = _apply_matrix(balanced, _inverse(m))
-    return lin.clamp(0.0, 1.0) ** (1.0 / GAMMA)
+    return _gamma(lin.clamp(0.0, 1.0), 1.0 / GAMMA)
 
 
 def cfa_channel_index(height: int, width: int, device=None) -> torch.Tensor:
@@ -349,7 +360,7 @@ def area_downsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if h > h_in or w > w_in:
         raise ValueError(f"area_downsample only shrinks: {h_in}x{w_in} -> {h}x{w}")
     if h_in % h == 0 and w_in % w == 0:
-        return F.avg_pool2d(x, kernel_size=(h_in // h, w_in // w))
+        return each_image(lambda xi: F.avg_pool2d(xi, kernel_size=(h_in // h, w_in // w)), x)
     ah = torch.as_tensor(_area_matrix(h_in, h), device=x.device, dtype=x.dtype)
     aw = torch.as_tensor(_area_matrix(w_in, w), device=x.device, dtype=x.dtype)
     # One small matmul pair per image, so the result does not depend on the batch size.
@@ -416,6 +427,7 @@ def degrade_camera_raw(
         dn = add_heteroscedastic_noise(raw_to_dn(raw), beta1[sel], beta2[sel], [generators[i] for i in idx])
         srgb = process(demosaic(dn_to_raw(dn)), rgb2cam[sel], wb[sel])
         if size != (height, width):
-            srgb = F.interpolate(srgb, size=(height, width), mode="bilinear", align_corners=False)
+            srgb = each_image(lambda xi: F.interpolate(xi, size=(height, width), mode="bilinear",
+                                                       align_corners=False), srgb)
         out[sel] = srgb.clamp(0.0, 1.0)
     return out.to(images.dtype)

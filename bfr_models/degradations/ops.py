@@ -31,6 +31,25 @@ import torch.nn.functional as F
 
 # cv2.COLOR_BGR2GRAY / ITU-R BT.601 luma weights, in RGB order.
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+
+
+def each_image(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+    """``fn`` called on one (1, C, H, W) image at a time, results concatenated. For kernels whose
+    float results may depend on how many images share a call (batched FFT plans, a vectorised
+    loop's scalar tail, split points): an image's output must not depend on its companions."""
+    return torch.cat([fn(images[i : i + 1]) for i in range(images.shape[0])])
+
+
+def weighted_channels(images: torch.Tensor, weights, dim: int) -> torch.Tensor:
+    """sum_k weights[k] * images.select(dim, k), added in the fixed order k = 0, 1, 2, ... with
+    element-wise operations (exactly rounded, so the same bits on any CPU and batch), not a
+    reduction or matmul whose summation order is the kernel's choice. ``weights`` are numbers
+    or tensors broadcastable to one channel slice; keeps ``dim`` (size 1)."""
+    total = None
+    for k, w in enumerate(weights):
+        term = images.narrow(dim, k, 1) * w
+        total = term if total is None else total + term
+    return total
 RESIZE_MODES = ("bilinear", "bicubic")
 
 
@@ -90,8 +109,12 @@ def blur(images: torch.Tensor, kernels) -> torch.Tensor:
     # Circular convolution with the flipped kernel over a length >= H + k - 1 equals the linear
     # one from index k - 1 on, which is exactly the correlation at the H x W output pixels.
     size = (_fft_length(h + 2 * pad), _fft_length(w + 2 * pad))
-    spectrum = torch.fft.rfft2(padded, s=size) * torch.fft.rfft2(kernels.flip(-2, -1), s=size).unsqueeze(1)
-    return torch.fft.irfft2(spectrum, s=size)[..., k - 1 : k - 1 + h, k - 1 : k - 1 + w].contiguous()
+    flipped = kernels.flip(-2, -1)
+    out = []
+    for i in range(b):  # one FFT per image: batched FFT plans may round differently per batch size
+        spectrum = torch.fft.rfft2(padded[i], s=size) * torch.fft.rfft2(flipped[i], s=size)
+        out.append(torch.fft.irfft2(spectrum, s=size)[..., k - 1 : k - 1 + h, k - 1 : k - 1 + w])
+    return torch.stack(out)
 
 
 # -------------------------------------------------------------------------------- resize
@@ -113,8 +136,10 @@ def resize(images: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tens
     if tuple(images.shape[-2:]) == size:
         return images
     if mode == "bilinear":
-        return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=False)
-    return F.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=True)
+        return each_image(lambda x: F.interpolate(x, size=size, mode="bilinear", align_corners=False,
+                                                  antialias=False), images)
+    return each_image(lambda x: F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True),
+                      images)
 
 
 # --------------------------------------------------------------------------------- noise
@@ -167,11 +192,11 @@ def add_poisson_noise(images: torch.Tensor, sigmas: Sequence[float], generators:
     """Shot noise with RMS ``sigmas[i]``/255 over image i (see the module docstring)."""
     gray = _check_per_image(images, sigmas, generators, gray)
     c = images.shape[1]
-    luma = torch.tensor(LUMA_WEIGHTS, device=images.device, dtype=images.dtype).view(3, 1, 1)
     noises = []
     for img, s, gen, g in zip(images, sigmas, generators, gray):
-        signal = ((img * luma).sum(0, keepdim=True) if g else img).clamp(0.0, 1.0)
-        mean = float(signal.mean())
+        signal = (weighted_channels(img, LUMA_WEIGHTS, 0) if g else img).clamp(0.0, 1.0)
+        # numpy's float64 pairwise sum: one fixed order, whatever the thread count (torch splits per thread).
+        mean = float(np.mean(signal.detach().cpu().numpy(), dtype=np.float64))
         if s <= 0 or mean <= 0:  # no noise asked, or no light to make shot noise from
             noises.append(torch.zeros_like(img))
             continue
@@ -218,8 +243,7 @@ def shift_colors(images: torch.Tensor, shifts) -> torch.Tensor:
 
 def to_grayscale(images: torch.Tensor) -> torch.Tensor:
     """BT.601 luma (cv2.COLOR_BGR2GRAY) repeated on the three channels."""
-    luma = torch.tensor(LUMA_WEIGHTS, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-    return (images * luma).sum(1, keepdim=True).expand_as(images).contiguous()
+    return weighted_channels(images, LUMA_WEIGHTS, 1).expand_as(images).contiguous()
 
 
 def jitter_colors(image: torch.Tensor, order: Sequence[str], factors: dict) -> torch.Tensor:

@@ -185,9 +185,13 @@ def load_prior(spec: str, device: str | torch.device = "cpu") -> Prior:
     if digest != meta.get("weights_sha256"):
         raise PriorError(f"prior weights {weights_uri} have sha256 {digest}, but prior.json says "
                          f"{meta.get('weights_sha256')}: the file is corrupt or was replaced")
-    from safetensors.torch import load
+    from bfr_models.models import safetensors_from_bytes
 
-    unet = _build_unet(unet_config, load(weights), uri)
+    try:
+        state = safetensors_from_bytes(weights, f"prior weights {weights_uri}")
+    except ValueError as e:
+        raise PriorError(str(e)) from None
+    unet = _build_unet(unet_config, state, uri)
     return Prior(unet=unet.to(device).eval(), schedule=schedule_from_config(sched_config),
                  resolution=int(meta["resolution"]), variance_type=meta["variance_type"], sha256=digest,
                  uri=uri, meta=meta)

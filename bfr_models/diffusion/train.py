@@ -19,9 +19,7 @@ from diffusers import UNet2DModel
 from bfr_models import storage
 from bfr_models.diffusion.prior import save_prior
 from bfr_models.diffusion.schedule import DDPMSchedule
-from bfr_models.training.state import ema_update, resume, save_state
-
-STATE_FILE = "checkpoints/train_state.pt"
+from bfr_models.training.state import STATE_FILE, ema_update, resume, save_state
 
 
 @dataclass(frozen=True)
@@ -70,7 +68,7 @@ def train_prior(images: torch.Tensor, config: PriorTrainConfig, out: str, device
                 on_step: Callable[[int, float], None] | None = None) -> str:
     """Train on ``images`` (N, 3, R, R) in [-1, 1]; write the prior folder to ``out``; return its URI.
 
-    Resumes from ``<out>/checkpoints/train_state.pt`` when it exists (same config required).
+    Resumes from ``<out>/checkpoints/train_state.safetensors`` when it exists (same config required).
     ``on_step(step, loss)`` is called after every optimisation step (progress bars, logs).
     """
     if images.dim() != 4 or images.shape[1] != 3 or tuple(images.shape[-2:]) != (config.resolution,) * 2:
@@ -89,7 +87,7 @@ def train_prior(images: torch.Tensor, config: PriorTrainConfig, out: str, device
     gen = torch.Generator().manual_seed(config.seed)
     step = 0
     state_uri = storage.join(out, STATE_FILE)
-    state = resume(state_uri, device, asdict(config),
+    state = resume(state_uri, asdict(config),
                    {"unet": unet, "ema": ema, "optimizer": opt, "generator": gen}, "prior train")
     if state is not None:
         step = int(state["step"])

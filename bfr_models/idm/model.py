@@ -142,7 +142,7 @@ def read_idm_meta(uri: str) -> dict:
 
 def load_idm(uri: str, device: str | torch.device = "cpu") -> IDMModel:
     """Load a model folder; its weights' sha256 is checked against idm.json. Raises IDMError."""
-    from safetensors.torch import load
+    from bfr_models.models import safetensors_from_bytes
 
     uri = storage.normalize(str(uri))
     meta = read_idm_meta(uri)
@@ -154,8 +154,12 @@ def load_idm(uri: str, device: str | torch.device = "cpu") -> IDMModel:
     digest = storage.sha256_hex(weights)
     if digest != meta.get("weights_sha256"):
         raise IDMError(f"IDM weights under {uri} have sha256 {digest}, idm.json says {meta.get('weights_sha256')}")
+    try:
+        state = safetensors_from_bytes(weights, f"IDM weights under {uri}")
+    except ValueError as e:
+        raise IDMError(str(e)) from None
     unet = idm_unet(config)
-    missing, unexpected = unet.load_state_dict(load(weights), strict=False)
+    missing, unexpected = unet.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise IDMError(f"{uri}: weights do not match the config (missing {sorted(missing)[:3]}, "
                        f"unexpected {sorted(unexpected)[:3]})")

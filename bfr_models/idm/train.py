@@ -21,9 +21,7 @@ import torch
 from bfr_models import storage
 from bfr_models.degradations import load_preset
 from bfr_models.idm.model import IDMConfig, IDMError, IDMModel, idm_unet, save_idm
-from bfr_models.training.state import ema_update, resume, save_state
-
-STATE_FILE = "checkpoints/train_state.pt"
+from bfr_models.training.state import STATE_FILE, ema_update, resume, save_state
 
 
 @dataclass(frozen=True)
@@ -77,7 +75,7 @@ def train_idm(sources: torch.Tensor, model: IDMConfig, config: IDMTrainConfig, o
               targets: torch.Tensor | None = None, init: IDMModel | None = None, device: str | torch.device = "cpu",
               source: dict | None = None, on_step: Callable[[int, float], None] | None = None) -> str:
     """Train on ``sources`` (N, 3, H, W) in [0, 1] (targets default to the sources); write the model folder
-    to ``out`` and return its URI. Resumes from ``<out>/checkpoints/train_state.pt`` when it exists."""
+    to ``out`` and return its URI. Resumes from ``<out>/checkpoints/train_state.safetensors`` when it exists."""
     targets = sources if targets is None else targets
     if sources.dim() != 4 or sources.shape[1] != 3 or sources.shape != targets.shape:
         raise IDMError(f"idm train: sources and targets must be equal (N, 3, H, W) batches, "
@@ -102,7 +100,7 @@ def train_idm(sources: torch.Tensor, model: IDMConfig, config: IDMTrainConfig, o
     gen = torch.Generator().manual_seed(config.seed)
     step = 0
     state_uri = storage.join(out, STATE_FILE)
-    state = resume(state_uri, device, [asdict(model), asdict(config)],
+    state = resume(state_uri, [asdict(model), asdict(config)],
                    {"unet": unet, "ema": ema, "optimizer": opt, "scheduler": sched, "generator": gen}, "idm train", IDMError)
     if state is not None:
         step = int(state["step"])

@@ -17,7 +17,7 @@ import json
 import torch
 
 from bfr_models import storage
-from bfr_models.models import load_strict
+from bfr_models.models import load_strict, safetensors_metadata
 from bfr_models.restorers.errors import RestorerError
 from bfr_models.restorers import small, swinir
 
@@ -48,26 +48,6 @@ def save_restorer(model: torch.nn.Module, path_or_uri: str) -> str:
     uri = storage.normalize(str(path_or_uri))
     storage.write_bytes_atomic(uri, restorer_bytes(model))
     return uri
-
-
-def safetensors_metadata(data: bytes) -> dict | None:
-    """The ``__metadata__`` of safetensors bytes ({} when it has none), or None if ``data`` is not safetensors.
-
-    Read from the header directly (8-byte little-endian length, then JSON), so any bytes can be asked.
-    """
-    if len(data) < 10:
-        return None
-    n = int.from_bytes(data[:8], "little")
-    if n < 2 or 8 + n > len(data) or data[8:9] != b"{":
-        return None
-    try:
-        header = json.loads(data[8:8 + n])
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(header, dict):
-        return None
-    meta = header.get("__metadata__") or {}
-    return meta if isinstance(meta, dict) else {}
 
 
 def is_restorer_checkpoint(data: bytes) -> bool:

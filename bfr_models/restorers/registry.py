@@ -21,13 +21,13 @@ which is resized back to the input size with antialiased bicubic; ``describe()``
 from __future__ import annotations
 
 import functools
-import io
 import os
 
 import torch
 import torch.nn.functional as F
 
 from bfr_models import storage
+from bfr_models.models import torch_load_weights
 from bfr_models.restorers.checkpoint import (FORMAT, arch_of, is_restorer_checkpoint, read_checkpoint, safetensors_metadata,
                                              restorer_from_bytes)
 from bfr_models.restorers.codeformer import ARCH as CODEFORMER
@@ -190,10 +190,9 @@ def _read_state_dict(data: bytes, uri: str) -> dict:
             raise RestorerError(f"restorer checkpoint {uri} is a safetensors file that cannot be read "
                                 f"({_first_line(e)}); {_spandrel_can_load()}") from None
     try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise RestorerError(f"restorer checkpoint {uri} is neither a {FORMAT} file nor a state dict torch can read "
-                            f"({_first_line(e)}); {_spandrel_can_load()}") from None
+        obj = torch_load_weights(data, f"restorer checkpoint {uri}")
+    except ValueError as e:
+        raise RestorerError(f"{e}; {_spandrel_can_load()}") from None
     if not isinstance(obj, dict):
         raise RestorerError(f"restorer checkpoint {uri} holds a {type(obj).__name__}, not a state dict; "
                             f"{_spandrel_can_load()}")

@@ -104,7 +104,7 @@ def finetune_codeformer(restorer: CodeFormerRestorer, train: Pairs, val: Pairs |
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(config.milestones), gamma=config.gamma)
     gen = torch.Generator().manual_seed(config.seed)
     step, log = 0, []
-    state = resume(storage.join(out, STATE_FILE), device, asdict(config),
+    state = resume(storage.join(out, STATE_FILE), asdict(config),
                    {"model": restorer, "ema": ema, "frozen_encoder": frozen_encoder, "optimizer": opt,
                     "scheduler": sched, "generator": gen}, "finetune", FinetuneError)
     if state is not None:

@@ -30,9 +30,8 @@ import torch.nn.functional as F
 
 from bfr_models import storage
 from bfr_models.metrics.fullref import psnr, ssim
-from bfr_models.training.state import resume, save_state
+from bfr_models.training.state import STATE_FILE, resume, save_state
 
-STATE_FILE = "checkpoints/train_state.pt"
 LOG_FILE = "log.parquet"
 PRECISIONS = ("auto", "fp32", "bf16")
 LPIPS_REDUCTIONS = ("sum", "mean")
@@ -230,7 +229,7 @@ def finetune(model: torch.nn.Module, train: Pairs, val: Pairs | None, reals: tor
     gen = torch.Generator().manual_seed(config.seed)
     step, log = 0, []
     state_uri = storage.join(out, STATE_FILE)
-    state = resume(state_uri, device, asdict(config), {"model": model, "opt_g": opt_g, "scheduler": sched,
+    state = resume(state_uri, asdict(config), {"model": model, "opt_g": opt_g, "scheduler": sched,
                    "disc": disc, "opt_d": opt_d, "generator": gen}, "finetune", FinetuneError)
     if state is not None:
         restore_rng(state)
