@@ -2,22 +2,74 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 from prefect.concurrency.sync import concurrency
 from prefect.filesystems import RemoteFileSystem
+from prefect.logging import get_logger
+from prefect.serializers import JSONSerializer
 
-from bfr_models import storage
+from bfr_models import manifest, storage
 
 GPU_LIMIT_PREFIX = "bfr-curate-gpu"
+RESULTS_FOLDER = "_prefect"  # Prefect's result records of a stage's shard tasks, beside its data
+# The only record a cached shard may come from: Prefect's default JSON serializer (run_stage asks for it).
+# A record naming another serializer (pickle) or decoder is never read: it would run code.
+_JSON_SERIALIZER = json.loads(JSONSerializer().model_dump_json())
+_SHARD_FIELDS = {f.name for f in fields(manifest.ShardInfo)}
+log = get_logger("bfr_curate")
 
 
 def shard_cache_key(context, parameters) -> str:
-    """Cache key of a shard task: the shard's own key (stage, config, inputs, code version)."""
-    return parameters["spec"].key
+    """Cache key of a shard task: the shard's own key (stage, config, inputs, code version).
+
+    Its cached result is used only if it checks out (:func:`drop_untrusted_result`); otherwise the
+    record is removed here, before Prefect reads it, and the shard is recomputed under the same key.
+    """
+    spec, stage_uri = parameters["spec"], parameters["stage_uri"]
+    run = context.task_run
+    drop_untrusted_result(stage_uri, spec.key, str(run.flow_run_id or run.id))
+    return spec.key
+
+
+def drop_untrusted_result(stage_uri: str, key: str, run_id: str) -> None:
+    """Remove the cached result of shard ``key`` unless it is a plain-JSON ShardInfo whose Parquet file has
+    its recorded size, sha256 and row count and whose images (in this stage's images/) all exist."""
+    uri = storage.join(stage_uri, RESULTS_FOLDER, key)
+    try:
+        raw = storage.read_bytes(uri)
+    except FileNotFoundError:
+        return  # nothing cached
+    problem = _result_problem(stage_uri, raw, run_id)
+    if problem:
+        log.warning("cached shard %s not used (%s): recomputing it", key, problem)
+        storage.remove(uri)
+
+
+def _result_problem(stage_uri: str, raw: bytes, run_id: str) -> str | None:
+    try:
+        record = json.loads(raw)
+        serializer, result = record["metadata"]["serializer"], json.loads(record["result"])
+    except (ValueError, KeyError, TypeError):
+        return "not a JSON result record"
+    if serializer != _JSON_SERIALIZER:
+        return "its record names another serializer than plain JSON"
+    if (not isinstance(result, dict) or not set(result) <= _SHARD_FIELDS
+            or not all(isinstance(v, (str, int, type(None))) for v in result.values())):
+        return "its record is not a shard result"
+    return manifest.shard_files_problem(stage_uri, result, _listed_images(stage_uri, run_id))
+
+
+@functools.lru_cache(maxsize=16)
+def _listed_images(stage_uri: str, run_id: str) -> frozenset[str]:
+    """The file names in a stage's images/ folder: listed once per run, not one lookup per image."""
+    return manifest.image_names(stage_uri)
 
 
 def key_parameter(context, parameters) -> str:
@@ -30,7 +82,7 @@ def result_storage(stage_uri: str):
 
     Prefect takes a local folder as a Path; remote storage must be a block saved on the API.
     """
-    base = storage.join(stage_uri, "_prefect")
+    base = storage.join(stage_uri, RESULTS_FOLDER)
     if storage.is_local(base):
         return Path(storage.normalize(base))
     block = RemoteFileSystem(basepath=base)
