@@ -72,6 +72,7 @@ def exists(uri: str) -> bool:
 def file_sizes(folder_uri: str) -> dict[str, int]:
     """Name -> size of the files directly in a folder (one listing; empty if the folder is missing)."""
     fs, path = filesystem(folder_uri)
+    fs.invalidate_cache(path)  # object stores cache listings; files may have been written by other processes
     try:
         entries = fs.ls(path, detail=True)
     except FileNotFoundError:

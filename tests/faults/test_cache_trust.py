@@ -237,3 +237,21 @@ def test_recipe_name_outside_runs_is_refused(name, faces, tmp_path, monkeypatch,
     assert "must be a plain name" in _cli_error(capsys, "run", str(recipe), "--device", "cpu")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["faces", "work"]  # nothing written anywhere
     assert [p.name for p in work.iterdir()] == ["r.yaml"]
+
+
+def test_a_planted_pickle_in_a_training_result_never_runs(faces, tmp_path):
+    from flows.prior import prior_train_flow
+
+    def train():
+        state = prior_train_flow(input=str(faces), out=str(tmp_path / "run"), resolution=32, steps=2, batch_size=2,
+                                 channels=(16, 32), device="cpu", return_state=True)
+        return state, state.result()
+
+    _, where = train()
+    state, again = train()
+    assert again == where and task_states(state) == ["Cached"]  # its plain-JSON record is trusted
+    (record_file,) = (Path(where) / "_prefect").iterdir()
+    marker = tmp_path / "payload-ran"
+    record_file.write_text(json.dumps(_pickle_record(json.loads(record_file.read_text()), marker)))
+    state, again = train()
+    assert again == where and task_states(state) == ["Completed"] and not marker.exists()
