@@ -39,10 +39,14 @@ def reusable_shards(stage_uri: str, items: list[InputItem]) -> tuple[list[ShardI
     uri = storage.join(stage_uri, INPUTS_NAME)
     if not storage.exists(uri) or not manifest.index_uri(stage_uri):
         return [], items, {}
-    recorded = json.loads(storage.read_bytes(uri))
-    if recorded.get("code") != CODE_VERSION:
+    try:
+        recorded = json.loads(storage.read_bytes(uri))
+        index = manifest.read_index(stage_uri, check_shards=False)  # each shard is checked below
+    except ValueError:  # a corrupt inputs.json or index (ManifestError): nothing to reuse, this run rewrites both
         return [], items, {}
-    index = manifest.read_index(stage_uri, check_shards=False)  # each shard is checked below
+    if not isinstance(recorded, dict) or recorded.get("code") != CODE_VERSION or not isinstance(
+            recorded.get("shards"), dict):
+        return [], items, {}
     ids = {_item_id(i): i for i in items}
     images = manifest.image_names(stage_uri)
     kept, held = [], {}

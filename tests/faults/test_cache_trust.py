@@ -79,6 +79,32 @@ def test_deleted_truncated_and_image_less_shards_are_recomputed(faces, tmp_path)
     assert task_states(state) == ["Cached"] * N
 
 
+def test_an_incremental_stage_does_not_keep_a_damaged_shard(faces, tmp_path):
+    from prefect import flow
+
+    from flows.stage import INPUTS_NAME, run_stage
+    from tasks.degrade import degrade_shard
+    from tasks.shards import list_inputs
+
+    @flow
+    def incremental_degrade():  # as the clean stage runs: shards of earlier runs kept without a task
+        items, _ = list_inputs(str(faces))
+        return run_stage(degrade_shard, "degrade", {"preset": "gfpgan"}, items, str(faces), str(tmp_path / "run"),
+                         1, incremental=True, preset="gfpgan", split=None, scale=None, seed=0, device="cpu",
+                         batch_size=4)
+
+    uri = incremental_degrade()
+    shards = sorted((Path(uri) / "shards").iterdir())
+    shards[0].write_bytes(shards[0].read_bytes()[:-1])
+    state = incremental_degrade(return_state=True)
+    assert task_states(state) == ["Completed"]  # only the damaged shard's items, recomputed
+    _every_input_once(uri, faces)
+    (Path(uri) / INPUTS_NAME).write_text("{not json")  # a corrupt record of the earlier runs: nothing reused
+    state = incremental_degrade(return_state=True)
+    assert task_states(state) == ["Cached"] * N
+    _every_input_once(uri, faces)
+
+
 class _Touch:
     """A pickle payload: unpickling it creates a file."""
 
