@@ -220,32 +220,34 @@ def _plant_weights(folder: Path, meta_name: str, weights: str) -> None:
     (folder / meta_name).write_text(json.dumps({**meta, "weights": weights}))
 
 
-@pytest.mark.parametrize("weights", ESCAPES)
-def test_prior_weights_outside_the_folder_are_refused(weights, tmp_path):
-    from bfr_models.diffusion.prior import PriorError, load_prior, save_prior
+@pytest.fixture(scope="module")
+def model_folders(tmp_path_factory) -> dict[str, Path]:
+    """A tiny prior folder and a tiny IDM model folder, as their writers make them."""
+    from bfr_models.diffusion.prior import save_prior
     from bfr_models.diffusion.train import PriorTrainConfig, small_unet
+    from bfr_models.idm import IDMConfig, idm_unet, save_idm
 
-    folder = Path(save_prior(small_unet(PriorTrainConfig(resolution=32, channels=(16, 32))), str(tmp_path / "p"),
-                             variance_type="fixed_large"))
-    load_prior(str(folder))  # the folder as written loads
-    _plant_weights(folder, "prior.json", weights)
-    with pytest.raises(PriorError) as e:
-        load_prior(str(folder))
-    assert "prior.json: weights:" in _one_line_error(e) and "is not a relative path inside" in str(e.value)
-
-
-@pytest.mark.parametrize("weights", ESCAPES)
-def test_idm_weights_outside_the_folder_are_refused(weights, tmp_path):
-    from bfr_models.idm import IDMConfig, IDMError, idm_unet, load_idm, save_idm
-
-    config = IDMConfig(crop=32, channels=(16, 32), layers_per_block=1, attention=(16,), norm_groups=8)
+    root = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
-    folder = Path(save_idm(idm_unet(config), config, str(tmp_path / "m")))
-    load_idm(str(folder))
-    _plant_weights(folder, "idm.json", weights)
-    with pytest.raises(IDMError) as e:
-        load_idm(str(folder))
-    assert "idm.json: weights:" in _one_line_error(e) and "is not a relative path inside" in str(e.value)
+    config = IDMConfig(crop=32, channels=(16, 32), layers_per_block=1, attention=(16,), norm_groups=8)
+    return {"prior.json": Path(save_prior(small_unet(PriorTrainConfig(resolution=32, channels=(16, 32))),
+                                          str(root / "prior"), variance_type="fixed_large")),
+            "idm.json": Path(save_idm(idm_unet(config), config, str(root / "idm")))}
+
+
+@pytest.mark.parametrize("meta_name", ["prior.json", "idm.json"])
+@pytest.mark.parametrize("weights", ESCAPES)
+def test_model_weights_outside_the_folder_are_refused(meta_name, weights, model_folders, tmp_path):
+    from bfr_models.diffusion.prior import PriorError, load_prior
+    from bfr_models.idm import IDMError, load_idm
+
+    load, error = (load_prior, PriorError) if meta_name == "prior.json" else (load_idm, IDMError)
+    folder = Path(shutil.copytree(model_folders[meta_name], tmp_path / "model"))
+    load(str(folder))  # the folder as written loads
+    _plant_weights(folder, meta_name, weights)
+    with pytest.raises(error) as e:
+        load(str(folder))
+    assert f"{meta_name}: weights:" in _one_line_error(e) and "is not a relative path inside" in str(e.value)
 
 
 @pytest.mark.parametrize("name", ["../../x", "/tmp/x", "s3://bucket/x", "a/../../x", ""])
