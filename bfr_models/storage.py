@@ -77,7 +77,8 @@ def file_sizes(folder_uri: str) -> dict[str, int]:
         entries = fs.ls(path, detail=True)
     except FileNotFoundError:
         return {}
-    return {os.path.basename(e["name"].rstrip("/")): int(e.get("size") or 0) for e in entries if e.get("type") == "file"}
+    return {os.path.basename(e["name"].rstrip("/")): int(e.get("size") or 0)
+            for e in entries if e.get("type") == "file"}
 
 
 def remove(uri: str) -> None:

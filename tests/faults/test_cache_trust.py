@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from bfr_models import manifest, storage
+from bfr_models import manifest
 from flows.cli import main
 from flows.degrade import degrade_flow
 from tests.conftest import face_like, task_states, write_png
