@@ -7,6 +7,9 @@ Layout of a stage run (``<root>/<stage>/<key>/``)::
     images/<image_id>.png
 
 A shard is written whole or not at all; a stage is complete when ``index.json`` exists.
+
+Nothing read back is trusted blindly: shard paths must stay inside the stage folder, and a shard must
+have the size, sha256 and row count the index records (see :func:`read_index` and :func:`read_table`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import datetime as _dt
 import io
 import json
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 
 import pandas as pd
@@ -25,6 +29,7 @@ from bfr_models import storage
 SCHEMA_VERSION = 1
 _VERSION_KEY = b"bfr_curate.schema_version"
 INDEX_NAME = "index.json"
+IMAGES_FOLDER = "images"
 
 # The core columns every manifest has, defined once. Scoring adds metric columns beside them.
 CORE_SCHEMA = pa.schema(
@@ -48,7 +53,7 @@ CORE_COLUMNS = CORE_SCHEMA.names
 
 
 class ManifestError(ValueError):
-    """A manifest that cannot be read: missing, incomplete, or of an unknown version."""
+    """A manifest that cannot be read: missing, incomplete, corrupt, or of an unknown version."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,7 @@ class ShardInfo:
     path: str  # relative to the stage folder
     sha256: str
     rows: int
+    bytes: int | None = None  # file size; absent in indexes written before it was recorded
 
 
 def rows_to_table(rows: list[dict]) -> pa.Table:
@@ -88,7 +94,7 @@ class ManifestWriter:
         self.stage_uri = stage_uri.rstrip("/")
 
     def image_uri(self, image_id: str, ext: str = "png") -> str:
-        return storage.join(self.stage_uri, "images", f"{image_id}.{ext}")
+        return storage.join(self.stage_uri, IMAGES_FOLDER, f"{image_id}.{ext}")
 
     def write_image(self, image_id: str, data: bytes, ext: str = "png") -> str:
         uri = self.image_uri(image_id, ext)
@@ -99,7 +105,7 @@ class ManifestWriter:
         data = table_to_parquet_bytes(rows_to_table(rows))
         rel = f"shards/{name}.parquet"
         storage.write_bytes_atomic(storage.join(self.stage_uri, rel), data)
-        return ShardInfo(name=name, path=rel, sha256=storage.sha256_hex(data), rows=len(rows))
+        return ShardInfo(name=name, path=rel, sha256=storage.sha256_hex(data), rows=len(rows), bytes=len(data))
 
     def write_index(self, stage: str, key: str, config: dict, shards: list[ShardInfo]) -> str:
         index = {
@@ -134,34 +140,141 @@ def is_manifest(uri: str) -> bool:
     return index_uri(uri) is not None or uri.endswith(".parquet")
 
 
-def read_index(uri: str) -> dict:
+def shard_uri(stage_uri: str, shard: dict) -> str:
+    """Where a shard of an index lives; a path that leaves the stage folder is refused."""
+    try:
+        return storage.confined_join(stage_uri, shard.get("path"))
+    except ValueError as e:
+        raise ManifestError(f"{stage_uri}: shard {shard.get('name')!r}: {e}") from None
+
+
+def shard_problem(shard: dict, data: bytes) -> str | None:
+    """What differs between a shard's bytes and what its index (or cached task result) records, if anything."""
+    if shard.get("bytes") is not None and len(data) != shard["bytes"]:
+        return f"has {len(data)} bytes, the index records {shard['bytes']}"
+    digest = storage.sha256_hex(data)
+    if digest != shard.get("sha256"):
+        return f"has sha256 {digest[:12]}…, the index records {str(shard.get('sha256'))[:12]}…"
+    try:
+        rows = pq.read_metadata(io.BytesIO(data)).num_rows
+    except Exception as e:  # noqa: BLE001 — any unreadable footer is a corrupt shard
+        return f"is not a readable Parquet file ({type(e).__name__})"
+    if rows != shard.get("rows"):
+        return f"has {rows} rows, the index records {shard.get('rows')}"
+    return None
+
+
+def image_names(stage_uri: str) -> frozenset[str]:
+    """The file names in a stage's images/ folder (one listing)."""
+    return frozenset(storage.file_sizes(storage.join(stage_uri, IMAGES_FOLDER)))
+
+
+def shard_files_problem(stage_uri: str, shard: dict, images: Collection[str]) -> str | None:
+    """Why a shard recorded in an index or a cached task result cannot be reused, if it cannot: a path outside
+    the stage folder, a missing file, other bytes than recorded, or rows naming images of this stage that are
+    not among ``images`` (from :func:`image_names`). Reads the shard, never the images."""
+    try:
+        data = storage.read_bytes(shard_uri(stage_uri, shard))
+    except ManifestError as e:
+        return str(e)
+    except FileNotFoundError:
+        return f"its file {shard.get('path')} is missing"
+    problem = shard_problem(shard, data)
+    if problem:
+        return f"its file {problem}"
+    prefix = storage.join(stage_uri, IMAGES_FOLDER) + "/"
+    uris = pq.read_table(io.BytesIO(data), columns=["uri"]).column("uri").to_pylist()
+    missing = [u for u in uris if u and u.startswith(prefix) and u[len(prefix):] not in images]
+    if missing:
+        return f"{len(missing)} of its images are missing, e.g. {missing[0]}"
+    return None
+
+
+def _check_sizes(stage_uri: str, shards: list[dict]) -> None:
+    """The cheap check on every read: each shard is there with its recorded size (one listing per folder)."""
+    listings: dict[str, dict[str, int]] = {}
+    for shard in shards:
+        folder, name = shard_uri(stage_uri, shard).rsplit("/", 1)
+        sizes = listings.setdefault(folder, storage.file_sizes(folder))
+        if name not in sizes:
+            raise ManifestError(f"{stage_uri}: shard {shard.get('name')!r} is missing ({shard['path']}); "
+                                f"rerun the stage to recompute it")
+        if shard.get("bytes") is not None and sizes[name] != shard["bytes"]:
+            raise ManifestError(f"{stage_uri}: shard {shard.get('name')!r} has {sizes[name]} bytes, the index records "
+                                f"{shard['bytes']}; rerun the stage to recompute it")
+
+
+def read_index(uri: str, verify: bool = False, check_shards: bool = True) -> dict:
+    """The index of a stage, checked: valid JSON, known version, shard paths inside the stage folder, every
+    shard present with its recorded size (one listing). ``verify``: also read every shard and check its
+    sha256 and row count. ``check_shards=False``: only the index itself (for callers checking each shard)."""
     found = index_uri(uri)
     if found is None:
         raise ManifestError(f"no complete manifest at {uri} (no {INDEX_NAME}; the stage may not have finished)")
-    index = json.loads(storage.read_bytes(found))
+    try:
+        index = json.loads(storage.read_bytes(found))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ManifestError(f"{found} is corrupt (not valid JSON: {e}); rerun the stage to rewrite it") from None
+    if not isinstance(index, dict) or not isinstance(index.get("shards"), list) or not all(
+            isinstance(s, dict) for s in index["shards"]):
+        raise ManifestError(f"{found} is corrupt (no list of shards); rerun the stage to rewrite it")
     _check_version(index.get("schema_version"), found)
+    stage_uri = found.rsplit("/", 1)[0]
+    if check_shards:
+        _check_sizes(stage_uri, index["shards"])
+    if verify:
+        for shard in index["shards"]:
+            _read_shard(stage_uri, shard)
     return index
 
 
-def read_table(uri: str) -> pa.Table:
-    """Read a whole manifest: a stage folder (via its index) or a single Parquet file."""
+def _read_shard(stage_uri: str, shard: dict) -> bytes:
+    data = storage.read_bytes(shard_uri(stage_uri, shard))
+    problem = shard_problem(shard, data)
+    if problem:
+        raise ManifestError(f"{stage_uri}: shard {shard.get('name')!r} {problem}; rerun the stage to recompute it")
+    return data
+
+
+def _verify_images(table: pa.Table, where: str) -> None:
+    """Every ok row's image is there and hashes to the row's sha256 (reads every image: ``verify`` only)."""
+    columns = table.select(["uri", "sha256", "status"]).to_pylist()
+    for row in (r for r in columns if r["status"] == "ok" and r["uri"]):
+        try:
+            digest = storage.sha256_hex(storage.read_bytes(row["uri"]))
+        except FileNotFoundError:
+            raise ManifestError(f"{where}: image {row['uri']} is missing") from None
+        if digest != row["sha256"]:
+            raise ManifestError(f"{where}: image {row['uri']} has sha256 {digest[:12]}…, "
+                                f"the manifest records {str(row['sha256'])[:12]}…")
+
+
+def read_table(uri: str, verify: bool = False) -> pa.Table:
+    """Read a whole manifest: a stage folder (via its index) or a single Parquet file.
+
+    Every shard read is checked against the index (size, sha256, row count: the bytes are in memory, so the
+    hash costs little next to the read). ``verify``: also read every ok row's image and check its sha256.
+    """
     if uri.endswith(".parquet"):
-        paths = [uri]
+        blobs = [(uri, storage.read_bytes(uri))]
     else:
         index = read_index(uri)
         stage_uri = index_uri(uri).rsplit("/", 1)[0]
-        paths = [storage.join(stage_uri, s["path"]) for s in index["shards"]]
+        blobs = [(shard_uri(stage_uri, s), _read_shard(stage_uri, s)) for s in index["shards"]]
     tables = []
-    for path in paths:
-        table = pq.read_table(io.BytesIO(storage.read_bytes(path)))
+    for path, data in blobs:
+        table = pq.read_table(io.BytesIO(data))
         meta = table.schema.metadata or {}
         raw = meta.get(_VERSION_KEY)
         _check_version(int(raw) if raw is not None else None, path)
         tables.append(table)
     if not tables:
         return rows_to_table([])
-    return pa.concat_tables(tables, promote_options="default")
+    table = pa.concat_tables(tables, promote_options="default")
+    if verify:
+        _verify_images(table, uri)
+    return table
 
 
-def read_manifest(uri: str) -> pd.DataFrame:
-    return read_table(uri).to_pandas()
+def read_manifest(uri: str, verify: bool = False) -> pd.DataFrame:
+    return read_table(uri, verify=verify).to_pandas()

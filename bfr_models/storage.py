@@ -43,6 +43,18 @@ def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
+def confined_join(base: str, relative) -> str:
+    """``base`` joined with a relative path read from a file (an index, a recipe, a model folder's JSON).
+
+    Refuses anything that could leave ``base``: absolute paths, URLs, ``..`` components, empty names.
+    """
+    parts = relative.replace("\\", "/").split("/") if isinstance(relative, str) else []
+    if (not parts or relative.startswith(("/", "\\", "~")) or ":" in relative
+            or any(p in ("", "..") for p in parts)):
+        raise ValueError(f"{relative!r} is not a relative path inside {base}")
+    return join(base, relative)
+
+
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -55,6 +67,27 @@ def read_bytes(uri: str) -> bytes:
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
     return fs.exists(path)
+
+
+def file_sizes(folder_uri: str) -> dict[str, int]:
+    """Name -> size of the files directly in a folder (one listing; empty if the folder is missing)."""
+    fs, path = filesystem(folder_uri)
+    fs.invalidate_cache(path)  # object stores cache listings; files may have been written by other processes
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return {}
+    return {os.path.basename(e["name"].rstrip("/")): int(e.get("size") or 0)
+            for e in entries if e.get("type") == "file"}
+
+
+def remove(uri: str) -> None:
+    """Delete a file; one already gone is fine."""
+    fs, path = filesystem(uri)
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass
 
 
 def write_bytes_atomic(uri: str, data: bytes) -> None:

@@ -143,7 +143,7 @@ def cmd_manifest_show(args):
     from bfr_models import manifest
 
     index = manifest.read_index(args.uri) if not args.uri.endswith(".parquet") else None
-    df = manifest.read_manifest(args.uri)
+    df = manifest.read_manifest(args.uri, verify=args.verify)
     ok = int((df["status"] == "ok").sum()) if len(df) else 0
     print(f"manifest: {args.uri}")
     if index:
@@ -159,6 +159,8 @@ def cmd_manifest_show(args):
         for r in errors.head(10).itertuples():
             print(f"  {r.parent_uri}: {r.error}")
     print("columns:  " + ", ".join(f"{c}:{t}" for c, t in zip(df.columns, df.dtypes)))
+    if args.verify:
+        print(f"verified: {'every shard (size, sha256, rows) and ' if index else ''}every ok row's image (sha256)")
 
 
 def _add_common(p, shard_size: int, batch_size: int):
@@ -266,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     msub = p.add_subparsers(dest="manifest_command", required=True, metavar="SUBCOMMAND")
     q = msub.add_parser("show", help="summary of a manifest: rows, ok/error counts, splits, columns")
     q.add_argument("uri", help="a stage folder (with index.json), its index.json, or a .parquet file")
+    q.add_argument("--verify", action="store_true",
+                   help="also read every image the manifest names and check its sha256 (shards are always checked)")
     q.set_defaults(func=cmd_manifest_show)
     return parser
 

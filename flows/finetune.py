@@ -160,7 +160,8 @@ def plan_finetune(pairs: str, restorer: str, real: str | None, config: str, over
     return data, ids, skipped, net, save, info, reals, cfg
 
 
-@task(name="finetune-train", cache_key_fn=key_parameter, persist_result=True)
+@task(name="finetune-train", cache_key_fn=key_parameter, persist_result=True,
+      result_serializer="json")  # a checkable record, never a pickle (tasks.runtime.key_parameter)
 def finetune_task(key: str, pairs: str, restorer: str, real: str | None, config: str, overrides: dict, out: str,
                   device: str) -> dict:
     data, ids, _, net, save, info, reals, cfg = plan_finetune(pairs, restorer, real, config, overrides)

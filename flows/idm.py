@@ -44,7 +44,8 @@ def _pairs(targets: str, resolution: int, degrade_source: str) -> tuple[torch.Te
     return ((y if degrade_source == "cleaned" else x) + 1) / 2, (y + 1) / 2
 
 
-@task(name="idm-train", cache_key_fn=key_parameter, persist_result=True)
+@task(name="idm-train", cache_key_fn=key_parameter, persist_result=True,
+      result_serializer="json")  # a checkable record, never a pickle (tasks.runtime.key_parameter)
 def idm_train_task(key: str, input: str, targets: str | None, model: dict, train: dict, resolution: int,
                    degrade_source: str, init: str | None, round: int, out: str, device: str) -> str:
     cfg, tcfg = IDMConfig(**model), IDMTrainConfig(**train)

@@ -34,7 +34,8 @@ def images_at_resolution(items: list[InputItem], resolution: int) -> tuple[torch
     return images, [f"{r['parent_uri']}: {r['error']}" for r in errors]
 
 
-@task(name="prior-train", cache_key_fn=key_parameter, persist_result=True)
+@task(name="prior-train", cache_key_fn=key_parameter, persist_result=True,
+      result_serializer="json")  # a checkable record, never a pickle (tasks.runtime.key_parameter)
 def train_task(key: str, input: str, config: dict, out: str, device: str) -> str:
     """Train (resuming from the last checkpoint under ``out``) and return the prior's URI."""
     cfg = PriorTrainConfig(**{**config, "channels": tuple(config["channels"])})

@@ -104,7 +104,8 @@ def _output_size(input: str, resolution: int, resize: str, up: int) -> tuple[int
     return (int(ok["height"].min()) * up, int(ok["width"].min()) * up) if len(ok) else None
 
 
-@task(name="pseudo-targets-auto", cache_key_fn=key_parameter, persist_result=True)
+@task(name="pseudo-targets-auto", cache_key_fn=key_parameter, persist_result=True,
+      result_serializer="json")  # a checkable record, never a pickle (tasks.runtime.key_parameter)
 def auto_search(key: str, sample_uris: list[str], sample_ids: list[str], candidates: list[dict], prior_uri: str,
                 restorer: str | None, resize: str, fidelity_limit: float, fidelity_N: int, metric: str, seed: int,
                 device: str, dtype: str, batch_size: int) -> dict:

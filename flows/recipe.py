@@ -85,7 +85,13 @@ def load_recipe(path: str) -> dict:
         raise RecipeError(f"recipe {p}: unknown key '{unknown[0]}' (keys: {', '.join(_TOP)})")
     if not data.get("photos"):
         raise RecipeError(f"recipe {p}: 'photos' (a folder, fsspec URL or 'demo') is required")
-    recipe = {"name": data.get("name", p.stem), "photos": str(data["photos"]), "path": str(p),
+    name = str(data.get("name", p.stem))
+    try:  # the default output is ./runs/<name>: a name must not lead out of it
+        storage.confined_join("runs", name)
+    except ValueError:
+        raise RecipeError(f"recipe {p}: name {name!r} must be a plain name (it names the folder ./runs/<name>)"
+                          ) from None
+    recipe = {"name": name, "photos": str(data["photos"]), "path": str(p),
               "score_degraded": bool(data.get("score_degraded", True))}
     flows = {"ingest": ingest_flow, "clean": clean_flow, "degrade": degrade_flow, "pseudo_targets": pseudo_targets_flow,
              "score": score_flow, "report": report_flow}

@@ -39,15 +39,21 @@ def reusable_shards(stage_uri: str, items: list[InputItem]) -> tuple[list[ShardI
     uri = storage.join(stage_uri, INPUTS_NAME)
     if not storage.exists(uri) or not manifest.index_uri(stage_uri):
         return [], items, {}
-    recorded = json.loads(storage.read_bytes(uri))
-    if recorded.get("code") != CODE_VERSION:
+    try:
+        recorded = json.loads(storage.read_bytes(uri))
+        index = manifest.read_index(stage_uri, check_shards=False)  # each shard is checked below
+    except ValueError:  # a corrupt inputs.json or index (ManifestError): nothing to reuse, this run rewrites both
         return [], items, {}
-    index = manifest.read_index(stage_uri)
+    if not isinstance(recorded, dict) or recorded.get("code") != CODE_VERSION or not isinstance(
+            recorded.get("shards"), dict):
+        return [], items, {}
     ids = {_item_id(i): i for i in items}
+    images = manifest.image_names(stage_uri)
     kept, held = [], {}
     for shard in index["shards"]:
         members = recorded["shards"].get(shard["name"])
-        if members and all(m in ids for m in members) and storage.exists(storage.join(stage_uri, shard["path"])):
+        # a damaged shard (missing, other bytes, missing images) is not kept: its items are processed again
+        if members and all(m in ids for m in members) and not manifest.shard_files_problem(stage_uri, shard, images):
             kept.append(ShardInfo(**shard))
             held[shard["name"]] = members
     done = {m for members in held.values() for m in members}
@@ -64,7 +70,8 @@ def run_stage(shard_task, stage: str, config: dict, items: list[InputItem], inpu
     key, stage_uri = stage_location(out, stage, config, input_uri)
     kept, todo, held = reusable_shards(stage_uri, items) if incremental else ([], items, {})
     specs = make_shards(stage, {**config, "code": CODE_VERSION}, todo, shard_size)
-    configured = shard_task.with_options(result_storage=result_storage(stage_uri))
+    # JSON results, so a cached record can be checked before it is used (tasks.runtime.shard_cache_key)
+    configured = shard_task.with_options(result_storage=result_storage(stage_uri), result_serializer="json")
     futures = {configured.submit(spec=spec, stage_uri=stage_uri, **task_kwargs): spec for spec in specs}
     shards, failures = list(kept), []
     with tqdm(total=len(todo), desc=stage, unit="img", dynamic_ncols=True) as bar:

@@ -2,27 +2,98 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 from prefect.concurrency.sync import concurrency
 from prefect.filesystems import RemoteFileSystem
+from prefect.logging import get_logger
+from prefect.serializers import JSONSerializer
 
-from bfr_models import storage
+from bfr_models import manifest, storage
 
 GPU_LIMIT_PREFIX = "bfr-curate-gpu"
+RESULTS_FOLDER = "_prefect"  # Prefect's result records of a stage's shard tasks, beside its data
+# The only result record a cached task may come from: Prefect's default JSON serializer (every persisted task
+# asks for it). A record naming another serializer (pickle) or decoder is never read: it would run code.
+_JSON_SERIALIZER = json.loads(JSONSerializer().model_dump_json())
+_SHARD_FIELDS = {f.name for f in fields(manifest.ShardInfo)}
+log = get_logger("bfr_curate")
 
 
 def shard_cache_key(context, parameters) -> str:
-    """Cache key of a shard task: the shard's own key (stage, config, inputs, code version)."""
-    return parameters["spec"].key
+    """Cache key of a shard task: the shard's own key (stage, config, inputs, code version).
+
+    Its cached result is used only if it checks out (:func:`drop_untrusted_result`, :func:`_shard_problem`);
+    otherwise the record is removed here, before Prefect reads it, and the shard is recomputed under the same key.
+    """
+    spec, stage_uri = parameters["spec"], parameters["stage_uri"]
+    run = context.task_run
+    drop_untrusted_result(storage.join(stage_uri, RESULTS_FOLDER, spec.key),
+                          lambda result: _shard_problem(stage_uri, result, str(run.flow_run_id or run.id)))
+    return spec.key
 
 
 def key_parameter(context, parameters) -> str:
-    """Cache key of a task whose caller computed it and passes it as ``key`` (training, searches)."""
-    return parameters["key"]
+    """Cache key of a task whose caller computed it and passes it as ``key`` (training, searches).
+
+    Its cached result is used only if the record is plain JSON (never a pickle: it would run code).
+    """
+    key = parameters["key"]
+    base = getattr(context.result_store.result_storage, "basepath", None)  # None: Prefect's own local store
+    if base:
+        drop_untrusted_result(storage.join(str(base), key))
+    return key
+
+
+def drop_untrusted_result(uri: str, check=None) -> None:
+    """Remove the task result record at ``uri`` unless it is plain JSON and ``check(result)`` finds no problem."""
+    try:
+        raw = storage.read_bytes(uri)
+    except FileNotFoundError:
+        return  # nothing cached
+    problem, result = _record_problem(raw)
+    problem = problem or (check(result) if check else None)
+    if problem:
+        log.warning("cached result %s not used (%s): recomputing it", uri.rsplit("/", 1)[-1], problem)
+        storage.remove(uri)
+
+
+def _no_objects(obj: dict) -> dict:
+    """JSON object hook: Prefect's decoder would import and build the class an object names; refuse those."""
+    if "__class__" in obj or "__exc_type__" in obj:
+        raise ValueError("names a Python class")
+    return obj
+
+
+def _record_problem(raw: bytes) -> tuple[str | None, object]:
+    """(what is wrong with a result record, its result as plain JSON)."""
+    try:
+        record = json.loads(raw)
+        serializer, result = record["metadata"]["serializer"], json.loads(record["result"], object_hook=_no_objects)
+    except (ValueError, KeyError, TypeError):
+        return "not a plain JSON result record", None
+    if serializer != _JSON_SERIALIZER:
+        return "its record names another serializer than plain JSON", None
+    return None, result
+
+
+def _shard_problem(stage_uri: str, result, run_id: str) -> str | None:
+    if (not isinstance(result, dict) or not set(result) <= _SHARD_FIELDS
+            or not all(isinstance(v, (str, int, type(None))) for v in result.values())):
+        return "its record is not a shard result"
+    return manifest.shard_files_problem(stage_uri, result, _listed_images(stage_uri, run_id))
+
+
+@functools.lru_cache(maxsize=16)
+def _listed_images(stage_uri: str, run_id: str) -> frozenset[str]:
+    """The file names in a stage's images/ folder: listed once per run, not one lookup per image."""
+    return manifest.image_names(stage_uri)
 
 
 def result_storage(stage_uri: str):
@@ -30,7 +101,7 @@ def result_storage(stage_uri: str):
 
     Prefect takes a local folder as a Path; remote storage must be a block saved on the API.
     """
-    base = storage.join(stage_uri, "_prefect")
+    base = storage.join(stage_uri, RESULTS_FOLDER)
     if storage.is_local(base):
         return Path(storage.normalize(base))
     block = RemoteFileSystem(basepath=base)

@@ -176,7 +176,10 @@ def load_prior(spec: str, device: str | torch.device = "cpu") -> Prior:
     meta = read_prior_meta(uri)
     unet_config = _read_json(storage.join(uri, "unet", "config.json"), "UNet config")
     sched_config = _read_json(storage.join(uri, "scheduler", "scheduler_config.json"), "scheduler config")
-    weights_uri = storage.join(uri, meta.get("weights", WEIGHTS))
+    try:  # a path from the file: it must stay inside the folder
+        weights_uri = storage.confined_join(uri, meta.get("weights", WEIGHTS))
+    except ValueError as e:
+        raise PriorError(f"{uri}/prior.json: weights: {e}") from None
     try:
         weights = storage.read_bytes(weights_uri)
     except FileNotFoundError:

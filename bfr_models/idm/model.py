@@ -147,8 +147,12 @@ def load_idm(uri: str, device: str | torch.device = "cpu") -> IDMModel:
     uri = storage.normalize(str(uri))
     meta = read_idm_meta(uri)
     config = IDMConfig(**meta["config"])
+    try:  # a path from the file: it must stay inside the folder
+        weights_uri = storage.confined_join(uri, meta.get("weights", WEIGHTS))
+    except ValueError as e:
+        raise IDMError(f"{uri}/idm.json: weights: {e}") from None
     try:
-        weights = storage.read_bytes(storage.join(uri, meta.get("weights", WEIGHTS)))
+        weights = storage.read_bytes(weights_uri)
     except FileNotFoundError:
         raise IDMError(f"IDM weights not found under {uri}") from None
     digest = storage.sha256_hex(weights)
