@@ -57,6 +57,11 @@ def exists(uri: str) -> bool:
     return fs.exists(path)
 
 
+def isdir(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.isdir(path)
+
+
 def write_bytes_atomic(uri: str, data: bytes) -> None:
     """Write a whole file or nothing: temp name + rename locally, one PUT on object stores."""
     fs, path = filesystem(uri)
@@ -64,11 +69,16 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
         parent = os.path.dirname(path)
         os.makedirs(parent, exist_ok=True)
         tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):  # a failed write leaves nothing behind
+                os.remove(tmp)
+            raise
     else:
         fs.pipe_file(path, data)
 
