@@ -59,7 +59,7 @@ def cmd_degrade(args):
     _check_input(args.input)
     uri = _run(degrade_flow, args, input=args.input, out=args.out, preset=args.preset, split=args.split,
                scale=args.scale, seed=args.seed, shard_size=args.shard_size, batch_size=args.batch_size,
-               device=args.device)
+               device=args.device, exclude=args.exclude)
     _print_result("degrade", uri)
 
 
@@ -70,7 +70,8 @@ def cmd_ingest(args):
     resolve_device(args.device)
     _check_input(args.input)
     uri = _run(ingest_flow, args, input=args.input, out=args.out, size=args.size, min_score=args.min_score,
-               min_size=args.min_size, shard_size=args.shard_size, batch_size=args.batch_size, device=args.device)
+               min_size=args.min_size, shard_size=args.shard_size, batch_size=args.batch_size, device=args.device,
+               exclude=args.exclude)
     _print_result("ingest", uri)
 
 
@@ -107,7 +108,7 @@ def cmd_score(args):
     opts = dict(input=args.input, metrics=args.metrics, reference=args.reference, fid_ref=args.fid_ref,
                 niqe_convention=args.niqe_convention, crop_border=args.crop_border, y_channel=args.y_channel,
                 lpips_net=args.lpips_net, fid_convention=args.fid_convention, skip_missing=args.skip_missing,
-                fid_allow_small=args.fid_allow_small)
+                fid_allow_small=args.fid_allow_small, exclude=args.exclude)
     plan_score(**opts)
     uri = _run(score_flow, args, out=args.out, shard_size=args.shard_size, batch_size=args.batch_size,
                device=args.device, **opts)
@@ -140,6 +141,8 @@ def _print_result(stage: str, uri: str) -> None:
     if storage.exists(storage.join(uri, "images")):
         print(f"  images:   {storage.join(uri, 'images')}/")
     print(f"  key:      {index['key']}")
+    if index["config"].get("skipped_inputs"):
+        print(f"  skipped:  {index['config']['skipped_inputs']} input files (dotfiles, --exclude)")
 
 
 def cmd_presets(args):
@@ -181,6 +184,14 @@ def _add_common(p, shard_size: int, batch_size: int):
     p.add_argument("--workers", type=int, default=2, help="shard tasks run at once (default 2)")
     p.add_argument("--dask", metavar="ADDRESS", default=None,
                    help="run shard tasks on a Dask cluster: 'local' starts a LocalCluster, else a scheduler address")
+    add_exclude(p)
+
+
+def add_exclude(p) -> None:
+    """--exclude GLOB for commands that read a folder: with dotfiles, the only files that get no row."""
+    p.add_argument("--exclude", metavar="GLOB", action="append", default=[],
+                   help="skip files of an input folder whose relative path or name matches GLOB (repeatable); "
+                        "dotfiles are always skipped, every other file becomes a row")
 
 
 def build_parser() -> argparse.ArgumentParser:

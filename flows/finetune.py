@@ -28,7 +28,7 @@ from bfr_models.training.codeformer import CodeFormerFinetuneConfig, finetune_co
 from bfr_models.training.finetune import FinetuneError, Pairs, finetune, load_finetune_config
 from flows.prior import load_training_images
 from flows.score import Lineage
-from tasks.rows import content_id, decode_items, ok_row, to_uint8
+from tasks.rows import decode_items, ok_row, to_uint8, write_output
 from tasks.runtime import key_parameter, resolve_device, result_storage
 from tasks.shards import CODE_VERSION, InputItem, list_inputs, read_many, stable_hash
 
@@ -217,7 +217,7 @@ def _validation_rows(net, val: Pairs, ids, writer, lpips_net, dev) -> list[dict]
     for b, (image_id, lq_uri) in enumerate(ids):
         rgb = to_uint8(out[b])
         png = encode_png(rgb)
-        rows.append(ok_row(STAGE, InputItem(lq_uri, "-"), image_id, writer.write_image(content_id(png), png), png,
+        rows.append(ok_row(STAGE, InputItem(lq_uri, "-"), image_id, write_output(writer, png, image_id), png,
                            rgb, split="validation", **{k: float(v[b]) for k, v in scores.items() if v is not None}))
     return rows
 

@@ -19,7 +19,7 @@ from bfr_models import manifest, models, storage
 from bfr_models.idm import AcceptanceConfig, IDMConfig, IDMError, IDMTrainConfig, load_idm, train_idm
 from bfr_models.idm.sampler import VARIANCES
 from flows.prior import images_at_resolution, load_training_images
-from flows.stage import annotate_index, run_stage
+from flows.stage import annotate_index, run_stage, skipped_record
 from tasks.clean import STAGE, cached_idm, clean_shard
 from tasks.pseudo_targets import DTYPES
 from tasks.runtime import ensure_gpu_limit, key_parameter, resolve_device, result_storage
@@ -145,7 +145,8 @@ def clean_flow(input: str, out: str, model: str, rounds: int = 1, steps: int = 1
                round_checkpoint_every: int = 5000, min_lowpass_psnr: float = 30.0, lowpass_N: int = 8,
                max_lowpass_lpips: float = 0.15, min_identity: float = 0.85, musiq: bool | None = None,
                lpips: bool | None = None, identity: bool | None = None, fid: bool | None = None, seed: int = 0,
-               shard_size: int = 64, batch_size: int = 8, device: str = "auto", dtype: str = "fp32") -> str:
+               shard_size: int = 64, batch_size: int = 8, device: str = "auto", dtype: str = "fp32",
+               exclude: tuple[str, ...] | list[str] = ()) -> str:
     """Clean the images of `input` with an IDM model for `rounds` extrinsic rounds; returns the last manifest."""
     acceptance = dict(lowpass_N=lowpass_N, min_lowpass_psnr=min_lowpass_psnr, max_lowpass_lpips=max_lowpass_lpips,
                       min_identity=min_identity)
@@ -157,9 +158,9 @@ def clean_flow(input: str, out: str, model: str, rounds: int = 1, steps: int = 1
     use_lpips = _optional_scorer("lpips_vgg16_backbone", lpips, not_computed, "lowpass_lpips")
     use_identity = _optional_scorer("facenet_vggface2", identity, not_computed, "identity_cos")
     use_fid = _optional_scorer("fid_inception_clean", fid, not_computed, "fid")
-    items, skipped = list_inputs(input)
+    items, skipped = list_inputs(input, exclude)
     logger = get_run_logger()
-    logger.info("clean: %d images (%d error rows skipped), %d round(s)", len(items), skipped, rounds)
+    logger.info("clean: %d inputs (%d skipped), %d round(s)", len(items), skipped, rounds)
     model_uri, history, uri = storage.normalize(model), [], None
     resolution = first.meta.get("source", {}).get("resolution", first.config.crop)
     for r in range(1, rounds + 1):
@@ -184,7 +185,8 @@ def clean_flow(input: str, out: str, model: str, rounds: int = 1, steps: int = 1
                         "replaced": int(ok["replaced"].sum()) if len(ok) else 0, "errors": int(len(frame) - len(ok))})
         logger.info("clean round %d: %d of %d images replaced", r, history[-1]["replaced"], len(ok))
     set_metrics = _fid_cleaned_vs_original(uri, out, dev) if use_fid else {}
-    annotate_index(uri, rounds=history, not_computed=not_computed, set_metrics=set_metrics, source=input)
+    annotate_index(uri, rounds=history, not_computed=not_computed, set_metrics=set_metrics, source=input,
+                   **skipped_record(input, skipped, exclude))
     return uri
 
 

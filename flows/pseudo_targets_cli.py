@@ -63,7 +63,8 @@ def pseudo_target_options(args) -> dict:
                 respace=args.respace, variance_type=args.variance_type,
                 restorer=args.restorer, resize=args.resize, best_of=args.best_of,
                 fidelity_limit=args.fidelity_limit, auto=args.auto, auto_grid=args.auto_grid,
-                auto_metric=args.auto_metric, auto_sample=args.auto_sample, seed=args.seed, dtype=args.dtype)
+                auto_metric=args.auto_metric, auto_sample=args.auto_sample, seed=args.seed, dtype=args.dtype,
+                exclude=args.exclude)
 
 
 def cmd_pseudo_targets(args, run, print_result) -> None:
@@ -73,7 +74,7 @@ def cmd_pseudo_targets(args, run, print_result) -> None:
     params = {k: o[k] for k in ("N", "tau", "omega", "K", "L", "n2", "scale", "t_start", "warmup", "respace",
                                  "variance_type")}
     plan_pseudo_targets(o["input"], o["prior"], o["method"], params, o["restorer"], o["resize"], o["best_of"],
-                        o["dtype"], args.device, o["auto"], o["auto_grid"], o["auto_metric"])
+                        o["dtype"], args.device, o["auto"], o["auto_grid"], o["auto_metric"], o["exclude"])
     uri = run(pseudo_targets_flow, args, out=args.out, shard_size=args.shard_size, batch_size=args.batch_size,
               device=args.device, **o)
     print_result("pseudo-targets", uri)

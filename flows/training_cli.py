@@ -37,7 +37,7 @@ def cmd_restore(args, run, print_result) -> None:
 
     plan_restore(args.input, args.restorer, args.device)
     uri = run(restore_flow, args, input=args.input, restorer=args.restorer, out=args.out, shard_size=args.shard_size,
-              batch_size=args.batch_size, device=args.device)
+              batch_size=args.batch_size, device=args.device, exclude=args.exclude)
     print_result("restore", uri)
 
 
@@ -72,7 +72,7 @@ def cmd_clean(args, run, print_result) -> None:
               variance=args.variance, passes=args.passes, degrade_source=args.degrade_source,
               round_iters=args.round_iters, round_batch_size=args.round_batch_size, seed=args.seed,
               shard_size=args.shard_size, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-              **acceptance)
+              exclude=args.exclude, **acceptance)
     print_result("clean", uri)
     from bfr_models import manifest
 
