@@ -341,7 +341,9 @@ def _quiet_prefect_errors() -> None:
     import prefect  # noqa: F401  (configures Prefect's loggers first, so our filter is not replaced)
 
     for name in PREFECT_RUN_LOGGERS:
-        logging.getLogger(name).addFilter(_NoRunErrors())
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoRunErrors) for f in logger.filters):
+            logger.addFilter(_NoRunErrors())
 
 
 def main(argv: list[str] | None = None) -> int:
