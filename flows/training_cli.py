@@ -55,9 +55,9 @@ def cmd_idm_train(args, run) -> None:
     o = _idm_train_options(args)
     train = {k: o[k] for k in ("iters", "batch_size", "lr", "warmup", "preset", "checkpoint_every", "seed")}
     plan_idm_train(args.input, o["resolution"], o["crop"], o["channels"], o["layers_per_block"], o["attention"],
-                   o["norm_groups"], train)
+                   o["norm_groups"], train, args.exclude)
     resolve_device(args.device)
-    uri = run(idm_train_flow, args, input=args.input, out=args.out, device=args.device, **o)
+    uri = run(idm_train_flow, args, input=args.input, out=args.out, device=args.device, exclude=args.exclude, **o)
     print(f"idm model: {uri}  (clean with: bfr-curate clean --input {args.input} --model {uri} --out {args.out})")
 
 
@@ -89,6 +89,7 @@ def cmd_schedule(args) -> None:
 
 def add_training_parsers(sub, add_common, run, print_result) -> None:
     from bfr_models.idm.sampler import VARIANCES
+    from flows.cli import add_exclude
     from flows.idm import DEGRADE_SOURCES
 
     p = sub.add_parser("finetune", help="fine-tune a restorer on pseudo-target pairs (L1 + LPIPS + GAN)",
@@ -155,6 +156,7 @@ def add_training_parsers(sub, add_common, run, print_result) -> None:
     q.add_argument("--checkpoint-every", type=int, default=5000, help="checkpoint interval (default 5000)")
     q.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     q.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
+    add_exclude(q)
     q.set_defaults(func=lambda args: cmd_idm_train(args, run))
 
     p = sub.add_parser("clean", help="clean an HQ dataset the way IDM does, judging every cleaned image",
