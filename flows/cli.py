@@ -116,9 +116,8 @@ def cmd_score(args):
 
 
 def cmd_report(args):
-    from flows.report import report_flow
-
     from bfr_models import manifest, storage
+    from flows.report import report_flow
 
     for uri in [args.input, *args.compare]:
         _check_input(uri)
@@ -310,6 +309,8 @@ def explain(error: BaseException) -> tuple[int, str]:
 
     from botocore.exceptions import BotoCoreError, NoCredentialsError, PartialCredentialsError
 
+    from flows.stage import StageError
+
     if isinstance(error, (NoCredentialsError, PartialCredentialsError)):
         code, text = 2, ("no S3 credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                          "(or AWS_PROFILE) for the store")
@@ -324,8 +325,10 @@ def explain(error: BaseException) -> tuple[int, str]:
         code, text = 2, str(error)
     elif isinstance(error, OSError):
         code, text = 1, f"store: {type(error).__name__}: {error}"
-    else:  # StageError and anything unexpected: the run failed
-        code, text = 1, str(error) or type(error).__name__
+    elif isinstance(error, StageError):
+        code, text = 1, str(error)
+    else:  # a bug: say what, and how to see where
+        code, text = 1, f"{type(error).__name__}: {error} (bfr-curate --debug ... prints the traceback)"
     code = getattr(error, "exit_code", code)
     return code, " ".join(text.split())  # one line, whatever the library put in its message
 

@@ -131,6 +131,7 @@ def test_exit_codes_say_whose_fault_it_is():
     assert explain(StageError("1 of 2 shards failed"))[0] == 1
     assert explain(EndpointConnectionError(endpoint_url="http://x"))[0] == 1
     assert explain(TimeoutError(110, "Connection timed out"))[0] == 1
+    assert explain(KeyError(7)) == (1, "KeyError: 7 (bfr-curate --debug ... prints the traceback)")
     assert explain(pickle.UnpicklingError("Weights only load failed ... weights_only=False"))[0] == 2
     assert "weights_only" not in explain(pickle.UnpicklingError("weights_only=False"))[1]
 
