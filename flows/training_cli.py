@@ -17,9 +17,9 @@ def cmd_finetune(args, run) -> None:
     knobs = dict(iters=args.iters, batch_size=args.batch_size, micro_batch=args.micro_batch, lr=args.lr,
                  val_pairs=args.val_pairs, validate_every=args.validate_every, checkpoint_every=args.checkpoint_every,
                  precision=args.precision, seed=args.seed)
-    plan_finetune(args.pairs, args.restorer, args.real, args.config, knobs)
+    plan_finetune(args.pairs, args.restorer, args.real, args.config, knobs, args.exclude)
     uri = run(finetune_flow, args, pairs=args.pairs, restorer=args.restorer, real=args.real, out=args.out,
-              config=args.config, device=args.device, **knobs)
+              config=args.config, device=args.device, exclude=args.exclude, **knobs)
     from bfr_models import manifest, storage
 
     index = manifest.read_index(uri)["config"]
@@ -121,6 +121,7 @@ def add_training_parsers(sub, add_common, run, print_result) -> None:
                    help="auto: bf16 autocast on a GPU, fp32 on the CPU")
     p.add_argument("--seed", type=int, default=None, help="training seed (default 0)")
     p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
+    add_exclude(p)
     p.set_defaults(func=lambda args: cmd_finetune(args, run))
 
     p = sub.add_parser("restore", help="run a restorer over a manifest or folder, batched",
