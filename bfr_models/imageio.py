@@ -8,10 +8,13 @@ grayscale, decompression bombs) either becomes an RGB uint8 array or raises
 from __future__ import annotations
 
 import io
+import os
 
 import cv2
 import numpy as np
 from PIL import Image, ImageOps
+
+from bfr_models.storage import IMAGE_EXTENSIONS
 
 MAX_PIXELS = 8192 * 8192
 # Our own size check (below, before any pixel is decoded) is stricter than Pillow's bomb guard and
@@ -25,6 +28,16 @@ class ImageError(ValueError):
 
 def decode_rgb(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, str]:
     """Decode image bytes to an (H, W, 3) uint8 RGB array; also return the source mode."""
+    rgb, source = decode_source(data, max_pixels=max_pixels)
+    return rgb, source["source_mode"]
+
+
+def decode_source(data: bytes, name: str = "", max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, dict]:
+    """Decode an input file's bytes to RGB; also what the row's params record about the source.
+
+    ``{"source_mode": mode}``, plus ``"frames": n`` for an animated file (GIF, APNG, WebP): its first
+    frame is the image. ``name`` (the file's name) makes the reason for a non-image "not an image: .txt".
+    """
     if not data:
         raise ImageError("empty file (0 bytes)")
     try:
@@ -36,12 +49,18 @@ def decode_rgb(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, s
     except ImageError:
         raise
     except Image.UnidentifiedImageError:
+        ext = os.path.splitext(name)[1].lower()
+        if name and ext not in IMAGE_EXTENSIONS:
+            raise ImageError(f"not an image: {ext or 'no extension'}") from None
         raise ImageError("not a recognised image format") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"corrupt or truncated image: {e}") from None
-    mode = im.mode
+    source = {"source_mode": im.mode}
+    frames = getattr(im, "n_frames", 1)
+    if frames > 1:
+        source["frames"] = int(frames)
     im = ImageOps.exif_transpose(im)
-    return _to_rgb(im), mode
+    return _to_rgb(im), source
 
 
 def _to_rgb(im: Image.Image) -> np.ndarray:

@@ -41,6 +41,7 @@ CORE_SCHEMA = pa.schema(
         pa.field("height", pa.int32()),
         pa.field("parent_id", pa.string()),
         pa.field("parent_uri", pa.string()),
+        pa.field("duplicate_of", pa.string()),  # a byte-identical copy of an earlier input file: that file's id
         pa.field("stage", pa.string(), nullable=False),
         pa.field("split", pa.string()),  # preset/split label used to group reports
         pa.field("seed", pa.int64()),

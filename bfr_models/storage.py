@@ -7,6 +7,7 @@ Credentials and endpoints come from the usual fsspec/AWS environment
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import os
 import uuid
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
 
 def filesystem(uri: str):
@@ -90,6 +91,11 @@ def remove(uri: str) -> None:
         pass
 
 
+def isdir(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.isdir(path)
+
+
 def write_bytes_atomic(uri: str, data: bytes) -> None:
     """Write a whole file or nothing: temp name + rename locally, one PUT on object stores."""
     fs, path = filesystem(uri)
@@ -97,11 +103,16 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
         parent = os.path.dirname(path)
         os.makedirs(parent, exist_ok=True)
         tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):  # a failed write leaves nothing behind
+                os.remove(tmp)
+            raise
     else:
         fs.pipe_file(path, data)
 
@@ -111,19 +122,33 @@ class ListedFile:
     uri: str
     size: int
     version: str  # what changes when the content changes: ETag, or size + mtime
+    name: str = ""  # the path relative to the listed folder, "/"-separated: the file's source name
 
 
-def list_images(uri: str) -> list[ListedFile]:
-    """Every image file (by extension) under a folder, recursively, sorted by URI."""
+def list_files(uri: str, exclude: tuple[str, ...] | list[str] = ()) -> tuple[list[ListedFile], int]:
+    """Every file under a folder, recursively, sorted by URI; and how many were skipped.
+
+    Skipped, and only these: dotfiles (any part of the relative name starting with ".", so dot-folders
+    too) and files whose relative name or base name matches an ``exclude`` glob.
+    """
     fs, root = filesystem(uri)
     if not fs.isdir(root):
         raise FileNotFoundError(f"input folder not found: {uri}")
-    found = fs.find(root, detail=True)
-    files = []
-    for path, info in found.items():
-        name = os.path.basename(path)
-        if name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS):
+    files, skipped = [], 0
+    for path, info in fs.find(root, detail=True).items():
+        name = path[len(root.rstrip("/")) + 1 :] if path.startswith(root.rstrip("/") + "/") else os.path.basename(path)
+        if any(part.startswith(".") for part in name.split("/")) or _excluded(name, exclude):
+            skipped += 1
             continue
         version = info.get("ETag") or info.get("etag") or f"{info.get('size')}-{info.get('mtime', info.get('LastModified', ''))}"
-        files.append(ListedFile(_to_uri(fs, path), int(info.get("size") or 0), str(version).strip('"')))
-    return sorted(files, key=lambda f: f.uri)
+        files.append(ListedFile(_to_uri(fs, path), int(info.get("size") or 0), str(version).strip('"'), name))
+    return sorted(files, key=lambda f: f.uri), skipped
+
+
+def _excluded(name: str, globs) -> bool:
+    return any(fnmatch.fnmatchcase(name, g) or fnmatch.fnmatchcase(name.rsplit("/", 1)[-1], g) for g in globs)
+
+
+def list_images(uri: str) -> list[ListedFile]:
+    """The image files (by extension) of a folder: reference sets (FID, --reference), not stage inputs."""
+    return [f for f in list_files(uri)[0] if f.name.lower().endswith(IMAGE_EXTENSIONS)]

@@ -7,8 +7,13 @@ import json
 import logging
 import os
 import sys
+import traceback
+import warnings
 
 EPILOG = "Outputs go to <out>/<stage>/<key>/ (index.json, shards/*.parquet, images/). Any fsspec URL works."
+
+
+REPORT_NAME = "report.html"  # the file `report --out <folder>` writes
 
 
 class UserError(Exception):
@@ -54,7 +59,7 @@ def cmd_degrade(args):
     _check_input(args.input)
     uri = _run(degrade_flow, args, input=args.input, out=args.out, preset=args.preset, split=args.split,
                scale=args.scale, seed=args.seed, shard_size=args.shard_size, batch_size=args.batch_size,
-               device=args.device)
+               device=args.device, exclude=args.exclude)
     _print_result("degrade", uri)
 
 
@@ -65,7 +70,8 @@ def cmd_ingest(args):
     resolve_device(args.device)
     _check_input(args.input)
     uri = _run(ingest_flow, args, input=args.input, out=args.out, size=args.size, min_score=args.min_score,
-               min_size=args.min_size, shard_size=args.shard_size, batch_size=args.batch_size, device=args.device)
+               min_size=args.min_size, shard_size=args.shard_size, batch_size=args.batch_size, device=args.device,
+               exclude=args.exclude)
     _print_result("ingest", uri)
 
 
@@ -102,7 +108,7 @@ def cmd_score(args):
     opts = dict(input=args.input, metrics=args.metrics, reference=args.reference, fid_ref=args.fid_ref,
                 niqe_convention=args.niqe_convention, crop_border=args.crop_border, y_channel=args.y_channel,
                 lpips_net=args.lpips_net, fid_convention=args.fid_convention, skip_missing=args.skip_missing,
-                fid_allow_small=args.fid_allow_small)
+                fid_allow_small=args.fid_allow_small, exclude=args.exclude)
     plan_score(**opts)
     uri = _run(score_flow, args, out=args.out, shard_size=args.shard_size, batch_size=args.batch_size,
                device=args.device, **opts)
@@ -110,11 +116,17 @@ def cmd_score(args):
 
 
 def cmd_report(args):
+    from bfr_models import manifest, storage
     from flows.report import report_flow
 
     for uri in [args.input, *args.compare]:
         _check_input(uri)
-    print(f"report: {report_flow(input=args.input, out=args.out, compare=args.compare, n_extremes=args.n)}")
+        if not manifest.is_manifest(uri):
+            raise UserError(f"not a manifest: {uri} (a stage folder with index.json, its index.json, or a .parquet file)")
+    out = args.out
+    if out.endswith("/") or storage.isdir(out):
+        out = storage.join(out, REPORT_NAME)  # a folder: the report goes inside it
+    print(f"report: {report_flow(input=args.input, out=out, compare=args.compare, n_extremes=args.n)}")
 
 
 def _print_result(stage: str, uri: str) -> None:
@@ -128,6 +140,8 @@ def _print_result(stage: str, uri: str) -> None:
     if storage.exists(storage.join(uri, "images")):
         print(f"  images:   {storage.join(uri, 'images')}/")
     print(f"  key:      {index['key']}")
+    if index["config"].get("skipped_inputs"):
+        print(f"  skipped:  {index['config']['skipped_inputs']} input files (dotfiles, --exclude)")
 
 
 def cmd_presets(args):
@@ -171,11 +185,21 @@ def _add_common(p, shard_size: int, batch_size: int):
     p.add_argument("--workers", type=int, default=2, help="shard tasks run at once (default 2)")
     p.add_argument("--dask", metavar="ADDRESS", default=None,
                    help="run shard tasks on a Dask cluster: 'local' starts a LocalCluster, else a scheduler address")
+    add_exclude(p)
+
+
+def add_exclude(p) -> None:
+    """--exclude GLOB for commands that read a folder: with dotfiles, the only files that get no row."""
+    p.add_argument("--exclude", metavar="GLOB", action="append", default=[],
+                   help="skip files of an input folder whose relative path or name matches GLOB (repeatable); "
+                        "dotfiles are always skipped, every other file becomes a row")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bfr-curate", description="Data curation for blind face restoration.",
                                      epilog=EPILOG)
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, print the traceback (and Prefect's run errors) before the one-line message")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("degrade", help="synthesise low-quality inputs with a degradation preset", epilog=EPILOG,
@@ -252,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "as Prefect artifacts.")
     p.add_argument("--input", required=True, help="a scored manifest")
     p.add_argument("--compare", nargs="*", default=[], help="other scored manifests to compare")
-    p.add_argument("--out", required=True, help="where to write the HTML (path or fsspec URL)")
+    p.add_argument("--out", required=True,
+                   help=f"where to write the HTML (path or fsspec URL); an existing folder gets {REPORT_NAME}")
     p.add_argument("--n", type=int, default=8, help="best/worst images shown per metric (default 8)")
     p.set_defaults(func=cmd_report)
 
@@ -274,19 +299,78 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+USER_OSERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+# Prefect logs a flow's or task's exception (with its traceback) at ERROR before re-raising it to us.
+PREFECT_RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+
+
+def explain(error: BaseException) -> tuple[int, str]:
+    """(exit code, one-line message) for an exception that reached the command line.
+
+    2: the user can fix it (argument, config, missing or wrong input, no credentials, unwritable --out);
+    1: the run failed (a stage, the store). An exception may carry its own ``exit_code``.
+    """
+    import pickle
+
+    from botocore.exceptions import BotoCoreError, NoCredentialsError, PartialCredentialsError
+
+    from flows.stage import StageError
+
+    if isinstance(error, (NoCredentialsError, PartialCredentialsError)):
+        code, text = 2, ("no S3 credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                         "(or AWS_PROFILE) for the store")
+    elif isinstance(error, BotoCoreError):
+        code, text = 1, f"store: {error}"
+    elif isinstance(error, pickle.UnpicklingError):
+        # torch's own message suggests turning its safety off: never repeat that
+        code, text = 2, "not a weights file (only plain tensors are loaded; nothing is unpickled)"
+    elif isinstance(error, OSError) and error.strerror and error.filename:
+        code, text = (2 if isinstance(error, USER_OSERRORS) else 1), f"{error.filename}: {error.strerror}"
+    elif isinstance(error, (UserError, ValueError, *USER_OSERRORS)):
+        code, text = 2, str(error)
+    elif isinstance(error, OSError):
+        code, text = 1, f"store: {type(error).__name__}: {error}"
+    elif isinstance(error, StageError):
+        code, text = 1, str(error)
+    else:  # a bug: say what, and how to see where
+        code, text = 1, f"{type(error).__name__}: {error} (bfr-curate --debug ... prints the traceback)"
+    code = getattr(error, "exit_code", code)
+    return code, " ".join(text.split())  # one line, whatever the library put in its message
+
+
+class _NoRunErrors(logging.Filter):
+    """Drops Prefect's ERROR records about a failed run: the command line explains the error itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+
+def _quiet_prefect_errors() -> None:
+    import prefect  # noqa: F401  (configures Prefect's loggers first, so our filter is not replaced)
+
+    for name in PREFECT_RUN_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoRunErrors) for f in logger.filters):
+            logger.addFilter(_NoRunErrors())
+
+
 def main(argv: list[str] | None = None) -> int:
     # Prefect's INFO logs would drown the progress bar; PREFECT_LOGGING_LEVEL overrides this.
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # this tool sends nothing anywhere
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")  # slow, busy machines
     args = build_parser().parse_args(argv)
-    from bfr_models.manifest import ManifestError
-
+    if not args.debug:
+        _quiet_prefect_errors()
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.")  # torch internals, not ours
     try:
         args.func(args)
-    except (UserError, ManifestError, ValueError, FileNotFoundError) as e:
-        print(f"bfr-curate: error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:
+        if args.debug:
+            traceback.print_exc()
+        code, text = explain(e)
+        print(f"bfr-curate: error: {text}", file=sys.stderr)
+        return code
     return 0
 
 

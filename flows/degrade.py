@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from bfr_models.degradations import load_preset
-from flows.stage import run_stage
+from flows.stage import annotate_index, run_stage, skipped_record
 from tasks.degrade import STAGE, degrade_shard
 from tasks.runtime import ensure_gpu_limit, resolve_device
 from tasks.shards import list_inputs
@@ -20,13 +20,15 @@ def degrade_config(preset: str, split: str | None, scale: float | None, seed: in
 @flow(name="degrade")
 def degrade_flow(input: str, out: str, preset: str = "gfpgan", split: str | None = None,
                  scale: float | None = None, seed: int = 0, shard_size: int = 256, batch_size: int = 8,
-                 device: str = "auto") -> str:
+                 device: str = "auto", exclude: tuple[str, ...] | list[str] = ()) -> str:
     """Degrade every image of `input` with a preset; returns the manifest URI."""
     config = degrade_config(preset, split, scale, seed)
     dev = resolve_device(device)
     ensure_gpu_limit(dev)
-    items, skipped = list_inputs(input)
+    items, skipped = list_inputs(input, exclude)
     logger = get_run_logger()
-    logger.info("degrade: %d images (%d error rows in the input skipped), preset %s", len(items), skipped, preset)
-    return run_stage(degrade_shard, STAGE, config, items, input, out, shard_size, preset=preset, split=split,
-                     scale=scale, seed=seed, device=str(dev), batch_size=batch_size)
+    logger.info("degrade: %d inputs (%d skipped), preset %s", len(items), skipped, preset)
+    uri = run_stage(degrade_shard, STAGE, config, items, input, out, shard_size, preset=preset, split=split,
+                    scale=scale, seed=seed, device=str(dev), batch_size=batch_size)
+    annotate_index(uri, **skipped_record(input, skipped, exclude))
+    return uri

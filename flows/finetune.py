@@ -28,7 +28,7 @@ from bfr_models.training.codeformer import CodeFormerFinetuneConfig, finetune_co
 from bfr_models.training.finetune import FinetuneError, Pairs, finetune, load_finetune_config
 from flows.prior import load_training_images
 from flows.score import Lineage
-from tasks.rows import content_id, decode_items, ok_row, to_uint8
+from tasks.rows import decode_items, ok_row, to_uint8, write_output
 from tasks.runtime import key_parameter, resolve_device, result_storage
 from tasks.shards import CODE_VERSION, InputItem, list_inputs, read_many, stable_hash
 
@@ -127,7 +127,8 @@ def finetune_config(config: str, restorer_net: torch.nn.Module, **overrides):
     return cfg
 
 
-def plan_finetune(pairs: str, restorer: str, real: str | None, config: str, overrides: dict):
+def plan_finetune(pairs: str, restorer: str, real: str | None, config: str, overrides: dict,
+                  exclude: tuple[str, ...] | list[str] = ()):
     """Everything checked before any work. Returns (pairs, ids, skipped, network, save, info, reals, config)."""
     data, ids, skipped = load_pairs(pairs)
     net, save, info = trainable_restorer(restorer)
@@ -152,7 +153,7 @@ def plan_finetune(pairs: str, restorer: str, real: str | None, config: str, over
             raise FinetuneError("--real (HQ faces for the discriminator) is required by the image-level recipe")
         if not storage.exists(real):
             raise FileNotFoundError(f"--real not found: {real}")
-        reals, _ = load_training_images(real, size)
+        reals, _ = load_training_images(real, size, exclude)
         if reals.shape[0] < cfg.batch_size:
             raise FinetuneError(f"--real has {reals.shape[0]} images, fewer than the batch ({cfg.batch_size}); "
                                 f"the discriminator needs at least a batch of real faces")
@@ -163,8 +164,8 @@ def plan_finetune(pairs: str, restorer: str, real: str | None, config: str, over
 @task(name="finetune-train", cache_key_fn=key_parameter, persist_result=True,
       result_serializer="json")  # a checkable record, never a pickle (tasks.runtime.key_parameter)
 def finetune_task(key: str, pairs: str, restorer: str, real: str | None, config: str, overrides: dict, out: str,
-                  device: str) -> dict:
-    data, ids, _, net, save, info, reals, cfg = plan_finetune(pairs, restorer, real, config, overrides)
+                  device: str, exclude: list[str]) -> dict:
+    data, ids, _, net, save, info, reals, cfg = plan_finetune(pairs, restorer, real, config, overrides, exclude)
     train, val = split(data, cfg.val_pairs)
     dev = resolve_device(device)
     lpips_net = _lpips(cfg, dev)
@@ -218,7 +219,7 @@ def _validation_rows(net, val: Pairs, ids, writer, lpips_net, dev) -> list[dict]
     for b, (image_id, lq_uri) in enumerate(ids):
         rgb = to_uint8(out[b])
         png = encode_png(rgb)
-        rows.append(ok_row(STAGE, InputItem(lq_uri, "-"), image_id, writer.write_image(content_id(png), png), png,
+        rows.append(ok_row(STAGE, InputItem(lq_uri, "-"), image_id, write_output(writer, png, image_id), png,
                            rgb, split="validation", **{k: float(v[b]) for k, v in scores.items() if v is not None}))
     return rows
 
@@ -228,7 +229,7 @@ def finetune_flow(pairs: str, restorer: str, out: str, real: str | None = None, 
                   iters: int | None = None, batch_size: int | None = None, micro_batch: int | None = None,
                   lr: float | None = None, val_pairs: int | None = None, validate_every: int | None = None,
                   checkpoint_every: int | None = None, precision: str | None = None, seed: int | None = None,
-                  device: str = "auto") -> str:
+                  device: str = "auto", exclude: tuple[str, ...] | list[str] = ()) -> str:
     """Fine-tune `restorer` on the pairs; returns the stage folder (restorer, log, validation manifest).
 
     ``config`` names a catalogs/finetune YAML (``auto``: the CodeFormer recipe for CodeFormer checkpoints,
@@ -236,17 +237,17 @@ def finetune_flow(pairs: str, restorer: str, out: str, real: str | None = None, 
     """
     overrides = dict(iters=iters, batch_size=batch_size, micro_batch=micro_batch, lr=lr, val_pairs=val_pairs,
                      validate_every=validate_every, checkpoint_every=checkpoint_every, precision=precision, seed=seed)
-    data, ids, skipped, _, _, info, reals, cfg = plan_finetune(pairs, restorer, real, config, overrides)
+    data, ids, skipped, _, _, info, reals, cfg = plan_finetune(pairs, restorer, real, config, overrides, exclude)
     dev = resolve_device(device)
     get_run_logger().info("finetune: %d pairs (%d error rows skipped), %s real faces, %s, %s", len(ids), skipped,
                           "no" if reals is None else len(reals), info["arch"], type(cfg).__name__)
-    real_items = list_inputs(real)[0] if reals is not None else []
+    real_items = list_inputs(real, exclude)[0] if reals is not None else []
     key = stable_hash([STAGE, type(cfg).__name__, asdict(cfg), manifest.read_index(pairs)["key"],
                        [(i.uri, i.version) for i in real_items], info.get("sha256") or info.get("name")], length=12)
     where = storage.join(storage.normalize(out), STAGE, key)
     result = finetune_task.with_options(result_storage=result_storage(where))(
         key=stable_hash([where, CODE_VERSION]), pairs=pairs, restorer=restorer, real=real, config=config,
-        overrides=overrides, out=where, device=str(dev))
+        overrides=overrides, out=where, device=str(dev), exclude=list(exclude))
     index_config = {"finetune": asdict(cfg), "recipe": type(cfg).__name__, "pairs": pairs, "real": real,
                     "skipped_pairs": skipped, **{k: v for k, v in result.items() if k != "shard"}}
     ManifestWriter(where).write_index(STAGE, key, index_config, [ShardInfo(**result["shard"])])

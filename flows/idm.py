@@ -22,7 +22,7 @@ from bfr_models.idm import (AcceptanceConfig, IDMConfig, IDMError, IDMTrainConfi
                             load_idm, train_idm)
 from bfr_models.idm.sampler import VARIANCES
 from flows.prior import images_at_resolution, load_training_images
-from flows.stage import annotate_index, run_stage
+from flows.stage import annotate_index, run_stage, skipped_record
 from tasks.clean import STAGE, cached_idm, clean_shard, set_calibration
 from tasks.pseudo_targets import DTYPES
 from tasks.runtime import ensure_gpu_limit, key_parameter, resolve_device, result_storage
@@ -47,12 +47,13 @@ def _pairs(targets: str, resolution: int, degrade_source: str) -> tuple[torch.Te
 @task(name="idm-train", cache_key_fn=key_parameter, persist_result=True,
       result_serializer="json")  # a checkable record, never a pickle (tasks.runtime.key_parameter)
 def idm_train_task(key: str, input: str, targets: str | None, model: dict, train: dict, resolution: int,
-                   degrade_source: str, init: str | None, round: int, out: str, device: str) -> str:
+                   degrade_source: str, init: str | None, round: int, out: str, device: str,
+                   exclude: list[str]) -> str:
     cfg, tcfg = IDMConfig(**model), IDMTrainConfig(**train)
     if targets:
         sources, target_images = _pairs(targets, resolution, degrade_source)
     else:
-        images, _ = load_training_images(input, resolution)
+        images, _ = load_training_images(input, resolution, exclude)
         sources, target_images = (images + 1) / 2, None
     init_model = load_idm(init, device) if init else None
     source = {"round": round, "resolution": resolution, "input": input, "targets": targets,
@@ -67,7 +68,8 @@ def idm_train_task(key: str, input: str, targets: str | None, model: dict, train
 
 
 def plan_idm_train(input: str, resolution: int, crop: int | None, channels, layers_per_block: int, attention,
-                   norm_groups: int, train: dict) -> tuple[IDMConfig, IDMTrainConfig, list]:
+                   norm_groups: int, train: dict, exclude: tuple[str, ...] | list[str] = ()
+                   ) -> tuple[IDMConfig, IDMTrainConfig, list]:
     """Validate before any work: the architecture, the training knobs and that there are images."""
     model = IDMConfig(crop=crop or resolution, channels=tuple(channels), layers_per_block=layers_per_block,
                       attention=tuple(attention), norm_groups=norm_groups)
@@ -76,7 +78,7 @@ def plan_idm_train(input: str, resolution: int, crop: int | None, channels, laye
     tcfg = IDMTrainConfig(**train)
     if not storage.exists(input):
         raise FileNotFoundError(f"input not found: {input}")
-    items, _ = list_inputs(input)
+    items, _ = list_inputs(input, exclude)
     if not items:
         raise IDMError(f"idm train: no images in {input}")
     return model, tcfg, items
@@ -89,13 +91,13 @@ def idm_train_flow(input: str, out: str, resolution: int = 512, crop: int | None
                    batch_size: int = 32, lr: float = 1e-4, warmup: int = 10_000, ema_decay: float = 0.9999,
                    loss_p: int = 1, preset: str = "idm", checkpoint_every: int = 5000, seed: int = 0,
                    targets: str | None = None, init: str | None = None, degrade_source: str = "original",
-                   round: int = 1, device: str = "auto") -> str:
+                   round: int = 1, device: str = "auto", exclude: tuple[str, ...] | list[str] = ()) -> str:
     """Train the conditional IDM restorer on the images of `input` (round 1) or on a clean manifest's pairs
     (`targets`, later rounds, initialised from `init`); returns the model folder's URI."""
     train = dict(iters=iters, batch_size=batch_size, lr=lr, warmup=warmup, ema_decay=ema_decay, loss_p=loss_p,
                  preset=preset, checkpoint_every=checkpoint_every, seed=seed)
     model, tcfg, items = plan_idm_train(input, resolution, crop, channels, layers_per_block, attention,
-                                        norm_groups, train)
+                                        norm_groups, train, exclude)
     dev = resolve_device(device)
     init_sha = load_idm(init).sha256 if init else None
     target_version = manifest.read_index(targets)["key"] if targets else None
@@ -105,7 +107,8 @@ def idm_train_flow(input: str, out: str, resolution: int = 512, crop: int | None
     get_run_logger().info("idm train round %d: %d images -> %s", round, len(items), where)
     return idm_train_task.with_options(result_storage=result_storage(where))(
         key=stable_hash([where, CODE_VERSION]), input=input, targets=targets, model=asdict(model), train=asdict(tcfg),
-        resolution=resolution, degrade_source=degrade_source, init=init, round=round, out=where, device=str(dev))
+        resolution=resolution, degrade_source=degrade_source, init=init, round=round, out=where, device=str(dev),
+        exclude=list(exclude))
 
 
 def _optional_scorer(card: str, wanted: bool | None, not_computed: list, metric: str) -> bool:
@@ -149,7 +152,8 @@ def clean_flow(input: str, out: str, model: str, rounds: int = 1, steps: int = 1
                lowpass_N: int | None = None, max_lpips: float | None = None, min_identity: float | None = None,
                musiq: bool | None = None, lpips: bool | None = None, identity: bool | None = None,
                fid: bool | None = None, seed: int = 0,
-               shard_size: int = 64, batch_size: int = 8, device: str = "auto", dtype: str = "fp32") -> str:
+               shard_size: int = 64, batch_size: int = 8, device: str = "auto", dtype: str = "fp32",
+               exclude: tuple[str, ...] | list[str] = ()) -> str:
     """Clean the images of `input` with an IDM model for `rounds` extrinsic rounds; returns the last manifest.
 
     `acceptance`: a thresholds YAML (default catalogs/acceptance/idm.yaml); the other acceptance
@@ -164,9 +168,9 @@ def clean_flow(input: str, out: str, model: str, rounds: int = 1, steps: int = 1
     use_lpips = _optional_scorer("lpips_vgg16_backbone", lpips, not_computed, "lpips")
     use_identity = _optional_scorer("facenet_vggface2", identity, not_computed, "identity_cos")
     use_fid = _optional_scorer("fid_inception_clean", fid, not_computed, "fid")
-    items, skipped = list_inputs(input)
+    items, skipped = list_inputs(input, exclude)
     logger = get_run_logger()
-    logger.info("clean: %d images (%d error rows skipped), %d round(s)", len(items), skipped, rounds)
+    logger.info("clean: %d inputs (%d skipped), %d round(s)", len(items), skipped, rounds)
     model_uri, history, uri = storage.normalize(model), [], None
     resolution = first.meta.get("source", {}).get("resolution", first.config.crop)
     calibration = _frozen_calibration(input, out, items, accept, use_musiq, use_identity, str(dev), batch_size)
@@ -193,7 +197,8 @@ def clean_flow(input: str, out: str, model: str, rounds: int = 1, steps: int = 1
                         "replaced": int(ok["replaced"].sum()) if len(ok) else 0, "errors": int(len(frame) - len(ok))})
         logger.info("clean round %d: %d of %d images replaced", r, history[-1]["replaced"], len(ok))
     set_metrics = _fid_cleaned_vs_original(uri, out, dev) if use_fid else {}
-    annotate_index(uri, rounds=history, not_computed=not_computed, set_metrics=set_metrics, source=input)
+    annotate_index(uri, rounds=history, not_computed=not_computed, set_metrics=set_metrics, source=input,
+                   **skipped_record(input, skipped, exclude))
     return uri
 
 

@@ -19,9 +19,10 @@ from tasks.shards import CODE_VERSION, InputItem, list_inputs, read_many, stable
 STAGE = "prior"
 
 
-def load_training_images(input: str, resolution: int) -> tuple[torch.Tensor, list[str]]:
+def load_training_images(input: str, resolution: int, exclude: tuple[str, ...] | list[str] = ()
+                         ) -> tuple[torch.Tensor, list[str]]:
     """Every decodable image of a manifest or folder at ``resolution`` in [-1, 1]; and the reasons for the rest."""
-    items, _ = list_inputs(input)
+    items, _ = list_inputs(input, exclude)
     return images_at_resolution(items, resolution)
 
 
@@ -36,10 +37,10 @@ def images_at_resolution(items: list[InputItem], resolution: int) -> tuple[torch
 
 @task(name="prior-train", cache_key_fn=key_parameter, persist_result=True,
       result_serializer="json")  # a checkable record, never a pickle (tasks.runtime.key_parameter)
-def train_task(key: str, input: str, config: dict, out: str, device: str) -> str:
+def train_task(key: str, input: str, config: dict, out: str, device: str, exclude: list[str]) -> str:
     """Train (resuming from the last checkpoint under ``out``) and return the prior's URI."""
     cfg = PriorTrainConfig(**{**config, "channels": tuple(config["channels"])})
-    images, _ = load_training_images(input, cfg.resolution)
+    images, _ = load_training_images(input, cfg.resolution, exclude)
     with tqdm(total=cfg.steps, desc="prior train", unit="step", dynamic_ncols=True) as bar:
         def on_step(step: int, loss: float) -> None:
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
@@ -57,19 +58,19 @@ def train_location(items, config: PriorTrainConfig, out: str) -> str:
 @flow(name="prior-train")
 def prior_train_flow(input: str, out: str, resolution: int = 64, steps: int = 2000, batch_size: int = 16,
                      lr: float = 2e-4, channels: tuple[int, ...] = (32, 64, 64), checkpoint_every: int = 500,
-                     seed: int = 0, device: str = "auto") -> str:
+                     seed: int = 0, device: str = "auto", exclude: tuple[str, ...] | list[str] = ()) -> str:
     """Train a small UNet2DModel prior on the images of `input`; returns the prior folder's URI."""
     config = PriorTrainConfig(resolution=resolution, steps=steps, batch_size=batch_size, lr=lr,
                               channels=tuple(channels), checkpoint_every=checkpoint_every, seed=seed)
     dev = resolve_device(device)
-    items, skipped = list_inputs(input)
+    items, skipped = list_inputs(input, exclude)
     if not items:
         raise ValueError(f"prior train: no images in {input}")
     where = train_location(items, config, out)
     get_run_logger().info("prior train: %d images (%d error rows skipped) -> %s", len(items), skipped, where)
     key = stable_hash([where, asdict(config), CODE_VERSION])
     return train_task.with_options(result_storage=result_storage(where))(
-        key=key, input=input, config=asdict(config), out=where, device=str(dev))
+        key=key, input=input, config=asdict(config), out=where, device=str(dev), exclude=list(exclude))
 
 
 def convert_adm(checkpoint: str, arch: str, out: str) -> str:

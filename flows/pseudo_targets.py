@@ -20,7 +20,7 @@ from bfr_models import manifest, models, storage
 from bfr_models.pseudo_targets import (RESIZE_MODES, Candidate, MethodParams, PseudoTargetError, choose, grid,
                                        lowfreq_psnr, method_params, to_resolution, validate,
                                        with_resolution)
-from flows.stage import run_stage
+from flows.stage import annotate_index, run_stage, skipped_record
 from tasks.rows import decode_items, same_size_batches
 from tasks.runtime import ensure_gpu_limit, key_parameter, resolve_device
 from tasks.pseudo_targets import (DTYPES, STAGE, cached_prior, cached_restorer, niqe_defined, pseudo_target_shard,
@@ -48,7 +48,7 @@ def parse_grid(text: str | None) -> dict[str, list[int]] | None:
 
 def plan_pseudo_targets(input: str, prior: str, method: str, params: dict, restorer: str | None, resize: str,
                         best_of: int, dtype: str, device: str, auto: bool, auto_grid: str | None,
-                        auto_metric: str):
+                        auto_metric: str, exclude: tuple[str, ...] | list[str] = ()):
     """Validate everything before any work. Returns (method params, prior, restorer, items, skipped)."""
     p = method_params(method, **params)
     if resize not in RESIZE_MODES:
@@ -73,7 +73,7 @@ def plan_pseudo_targets(input: str, prior: str, method: str, params: dict, resto
             models.model_path("musiq_koniq")  # ModelMissingError names the file and the pull command
         for cand in grid(method, p, parse_grid(auto_grid)):
             validate(cand, loaded.resolution)
-    items, skipped = list_inputs(input)
+    items, skipped = list_inputs(input, exclude)
     if resize == "refuse" and manifest.is_manifest(input):
         frame = manifest.read_manifest(input)
         ok = frame[frame["status"] == "ok"]
@@ -163,12 +163,12 @@ def pseudo_targets_flow(input: str, out: str, prior: str, method: str = "dr2", N
                         best_of: int = 1, fidelity_limit: float = 20.0, auto: bool = False,
                         auto_grid: str | None = None, auto_metric: str = "niqe", auto_sample: int = 8,
                         seed: int = 0, shard_size: int = 256, batch_size: int = 8, device: str = "auto",
-                        dtype: str = "fp32") -> str:
+                        dtype: str = "fp32", exclude: tuple[str, ...] | list[str] = ()) -> str:
     """Pseudo targets for every ok row of `input`; returns the manifest URI."""
     params = {"N": N, "tau": tau, "omega": omega, "K": K, "L": L, "n2": n2, "respace": respace,
               "variance_type": variance_type, "scale": scale, "t_start": t_start, "warmup": warmup}
     p, loaded, restore, items, skipped = plan_pseudo_targets(input, prior, method, params, restorer, resize, best_of,
-                                                             dtype, device, auto, auto_grid, auto_metric)
+                                                             dtype, device, auto, auto_grid, auto_metric, exclude)
     dev = resolve_device(device)
     ensure_gpu_limit(dev)
     logger = get_run_logger()
@@ -195,10 +195,12 @@ def pseudo_targets_flow(input: str, out: str, prior: str, method: str = "dr2", N
               "auto": search}
     row_auto = None if search is None else {"metric": search["metric"], "chosen": p.as_dict(), "reason": search["reason"],
                                             "candidates": len(search["grid"])}
-    return run_stage(pseudo_target_shard, STAGE, config, items, input, out, shard_size, params=asdict(p),
-                     prior_uri=prior, restorer=restorer, resize=resize, best_of=best_of,
-                     fidelity_limit=fidelity_limit, seed=seed, device=str(dev), dtype=dtype, batch_size=batch_size,
-                     auto=row_auto)
+    uri = run_stage(pseudo_target_shard, STAGE, config, items, input, out, shard_size, params=asdict(p),
+                    prior_uri=prior, restorer=restorer, resize=resize, best_of=best_of,
+                    fidelity_limit=fidelity_limit, seed=seed, device=str(dev), dtype=dtype, batch_size=batch_size,
+                    auto=row_auto)
+    annotate_index(uri, **skipped_record(input, skipped, exclude))
+    return uri
 
 
 def _auto_storage(out: str):

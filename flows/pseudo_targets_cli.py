@@ -53,7 +53,8 @@ def cmd_prior_train(args) -> None:
         raise FileNotFoundError(f"input not found: {args.input}")
     uri = prior_train_flow(input=args.input, out=args.out, resolution=args.resolution, steps=args.steps,
                            batch_size=args.batch_size, lr=args.lr, channels=channels,
-                           checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device)
+                           checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device,
+                           exclude=args.exclude)
     print(f"prior: {uri}  (inspect with: bfr-curate prior inspect {uri})")
 
 
@@ -63,7 +64,8 @@ def pseudo_target_options(args) -> dict:
                 respace=args.respace, variance_type=args.variance_type,
                 restorer=args.restorer, resize=args.resize, best_of=args.best_of,
                 fidelity_limit=args.fidelity_limit, auto=args.auto, auto_grid=args.auto_grid,
-                auto_metric=args.auto_metric, auto_sample=args.auto_sample, seed=args.seed, dtype=args.dtype)
+                auto_metric=args.auto_metric, auto_sample=args.auto_sample, seed=args.seed, dtype=args.dtype,
+                exclude=args.exclude)
 
 
 def cmd_pseudo_targets(args, run, print_result) -> None:
@@ -73,7 +75,7 @@ def cmd_pseudo_targets(args, run, print_result) -> None:
     params = {k: o[k] for k in ("N", "tau", "omega", "K", "L", "n2", "scale", "t_start", "warmup", "respace",
                                  "variance_type")}
     plan_pseudo_targets(o["input"], o["prior"], o["method"], params, o["restorer"], o["resize"], o["best_of"],
-                        o["dtype"], args.device, o["auto"], o["auto_grid"], o["auto_metric"])
+                        o["dtype"], args.device, o["auto"], o["auto_grid"], o["auto_metric"], o["exclude"])
     uri = run(pseudo_targets_flow, args, out=args.out, shard_size=args.shard_size, batch_size=args.batch_size,
               device=args.device, **o)
     print_result("pseudo-targets", uri)
@@ -82,6 +84,7 @@ def cmd_pseudo_targets(args, run, print_result) -> None:
 def add_prior_parsers(sub, add_common, run, print_result) -> None:
     from bfr_models.diffusion.schedule import VARIANCE_TYPES
     from bfr_models.pseudo_targets import DEFAULT_RESPACE, METHODS, RESIZE_MODES
+    from flows.cli import add_exclude
 
     p = sub.add_parser("prior", help="inspect, convert or train a diffusion prior", description=PRIOR_HELP)
     psub = p.add_subparsers(dest="prior_command", required=True, metavar="SUBCOMMAND")
@@ -113,6 +116,7 @@ def add_prior_parsers(sub, add_common, run, print_result) -> None:
     q.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
     q.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     q.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
+    add_exclude(q)
     q.set_defaults(func=cmd_prior_train)
 
     p = sub.add_parser(

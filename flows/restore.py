@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from bfr_models import storage
-from flows.stage import run_stage
+from flows.stage import annotate_index, run_stage, skipped_record
 from tasks.pseudo_targets import cached_restorer
 from tasks.restore import STAGE, restore_shard
 from tasks.runtime import ensure_gpu_limit, resolve_device
@@ -21,13 +21,15 @@ def plan_restore(input: str, restorer: str, device: str):
 
 @flow(name="restore")
 def restore_flow(input: str, out: str, restorer: str, shard_size: int = 256, batch_size: int = 8,
-                 device: str = "auto") -> str:
+                 device: str = "auto", exclude: tuple[str, ...] | list[str] = ()) -> str:
     """Restore every ok row of `input` with `restorer`; returns the manifest URI."""
     model = plan_restore(input, restorer, device)
     dev = resolve_device(device)
     ensure_gpu_limit(dev)
-    items, skipped = list_inputs(input)
-    get_run_logger().info("restore: %d images (%d error rows skipped) with %s", len(items), skipped, model)
+    items, skipped = list_inputs(input, exclude)
+    get_run_logger().info("restore: %d inputs (%d skipped) with %s", len(items), skipped, model)
     config = {"restorer": model.describe()}
-    return run_stage(restore_shard, STAGE, config, items, input, out, shard_size, restorer=restorer,
-                     device=str(dev), batch_size=batch_size)
+    uri = run_stage(restore_shard, STAGE, config, items, input, out, shard_size, restorer=restorer,
+                    device=str(dev), batch_size=batch_size)
+    annotate_index(uri, **skipped_record(input, skipped, exclude))
+    return uri

@@ -10,20 +10,22 @@ from prefect import flow, get_run_logger
 from bfr_models import manifest, models, storage
 from bfr_models.metrics.niqe import niqe_convention as niqe_convention_name
 from bfr_models.metrics.suite import FULL_REFERENCE, ScoreConfig, conventions, model_cards_needed, parse_metrics
-from flows.stage import annotate_index, run_stage
+from flows.stage import annotate_index, run_stage, skipped_record
 from tasks.rows import content_id
 from tasks.runtime import ensure_gpu_limit, resolve_device
 from tasks.score import STAGE, score_shard
-from tasks.shards import InputItem
+from tasks.shards import InputItem, list_inputs
 
 
-def input_rows(uri: str) -> list[dict]:
-    """Rows to score: a manifest's rows (errors included, they pass through) or a folder's images."""
+def input_rows(uri: str, exclude: tuple[str, ...] | list[str] = ()) -> tuple[list[dict], int]:
+    """Rows to score: a manifest's rows (errors included, they pass through) or a folder's files (a file
+    that is not an image becomes an error row); and how many files were skipped (dotfiles, ``exclude``)."""
     if manifest.is_manifest(uri):
-        return manifest.read_table(uri).to_pylist()
+        return manifest.read_table(uri).to_pylist(), 0
+    items, skipped = list_inputs(uri, exclude)
     # image_id here is provisional and sha256 unknown: the score task fills both in from the bytes it reads
-    return [{"image_id": content_id(f.uri.encode() + f.version.encode()), "uri": f.uri, "sha256": None,
-             "version": f.version, "stage": "input", "status": "ok"} for f in storage.list_images(uri)]
+    return [{"image_id": content_id(i.uri.encode(), i.name), "uri": i.uri, "sha256": None, "version": i.version,
+             "name": i.name, "duplicate_of": i.duplicate_of, "stage": "input", "status": "ok"} for i in items], skipped
 
 
 def _reference_lookup(reference: str | None):
@@ -74,8 +76,11 @@ class Lineage:
 
 def plan_score(input: str, metrics: str | list[str], reference: str | None, fid_ref: str | None,
                niqe_convention: str, crop_border: int, y_channel: bool, lpips_net: str, fid_convention: str,
-               skip_missing: bool, fid_allow_small: bool = False):
-    """Validate everything before any work; returns (config, items, skip list, not-computed records)."""
+               skip_missing: bool, fid_allow_small: bool = False, exclude: tuple[str, ...] | list[str] = (),
+               rows: list[dict] | None = None):
+    """Validate everything before any work; returns (config, items, skip list, not-computed records).
+
+    ``rows``: the input's rows when the caller has listed them already (:func:`input_rows`)."""
     config = ScoreConfig(parse_metrics(metrics), niqe_convention_name(niqe_convention), crop_border, y_channel,
                          lpips_net, fid_convention)
     not_computed = []
@@ -87,16 +92,17 @@ def plan_score(input: str, metrics: str | list[str], reference: str | None, fid_
                 raise
             not_computed.append(models.missing_record(metric, card, e))
     skip = [r["metric"] for r in not_computed]
-    rows = input_rows(input)
+    rows = input_rows(input, exclude)[0] if rows is None else rows
     lookup = _reference_lookup(reference)
     full_ref = [m for m in config.metrics if m in FULL_REFERENCE and m not in skip]
     items, ok = [], []
     for row in rows:
         ref = lookup(row) if full_ref and row["status"] == "ok" else None
         version = row.pop("version", None) or row.get("sha256") or "-"
+        name = row.pop("name", None)
         item = InputItem(uri=row.get("uri") or f"error:{row['image_id']}", version=version,
                          parent_id=row["image_id"], split=row.get("split"), row=json.dumps(row, default=str),
-                         reference=ref)
+                         reference=ref, name=name)
         items.append(item)
         if row["status"] == "ok":
             ok.append(item)
@@ -138,11 +144,12 @@ def score_flow(input: str, out: str, metrics: str = "niqe,psnr,ssim", reference:
                fid_ref: str | None = None, niqe_convention: str = "pyiqa", crop_border: int = 0,
                y_channel: bool = False, lpips_net: str = "vgg", fid_convention: str = "clean",
                skip_missing: bool = False, fid_allow_small: bool = False, shard_size: int = 256,
-               batch_size: int = 8, device: str = "auto") -> str:
+               batch_size: int = 8, device: str = "auto", exclude: tuple[str, ...] | list[str] = ()) -> str:
     """Score every row of `input`; returns the scored manifest URI (the input is never modified)."""
+    rows, skipped = input_rows(input, exclude)
     config, items, skip, not_computed = plan_score(input, metrics, reference, fid_ref, niqe_convention, crop_border,
                                                    y_channel, lpips_net, fid_convention, skip_missing,
-                                                   fid_allow_small)
+                                                   fid_allow_small, rows=rows)
     dev = resolve_device(device)
     ensure_gpu_limit(dev)
     logger = get_run_logger()
@@ -156,7 +163,7 @@ def score_flow(input: str, out: str, metrics: str = "niqe,psnr,ssim", reference:
     if "fid" in config.metrics and "fid" not in skip:
         set_metrics = _fid(uri, config, fid_ref, fid_allow_small, fid_cache, dev)
     annotate_index(uri, conventions=conventions(config), not_computed=not_computed, set_metrics=set_metrics,
-                    source=input)
+                   source=input, **skipped_record(input, skipped, exclude))
     return uri
 
 

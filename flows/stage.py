@@ -92,6 +92,14 @@ def run_stage(shard_task, stage: str, config: dict, items: list[InputItem], inpu
     return stage_uri
 
 
+def skipped_record(input_uri: str, skipped: int, exclude) -> dict:
+    """What a stage's index records about a folder input's files that got no row (dotfiles, ``exclude``
+    matches); beside the config, never part of the stage key."""
+    if manifest.is_manifest(input_uri):
+        return {}
+    return {"skipped_inputs": skipped, "exclude": list(exclude)}
+
+
 def annotate_index(uri: str, **info) -> None:
     """Add set-level results (FID, conventions, what was not computed, rounds) to a stage's index."""
     index = manifest.read_index(uri)

@@ -17,9 +17,9 @@ def cmd_finetune(args, run) -> None:
     knobs = dict(iters=args.iters, batch_size=args.batch_size, micro_batch=args.micro_batch, lr=args.lr,
                  val_pairs=args.val_pairs, validate_every=args.validate_every, checkpoint_every=args.checkpoint_every,
                  precision=args.precision, seed=args.seed)
-    plan_finetune(args.pairs, args.restorer, args.real, args.config, knobs)
+    plan_finetune(args.pairs, args.restorer, args.real, args.config, knobs, args.exclude)
     uri = run(finetune_flow, args, pairs=args.pairs, restorer=args.restorer, real=args.real, out=args.out,
-              config=args.config, device=args.device, **knobs)
+              config=args.config, device=args.device, exclude=args.exclude, **knobs)
     from bfr_models import manifest, storage
 
     index = manifest.read_index(uri)["config"]
@@ -37,7 +37,7 @@ def cmd_restore(args, run, print_result) -> None:
 
     plan_restore(args.input, args.restorer, args.device)
     uri = run(restore_flow, args, input=args.input, restorer=args.restorer, out=args.out, shard_size=args.shard_size,
-              batch_size=args.batch_size, device=args.device)
+              batch_size=args.batch_size, device=args.device, exclude=args.exclude)
     print_result("restore", uri)
 
 
@@ -55,9 +55,9 @@ def cmd_idm_train(args, run) -> None:
     o = _idm_train_options(args)
     train = {k: o[k] for k in ("iters", "batch_size", "lr", "warmup", "preset", "checkpoint_every", "seed")}
     plan_idm_train(args.input, o["resolution"], o["crop"], o["channels"], o["layers_per_block"], o["attention"],
-                   o["norm_groups"], train)
+                   o["norm_groups"], train, args.exclude)
     resolve_device(args.device)
-    uri = run(idm_train_flow, args, input=args.input, out=args.out, device=args.device, **o)
+    uri = run(idm_train_flow, args, input=args.input, out=args.out, device=args.device, exclude=args.exclude, **o)
     print(f"idm model: {uri}  (clean with: bfr-curate clean --input {args.input} --model {uri} --out {args.out})")
 
 
@@ -74,7 +74,7 @@ def cmd_clean(args, run, print_result) -> None:
               variance=args.variance, passes=args.passes, degrade_source=args.degrade_source,
               round_iters=args.round_iters, round_batch_size=args.round_batch_size, seed=args.seed,
               shard_size=args.shard_size, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-              acceptance=args.acceptance, **acceptance)
+              acceptance=args.acceptance, exclude=args.exclude, **acceptance)
     print_result("clean", uri)
     from bfr_models import manifest
 
@@ -91,6 +91,7 @@ def cmd_schedule(args) -> None:
 
 def add_training_parsers(sub, add_common, run, print_result) -> None:
     from bfr_models.idm.sampler import VARIANCES
+    from flows.cli import add_exclude
     from flows.idm import DEGRADE_SOURCES
 
     p = sub.add_parser("finetune", help="fine-tune a restorer on pseudo-target pairs (L1 + LPIPS + GAN)",
@@ -122,6 +123,7 @@ def add_training_parsers(sub, add_common, run, print_result) -> None:
                    help="auto: bf16 autocast on a GPU, fp32 on the CPU")
     p.add_argument("--seed", type=int, default=None, help="training seed (default 0)")
     p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
+    add_exclude(p)
     p.set_defaults(func=lambda args: cmd_finetune(args, run))
 
     p = sub.add_parser("restore", help="run a restorer over a manifest or folder, batched",
@@ -157,6 +159,7 @@ def add_training_parsers(sub, add_common, run, print_result) -> None:
     q.add_argument("--checkpoint-every", type=int, default=5000, help="checkpoint interval (default 5000)")
     q.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     q.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
+    add_exclude(q)
     q.set_defaults(func=lambda args: cmd_idm_train(args, run))
 
     p = sub.add_parser("clean", help="clean an HQ dataset the way IDM does, judging every cleaned image",

@@ -23,7 +23,7 @@ from bfr_models.imageio import encode_png
 from bfr_models.manifest import ManifestWriter
 from bfr_models.metrics.niqe import niqe
 from tasks.pseudo_targets import DTYPES, niqe_defined
-from tasks.rows import content_id, decode_items, ok_row, same_size_batches, to_uint8
+from tasks.rows import decode_items, ok_row, same_size_batches, to_uint8, write_output
 from tasks.runtime import device_slot, resolve_device, shard_cache_key
 from tasks.shards import ShardSpec, derived_seed, read_many
 
@@ -113,7 +113,7 @@ def clean_shard(spec: ShardSpec, stage_uri: str, model_uri: str, round: int, ste
         for (item, parent_id, rgb, _), out, rec, s in zip(batch, x_star, records, seeds):
             rgb_star = to_uint8(out)
             candidate = encode_png(rgb_star)
-            candidate_uri = writer.write_image(content_id(candidate), candidate)
+            candidate_uri = write_output(writer, candidate, parent_id)
             fields = dict(split=item.split, seed=s, params=common, round=round, replaced=rec.pop("accepted"),
                           reasons=rec.pop("reasons"), candidate_uri=candidate_uri, source_uri=item.uri,
                           source_sha256=storage.sha256_hex(fetched[item.uri]), **rec)

@@ -11,7 +11,7 @@ from prefect import task
 from bfr_models.degradations import load_preset
 from bfr_models.imageio import encode_png
 from bfr_models.manifest import ManifestWriter
-from tasks.rows import content_id, decode_items, error_row, ok_row, same_size_batches, to_uint8
+from tasks.rows import decode_items, error_row, ok_row, same_size_batches, to_uint8, write_output
 from tasks.runtime import device_slot, resolve_device, shard_cache_key
 from tasks.shards import ShardSpec, derived_seed, read_many
 
@@ -45,11 +45,11 @@ def degrade_shard(spec: ShardSpec, preset: str, split: str | None, scale: float 
         except Exception as e:  # a bad batch becomes error rows, the run goes on
             rows += [error_row(STAGE, item, f"degradation failed: {e}") for item, _, _, _ in batch]
             continue
-        for (item, parent_id, _, mode), p, s, out in zip(batch, params, seeds, outs):
+        for (item, parent_id, _, source), p, s, out in zip(batch, params, seeds, outs):
             rgb = to_uint8(out)
             png = encode_png(rgb)
-            uri = writer.write_image(content_id(png), png)
+            uri = write_output(writer, png, parent_id)
             case = f"/case{p['case']}" if "case" in p else ""  # presets with cases: one group per case
-            rows.append(ok_row(STAGE, item, parent_id, uri, png, rgb, params={**p, "source_mode": mode},
+            rows.append(ok_row(STAGE, item, parent_id, uri, png, rgb, params={**p, **source},
                                seed=s, split=label + case))
     return asdict(writer.write_shard(spec.key, rows))

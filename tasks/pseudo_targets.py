@@ -14,7 +14,7 @@ from bfr_models.imageio import encode_png
 from bfr_models.manifest import ManifestWriter
 from bfr_models.metrics.niqe import BLOCK, niqe
 from bfr_models.pseudo_targets import MethodParams, PseudoTargetError, difbfsr_config, generate
-from tasks.rows import content_id, decode_items, error_row, ok_row, same_size_batches, to_uint8
+from tasks.rows import decode_items, error_row, ok_row, same_size_batches, to_uint8, write_output
 from tasks.runtime import device_slot, resolve_device, shard_cache_key
 from tasks.shards import ShardSpec, derived_seed, read_many
 
@@ -74,15 +74,15 @@ def pseudo_target_shard(spec: ShardSpec, stage_uri: str, params: dict, prior_uri
         except PseudoTargetError as e:  # e.g. a size the user refused to resize: a row per image says so
             rows += [error_row(STAGE, item, f"pseudo-targets: {e}") for item, _, _, _ in batch]
             continue
-        for (item, parent_id, _, mode), out, rec in zip(batch, result.images, result.records):
+        for (item, parent_id, _, source), out, rec in zip(batch, result.images, result.records):
             finite, error = rec.pop("finite"), rec.pop("error")
             if error or not finite:  # this image failed, the batch goes on
                 rows.append(error_row(STAGE, item, f"pseudo-targets: {error or 'the sampler produced non-finite values'}"))
                 continue
             rgb = to_uint8(out)
             png = encode_png(rgb)
-            uri = writer.write_image(content_id(png), png)
+            uri = write_output(writer, png, parent_id)
             lf, nz = rec.pop("lf_psnr"), rec.pop("noise_sigma")
             rows.append(ok_row(STAGE, item, parent_id, uri, png, rgb, seed=rec["seed"], split=item.split,
-                               params={**common, **rec, "source_mode": mode}, lf_psnr=lf, noise_sigma=nz))
+                               params={**common, **rec, **source}, lf_psnr=lf, noise_sigma=nz))
     return asdict(writer.write_shard(spec.key, rows))

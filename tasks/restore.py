@@ -11,7 +11,7 @@ from prefect import task
 from bfr_models.imageio import encode_png
 from bfr_models.manifest import ManifestWriter
 from tasks.pseudo_targets import cached_restorer
-from tasks.rows import content_id, decode_items, ok_row, same_size_batches, to_uint8
+from tasks.rows import decode_items, ok_row, same_size_batches, to_uint8, write_output
 from tasks.runtime import device_slot, resolve_device, shard_cache_key
 from tasks.shards import ShardSpec, read_many
 
@@ -29,9 +29,9 @@ def restore_shard(spec: ShardSpec, stage_uri: str, restorer: str, device: str, b
         images = torch.from_numpy(np.stack([rgb for _, _, rgb, _ in batch])).permute(0, 3, 1, 2).float() / 255.0
         with device_slot(dev):
             restored = model(images.to(dev)).cpu()
-        for (item, parent_id, _, mode), out in zip(batch, restored):
+        for (item, parent_id, _, source), out in zip(batch, restored):
             rgb = to_uint8(out)
             png = encode_png(rgb)
-            rows.append(ok_row(STAGE, item, parent_id, writer.write_image(content_id(png), png), png, rgb,
-                               split=item.split, params={**params, "source_mode": mode}))
+            rows.append(ok_row(STAGE, item, parent_id, write_output(writer, png, parent_id), png, rgb,
+                               split=item.split, params={**params, **source}))
     return asdict(writer.write_shard(spec.key, rows))

@@ -9,22 +9,38 @@ import numpy as np
 import torch
 
 from bfr_models import storage
-from bfr_models.imageio import ImageError, decode_rgb
+from bfr_models.imageio import ImageError, decode_source
 from tasks.shards import InputItem
 
 
-def content_id(data: bytes) -> str:
-    """Stable image_id: derived from the bytes, never from a counter."""
-    return storage.sha256_hex(data)[:20]
+def content_id(data: bytes, source: str) -> str:
+    """Stable image_id: derived from the bytes and where they come from, never from a counter.
+
+    ``source`` is the file's name relative to its input folder (for a folder's files) or the parent
+    row's image_id (for an image a stage made): two byte-identical inputs, or identical outputs of two
+    parents, get distinct ids (and distinct image files, which are named by the id).
+    """
+    return digest_id(storage.sha256_hex(data), source)
 
 
-def error_row(stage: str, item: InputItem, reason: str, sha256: str | None = None) -> dict:
+def digest_id(sha256: str, source: str) -> str:
+    """content_id from the content's sha256 (hex)."""
+    return storage.sha256_hex(f"{sha256}:{source}".encode())[:20]
+
+
+def source_of(item: InputItem) -> str:
+    """What an item's ids derive from besides content: its parent row, else its name in the input folder."""
+    return item.parent_id or item.name or item.uri
+
+
+def error_row(stage: str, item: InputItem, reason: str, data: bytes | None = None) -> dict:
     return {
-        "image_id": (sha256 or storage.sha256_hex(item.uri.encode()))[:20],
+        "image_id": content_id(item.uri.encode() if data is None else data, source_of(item)),
         "uri": None,
         "sha256": None,
         "parent_id": item.parent_id,
         "parent_uri": item.uri,
+        "duplicate_of": item.duplicate_of,
         "stage": stage,
         "split": item.split,
         "status": "error",
@@ -32,16 +48,22 @@ def error_row(stage: str, item: InputItem, reason: str, sha256: str | None = Non
     }
 
 
+def write_output(writer, png: bytes, parent_id: str) -> str:
+    """Write a stage's output image under its row's image_id; returns its URI."""
+    return writer.write_image(content_id(png, parent_id), png)
+
+
 def ok_row(stage: str, item: InputItem, parent_id: str, uri: str, png: bytes, rgb: np.ndarray, **fields) -> dict:
     params = fields.pop("params", None)
     return {
-        "image_id": content_id(png),
+        "image_id": content_id(png, parent_id),
         "uri": uri,
         "sha256": storage.sha256_hex(png),
         "width": int(rgb.shape[1]),
         "height": int(rgb.shape[0]),
         "parent_id": parent_id,
         "parent_uri": item.uri,
+        "duplicate_of": item.duplicate_of,
         "stage": stage,
         "status": "ok",
         "params": json.dumps(params, sort_keys=True) if params is not None else None,
@@ -49,8 +71,11 @@ def ok_row(stage: str, item: InputItem, parent_id: str, uri: str, png: bytes, rg
     }
 
 
-def decode_items(stage: str, items, fetched: dict) -> tuple[list[tuple[InputItem, str, np.ndarray, str]], list[dict]]:
-    """Decode fetched bytes; returns (item, parent_id, rgb, source_mode) for good ones and error rows."""
+def decode_items(stage: str, items, fetched: dict) -> tuple[list[tuple[InputItem, str, np.ndarray, dict]], list[dict]]:
+    """Decode fetched bytes; returns (item, parent_id, rgb, source params) for good ones and error rows.
+
+    A folder's file has no parent row: its parent_id is its own id, content_id(bytes, name).
+    """
     good, errors = [], []
     for item in items:
         data = fetched[item.uri]
@@ -58,11 +83,11 @@ def decode_items(stage: str, items, fetched: dict) -> tuple[list[tuple[InputItem
             errors.append(error_row(stage, item, f"cannot read: {type(data).__name__}: {data}"))
             continue
         try:
-            rgb, mode = decode_rgb(data)
+            rgb, source = decode_source(data, item.name or item.uri)
         except ImageError as e:
-            errors.append(error_row(stage, item, str(e), storage.sha256_hex(data)))
+            errors.append(error_row(stage, item, str(e), data))
             continue
-        good.append((item, item.parent_id or content_id(data), rgb, mode))
+        good.append((item, item.parent_id or content_id(data, source_of(item)), rgb, source))
     return good, errors
 
 

@@ -12,7 +12,7 @@ import torch
 from prefect import task
 
 from bfr_models import storage
-from bfr_models.imageio import ImageError, decode_rgb
+from bfr_models.imageio import ImageError, decode_source
 from bfr_models.manifest import ManifestWriter
 from bfr_models.metrics.suite import MetricSuite, ScoreConfig
 from tasks.rows import content_id
@@ -27,10 +27,10 @@ def _suite(config: ScoreConfig, device: str, skip: tuple[str, ...]) -> MetricSui
     return MetricSuite(config, torch.device(device), skip)
 
 
-def _decode(data) -> np.ndarray:
+def _decode(data, name: str) -> np.ndarray:
     if isinstance(data, Exception):
         raise ImageError(f"cannot read: {type(data).__name__}: {data}")
-    return decode_rgb(data)[0]
+    return decode_source(data, name)[0]
 
 
 def _tensor(rgbs: list[np.ndarray]) -> torch.Tensor:
@@ -51,14 +51,14 @@ def score_shard(spec: ShardSpec, stage_uri: str, score_config: dict, skip: list[
     for k, item in todo:
         data = fetched[item.uri]
         if rows[k]["sha256"] is None and isinstance(data, bytes):  # a folder input: identify it by content now
-            rows[k].update(sha256=storage.sha256_hex(data), image_id=content_id(data))
+            rows[k].update(sha256=storage.sha256_hex(data), image_id=content_id(data, item.name))
         try:
-            img = _decode(data)
+            img = _decode(data, item.name or item.uri)
             ref = None
             if suite.needs_reference:
                 if not item.reference:
                     raise ImageError("no reference image for this row")
-                ref = _decode(fetched[item.reference])
+                ref = _decode(fetched[item.reference], item.reference)
                 if ref.shape != img.shape:
                     raise ImageError(f"size {img.shape[1]}x{img.shape[0]} differs from its reference "
                                      f"{ref.shape[1]}x{ref.shape[0]} ({item.reference})")

@@ -36,6 +36,8 @@ class InputItem:
     split: str | None = None
     row: str | None = None  # the whole manifest row as JSON, for stages that annotate rows (score)
     reference: str | None = None  # URI of the image it is compared with (full-reference metrics)
+    name: str | None = None  # a folder's file: its name relative to the folder (its id derives from it)
+    duplicate_of: str | None = None  # a folder's file byte-identical to an earlier one: that one's id
 
 
 @dataclass(frozen=True)
@@ -45,9 +47,13 @@ class ShardSpec:
     items: tuple[InputItem, ...]
 
 
-def list_inputs(uri: str) -> tuple[list[InputItem], int]:
-    """Items of a manifest (its ok rows) or of a folder of images; also how many rows were skipped."""
+def list_inputs(uri: str, exclude: tuple[str, ...] | list[str] = ()) -> tuple[list[InputItem], int]:
+    """Items of a manifest (its ok rows) or of a folder (every file: what is not an image becomes an
+    error row); also how many were skipped (a manifest's error rows; a folder's dotfiles and ``exclude``
+    matches)."""
     if manifest.is_manifest(uri):
+        if exclude:
+            raise ValueError(f"--exclude applies to folder inputs; {uri} is a manifest")
         df = manifest.read_manifest(uri)
         ok = df[df["status"] == "ok"]
         items = [
@@ -55,8 +61,40 @@ def list_inputs(uri: str) -> tuple[list[InputItem], int]:
             for r in ok.itertuples(index=False)
         ]
         return sorted(items, key=lambda i: (i.uri, i.parent_id or "")), len(df) - len(ok)
-    files = storage.list_images(uri)
-    return [InputItem(uri=f.uri, version=f.version) for f in files], 0
+    files, skipped = storage.list_files(uri, exclude)
+    first = _duplicates(files)
+    items = []
+    for f in files:
+        dup = first.get(f.uri)  # in the version too, so a shard's cache key sees it
+        items.append(InputItem(uri=f.uri, version=f.version if dup is None else f"{f.version} duplicate_of:{dup}",
+                               name=f.name, duplicate_of=dup))
+    return items, skipped
+
+
+def _duplicates(files: list[storage.ListedFile], batch: int = 64) -> dict[str, str]:
+    """URI -> image_id of the first (by URI) byte-identical file, for every later copy.
+
+    Only files that share their size with another are read (and hashed) here, a batch at a time.
+    """
+    from tasks.rows import digest_id
+
+    by_size: dict[int, list[storage.ListedFile]] = {}
+    for f in files:
+        by_size.setdefault(f.size, []).append(f)
+    candidates = [f for group in by_size.values() if len(group) > 1 for f in group]
+    digests = {}
+    for start in range(0, len(candidates), batch):
+        chunk = read_many([f.uri for f in candidates[start : start + batch]])
+        digests.update({u: storage.sha256_hex(d) for u, d in chunk.items() if isinstance(d, bytes)})
+    first: dict[str, str] = {}  # sha256 -> id of its first file
+    out = {}
+    for f in sorted(candidates, key=lambda f: f.uri):
+        if f.uri in digests:
+            if digests[f.uri] in first:
+                out[f.uri] = first[digests[f.uri]]
+            else:
+                first[digests[f.uri]] = digest_id(digests[f.uri], f.name)
+    return out
 
 
 def make_shards(stage: str, config: dict, items: list[InputItem], shard_size: int) -> list[ShardSpec]:

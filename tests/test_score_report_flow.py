@@ -51,8 +51,8 @@ def degraded_manifest(tmp_path):
         hq_uri = w.write_image(f"hq{i}", _png(hq))
         lq = np.asarray(Image.fromarray(hq).filter(ImageFilter.GaussianBlur(1 + i)))
         data = _png(lq)
-        uri = w.write_image(content_id(data), data)
-        rows.append({"image_id": content_id(data), "uri": uri, "sha256": storage.sha256_hex(data), "width": 192,
+        uri = w.write_image(content_id(data, f"hq{i}"), data)
+        rows.append({"image_id": content_id(data, f"hq{i}"), "uri": uri, "sha256": storage.sha256_hex(data), "width": 192,
                      "height": 192, "parent_id": f"hq{i}", "parent_uri": hq_uri, "stage": "degrade",
                      "split": "mild" if i < 3 else "severe", "status": "ok"})
     rows.append({"image_id": "bad", "parent_uri": "/nowhere.png", "stage": "degrade", "status": "error",
@@ -139,7 +139,7 @@ def test_bad_score_arguments_fail_before_work(weights, degraded_manifest, tmp_pa
     assert skip == ["fid"] and not_computed[0]["needs"] == "inception-2015-12-05.pt"
 
 
-def test_scoring_a_folder_identifies_images_by_content(tmp_path):
+def test_scoring_a_folder_identifies_images_by_content_and_name(tmp_path):
     folder = tmp_path / "plain"
     folder.mkdir()
     files = {}
@@ -151,4 +151,4 @@ def test_scoring_a_folder_identifies_images_by_content(tmp_path):
     df = manifest.read_manifest(uri)
     assert len(df) == 2 and (df["status"] == "ok").all() and df["niqe"].notna().all()
     for row in df.itertuples():
-        assert row.sha256 == storage.sha256_hex(files[row.uri]) and row.image_id == content_id(files[row.uri])
+        assert row.sha256 == storage.sha256_hex(files[row.uri]) and row.image_id == content_id(files[row.uri], row.uri.rsplit("/", 1)[1])
