@@ -290,3 +290,19 @@ def test_quantize_gray_and_color_shift():
     assert cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)[0, 0] == pytest.approx(ops.to_grayscale(rgb)[0, 0, 0, 0].item())
     shifted = ops.shift_colors(rgb, [[0.1, -0.7, 0.2]])
     assert shifted.flatten().tolist() == pytest.approx([0.3, 0.0, 1.0])
+
+
+def test_bicubic_matlab_resize_is_matlab_imresize_borders_included():
+    """DifBFSR's protocol resize (spec: bicubic_matlab_antialias) is MATLAB's imresize at the borders too,
+    where torch/PIL's antialiased bicubic renormalises the truncated kernel instead of mirroring."""
+    from basicsr.utils.matlab_functions import imresize
+
+    from bfr_models.degradations import load_preset
+
+    x = torch.from_numpy(face_like(3, 64)).permute(2, 0, 1)[None].double() / 255.0
+    ours = ops.resize(x, (16, 16), "bicubic_matlab")[0]
+    reference = imresize(x[0], 0.25, antialiasing=True)
+    torch.testing.assert_close(ours, reference.to(ours.dtype), atol=1e-6, rtol=0)
+    torchs = ops.resize(x, (16, 16), "bicubic")[0]
+    assert (torchs - reference).abs()[:, 0].max() > 1e-3  # the border is where the two conventions part
+    assert load_preset("difbfsr-gaussian8").config["downsample"]["mode"] == "bicubic_matlab"

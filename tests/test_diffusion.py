@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from bfr_models.diffusion.difbfsr import DifBFSRConfig, difbfsr_sample
-from bfr_models.diffusion.lowpass import lowpass, matlab_resize
+from bfr_models.diffusion.lowpass import lowpass
+from bfr_models.resize import matlab_resize
 from bfr_models.diffusion.samplers import dr2_sample, lowfreq_sample, polish_sample
 from bfr_models.diffusion.schedule import DDPMSchedule, respace, space_timesteps
 

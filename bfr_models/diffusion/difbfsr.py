@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from bfr_models.diffusion.lowpass import matlab_resize
+from bfr_models.resize import matlab_resize
 from bfr_models.diffusion.schedule import DDPMSchedule, respace
 
 SUPPORTED_SCALES = (4,)  # the SRM upsamples by bicubic feature interpolation; x4 is the paper's setting
