@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from contextlib import contextmanager
 
 EPILOG = "Outputs go to <out>/<stage>/<key>/ (index.json, shards/*.parquet, images/). Any fsspec URL works."
 
@@ -15,18 +16,28 @@ class UserError(Exception):
     """A bad argument, config or missing file: printed as one line, exit code 2."""
 
 
+@contextmanager
 def _executor(args):
-    """The task runner the user asked for: threads (default) or a Dask cluster."""
+    """The task runner the user asked for: threads (default) or a Dask cluster.
+
+    ``--dask local`` starts one LocalCluster here, so every flow of the command (a recipe's stages are
+    subflows, each given a copy of this runner) submits to the same cluster instead of starting its own.
+    """
     from prefect.task_runners import ThreadPoolTaskRunner
 
     workers, dask = getattr(args, "workers", 1), getattr(args, "dask", None)  # single-task commands have neither
     if dask is None:
-        return ThreadPoolTaskRunner(max_workers=workers)
+        yield ThreadPoolTaskRunner(max_workers=workers)
+        return
     from prefect_dask import DaskTaskRunner
 
-    if dask == "local":
-        return DaskTaskRunner(cluster_kwargs=local_cluster_kwargs(workers))
-    return DaskTaskRunner(address=dask)
+    if dask != "local":
+        yield DaskTaskRunner(address=dask)
+        return
+    from distributed import LocalCluster
+
+    with LocalCluster(**local_cluster_kwargs(workers)) as cluster:
+        yield DaskTaskRunner(address=cluster.scheduler_address)
 
 
 def local_cluster_kwargs(workers: int) -> dict:
@@ -35,7 +46,8 @@ def local_cluster_kwargs(workers: int) -> dict:
 
 
 def _run(flow_fn, args, **params):
-    return flow_fn.with_options(task_runner=_executor(args))(**params)
+    with _executor(args) as runner:
+        return flow_fn.with_options(task_runner=runner)(**params)
 
 
 def _check_input(uri: str) -> None:

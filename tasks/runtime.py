@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -13,6 +15,24 @@ from prefect.filesystems import RemoteFileSystem
 from bfr_models import storage
 
 GPU_LIMIT_PREFIX = "bfr-curate-gpu"
+_LOADING = threading.RLock()  # reentrant: a loader may call another loader
+
+
+def load_once(maxsize: int):
+    """``lru_cache`` for model loads, behind one lock: shard tasks run in threads, and threads that miss the
+    cache together would each load their own copy (several copies of a large prior on one GPU)."""
+
+    def wrap(fn):
+        cached = functools.lru_cache(maxsize=maxsize)(fn)
+
+        @functools.wraps(fn)
+        def guarded(*args, **kwargs):
+            with _LOADING:
+                return cached(*args, **kwargs)
+
+        return guarded
+
+    return wrap
 
 
 def shard_cache_key(context, parameters) -> str:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import threading
 from dataclasses import asdict
-from functools import lru_cache
 from itertools import groupby
 
 import numpy as np
@@ -17,31 +15,20 @@ from bfr_models.imageio import ImageError, decode_rgb
 from bfr_models.manifest import ManifestWriter
 from bfr_models.metrics.suite import MetricSuite, ScoreConfig
 from tasks.rows import content_id
-from tasks.runtime import device_slot, resolve_device, shard_cache_key
+from tasks.runtime import device_slot, load_once, resolve_device, shard_cache_key
 from tasks.shards import ShardSpec, read_many
 
 STAGE = "score"
-_LOADING = threading.Lock()  # shard tasks run in threads: each model is loaded once, not once per thread
 
 
+@load_once(maxsize=2)
 def _suite(config: ScoreConfig, device: str, skip: tuple[str, ...]) -> MetricSuite:
-    with _LOADING:
-        return _cached_suite(config, device, skip)
-
-
-@lru_cache(maxsize=2)
-def _cached_suite(config: ScoreConfig, device: str, skip: tuple[str, ...]) -> MetricSuite:
     return MetricSuite(config, torch.device(device), skip)
 
 
+@load_once(maxsize=2)
 def extractor(convention: str, device: str):
     """The FID Inception of a convention, loaded once per process (the flow's FID step uses it too)."""
-    with _LOADING:
-        return _cached_extractor(convention, device)
-
-
-@lru_cache(maxsize=2)
-def _cached_extractor(convention: str, device: str):
     from bfr_models.metrics.fid import InceptionFeatures
 
     return InceptionFeatures(convention=convention, device=device)
