@@ -28,6 +28,7 @@ from pathlib import Path
 
 from prefect import flow
 from prefect.context import FlowRunContext
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from bfr_models import storage
 from flows.degrade import degrade_flow
@@ -112,7 +113,8 @@ def load_recipe(path: str) -> dict:
     return recipe
 
 
-@flow(name="recipe")
+# bounded by default too: a served (scheduled) recipe has no --workers, and every stage inherits this runner
+@flow(name="recipe", task_runner=ThreadPoolTaskRunner(max_workers=2))
 def recipe_flow(recipe: dict, out: str, device: str = "auto") -> dict[str, str]:
     """Run a validated recipe; returns each stage's output URI (and the report's path).
 

@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 
 import numpy as np
 import pandas as pd
@@ -166,6 +167,14 @@ def test_fid_features_are_read_once_per_shard_and_the_index_written_once(weights
     assert index["config"]["set_metrics"]["fid_n"] == 5
     assert index["config"]["set_metrics"]["fid"] == pytest.approx(0.0, abs=1e-3)  # same set as the reference
     assert [w for w in index_writes if w.endswith("/index.json")] == [f"{uri}/index.json"]  # written once
+    # a feature file removed since its shard ran is extracted again from the shard's images
+    lost = f"{uri}/fid/{index['shards'][0]['name']}.npz"
+    os.remove(lost)
+    again = score_flow(input=degraded_manifest, out=str(tmp_path / "out"), metrics="fid", fid_ref=degraded_manifest,
+                       fid_convention="legacy_pytorch", fid_allow_small=True, device="cpu", shard_size=2)
+    assert os.path.exists(lost)
+    assert manifest.read_index(again)["config"]["set_metrics"]["fid"] == pytest.approx(
+        index["config"]["set_metrics"]["fid"], abs=1e-3)
 
 
 def test_an_image_too_small_for_niqe_keeps_its_other_metrics(tmp_path):
