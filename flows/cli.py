@@ -9,6 +9,7 @@ import os
 import sys
 import traceback
 import warnings
+from contextlib import contextmanager
 
 EPILOG = "Outputs go to <out>/<stage>/<key>/ (index.json, shards/*.parquet, images/). Any fsspec URL works."
 
@@ -20,18 +21,28 @@ class UserError(Exception):
     """A bad argument, config or missing file: printed as one line, exit code 2."""
 
 
+@contextmanager
 def _executor(args):
-    """The task runner the user asked for: threads (default) or a Dask cluster."""
+    """The task runner the user asked for: threads (default) or a Dask cluster.
+
+    ``--dask local`` starts one LocalCluster here, so every flow of the command (a recipe's stages are
+    subflows, each given a copy of this runner) submits to the same cluster instead of starting its own.
+    """
     from prefect.task_runners import ThreadPoolTaskRunner
 
     workers, dask = getattr(args, "workers", 1), getattr(args, "dask", None)  # single-task commands have neither
     if dask is None:
-        return ThreadPoolTaskRunner(max_workers=workers)
+        yield ThreadPoolTaskRunner(max_workers=workers)
+        return
     from prefect_dask import DaskTaskRunner
 
-    if dask == "local":
-        return DaskTaskRunner(cluster_kwargs=local_cluster_kwargs(workers))
-    return DaskTaskRunner(address=dask)
+    if dask != "local":
+        yield DaskTaskRunner(address=dask)
+        return
+    from distributed import LocalCluster
+
+    with LocalCluster(**local_cluster_kwargs(workers)) as cluster:
+        yield DaskTaskRunner(address=cluster.scheduler_address)
 
 
 def local_cluster_kwargs(workers: int) -> dict:
@@ -40,7 +51,8 @@ def local_cluster_kwargs(workers: int) -> dict:
 
 
 def _run(flow_fn, args, **params):
-    return flow_fn.with_options(task_runner=_executor(args))(**params)
+    with _executor(args) as runner:
+        return flow_fn.with_options(task_runner=runner)(**params)
 
 
 def _check_input(uri: str) -> None:
@@ -177,6 +189,22 @@ def cmd_manifest_show(args):
         print(f"verified: {'every shard (size, sha256, rows) and ' if index else ''}every ok row's image (sha256)")
 
 
+def cmd_gc(args):
+    from flows.gc import delete, plan_gc
+
+    _check_input(args.out)
+    plans = plan_gc(args.out, min_age_s=args.min_age * 60)
+    for plan in plans:
+        print(f"{plan.folder}: {plan.skipped or plan.summary()}")
+    files = sum(len(p.remove) for p in plans)
+    size = sum(b for p in plans for _, _, b in p.remove) / 1e6
+    if args.delete:
+        delete(args.out, plans)
+        print(f"removed {files} files ({size:.1f} MB)")
+    else:
+        print(f"would remove {files} files ({size:.1f} MB); pass --delete to remove them")
+
+
 def _add_common(p, shard_size: int, batch_size: int):
     p.add_argument("--out", required=True, help="output root: a folder or fsspec URL (s3://bucket/run)")
     p.add_argument("--device", default="auto", help="cuda, cuda:1, mps, cpu or auto (default: auto)")
@@ -288,6 +316,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_models_parser(sub)
     add_prior_parsers(sub, _add_common, _run, _print_result)
     add_training_parsers(sub, _add_common, _run, _print_result)
+
+    p = sub.add_parser("gc", help="remove old shards, images and results no current index references",
+                       description="In each stage folder <out>/<stage>/<key>/ with an index.json, finds shard files, "
+                                   "images, FID feature files and Prefect shard results that no current index "
+                                   "references (left by earlier code or config versions). Dry run unless --delete. "
+                                   "Never touches anything outside <out>, a folder without an index, a folder "
+                                   "written after its index (a run in progress), or a file newer than --min-age.")
+    p.add_argument("out", help="output root of earlier runs (a folder or fsspec URL)")
+    p.add_argument("--delete", action="store_true", help="remove the files (default: only list them)")
+    p.add_argument("--min-age", type=float, default=10, help="minutes: newer files are kept (default 10)")
+    p.set_defaults(func=cmd_gc)
 
     p = sub.add_parser("manifest", help="inspect manifests")
     msub = p.add_subparsers(dest="manifest_command", required=True, metavar="SUBCOMMAND")

@@ -27,6 +27,8 @@ import inspect
 from pathlib import Path
 
 from prefect import flow
+from prefect.context import FlowRunContext
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from bfr_models import storage
 from flows.degrade import degrade_flow
@@ -37,6 +39,8 @@ from flows.pseudo_targets import pseudo_targets_flow
 from flows.report import report_flow
 from flows.score import score_flow
 
+STAGE_FLOWS = (ingest_flow, idm_train_flow, clean_flow, degrade_flow, prior_train_flow, pseudo_targets_flow, score_flow,
+               report_flow)
 STAGES = ("ingest", "idm", "clean", "degrade", "prior", "pseudo_targets", "score", "report")
 _TOP = ("name", "description", "photos", "score_degraded", *STAGES)
 # options every stage flow takes from the command line, not from the recipe
@@ -115,9 +119,17 @@ def load_recipe(path: str) -> dict:
     return recipe
 
 
-@flow(name="recipe")
+# bounded by default too: a served (scheduled) recipe has no --workers, and every stage inherits this runner
+@flow(name="recipe", task_runner=ThreadPoolTaskRunner(max_workers=2))
 def recipe_flow(recipe: dict, out: str, device: str = "auto") -> dict[str, str]:
-    """Run a validated recipe; returns each stage's output URI (and the report's path)."""
+    """Run a validated recipe; returns each stage's output URI (and the report's path).
+
+    Every stage runs on this flow's task runner (``--workers``/``--dask``): a subflow otherwise gets its own
+    default runner, a thread pool without a bound, and would run all its shards at once.
+    """
+    runner = FlowRunContext.get().task_runner
+    ingest_flow, idm_train_flow, clean_flow, degrade_flow, prior_train_flow, pseudo_targets_flow, score_flow, \
+        report_flow = (f.with_options(task_runner=runner) for f in STAGE_FLOWS)
     out = storage.normalize(out)
     photos = recipe["photos"]
     if photos == "demo":

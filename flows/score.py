@@ -10,7 +10,7 @@ from prefect import flow, get_run_logger
 from bfr_models import manifest, models, storage
 from bfr_models.metrics.niqe import niqe_convention as niqe_convention_name
 from bfr_models.metrics.suite import FULL_REFERENCE, ScoreConfig, conventions, model_cards_needed, parse_metrics
-from flows.stage import annotate_index, run_stage, skipped_record
+from flows.stage import run_stage, skipped_record
 from tasks.rows import content_id
 from tasks.runtime import ensure_gpu_limit, resolve_device
 from tasks.score import STAGE, score_shard
@@ -155,29 +155,41 @@ def score_flow(input: str, out: str, metrics: str = "niqe,psnr,ssim", reference:
     logger = get_run_logger()
     for r in not_computed:
         logger.warning("%s not computed: needs %s (%s)", r["metric"], r["needs"], r["command"])
-    fid_cache = storage.join(storage.normalize(out), "fid-cache")
+    fid_cache = storage.join(storage.normalize(out), "fid-cache")  # reference statistics, by content
     stage_config = {**config.as_dict(), "reference": reference, "fid_ref": fid_ref, "skip": skip}
-    uri = run_stage(score_shard, STAGE, stage_config, items, input, out, shard_size, score_config=config.as_dict(),
-                    skip=skip, device=str(dev), batch_size=batch_size, fid_cache=fid_cache)
-    set_metrics = {}
-    if "fid" in config.metrics and "fid" not in skip:
-        set_metrics = _fid(uri, config, fid_ref, fid_allow_small, fid_cache, dev)
-    annotate_index(uri, conventions=conventions(config), not_computed=not_computed, set_metrics=set_metrics,
-                   source=input, **skipped_record(input, skipped, exclude))
-    return uri
+
+    def set_level(stage_uri: str, shards) -> dict:
+        """What the index records beside the rows: FID of the whole set, conventions, what was not computed."""
+        set_metrics = {}
+        if "fid" in config.metrics and "fid" not in skip:
+            set_metrics = _fid(stage_uri, shards, config, fid_ref, fid_allow_small, fid_cache, dev)
+        return {"conventions": conventions(config), "not_computed": not_computed, "set_metrics": set_metrics,
+                "source": input, **skipped_record(input, skipped, exclude)}
+
+    return run_stage(score_shard, STAGE, stage_config, items, input, out, shard_size, finalize=set_level,
+                     score_config=config.as_dict(), skip=skip, device=str(dev), batch_size=batch_size)
 
 
-def _fid(uri: str, config: ScoreConfig, fid_ref: str, allow_small: bool, fid_cache: str, dev) -> dict:
-    """FID of the scored set against the reference; features come from the shard tasks' cache."""
-    from bfr_models.metrics.fid import (FeatureCache, FIDStats, ImageRef, InceptionFeatures, extract_features,
-                                        fid_from_stats, plan_reference, reference_stats)
+def _fid(stage_uri: str, shards, config: ScoreConfig, fid_ref: str, allow_small: bool, fid_cache: str, dev) -> dict:
+    """FID of the scored set against the reference, from the feature file each shard wrote (each read once)."""
+    from bfr_models.metrics.fid import (FeatureSums, FIDStats, ImageRef, extract_features, fid_from_stats,
+                                        plan_reference, read_shard_features, reference_stats, shard_features_uri,
+                                        write_shard_features)
+    from tasks.score import extractor
 
-    extractor = InceptionFeatures(convention=config.fid_convention, device=dev)
-    df = manifest.read_manifest(uri)
-    ok = df[df["status"] == "ok"]
-    feats = extract_features([ImageRef(u, s) for u, s in zip(ok["uri"], ok["sha256"])], extractor,
-                             FeatureCache(fid_cache, extractor.fingerprint))
-    stats = FIDStats.from_features(feats.feats, config.fid_convention, uri, extractor.network)
-    ref = reference_stats(plan_reference(fid_ref, config.fid_convention, allow_small=allow_small), extractor,
+    inception = extractor(config.fid_convention, str(dev))
+    sums = FeatureSums()
+    for shard in shards:
+        uri = shard_features_uri(stage_uri, shard.name)
+        try:
+            sums.add(read_shard_features(uri, inception.fingerprint))
+        except FileNotFoundError:  # removed since the shard ran: extract it again from the shard's images
+            ok = [r for r in manifest.read_table(storage.join(stage_uri, shard.path)).to_pylist() if r["status"] == "ok"]
+            feats = extract_features([ImageRef(r["uri"], r["sha256"]) for r in ok], inception)
+            write_shard_features(uri, inception.fingerprint, feats.keys, feats.feats)
+            sums.add(feats.feats)
+    mu, sigma = sums.stats()
+    stats = FIDStats(mu, sigma, sums.n, config.fid_convention, stage_uri, inception.network)
+    ref = reference_stats(plan_reference(fid_ref, config.fid_convention, allow_small=allow_small), inception,
                           cache_root=fid_cache, allow_small=allow_small)
     return fid_from_stats(stats, ref).as_record()

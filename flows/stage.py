@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from bfr_models import manifest, storage
 from bfr_models.manifest import ManifestWriter, ShardInfo
 from tasks.runtime import result_storage
-from tasks.shards import CODE_VERSION, InputItem, make_shards, stable_hash
+from tasks.shards import InputItem, code_version, make_shards, stable_hash
 
 INPUTS_NAME = "inputs.json"  # incremental stages: which inputs each shard holds
 
@@ -29,8 +29,9 @@ def _item_id(item: InputItem) -> str:
     return stable_hash([item.uri, item.version, item.parent_id, item.reference])
 
 
-def reusable_shards(stage_uri: str, items: list[InputItem]) -> tuple[list[ShardInfo], list[InputItem], dict]:
-    """Shards of an earlier run of this stage whose inputs are all still there, unchanged, with the same code.
+def reusable_shards(stage_uri: str, items: list[InputItem], code: str) -> tuple[list[ShardInfo], list[InputItem], dict]:
+    """Shards of an earlier run of this stage whose inputs are all still there, unchanged, with the same code
+    (``code``: the stage's code version).
 
     Returns (kept shards, the items no kept shard holds, kept shard name -> item ids). Images added to a
     scheduled dataset then go to new shards only; everything already done is neither recomputed nor
@@ -44,7 +45,7 @@ def reusable_shards(stage_uri: str, items: list[InputItem]) -> tuple[list[ShardI
         index = manifest.read_index(stage_uri, check_shards=False)  # each shard is checked below
     except ValueError:  # a corrupt inputs.json or index (ManifestError): nothing to reuse, this run rewrites both
         return [], items, {}
-    if not isinstance(recorded, dict) or recorded.get("code") != CODE_VERSION or not isinstance(
+    if not isinstance(recorded, dict) or recorded.get("code") != code or not isinstance(
             recorded.get("shards"), dict):
         return [], items, {}
     ids = {_item_id(i): i for i in items}
@@ -61,15 +62,17 @@ def reusable_shards(stage_uri: str, items: list[InputItem]) -> tuple[list[ShardI
 
 
 def run_stage(shard_task, stage: str, config: dict, items: list[InputItem], input_uri: str, out: str,
-              shard_size: int, incremental: bool = False, **task_kwargs) -> str:
+              shard_size: int, incremental: bool = False, finalize=None, **task_kwargs) -> str:
     """Run one task per shard (cached), then write the index. Returns the manifest URI.
 
     ``incremental``: keep the shards of the previous run in this stage folder whose inputs are unchanged
-    and process only the other items (see :func:`reusable_shards`).
+    and process only the other items (see :func:`reusable_shards`). ``finalize(stage_uri, shards)``: set-level
+    results computed once every shard is done (FID, ...), returned as a dict of extra index config fields.
     """
     key, stage_uri = stage_location(out, stage, config, input_uri)
-    kept, todo, held = reusable_shards(stage_uri, items) if incremental else ([], items, {})
-    specs = make_shards(stage, {**config, "code": CODE_VERSION}, todo, shard_size)
+    code = code_version(shard_task.fn.__module__)  # only the modules this stage runs
+    kept, todo, held = reusable_shards(stage_uri, items, code) if incremental else ([], items, {})
+    specs = make_shards(stage, {**config, "code": code}, todo, shard_size)
     # JSON results, so a cached record can be checked before it is used (tasks.runtime.shard_cache_key)
     configured = shard_task.with_options(result_storage=result_storage(stage_uri), result_serializer="json")
     futures = {configured.submit(spec=spec, stage_uri=stage_uri, **task_kwargs): spec for spec in specs}
@@ -87,8 +90,9 @@ def run_stage(shard_task, stage: str, config: dict, items: list[InputItem], inpu
     if incremental:
         held.update({s.key: [_item_id(i) for i in s.items] for s in specs})
         storage.write_bytes_atomic(storage.join(stage_uri, INPUTS_NAME),
-                                   json.dumps({"code": CODE_VERSION, "shards": held}).encode())
-    ManifestWriter(stage_uri).write_index(stage, key, config, shards)
+                                   json.dumps({"code": code, "shards": held}).encode())
+    extra = finalize(stage_uri, shards) if finalize is not None else {}
+    ManifestWriter(stage_uri).write_index(stage, key, {**config, **extra}, shards)
     return stage_uri
 
 

@@ -9,7 +9,6 @@ are "degraded", the calibrated identity threshold).
 from __future__ import annotations
 
 from dataclasses import asdict
-from functools import lru_cache
 
 import numpy as np
 import torch
@@ -24,18 +23,18 @@ from bfr_models.manifest import ManifestWriter
 from bfr_models.metrics.niqe import niqe
 from tasks.pseudo_targets import DTYPES, niqe_defined
 from tasks.rows import decode_items, ok_row, same_size_batches, to_uint8, write_output
-from tasks.runtime import device_slot, resolve_device, shard_cache_key
+from tasks.runtime import device_slot, load_once, resolve_device, shard_cache_key
 from tasks.shards import ShardSpec, derived_seed, read_many
 
 STAGE = "clean"
 
 
-@lru_cache(maxsize=2)
+@load_once(maxsize=2)
 def cached_idm(uri: str, device: str) -> IDMModel:
     return load_idm(uri, device)
 
 
-@lru_cache(maxsize=2)
+@load_once(maxsize=2)
 def cached_scorers(musiq: bool, lpips: bool, identity: bool, device: str) -> tuple:
     """The optional scorers, built once per process (None where the flow found no weights)."""
     from bfr_models.metrics.identity import FaceIdentity

@@ -11,9 +11,9 @@ from prefect import task
 from bfr_models.degradations import load_preset
 from bfr_models.imageio import encode_png
 from bfr_models.manifest import ManifestWriter
-from tasks.rows import decode_items, error_row, ok_row, same_size_batches, to_uint8, write_output
+from tasks.rows import decoded_batches, error_row, ok_row, to_uint8, write_output
 from tasks.runtime import device_slot, resolve_device, shard_cache_key
-from tasks.shards import ShardSpec, derived_seed, read_many
+from tasks.shards import ShardSpec, derived_seed
 
 STAGE = "degrade"
 
@@ -33,9 +33,9 @@ def degrade_shard(spec: ShardSpec, preset: str, split: str | None, scale: float 
     degradation = load_preset(preset, split=split, scale=scale)
     dev = resolve_device(device)
     writer = ManifestWriter(stage_uri)
-    decoded, rows = decode_items(STAGE, spec.items, read_many([i.uri for i in spec.items]))
+    rows = []
     label = degradation.name if split is None else f"{degradation.name}/{split}"
-    for batch in same_size_batches(decoded, batch_size):
+    for batch in decoded_batches(STAGE, spec.items, batch_size, rows):
         seeds = [degradation_seed(seed, degradation.name, split, scale, parent_id) for _, parent_id, _, _ in batch]
         params = [degradation.sample(s) for s in seeds]
         images = torch.from_numpy(np.stack([rgb for _, _, rgb, _ in batch])).permute(0, 3, 1, 2)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from functools import lru_cache
 
 from prefect import task
 
@@ -11,13 +10,13 @@ from bfr_models.faces import FaceAligner
 from bfr_models.imageio import encode_png
 from bfr_models.manifest import ManifestWriter
 from tasks.rows import decode_items, error_row, ok_row, write_output
-from tasks.runtime import device_slot, resolve_device, shard_cache_key
+from tasks.runtime import device_slot, load_once, resolve_device, shard_cache_key
 from tasks.shards import ShardSpec, read_many
 
 STAGE = "ingest"
 
 
-@lru_cache(maxsize=4)
+@load_once(maxsize=4)
 def _aligner(size: int, min_score: float, min_size: int, device: str) -> FaceAligner:
     return FaceAligner(size=size, min_score=min_score, min_size=min_size, device=device)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from functools import lru_cache
 
 import numpy as np
 import torch
@@ -15,19 +14,19 @@ from bfr_models.manifest import ManifestWriter
 from bfr_models.metrics.niqe import BLOCK, niqe
 from bfr_models.pseudo_targets import MethodParams, PseudoTargetError, difbfsr_config, generate
 from tasks.rows import decode_items, error_row, ok_row, same_size_batches, to_uint8, write_output
-from tasks.runtime import device_slot, resolve_device, shard_cache_key
+from tasks.runtime import device_slot, load_once, resolve_device, shard_cache_key
 from tasks.shards import ShardSpec, derived_seed, read_many
 
 STAGE = "pseudo-targets"
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
-@lru_cache(maxsize=2)
+@load_once(maxsize=2)
 def cached_prior(uri: str, device: str) -> Prior:
     return load_prior(uri, device)
 
 
-@lru_cache(maxsize=2)
+@load_once(maxsize=2)
 def cached_restorer(spec: str, device: str):
     from bfr_models.restorers import load_restorer
 

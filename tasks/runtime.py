@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import threading
 from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
@@ -24,6 +25,24 @@ RESULTS_FOLDER = "_prefect"  # Prefect's result records of a stage's shard tasks
 _JSON_SERIALIZER = json.loads(JSONSerializer().model_dump_json())
 _SHARD_FIELDS = {f.name for f in fields(manifest.ShardInfo)}
 log = get_logger("bfr_curate")
+_LOADING = threading.RLock()  # reentrant: a loader may call another loader
+
+
+def load_once(maxsize: int):
+    """``lru_cache`` for model loads, behind one lock: shard tasks run in threads, and threads that miss the
+    cache together would each load their own copy (several copies of a large prior on one GPU)."""
+
+    def wrap(fn):
+        cached = functools.lru_cache(maxsize=maxsize)(fn)
+
+        @functools.wraps(fn)
+        def guarded(*args, **kwargs):
+            with _LOADING:
+                return cached(*args, **kwargs)
+
+        return guarded
+
+    return wrap
 
 
 def shard_cache_key(context, parameters) -> str:

@@ -1,10 +1,9 @@
-"""The score shard task: add metric columns to a shard of manifest rows (and cache FID features)."""
+"""The score shard task: add metric columns to a shard of manifest rows (and write its FID features)."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from functools import lru_cache
 from itertools import groupby
 
 import numpy as np
@@ -16,15 +15,23 @@ from bfr_models.imageio import ImageError, decode_source
 from bfr_models.manifest import ManifestWriter
 from bfr_models.metrics.suite import MetricSuite, ScoreConfig
 from tasks.rows import content_id
-from tasks.runtime import device_slot, resolve_device, shard_cache_key
+from tasks.runtime import device_slot, load_once, resolve_device, shard_cache_key
 from tasks.shards import ShardSpec, read_many
 
 STAGE = "score"
 
 
-@lru_cache(maxsize=2)
+@load_once(maxsize=2)
 def _suite(config: ScoreConfig, device: str, skip: tuple[str, ...]) -> MetricSuite:
     return MetricSuite(config, torch.device(device), skip)
+
+
+@load_once(maxsize=2)
+def extractor(convention: str, device: str):
+    """The FID Inception of a convention, loaded once per process (the flow's FID step uses it too)."""
+    from bfr_models.metrics.fid import InceptionFeatures
+
+    return InceptionFeatures(convention=convention, device=device)
 
 
 def _decode(data, name: str) -> np.ndarray:
@@ -38,13 +45,36 @@ def _tensor(rgbs: list[np.ndarray]) -> torch.Tensor:
 
 
 @task(name="score-shard", cache_key_fn=shard_cache_key, persist_result=True, cache_result_in_memory=False)
-def score_shard(spec: ShardSpec, stage_uri: str, score_config: dict, skip: list[str], device: str, batch_size: int,
-                fid_cache: str | None) -> dict:
+def score_shard(spec: ShardSpec, stage_uri: str, score_config: dict, skip: list[str], device: str,
+                batch_size: int) -> dict:
+    """Scores a shard batch by batch (fetch, decode, score: memory bounded by the batch, not the shard);
+    with FID, also the shard's Inception features from the same decoded images, in one file."""
+    from bfr_models.metrics.fid import shard_features_uri, write_shard_features
+
     cfg = ScoreConfig(**{**score_config, "metrics": tuple(score_config["metrics"])})
     dev = resolve_device(device)
     suite = _suite(cfg, str(dev), tuple(skip))
+    fid = extractor(cfg.fid_convention, str(dev)) if "fid" in cfg.metrics and "fid" not in skip else None
     rows = [json.loads(item.row) for item in spec.items]
     todo = [(k, item) for k, item in enumerate(spec.items) if rows[k]["status"] == "ok"]
+    keys, feats = [], []
+    for start in range(0, len(todo), batch_size):
+        ready = _fetch_and_decode(suite, rows, todo[start : start + batch_size])
+        for _, group in groupby(sorted(ready, key=lambda r: r[1].shape), key=lambda r: r[1].shape):
+            _score(suite, dev, rows, list(group))
+        scored = [(k, img) for k, img, _ in ready if rows[k]["status"] == "ok"]
+        if fid is not None and scored:
+            with device_slot(dev):
+                feats.append(fid([img for _, img in scored]))
+            keys += [rows[k]["sha256"] for k, _ in scored]
+    if fid is not None:
+        write_shard_features(shard_features_uri(stage_uri, spec.key), fid.fingerprint, keys,
+                             np.concatenate(feats) if feats else np.zeros((0, 2048)))
+    return asdict(ManifestWriter(stage_uri).write_shard(spec.key, rows))
+
+
+def _fetch_and_decode(suite: MetricSuite, rows: list[dict], todo: list) -> list[tuple[int, np.ndarray, np.ndarray | None]]:
+    """Fetch and decode one batch of rows (and their references); a bad image becomes an error row."""
     wanted = [i.uri for _, i in todo] + [i.reference for _, i in todo if suite.needs_reference and i.reference]
     fetched = read_many(sorted(set(wanted)))
     ready = []
@@ -66,45 +96,15 @@ def score_shard(spec: ShardSpec, stage_uri: str, score_config: dict, skip: list[
             rows[k].update(status="error", error=f"score: {e}")
             continue
         ready.append((k, img, ref))
-    ready.sort(key=lambda r: r[1].shape)
-    for _, group in groupby(ready, key=lambda r: r[1].shape):
-        group = list(group)
-        for start in range(0, len(group), batch_size):
-            for k, scores in _score_batch(suite, dev, group[start : start + batch_size]):
-                if isinstance(scores, Exception):
-                    rows[k].update(status="error", error=f"score: {scores}")
-                else:
-                    rows[k].update(scores)
-    ready = [r for r in ready if rows[r[0]]["status"] == "ok"]
-    if fid_cache is not None and "fid" in cfg.metrics and "fid" not in skip:
-        _cache_fid_features(cfg, dev, fid_cache, [(rows[k]["uri"], rows[k]["sha256"]) for k, _, _ in ready])
-    return asdict(ManifestWriter(stage_uri).write_shard(spec.key, rows))
+    return ready
 
 
-def _score_batch(suite: MetricSuite, dev: torch.device, batch: list) -> list[tuple[int, dict | Exception]]:
-    """Scores of one batch; if the batch fails, each image alone, so one bad image is one error row."""
+def _score(suite: MetricSuite, dev: torch.device, rows: list[dict], batch: list) -> None:
+    """Metric columns of one same-size batch; a metric an image cannot have is NaN with a note in ``score_notes``."""
     refs = _tensor([r for _, _, r in batch]) if suite.needs_reference else None
-    try:
-        with device_slot(dev):
-            scores = suite(_tensor([img for _, img, _ in batch]), refs)
-    except (ValueError, RuntimeError) as e:
-        if len(batch) == 1:
-            return [(batch[0][0], e)]
-        return [result for item in batch for result in _score_batch(suite, dev, [item])]
-    return [(k, {m: float(v[j]) for m, v in scores.items()}) for j, (k, _, _) in enumerate(batch)]
-
-
-@lru_cache(maxsize=2)
-def _extractor(convention: str, device: str):
-    from bfr_models.metrics.fid import InceptionFeatures
-
-    return InceptionFeatures(convention=convention, device=device)
-
-
-def _cache_fid_features(cfg: ScoreConfig, dev: torch.device, cache_root: str, refs: list[tuple[str, str]]) -> None:
-    """Extract this shard's Inception features into the content-keyed cache the flow reads back."""
-    from bfr_models.metrics.fid import FeatureCache, ImageRef, extract_features
-
-    extractor = _extractor(cfg.fid_convention, str(dev))
     with device_slot(dev):
-        extract_features([ImageRef(u, s) for u, s in refs], extractor, FeatureCache(cache_root, extractor.fingerprint))
+        scores, notes = suite(_tensor([img for _, img, _ in batch]), refs)
+    for j, (k, _, _) in enumerate(batch):
+        rows[k].update({m: float(v[j]) for m, v in scores.items()})
+        if notes[j]:
+            rows[k]["score_notes"] = "; ".join(f"{m}: {reason}" for m, reason in sorted(notes[j].items()))

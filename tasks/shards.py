@@ -2,26 +2,85 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from bfr_models import manifest, storage
 
 
+ROOT = Path(__file__).resolve().parents[1]
+CODE_PACKAGES = ("bfr_models", "tasks")  # the code a stage runs; flows only plan and orchestrate
+
+
 def _code_version() -> str:
-    """Hash of the science and task code: a change to either invalidates every cache."""
+    """Hash of all science and task code, for keys not tied to one stage's modules (training runs)."""
     h = hashlib.sha256()
-    root = Path(__file__).resolve().parents[1]
-    for package in ("bfr_models", "tasks"):
-        for path in sorted((root / package).rglob("*.py")):
-            h.update(path.relative_to(root).as_posix().encode())
+    for package in CODE_PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            h.update(path.relative_to(ROOT).as_posix().encode())
             h.update(path.read_bytes())
     return h.hexdigest()[:12]
 
 
 CODE_VERSION = _code_version()
+
+
+def _module_file(root: Path, name: str) -> Path | None:
+    base = root.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imported_names(name: str, path: Path) -> set[str]:
+    """Every module name an import statement of the file may refer to, lazy imports inside functions too."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_bytes(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            parts = package.split(".")
+            base = ".".join([*parts[: len(parts) - node.level + 1], node.module or ""] if node.level else [node.module])
+            base = base.strip(".")
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)  # `from pkg import module`
+    return found
+
+
+def module_files(module: str, root: Path = ROOT) -> list[Path]:
+    """The files of ``module`` and of every bfr_models/tasks module it imports, transitively (read statically,
+    so the answer does not depend on what happens to be imported), with their parent packages' ``__init__``."""
+    seen: dict[str, Path] = {}
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in seen or name.split(".")[0] not in CODE_PACKAGES:
+            continue
+        path = _module_file(root, name)
+        if path is None:  # a name imported from a module, not a module
+            continue
+        seen[name] = path
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]
+        todo += sorted(_imported_names(name, path))
+    return sorted(set(seen.values()))
+
+
+@lru_cache(maxsize=None)
+def code_version(module: str, root: Path = ROOT) -> str:
+    """Hash of the code a stage runs: its task module and what it imports, so editing the report or
+    another stage keeps this stage's cache."""
+    h = hashlib.sha256()
+    for path in module_files(module, root):
+        h.update(path.relative_to(root).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:12]
 
 
 def stable_hash(obj, length: int = 16) -> str:
@@ -97,19 +156,29 @@ def _duplicates(files: list[storage.ListedFile], batch: int = 64) -> dict[str, s
     return out
 
 
-def make_shards(stage: str, config: dict, items: list[InputItem], shard_size: int) -> list[ShardSpec]:
-    """Split sorted items at content-defined boundaries.
+def shard_boundary(uri: str, length: int, shard_size: int) -> bool:
+    """Whether a shard of ``length`` items ends at ``uri``: decided by the URI's hash and the length only.
 
-    A shard ends where the hash of an item's URI is 0 mod ``shard_size`` (or at twice the
-    size), so adding images changes only the shards they land in: the others keep their
-    keys and stay cached.
+    No cut before half the size; then a cut where the hash is 0 mod ``shard_size`` until the shard reaches
+    the size, and 0 mod a quarter of it after (so shards rarely grow long); always a cut at twice the size.
+    Adding images changes the shards they land in (and rarely the next one, when a cut moves past the minimum).
     """
+    if length >= 2 * shard_size:
+        return True
+    if length < max(1, shard_size // 2):
+        return False
+    modulus = shard_size if length < shard_size else max(1, shard_size // 4)
+    return int(hashlib.sha256(uri.encode()).hexdigest()[:8], 16) % modulus == 0
+
+
+def make_shards(stage: str, config: dict, items: list[InputItem], shard_size: int) -> list[ShardSpec]:
+    """Split sorted items at content-defined boundaries (see :func:`shard_boundary`); shards keep their keys,
+    and so their cache, when images are added elsewhere. ``config`` includes the stage's code version."""
     config_hash = stable_hash(config)
     shards, current = [], []
     for item in items:
         current.append(item)
-        boundary = int(hashlib.sha256(item.uri.encode()).hexdigest()[:8], 16) % shard_size == 0
-        if boundary or len(current) >= 2 * shard_size:
+        if shard_boundary(item.uri, len(current), shard_size):
             shards.append(current)
             current = []
     if current:
@@ -117,7 +186,7 @@ def make_shards(stage: str, config: dict, items: list[InputItem], shard_size: in
     return [
         ShardSpec(
             stage=stage,
-            key=stable_hash([stage, config_hash, CODE_VERSION, [(i.uri, i.version, i.parent_id, i.reference) for i in s]]),
+            key=stable_hash([stage, config_hash, [(i.uri, i.version, i.parent_id, i.reference) for i in s]]),
             items=tuple(s),
         )
         for s in shards

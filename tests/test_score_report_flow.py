@@ -2,8 +2,10 @@
 
 import io
 import json
+import os
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torchvision
@@ -152,3 +154,46 @@ def test_scoring_a_folder_identifies_images_by_content_and_name(tmp_path):
     assert len(df) == 2 and (df["status"] == "ok").all() and df["niqe"].notna().all()
     for row in df.itertuples():
         assert row.sha256 == storage.sha256_hex(files[row.uri]) and row.image_id == content_id(files[row.uri], row.uri.rsplit("/", 1)[1])
+
+
+def test_fid_features_are_read_once_per_shard_and_the_index_written_once(weights, degraded_manifest, tmp_path,
+                                                                       monkeypatch):
+    reads, index_writes = [], []
+    read, write = storage.read_bytes, storage.write_bytes_atomic
+    monkeypatch.setattr(storage, "read_bytes", lambda uri, *a, **k: reads.append(str(uri)) or read(uri, *a, **k))
+    monkeypatch.setattr(storage, "write_bytes_atomic",
+                        lambda uri, *a, **k: index_writes.append(str(uri)) or write(uri, *a, **k))
+    uri = score_flow(input=degraded_manifest, out=str(tmp_path / "out"), metrics="fid", fid_ref=degraded_manifest,
+                     fid_convention="legacy_pytorch", fid_allow_small=True, device="cpu", shard_size=2)
+    index = manifest.read_index(uri)
+    feature_reads = [r for r in reads if "/fid/" in r]
+    assert len(index["shards"]) >= 2
+    assert sorted(feature_reads) == sorted(f"{uri}/fid/{s['name']}.npz" for s in index["shards"])  # each once
+    assert index["config"]["set_metrics"]["fid_n"] == 5
+    assert index["config"]["set_metrics"]["fid"] == pytest.approx(0.0, abs=1e-3)  # same set as the reference
+    assert [w for w in index_writes if w.endswith("/index.json")] == [f"{uri}/index.json"]  # written once
+    # a feature file removed since its shard ran is extracted again from the shard's images
+    lost = f"{uri}/fid/{index['shards'][0]['name']}.npz"
+    os.remove(lost)
+    again = score_flow(input=degraded_manifest, out=str(tmp_path / "out"), metrics="fid", fid_ref=degraded_manifest,
+                       fid_convention="legacy_pytorch", fid_allow_small=True, device="cpu", shard_size=2)
+    assert os.path.exists(lost)
+    assert manifest.read_index(again)["config"]["set_metrics"]["fid"] == pytest.approx(
+        index["config"]["set_metrics"]["fid"], abs=1e-3)
+
+
+def test_an_image_too_small_for_niqe_keeps_its_other_metrics(tmp_path):
+    inputs, refs = tmp_path / "lq", tmp_path / "hq"
+    inputs.mkdir()
+    refs.mkdir()
+    for name, size in (("big.png", 192), ("small.png", 64)):
+        hq = face_like(0, size=size)
+        (refs / name).write_bytes(_png(hq))
+        (inputs / name).write_bytes(_png(np.asarray(Image.fromarray(hq).filter(ImageFilter.GaussianBlur(2)))))
+    uri = score_flow(input=str(inputs), out=str(tmp_path / "out"), metrics="niqe,psnr", reference=str(refs),
+                     device="cpu")
+    df = manifest.read_manifest(uri).set_index("uri")
+    small, big = df.loc[str(inputs / "small.png")], df.loc[str(inputs / "big.png")]
+    assert small["status"] == "ok" and np.isnan(small["niqe"]) and np.isfinite(small["psnr"])
+    assert small["score_notes"].startswith("niqe: NIQE needs at least two 96x96 blocks")
+    assert big["status"] == "ok" and np.isfinite(big["niqe"]) and pd.isna(big["score_notes"])

@@ -96,27 +96,60 @@ class MetricSuite:
     def needs_reference(self) -> bool:
         return any(m in FULL_REFERENCE for m in self.metrics)
 
-    def __call__(self, images: torch.Tensor, references: torch.Tensor | None) -> dict[str, np.ndarray]:
-        """Scores of a (B, 3, H, W) batch in [0, 1] (and its references) -> {metric: (B,) array}."""
+    def _groups(self, references: torch.Tensor | None):
+        """(metric names, fn(images, references) -> {name: values}) for each metric computed here."""
         c = self.config
-        images = images.to(self.device)
-        out = {}
         if "niqe" in self.metrics:
             from bfr_models.metrics.niqe import niqe
 
-            out["niqe"] = niqe(images, convention=c.niqe_convention, crop_border=c.crop_border)
+            yield ("niqe",), lambda x, r: {"niqe": niqe(x, convention=c.niqe_convention, crop_border=c.crop_border)}
         if self._musiq is not None:
-            out["musiq"] = self._musiq(images)
+            yield ("musiq",), lambda x, r: {"musiq": self._musiq(x)}
         if self._ma is not None:
-            out.update(self._ma(images, self.metrics))
+            names = tuple(m for m in ("nrqm", "pi") if m in self.metrics)
+            yield names, lambda x, r: self._ma(x, self.metrics)
         if references is not None:
-            references = references.to(self.device)
             from bfr_models.metrics.fullref import psnr, ssim
 
             if "psnr" in self.metrics:
-                out["psnr"] = psnr(images, references, crop_border=c.crop_border, y_channel=c.y_channel)
+                yield ("psnr",), lambda x, r: {"psnr": psnr(x, r, crop_border=c.crop_border, y_channel=c.y_channel)}
             if "ssim" in self.metrics:
-                out["ssim"] = ssim(images, references, crop_border=c.crop_border, y_channel=c.y_channel)
+                yield ("ssim",), lambda x, r: {"ssim": ssim(x, r, crop_border=c.crop_border, y_channel=c.y_channel)}
             if self._lpips is not None:
-                out["lpips"] = self._lpips(images, references)
-        return {k: torch.as_tensor(v).detach().double().cpu().numpy() for k, v in out.items()}
+                yield ("lpips",), lambda x, r: {"lpips": self._lpips(x, r)}
+
+    def __call__(self, images: torch.Tensor, references: torch.Tensor | None
+                 ) -> tuple[dict[str, np.ndarray], list[dict[str, str]]]:
+        """Scores of a (B, 3, H, W) batch in [0, 1] (and its references) -> ({metric: (B,) array}, notes).
+
+        A metric that cannot score an image (one too small for NIQE's blocks, ...) is NaN for that image,
+        with its reason in ``notes[j][metric]``; the image's other metrics are kept.
+        """
+        images = images.to(self.device)
+        references = references.to(self.device) if references is not None else None
+        n = images.shape[0]
+        out, notes = {}, [{} for _ in range(n)]
+        for names, fn in self._groups(references):
+            try:
+                out.update(_as_numpy(fn(images, references)))
+                continue
+            except (ValueError, RuntimeError) as e:
+                if n == 1:
+                    out.update({m: np.full(1, np.nan) for m in names})
+                    notes[0].update({m: str(e) for m in names})
+                    continue
+            columns = {m: np.full(n, np.nan) for m in names}  # the batch failed: each image alone
+            for j in range(n):
+                try:
+                    one = _as_numpy(fn(images[j : j + 1], references[j : j + 1] if references is not None else None))
+                except (ValueError, RuntimeError) as e:
+                    notes[j].update({m: str(e) for m in names})
+                    continue
+                for m in names:
+                    columns[m][j] = one[m][0]
+            out.update(columns)
+        return out, notes
+
+
+def _as_numpy(scores: dict) -> dict[str, np.ndarray]:
+    return {k: torch.as_tensor(v).detach().double().cpu().numpy().reshape(-1) for k, v in scores.items()}
