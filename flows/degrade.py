@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from bfr_models.degradations import load_preset
-from flows.stage import annotate_index, run_stage, skipped_record
+from flows.stage import run_stage, skipped_record
 from tasks.degrade import STAGE, degrade_shard
 from tasks.runtime import ensure_gpu_limit, resolve_device
 from tasks.shards import list_inputs
@@ -28,7 +28,6 @@ def degrade_flow(input: str, out: str, preset: str = "gfpgan", split: str | None
     items, skipped = list_inputs(input, exclude)
     logger = get_run_logger()
     logger.info("degrade: %d inputs (%d skipped), preset %s", len(items), skipped, preset)
-    uri = run_stage(degrade_shard, STAGE, config, items, input, out, shard_size, preset=preset, split=split,
-                    scale=scale, seed=seed, device=str(dev), batch_size=batch_size)
-    annotate_index(uri, **skipped_record(input, skipped, exclude))
-    return uri
+    return run_stage(degrade_shard, STAGE, config, items, input, out, shard_size,
+                     finalize=lambda *_: skipped_record(input, skipped, exclude), preset=preset, split=split,
+                     scale=scale, seed=seed, device=str(dev), batch_size=batch_size)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from flows.stage import annotate_index, run_stage, skipped_record
+from flows.stage import run_stage, skipped_record
 from tasks.ingest import STAGE, ingest_shard
 from tasks.runtime import ensure_gpu_limit, resolve_device
 from tasks.shards import list_inputs
@@ -20,7 +20,6 @@ def ingest_flow(input: str, out: str, size: int = 512, min_score: float = 0.9, m
     items, skipped = list_inputs(input, exclude)
     get_run_logger().info("ingest: %d photos (%d skipped)", len(items), skipped)
     config = {"size": size, "min_score": min_score, "min_size": min_size}
-    uri = run_stage(ingest_shard, STAGE, config, items, input, out, shard_size, size=size, min_score=min_score,
-                    min_size=min_size, device=str(dev), batch_size=batch_size)
-    annotate_index(uri, **skipped_record(input, skipped, exclude))
-    return uri
+    return run_stage(ingest_shard, STAGE, config, items, input, out, shard_size,
+                     finalize=lambda *_: skipped_record(input, skipped, exclude), size=size, min_score=min_score,
+                     min_size=min_size, device=str(dev), batch_size=batch_size)

@@ -20,7 +20,7 @@ from bfr_models import manifest, models, storage
 from bfr_models.pseudo_targets import (RESIZE_MODES, Candidate, MethodParams, PseudoTargetError, choose, grid,
                                        lowfreq_psnr, method_params, to_resolution, validate,
                                        with_resolution)
-from flows.stage import annotate_index, run_stage, skipped_record
+from flows.stage import run_stage, skipped_record
 from tasks.rows import decode_items, same_size_batches
 from tasks.runtime import ensure_gpu_limit, key_parameter, resolve_device
 from tasks.pseudo_targets import (DTYPES, STAGE, cached_prior, cached_restorer, niqe_defined, pseudo_target_shard,
@@ -195,12 +195,11 @@ def pseudo_targets_flow(input: str, out: str, prior: str, method: str = "dr2", N
               "auto": search}
     row_auto = None if search is None else {"metric": search["metric"], "chosen": p.as_dict(), "reason": search["reason"],
                                             "candidates": len(search["grid"])}
-    uri = run_stage(pseudo_target_shard, STAGE, config, items, input, out, shard_size, params=asdict(p),
-                    prior_uri=prior, restorer=restorer, resize=resize, best_of=best_of,
-                    fidelity_limit=fidelity_limit, seed=seed, device=str(dev), dtype=dtype, batch_size=batch_size,
-                    auto=row_auto)
-    annotate_index(uri, **skipped_record(input, skipped, exclude))
-    return uri
+    return run_stage(pseudo_target_shard, STAGE, config, items, input, out, shard_size,
+                     finalize=lambda *_: skipped_record(input, skipped, exclude), params=asdict(p),
+                     prior_uri=prior, restorer=restorer, resize=resize, best_of=best_of,
+                     fidelity_limit=fidelity_limit, seed=seed, device=str(dev), dtype=dtype,
+                     batch_size=batch_size, auto=row_auto)
 
 
 def _auto_storage(out: str):

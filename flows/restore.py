@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from bfr_models import storage
-from flows.stage import annotate_index, run_stage, skipped_record
+from flows.stage import run_stage, skipped_record
 from tasks.pseudo_targets import cached_restorer
 from tasks.restore import STAGE, restore_shard
 from tasks.runtime import ensure_gpu_limit, resolve_device
@@ -29,7 +29,6 @@ def restore_flow(input: str, out: str, restorer: str, shard_size: int = 256, bat
     items, skipped = list_inputs(input, exclude)
     get_run_logger().info("restore: %d inputs (%d skipped) with %s", len(items), skipped, model)
     config = {"restorer": model.describe()}
-    uri = run_stage(restore_shard, STAGE, config, items, input, out, shard_size, restorer=restorer,
-                    device=str(dev), batch_size=batch_size)
-    annotate_index(uri, **skipped_record(input, skipped, exclude))
-    return uri
+    return run_stage(restore_shard, STAGE, config, items, input, out, shard_size,
+                     finalize=lambda *_: skipped_record(input, skipped, exclude), restorer=restorer,
+                     device=str(dev), batch_size=batch_size)
