@@ -35,6 +35,10 @@ def local_cluster_kwargs(workers: int) -> dict:
 
 
 def _run(flow_fn, args, **params):
+    from bfr_models import storage
+
+    if params.get("out"):
+        storage.check_writable(params["out"])  # before any work: one line, never a bucket created
     return flow_fn.with_options(task_runner=_executor(args))(**params)
 
 
@@ -275,13 +279,23 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # this tool sends nothing anywhere
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")  # slow, busy machines
     args = build_parser().parse_args(argv)
+    from bfr_models.lease import LeaseBusy
     from bfr_models.manifest import ManifestError
+    from bfr_models.storage import StoreError
+    from flows.stop import Interrupted, install_stop_handlers, say_stopped
 
+    install_stop_handlers()
     try:
         args.func(args)
     except (UserError, ManifestError, ValueError, FileNotFoundError) as e:
         print(f"bfr-curate: error: {e}", file=sys.stderr)
         return 2
+    except (StoreError, LeaseBusy) as e:  # the run failed; the message says whether a rerun helps
+        print(f"bfr-curate: error: {e}", file=sys.stderr)
+        return 1
+    except Interrupted as e:
+        say_stopped(str(e))
+        return 1
     return 0
 
 

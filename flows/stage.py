@@ -3,20 +3,37 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
+import time
 
+from prefect.context import FlowRunContext
 from prefect.futures import as_completed
 from tqdm.auto import tqdm
 
-from bfr_models import manifest, storage
+from bfr_models import lease, manifest, storage
 from bfr_models.manifest import ManifestWriter, ShardInfo
 from tasks.runtime import result_storage
 from tasks.shards import CODE_VERSION, InputItem, make_shards, stable_hash
 
 INPUTS_NAME = "inputs.json"  # incremental stages: which inputs each shard holds
+DEFAULT_IN_FLIGHT = 8  # shards in flight when the task runner sets no bound (Dask, an unbounded thread pool)
 
 
 class StageError(RuntimeError):
     """A stage that could not finish: some shard tasks failed."""
+
+
+def in_flight_limit() -> int:
+    """How many shard tasks to keep submitted: the flow's thread pool size, else DEFAULT_IN_FLIGHT."""
+    context = FlowRunContext.get()
+    workers = getattr(context.task_runner, "_max_workers", None) if context else None
+    return workers if workers and workers < sys.maxsize else DEFAULT_IN_FLIGHT
+
+
+def store_grace() -> float:
+    """How long in-flight shards may still run after the store failed (their own requests time out sooner)."""
+    return float(os.environ.get("BFR_CURATE_STORE_GRACE", "30"))
 
 
 def stage_location(out: str, stage: str, config: dict, input_uri: str) -> tuple[str, str]:
@@ -55,34 +72,66 @@ def reusable_shards(stage_uri: str, items: list[InputItem]) -> tuple[list[ShardI
 
 
 def run_stage(shard_task, stage: str, config: dict, items: list[InputItem], input_uri: str, out: str,
-              shard_size: int, incremental: bool = False, **task_kwargs) -> str:
+              shard_size: int, incremental: bool = False, max_in_flight: int | None = None, **task_kwargs) -> str:
     """Run one task per shard (cached), then write the index. Returns the manifest URI.
 
     ``incremental``: keep the shards of the previous run in this stage folder whose inputs are unchanged
-    and process only the other items (see :func:`reusable_shards`).
+    and process only the other items (see :func:`reusable_shards`). ``max_in_flight``: shard tasks
+    submitted at once (default :func:`in_flight_limit`). The stage folder is leased for the run.
     """
+    storage.check_writable(out)
     key, stage_uri = stage_location(out, stage, config, input_uri)
-    kept, todo, held = reusable_shards(stage_uri, items) if incremental else ([], items, {})
-    specs = make_shards(stage, {**config, "code": CODE_VERSION}, todo, shard_size)
-    configured = shard_task.with_options(result_storage=result_storage(stage_uri))
-    futures = {configured.submit(spec=spec, stage_uri=stage_uri, **task_kwargs): spec for spec in specs}
-    shards, failures = list(kept), []
-    with tqdm(total=len(todo), desc=stage, unit="img", dynamic_ncols=True) as bar:
-        for future in as_completed(list(futures)):
-            spec = futures[future]
-            try:
-                shards.append(ShardInfo(**future.result()))
-            except Exception as e:  # report every failed shard, not just the first
-                failures.append(f"shard {spec.key}: {type(e).__name__}: {e}")
-            bar.update(len(spec.items))
-    if failures:
-        raise StageError(f"{len(failures)} of {len(specs)} shards failed; rerun to resume. First: {failures[0]}")
-    if incremental:
-        held.update({s.key: [_item_id(i) for i in s.items] for s in specs})
-        storage.write_bytes_atomic(storage.join(stage_uri, INPUTS_NAME),
-                                   json.dumps({"code": CODE_VERSION, "shards": held}).encode())
-    ManifestWriter(stage_uri).write_index(stage, key, config, shards)
+    with lease.hold(stage_uri):
+        kept, todo, held = reusable_shards(stage_uri, items) if incremental else ([], items, {})
+        specs = make_shards(stage, {**config, "code": CODE_VERSION}, todo, shard_size)
+        configured = shard_task.with_options(result_storage=result_storage(stage_uri))
+        shards, failures = list(kept), []
+        with tqdm(total=len(todo), desc=stage, unit="img", dynamic_ncols=True) as bar:
+            for spec, result in _run_shards(configured, specs, max_in_flight or in_flight_limit(),
+                                            stage_uri=stage_uri, **task_kwargs):
+                if isinstance(result, Exception):  # report every failed shard, not just the first
+                    failures.append(f"shard {spec.key}: {type(result).__name__}: {result}")
+                else:
+                    shards.append(ShardInfo(**result))
+                bar.update(len(spec.items))
+        if failures:
+            raise StageError(f"{len(failures)} of {len(specs)} shards failed (the others are kept). First: {failures[0]}")
+        if incremental:
+            held.update({s.key: [_item_id(i) for i in s.items] for s in specs})
+            storage.write_bytes_atomic(storage.join(stage_uri, INPUTS_NAME),
+                                       json.dumps({"code": CODE_VERSION, "shards": held}).encode())
+        ManifestWriter(stage_uri).write_index(stage, key, config, shards)
     return stage_uri
+
+
+def _run_shards(task, specs: list, limit: int, stage_uri: str, **task_kwargs):
+    """Yield ``(spec, result or exception)`` per shard, with at most ``limit`` tasks submitted at a time.
+
+    After the first store failure nothing more is submitted; the shards in flight get
+    :func:`store_grace` seconds, then one :class:`storage.StoreError` naming the store and cause is raised.
+    """
+    queue, in_flight, fault, deadline = list(reversed(specs)), {}, None, None
+    while queue or in_flight:
+        while queue and fault is None and len(in_flight) < limit:
+            spec = queue.pop()
+            in_flight[task.submit(spec=spec, stage_uri=stage_uri, **task_kwargs)] = spec
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            future = next(iter(as_completed(list(in_flight), timeout=timeout)))
+        except TimeoutError:
+            break  # in-flight shards abandoned: their files are written atomically, nothing partial shows
+        spec = in_flight.pop(future)
+        try:
+            result = future.result()
+        except Exception as e:
+            if fault is None and storage.is_store_fault(e):
+                fault, deadline = e, time.monotonic() + store_grace()
+            result = e
+        yield spec, result
+    if fault is not None:
+        done = len(specs) - len(queue) - len(in_flight)
+        raise storage.StoreError(f"{storage.store_error(stage_uri, fault)} ({done} of {len(specs)} shards finished; "
+                                 "rerun to resume once the store answers)") from fault
 
 
 def annotate_index(uri: str, **info) -> None:

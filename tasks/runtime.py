@@ -28,13 +28,17 @@ def key_parameter(context, parameters) -> str:
 def result_storage(stage_uri: str):
     """Persist task results beside the stage's data, so deleting the output also drops the cache.
 
-    Prefect takes a local folder as a Path; remote storage must be a block saved on the API.
+    Prefect takes a local folder as a Path; remote storage must be a block saved on the API. Its
+    filesystem is the one :func:`storage.filesystem` makes (same timeouts and retry bound). It calls
+    ``makedirs`` before each write, which would create a missing bucket: callers check the bucket
+    first (:func:`storage.check_writable`).
     """
     base = storage.join(stage_uri, "_prefect")
     if storage.is_local(base):
         return Path(storage.normalize(base))
-    block = RemoteFileSystem(basepath=base)
+    block = RemoteFileSystem(basepath=base, settings=storage.fs_options(base))
     block.save(f"bfr-curate-results-{hashlib.sha256(base.encode()).hexdigest()[:16]}", overwrite=True)
+    block._filesystem = storage.filesystem(base)[0]  # fsspec caches per thread: share the one with the retry bound
     return block
 
 
