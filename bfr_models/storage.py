@@ -108,6 +108,10 @@ def store_error(uri: str, exc: BaseException) -> StoreError:
     return _failed_stores.setdefault(store, error)
 
 
+def any_failed() -> bool:
+    return bool(_failed_stores)
+
+
 def failed(uri: str) -> StoreError | None:
     """The first write failure of ``uri``'s store in this process, if any."""
     return _failed_stores.get(store_name(uri))

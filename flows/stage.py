@@ -6,9 +6,9 @@ import json
 import os
 import sys
 import time
+from queue import Empty, Queue
 
 from prefect.context import FlowRunContext
-from prefect.futures import as_completed
 from tqdm.auto import tqdm
 
 from bfr_models import lease, manifest, storage
@@ -111,14 +111,17 @@ def _run_shards(task, specs: list, limit: int, stage_uri: str, **task_kwargs):
     :func:`store_grace` seconds, then one :class:`storage.StoreError` naming the store and cause is raised.
     """
     queue, in_flight, fault, deadline = list(reversed(specs)), {}, None, None
+    finished = Queue()  # futures put themselves here when done
     while queue or in_flight:
         while queue and fault is None and len(in_flight) < limit:
             spec = queue.pop()
-            in_flight[task.submit(spec=spec, stage_uri=stage_uri, **task_kwargs)] = spec
+            future = task.submit(spec=spec, stage_uri=stage_uri, **task_kwargs)
+            in_flight[future] = spec
+            future.add_done_callback(finished.put)
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
-            future = next(iter(as_completed(list(in_flight), timeout=timeout)))
-        except TimeoutError:
+            future = finished.get(timeout=timeout)
+        except Empty:
             break  # in-flight shards abandoned: their files are written atomically, nothing partial shows
         spec = in_flight.pop(future)
         try:

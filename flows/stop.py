@@ -8,10 +8,16 @@ hung store), it exits anyway, abandoning them. A second signal exits at once.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
 import threading
+
+from bfr_models import storage
+
+PREFECT_RUN_LOGGERS = ("prefect.task_runs", "prefect.flow_runs", "prefect.engine", "prefect.flow_engine",
+                       "prefect.task_engine", "prefect.results")
 
 _said = threading.Event()  # the one line was printed
 _signalled = threading.Event()
@@ -59,7 +65,15 @@ def _on_signal(signum, frame) -> None:
     raise Interrupted(name)
 
 
+def _unexplained(record: logging.LogRecord) -> bool:
+    """Drop Prefect's run logs (tracebacks of every shard) once the run is ending for a reason the CLI
+    prints as one line: a failed store or a stop signal."""
+    return not (_signalled.is_set() or storage.any_failed())
+
+
 def install_stop_handlers() -> None:
     """Call once in the CLI process, from the main thread, before the run starts."""
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
+    for name in PREFECT_RUN_LOGGERS:
+        logging.getLogger(name).addFilter(_unexplained)
