@@ -53,7 +53,7 @@ def s3_options() -> dict:
     """s3fs options: timeouts and bounded retries (a user's ``FSSPEC_S3_CONFIG_KWARGS`` wins)."""
     timeout = store_timeout()
     ours = {"connect_timeout": timeout, "read_timeout": timeout,
-            "retries": {"max_attempts": store_attempts(), "mode": "standard"}}
+            "retries": {"total_max_attempts": store_attempts(), "mode": "standard"}}
     theirs = fsspec.config.conf.get("s3", {}).get("config_kwargs", {})
     return {"config_kwargs": {**ours, **theirs}}
 
@@ -69,7 +69,16 @@ def filesystem(uri: str):
     fs, path = url_to_fs(uri, **options)
     if options:  # s3fs retries timeouts itself on top of botocore's attempts (5 x 3 x timeout): botocore bounds it
         fs.retries = 1
+        _send_bodies_at_once(fs)
     return fs, path
+
+
+def _send_bodies_at_once(fs) -> None:
+    """botocore makes every S3 PUT wait for "100 Continue" before sending its body, and aiohttp's read
+    timeout does not cover that wait: a hung endpoint would hang the write forever. Our bodies are small."""
+    from botocore.handlers import add_expect_header
+
+    fs.s3.meta.events.unregister("before-call.s3", add_expect_header)
 
 
 def store_name(uri: str) -> str:

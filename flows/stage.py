@@ -112,7 +112,7 @@ def _run_shards(task, specs: list, limit: int, stage_uri: str, **task_kwargs):
     """
     queue, in_flight, fault, deadline = list(reversed(specs)), {}, None, None
     finished = Queue()  # futures put themselves here when done
-    while queue or in_flight:
+    while in_flight or (queue and fault is None):
         while queue and fault is None and len(in_flight) < limit:
             spec = queue.pop()
             future = task.submit(spec=spec, stage_uri=stage_uri, **task_kwargs)
