@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from bfr_models import lease, manifest, storage
 from bfr_models.manifest import ManifestWriter, ShardInfo
+from flows.stop import reclaim_sigterm
 from tasks.runtime import result_storage
 from tasks.shards import CODE_VERSION, InputItem, make_shards, stable_hash
 
@@ -79,6 +80,7 @@ def run_stage(shard_task, stage: str, config: dict, items: list[InputItem], inpu
     and process only the other items (see :func:`reusable_shards`). ``max_in_flight``: shard tasks
     submitted at once (default :func:`in_flight_limit`). The stage folder is leased for the run.
     """
+    reclaim_sigterm()
     storage.check_writable(out)
     key, stage_uri = stage_location(out, stage, config, input_uri)
     with lease.hold(stage_uri):

@@ -77,3 +77,11 @@ def install_stop_handlers() -> None:
     signal.signal(signal.SIGINT, _on_signal)
     for name in PREFECT_RUN_LOGGERS:
         logging.getLogger(name).addFilter(_unexplained)
+
+
+def reclaim_sigterm() -> None:
+    """Inside a flow run: Prefect swaps in its own SIGTERM handler for the run (and hands the signal on
+    only after its teardown, which waits for every shard in flight); put ours back if the CLI installed it.
+    Prefect restores ours when the run ends."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is _on_signal:
+        signal.signal(signal.SIGTERM, _on_signal)

@@ -95,7 +95,11 @@ def start(faces: Path, out: str, tmp_path: Path, env: dict | None = None, worker
 
 def finish(proc: subprocess.Popen, timeout: float = EXIT_BOUND) -> tuple[int, str, str, float]:
     t0 = time.monotonic()
-    out, err = proc.communicate(timeout=timeout)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # its Prefect server too
+        raise
     return proc.returncode, out, err, time.monotonic() - t0
 
 
@@ -229,8 +233,14 @@ def test_two_runs_on_one_out(moto, faces, tmp_path):
     fs = moto.fs()
     fs.mkdir("shared")
     first = start(faces, "s3://shared/run", tmp_path, moto.env)
-    wait_for_shard(lambda: fs.find("shared"))
-    rc, _, err, took = finish(start(faces, "s3://shared/run", tmp_path, moto.env))
+    wait_for_lease = lambda: [f.replace("/.bfr-curate-lease.json", "/shards/x.parquet") for f in fs.find("shared")
+                              if f.endswith(".bfr-curate-lease.json")]
+    wait_for_shard(wait_for_lease)
+    os.killpg(first.pid, signal.SIGSTOP)  # the first run is slow: still holding its lease when the second starts
+    try:
+        rc, _, err, took = finish(start(faces, "s3://shared/run", tmp_path, moto.env), timeout=120)
+    finally:
+        os.killpg(first.pid, signal.SIGCONT)
     line = one_line(err)
     assert rc == 1 and "is being written by" in line and f":{first.pid} since" in line, line
     rc, _, err, _ = finish(first, timeout=300)
