@@ -66,9 +66,12 @@ def _on_signal(signum, frame) -> None:
 
 
 def _unexplained(record: logging.LogRecord) -> bool:
-    """Drop Prefect's run logs (tracebacks of every shard) once the run is ending for a reason the CLI
-    prints as one line: a failed store or a stop signal."""
-    return not (_signalled.is_set() or storage.any_failed())
+    """Drop Prefect's run logs (tracebacks of every shard) when the run ends for a reason the CLI prints
+    as one line: a failed store, a stop signal, a folder leased by another run."""
+    from bfr_models.lease import LeaseBusy
+
+    error = record.exc_info[1] if record.exc_info else None
+    return not (_signalled.is_set() or storage.any_failed() or isinstance(error, LeaseBusy))
 
 
 def install_stop_handlers() -> None:
