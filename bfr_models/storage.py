@@ -5,7 +5,7 @@ Credentials and endpoints come from the usual fsspec/AWS environment
 (``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``, ``FSSPEC_S3_*``) and are never logged.
 
 A store that fails, fails fast: S3 requests have connect/read timeouts (``BFR_CURATE_STORE_TIMEOUT`` seconds,
-default 10) and at most ``BFR_CURATE_STORE_ATTEMPTS`` attempts (default 3, botocore's "standard" retry mode:
+default 6) and at most ``BFR_CURATE_STORE_ATTEMPTS`` attempts (default 3, botocore's "standard" retry mode:
 exponential backoff with jitter, for throttling, 5xx and connection errors), so one request gives up after
 about attempts x timeout. A failed write raises :class:`StoreError`; later writes to the same store then fail
 at once (nothing keeps computing shards for a dead store). Nothing here ever creates a bucket.
@@ -17,6 +17,7 @@ import asyncio
 import hashlib
 import os
 import uuid
+from concurrent.futures import CancelledError
 from dataclasses import dataclass
 
 import fsspec
@@ -42,7 +43,7 @@ class OutNotWritable(ValueError):
 
 
 def store_timeout() -> float:
-    return float(os.environ.get("BFR_CURATE_STORE_TIMEOUT", "10"))
+    return float(os.environ.get("BFR_CURATE_STORE_TIMEOUT", "6"))
 
 
 def store_attempts() -> int:
@@ -110,11 +111,21 @@ def is_store_fault(exc: BaseException) -> bool:
 _failed_stores: dict[str, StoreError] = {}  # store -> its first write failure in this process
 
 
+_writing: dict = {}  # write in progress on an async filesystem's loop -> its store
+
+
 def store_error(uri: str, exc: BaseException) -> StoreError:
-    """Record that ``uri``'s store failed with ``exc``; returns the store's first failure."""
+    """Record that ``uri``'s store failed with ``exc``; returns the store's first failure.
+
+    Writes to that store still waiting on it are cancelled: they would each wait out the timeouts again.
+    """
     store = store_name(uri)
     error = StoreError(f"store {store} failed: {type(exc).__name__}: {exc}".splitlines()[0])
-    return _failed_stores.setdefault(store, error)
+    first = _failed_stores.setdefault(store, error)
+    for write, its_store in list(_writing.items()):
+        if its_store == store:
+            write.cancel()
+    return first
 
 
 def any_failed() -> bool:
@@ -187,6 +198,15 @@ def _write(uri: str, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    elif getattr(fs, "async_impl", False):  # on fsspec's loop, so that a failure elsewhere can cancel it
+        write = asyncio.run_coroutine_threadsafe(fs._pipe_file(path, data), fs.loop)
+        _writing[write] = store_name(uri)
+        try:
+            write.result()
+        except CancelledError as e:
+            raise TimeoutError("cancelled: another write to this store failed") from e
+        finally:
+            _writing.pop(write, None)
     else:
         fs.pipe_file(path, data)
 
