@@ -51,6 +51,10 @@ def local_cluster_kwargs(workers: int) -> dict:
 
 
 def _run(flow_fn, args, **params):
+    from bfr_models import storage
+
+    if params.get("out"):
+        storage.check_writable(params["out"])  # before any work: one line, never a bucket created
     with _executor(args) as runner:
         return flow_fn.with_options(task_runner=runner)(**params)
 
@@ -340,7 +344,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 USER_OSERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
 # Prefect logs a flow's or task's exception (with its traceback) at ERROR before re-raising it to us.
-PREFECT_RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
 
 
 def explain(error: BaseException) -> tuple[int, str]:
@@ -353,9 +356,13 @@ def explain(error: BaseException) -> tuple[int, str]:
 
     from botocore.exceptions import BotoCoreError, NoCredentialsError, PartialCredentialsError
 
+    from bfr_models.lease import LeaseBusy
+    from bfr_models.storage import StoreError
     from flows.stage import StageError
 
-    if isinstance(error, (NoCredentialsError, PartialCredentialsError)):
+    if isinstance(error, (StoreError, LeaseBusy)):  # the run failed; the message says whether a rerun helps
+        code, text = 1, str(error)
+    elif isinstance(error, (NoCredentialsError, PartialCredentialsError)):
         code, text = 2, ("no S3 credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                          "(or AWS_PROFILE) for the store")
     elif isinstance(error, BotoCoreError):
@@ -387,6 +394,8 @@ class _NoRunErrors(logging.Filter):
 def _quiet_prefect_errors() -> None:
     import prefect  # noqa: F401  (configures Prefect's loggers first, so our filter is not replaced)
 
+    from flows.stop import PREFECT_RUN_LOGGERS
+
     for name in PREFECT_RUN_LOGGERS:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _NoRunErrors) for f in logger.filters):
@@ -399,11 +408,17 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # this tool sends nothing anywhere
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")  # slow, busy machines
     args = build_parser().parse_args(argv)
+    from flows.stop import Interrupted, install_stop_handlers, say_stopped
+
     if not args.debug:
         _quiet_prefect_errors()
         warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.")  # torch internals, not ours
+    install_stop_handlers()
     try:
         args.func(args)
+    except Interrupted as e:  # SIGTERM / SIGINT: one line, finished shards kept
+        say_stopped(str(e))
+        return 1
     except Exception as e:
         if args.debug:
             traceback.print_exc()

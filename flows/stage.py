@@ -3,20 +3,38 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
+import time
+from queue import Empty, Queue
 
-from prefect.futures import as_completed
+from prefect.context import FlowRunContext
 from tqdm.auto import tqdm
 
-from bfr_models import manifest, storage
+from bfr_models import lease, manifest, storage
 from bfr_models.manifest import ManifestWriter, ShardInfo
+from flows.stop import reclaim_sigterm
 from tasks.runtime import result_storage
 from tasks.shards import InputItem, code_version, make_shards, stable_hash
 
 INPUTS_NAME = "inputs.json"  # incremental stages: which inputs each shard holds
+DEFAULT_IN_FLIGHT = 8  # shards in flight when the task runner sets no bound (Dask, an unbounded thread pool)
 
 
 class StageError(RuntimeError):
     """A stage that could not finish: some shard tasks failed."""
+
+
+def in_flight_limit() -> int:
+    """How many shard tasks to keep submitted: the flow's thread pool size, else DEFAULT_IN_FLIGHT."""
+    context = FlowRunContext.get()
+    workers = getattr(context.task_runner, "_max_workers", None) if context else None
+    return workers if workers and workers < sys.maxsize else DEFAULT_IN_FLIGHT
+
+
+def store_grace() -> float:
+    """How long in-flight shards may still run after the store failed (their own requests time out sooner)."""
+    return float(os.environ.get("BFR_CURATE_STORE_GRACE", "30"))
 
 
 def stage_location(out: str, stage: str, config: dict, input_uri: str) -> tuple[str, str]:
@@ -62,37 +80,42 @@ def reusable_shards(stage_uri: str, items: list[InputItem], code: str) -> tuple[
 
 
 def run_stage(shard_task, stage: str, config: dict, items: list[InputItem], input_uri: str, out: str,
-              shard_size: int, incremental: bool = False, finalize=None, **task_kwargs) -> str:
+              shard_size: int, incremental: bool = False, finalize=None, max_in_flight: int | None = None,
+              **task_kwargs) -> str:
     """Run one task per shard (cached), then write the index. Returns the manifest URI.
 
     ``incremental``: keep the shards of the previous run in this stage folder whose inputs are unchanged
     and process only the other items (see :func:`reusable_shards`). ``finalize(stage_uri, shards)``: set-level
     results computed once every shard is done (FID, ...), returned as a dict of extra index config fields.
+    ``max_in_flight``: shard tasks submitted at once (default :func:`in_flight_limit`). The stage folder is
+    leased for the run.
     """
+    reclaim_sigterm()
+    storage.check_writable(out)
     key, stage_uri = stage_location(out, stage, config, input_uri)
-    code = code_version(shard_task.fn.__module__)  # only the modules this stage runs
-    kept, todo, held = reusable_shards(stage_uri, items, code) if incremental else ([], items, {})
-    specs = make_shards(stage, {**config, "code": code}, todo, shard_size)
-    # JSON results, so a cached record can be checked before it is used (tasks.runtime.shard_cache_key)
-    configured = shard_task.with_options(result_storage=result_storage(stage_uri), result_serializer="json")
-    futures = {configured.submit(spec=spec, stage_uri=stage_uri, **task_kwargs): spec for spec in specs}
-    shards, failures = list(kept), []
-    with tqdm(total=len(todo), desc=stage, unit="img", dynamic_ncols=True) as bar:
-        for future in as_completed(list(futures)):
-            spec = futures[future]
-            try:
-                shards.append(ShardInfo(**future.result()))
-            except Exception as e:  # report every failed shard, not just the first
-                failures.append(f"shard {spec.key}: {type(e).__name__}: {e}")
-            bar.update(len(spec.items))
-    if failures:
-        raise StageError(f"{len(failures)} of {len(specs)} shards failed; rerun to resume. First: {failures[0]}")
-    if incremental:
-        held.update({s.key: [_item_id(i) for i in s.items] for s in specs})
-        storage.write_bytes_atomic(storage.join(stage_uri, INPUTS_NAME),
-                                   json.dumps({"code": code, "shards": held}).encode())
-    extra = finalize(stage_uri, shards) if finalize is not None else {}
-    ManifestWriter(stage_uri).write_index(stage, key, {**config, **extra}, shards)
+    with lease.hold(stage_uri):
+        code = code_version(shard_task.fn.__module__)  # only the modules this stage runs
+        kept, todo, held = reusable_shards(stage_uri, items, code) if incremental else ([], items, {})
+        specs = make_shards(stage, {**config, "code": code}, todo, shard_size)
+        # JSON results, so a cached record can be checked before it is used (tasks.runtime.shard_cache_key)
+        configured = shard_task.with_options(result_storage=result_storage(stage_uri), result_serializer="json")
+        shards, failures = list(kept), []
+        with tqdm(total=len(todo), desc=stage, unit="img", dynamic_ncols=True) as bar:
+            for spec, result in _run_shards(configured, specs, max_in_flight or in_flight_limit(),
+                                            stage_uri=stage_uri, **task_kwargs):
+                if isinstance(result, Exception):  # report every failed shard, not just the first
+                    failures.append(f"shard {spec.key}: {type(result).__name__}: {result}")
+                else:
+                    shards.append(ShardInfo(**result))
+                bar.update(len(spec.items))
+        if failures:
+            raise StageError(f"{len(failures)} of {len(specs)} shards failed (the others are kept). First: {failures[0]}")
+        if incremental:
+            held.update({s.key: [_item_id(i) for i in s.items] for s in specs})
+            storage.write_bytes_atomic(storage.join(stage_uri, INPUTS_NAME),
+                                       json.dumps({"code": code, "shards": held}).encode())
+        extra = finalize(stage_uri, shards) if finalize is not None else {}
+        ManifestWriter(stage_uri).write_index(stage, key, {**config, **extra}, shards)
     return stage_uri
 
 
@@ -102,6 +125,39 @@ def skipped_record(input_uri: str, skipped: int, exclude) -> dict:
     if manifest.is_manifest(input_uri):
         return {}
     return {"skipped_inputs": skipped, "exclude": list(exclude)}
+
+
+def _run_shards(task, specs: list, limit: int, stage_uri: str, **task_kwargs):
+    """Yield ``(spec, result or exception)`` per shard, with at most ``limit`` tasks submitted at a time.
+
+    After the first store failure nothing more is submitted; the shards in flight get
+    :func:`store_grace` seconds, then one :class:`storage.StoreError` naming the store and cause is raised.
+    """
+    queue, in_flight, fault, deadline = list(reversed(specs)), {}, None, None
+    finished = Queue()  # futures put themselves here when done
+    while in_flight or (queue and fault is None):
+        while queue and fault is None and len(in_flight) < limit:
+            spec = queue.pop()
+            future = task.submit(spec=spec, stage_uri=stage_uri, **task_kwargs)
+            in_flight[future] = spec
+            future.add_done_callback(finished.put)
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            future = finished.get(timeout=timeout)
+        except Empty:
+            break  # in-flight shards abandoned: their files are written atomically, nothing partial shows
+        spec = in_flight.pop(future)
+        try:
+            result = future.result()
+        except Exception as e:
+            if fault is None and storage.is_store_fault(e):
+                fault, deadline = e, time.monotonic() + store_grace()
+            result = e
+        yield spec, result
+    if fault is not None:
+        done = len(specs) - len(queue) - len(in_flight)
+        raise storage.StoreError(f"{storage.store_error(stage_uri, fault)} ({done} of {len(specs)} shards finished; "
+                                 "rerun to resume once the store answers)") from fault
 
 
 def annotate_index(uri: str, **info) -> None:

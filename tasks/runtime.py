@@ -118,14 +118,36 @@ def _listed_images(stage_uri: str, run_id: str) -> frozenset[str]:
 def result_storage(stage_uri: str):
     """Persist task results beside the stage's data, so deleting the output also drops the cache.
 
-    Prefect takes a local folder as a Path; remote storage must be a block saved on the API.
+    Prefect takes a local folder as a Path; remote storage must be a block saved on the API. The block
+    writes through :class:`ResultFilesystem`.
     """
     base = storage.join(stage_uri, RESULTS_FOLDER)
     if storage.is_local(base):
         return Path(storage.normalize(base))
-    block = RemoteFileSystem(basepath=base)
+    block = RemoteFileSystem(basepath=base, settings=storage.fs_options(base))
     block.save(f"bfr-curate-results-{hashlib.sha256(base.encode()).hexdigest()[:16]}", overwrite=True)
+    block._filesystem = ResultFilesystem(base)
     return block
+
+
+class ResultFilesystem:
+    """The filesystem of Prefect's remote result storage: :func:`storage.filesystem`'s (timeouts, retry
+    bound), with two changes. ``makedirs`` does nothing: object stores have no folders, and s3fs's would
+    create a missing bucket. Once the store failed in this process, every call fails at once (Prefect
+    persists a failed task's exception too, and would wait out the timeouts again for each shard)."""
+
+    def __init__(self, uri: str):
+        self._uri = uri
+        self._fs = storage.filesystem(uri)[0]
+
+    def makedirs(self, path: str, exist_ok: bool = False) -> None:
+        pass
+
+    def __getattr__(self, name: str):
+        error = storage.failed(self._uri)
+        if error is not None:
+            raise storage.StoreError(str(error))
+        return getattr(self._fs, name)
 
 
 def resolve_device(device: str) -> torch.device:
