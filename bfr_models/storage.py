@@ -269,9 +269,11 @@ def check_writable(out: str) -> None:
     try:
         if protocol in S3_PROTOCOLS:
             bucket = path.strip("/").split("/")[0]
-            if not fs.exists(bucket):
+            try:
+                fs.info(bucket)  # not exists(): that says False for missing credentials too
+            except FileNotFoundError:
                 raise OutNotWritable(f"bucket {bucket} does not exist (--out {out}); create it first, "
-                                     "bfr-curate never creates buckets")
+                                     "bfr-curate never creates buckets") from None
         probe = join(out, f"{PROBE_PREFIX}{uuid.uuid4().hex}")
         _write(probe, b"probe")
         delete(probe)
