@@ -110,8 +110,6 @@ def is_store_fault(exc: BaseException) -> bool:
 
 
 _failed_stores: dict[str, StoreError] = {}  # store -> its first write failure in this process
-
-
 _writing: dict = {}  # write in progress on an async filesystem's loop -> its store
 
 
