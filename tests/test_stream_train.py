@@ -14,7 +14,7 @@ DATASET_BYTES = N_IMAGES * 3 * SIZE * SIZE * 4  # what holding it as one float32
 HEADROOM = 250_000_000  # training this tiny prior itself grows the process by ~150 MB (model, optimizer, oneDNN)
 
 # The child caps its data segment (RLIMIT_DATA: heap and private writable mappings) at what it uses after
-# the imports plus HEADROOM, then trains. RLIMIT_AS would not do: torch reserves GBs of address space it
+# the imports plus HEADROOM, then trains with one (spawned) DataLoader worker, which inherits the cap. RLIMIT_AS would not do: torch reserves GBs of address space it
 # never touches. The child also reports its peak RSS growth (getrusage), which the test bounds too.
 CHILD = textwrap.dedent("""
     import json, resource, sys
@@ -35,9 +35,10 @@ CHILD = textwrap.dedent("""
     cap = vm_data() + headroom
     resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
     uri = train_task.fn(key="k", input=folder, config=asdict(cfg), out=out, device="cpu", exclude=[],
-                        loader_workers=0)
+                        loader_workers=1)
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"uri": uri, "rss_growth": after - before}))
+    worker = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    print(json.dumps({"uri": uri, "rss_growth": after - before, "worker_rss": worker, "baseline": before}))
 """)
 
 
@@ -58,3 +59,4 @@ def test_prior_train_streams_a_data_set_larger_than_its_memory_cap(tmp_path):
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert (out / "prior.json").exists() and (out / "checkpoints" / "train_state.safetensors").exists()
     assert report["rss_growth"] < HEADROOM, report
+    assert 0 < report["worker_rss"] < report["baseline"] + HEADROOM, report  # the worker decoded a few images

@@ -29,8 +29,9 @@ class TrainingDataError(ValueError):
 
 
 def default_workers() -> int:
-    """DataLoader workers: the cores beside the training process, at most 8 (0: decode in the loop)."""
-    return max(0, min(8, (os.cpu_count() or 1) - 1))
+    """DataLoader workers: the cores beyond two (the training loop's and one for the rest), at most 8;
+    0 on a 2-core machine, where a worker would only take turns with the loop (0: decode in the loop)."""
+    return max(0, min(8, (os.cpu_count() or 1) - 2))
 
 
 def step_seed(seed: int, step: int, salt: str = "") -> int:
@@ -118,5 +119,7 @@ def step_loader(dataset: Dataset, transform: Callable[[object, int], object], ba
     """The batches of steps ``start..stop-1``, prepared by ``workers`` processes (None: :func:`default_workers`)."""
     workers = default_workers() if workers is None else workers
     sampler = StepBatches(len(dataset), batch_size, seed, start, stop, salt)
+    # spawn, not fork: training runs inside Prefect's threads, and a forked copy of them dies at start
     return DataLoader(Seeded(dataset, transform), batch_sampler=sampler, num_workers=workers,
-                      prefetch_factor=PREFETCH if workers else None, persistent_workers=False)
+                      prefetch_factor=PREFETCH if workers else None,
+                      multiprocessing_context="spawn" if workers else None)
