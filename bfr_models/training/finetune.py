@@ -10,7 +10,9 @@
   with gradient accumulation. Defaults are the released config (lr 2e-5 -> 5e-6, weight decay 0, LPIPS
   summed over each micro-batch while L1 is a mean); every knob lives in ``catalogs/finetune/*.yaml``.
 - bf16 autocast on a GPU (``precision: auto``), fp32 on the CPU; optionally channels_last.
-- The whole state (restorer, D, both optimizers, the scheduler, the data generator, torch's RNGs, the log)
+- Pairs stream through a DataLoader (:mod:`bfr_models.training.data`): a step's batch (and its real faces)
+  is drawn from (seed, step), so nothing holds the data set and a resumed run reads the same batches.
+- The whole state (restorer, D, both optimizers, the scheduler, torch's RNGs, the log)
   is checkpointed every ``checkpoint_every`` steps; calling :func:`finetune` again on the same ``out``
   resumes there, and the loss curve continues as if never interrupted.
 - Every ``validate_every`` steps (and at steps 0 and ``iters``) the held-out pairs are restored and scored:
@@ -277,11 +279,10 @@ def finetune(model: torch.nn.Module, train: Dataset, val: Pairs | None, reals, c
                                weight_decay=config.weight_decay) if disc is not None else None)
     if lpips_net is not None:
         lpips_net.to(device).eval().requires_grad_(False)
-    gen = torch.Generator().manual_seed(config.seed)
     step, log = 0, []
     state_uri = storage.join(out, STATE_FILE)
     state = resume(state_uri, asdict(config), {"model": model, "opt_g": opt_g, "scheduler": sched,
-                   "disc": disc, "opt_d": opt_d, "generator": gen}, "finetune", FinetuneError)
+                   "disc": disc, "opt_d": opt_d}, "finetune", FinetuneError)
     if state is not None:
         restore_rng(state)
         step, log = int(state["step"]), list(state["log"])
@@ -337,8 +338,7 @@ def finetune(model: torch.nn.Module, train: Dataset, val: Pairs | None, reals, c
             write_checkpoint(out, save, model, log, {
                 "config": asdict(config), "step": step, "model": model.state_dict(),
                 "disc": disc.state_dict() if disc is not None else None, "opt_g": opt_g.state_dict(),
-                "opt_d": opt_d.state_dict() if opt_d is not None else None, "scheduler": sched.state_dict(),
-                "generator": gen.get_state()})
+                "opt_d": opt_d.state_dict() if opt_d is not None else None, "scheduler": sched.state_dict()})
     return pd.DataFrame(settled(log))
 
 
