@@ -87,7 +87,8 @@ def load_pairs(pairs: str) -> PairPlan:
     """The ok rows of a pseudo-target manifest as a :class:`PairPlan`; sizes come from the manifests' width and
     height columns (the LQ's from its degrade row, else from decoding a sample of :data:`SIZE_SAMPLE` pairs).
 
-    Raises FinetuneError, before any training, for pairs whose sizes differ or that cannot be read.
+    Raises FinetuneError, before any training, for pairs whose sizes differ (and TrainingDataError for a
+    sampled pair that cannot be read); a bad pair outside the sample stops training when the loader reads it.
     """
     if not manifest.is_manifest(pairs):
         raise FinetuneError(f"--pairs must be a pseudo-target manifest (a stage folder with index.json): {pairs}")
@@ -124,10 +125,7 @@ def load_pairs(pairs: str) -> PairPlan:
 def split(plan: PairPlan, val_pairs: int) -> tuple[UriPairs, Pairs | None]:
     """Training pairs (read as batches need them) and the last ``val_pairs`` (by image id) held out for
     validation: a bounded sample, read once into memory."""
-    n = len(plan)
-    if val_pairs and n - val_pairs < 1:
-        raise FinetuneError(f"{n} pairs leave none to train on after holding out val_pairs={val_pairs}")
-    cut = n - val_pairs
+    cut = len(plan) - val_pairs  # at least 1: checked by plan_finetune
     train = UriPairs(plan.lq[:cut], plan.target[:cut])
     if not val_pairs:
         return train, None
