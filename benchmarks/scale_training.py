@@ -83,6 +83,7 @@ def run_stage(args: list[str]) -> tuple[float, int]:
 
 
 def stages(faces: Path, pairs: str, out: Path, px: int, steps: int) -> dict[str, list[str]]:
+    out.mkdir(parents=True, exist_ok=True)
     ft_config = out / "ft.yaml"
     ft_config.write_text(f"iters: {steps}\nbatch_size: {BATCH}\nmicro_batch: {BATCH}\nlpips_weight: 0.0\n"
                          f"d_num_feat: 8\nval_pairs: 4\nvalidate_every: {steps}\ncheckpoint_every: {steps}\n")
