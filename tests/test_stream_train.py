@@ -60,3 +60,12 @@ def test_prior_train_streams_a_data_set_larger_than_its_memory_cap(tmp_path):
     assert (out / "prior.json").exists() and (out / "checkpoints" / "train_state.safetensors").exists()
     assert report["rss_growth"] < HEADROOM, report
     assert 0 < report["worker_rss"] < report["baseline"] + HEADROOM, report  # the worker decoded a few images
+
+
+def test_a_resumed_run_reads_the_batches_the_killed_run_would_have():
+    from bfr_models.training.data import StepBatches
+
+    straight = list(StepBatches(50, 4, seed=3, start=0, stop=10))
+    assert list(StepBatches(50, 4, seed=3, start=6, stop=10)) == straight[6:]
+    assert list(StepBatches(50, 4, seed=4, start=0, stop=10)) != straight  # the seed picks the order
+    assert {i for batch in straight for i, _ in batch} <= set(range(50))
