@@ -10,9 +10,8 @@ by the final model. Everything is checked before training starts.
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 from prefect import flow, get_run_logger, task
 from tqdm.auto import tqdm
@@ -25,12 +24,13 @@ from bfr_models.restorers import CheckpointModel, RestorerError, SpandrelModel, 
 from bfr_models.restorers.checkpoint import ARCHS
 from bfr_models.restorers.codeformer import CodeFormerRestorer
 from bfr_models.training.codeformer import CodeFormerFinetuneConfig, finetune_codeformer
-from bfr_models.training.finetune import FinetuneError, Pairs, finetune, load_finetune_config
-from flows.prior import load_training_images
+from bfr_models.training.data import read_image
+from bfr_models.training.finetune import FinetuneError, Pairs, UriPairs, finetune, load_finetune_config
+from flows.prior import progress, training_images
 from flows.score import Lineage
-from tasks.rows import decode_items, ok_row, to_uint8, write_output
+from tasks.rows import ok_row, to_uint8, write_output
 from tasks.runtime import key_parameter, resolve_device, result_storage
-from tasks.shards import CODE_VERSION, InputItem, list_inputs, read_many, stable_hash
+from tasks.shards import CODE_VERSION, InputItem, list_inputs, stable_hash
 
 STAGE = "finetune"
 
@@ -61,11 +61,34 @@ def trainable_restorer(spec: str) -> tuple[torch.nn.Module, object, dict]:
     raise RestorerError(f"restorer {spec!r} has no weights to fine-tune (use small, swinir or a checkpoint)")
 
 
-def load_pairs(pairs: str) -> tuple[Pairs, list[str], int]:
-    """The ok rows of a pseudo-target manifest as tensors (sorted by image id), their (image id, LQ uri), and the
-    skipped count.
+SIZE_SAMPLE = 8  # pairs decoded to check sizes when the LQ images' manifest does not record them
 
-    Raises FinetuneError, before any training, for pairs whose sizes differ or that cannot be read.
+
+@dataclass
+class PairPlan:
+    """The ok pairs of a pseudo-target manifest, sorted by image id, as URIs (nothing decoded): listed once and
+    handed to the task. ``gt``: ground truth through the lineage when every LQ came from a degrade stage."""
+
+    lq: list[str]
+    target: list[str]
+    gt: list[str] | None
+    ids: list[str]
+    skipped: int
+    size: tuple[int, int]  # (height, width) of every pair
+
+    def __post_init__(self):
+        self.size = tuple(self.size)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def load_pairs(pairs: str) -> PairPlan:
+    """The ok rows of a pseudo-target manifest as a :class:`PairPlan`; sizes come from the manifests' width and
+    height columns (the LQ's from its degrade row, else from decoding a sample of :data:`SIZE_SAMPLE` pairs).
+
+    Raises FinetuneError, before any training, for pairs whose sizes differ (and TrainingDataError for a
+    sampled pair that cannot be read); a bad pair outside the sample stops training when the loader reads it.
     """
     if not manifest.is_manifest(pairs):
         raise FinetuneError(f"--pairs must be a pseudo-target manifest (a stage folder with index.json): {pairs}")
@@ -74,16 +97,18 @@ def load_pairs(pairs: str) -> tuple[Pairs, list[str], int]:
     skipped = len(frame) - len(ok)
     if ok.empty:
         raise FinetuneError(f"{pairs} has no ok rows ({skipped} error rows)")
-    lineage, gts = Lineage(), []
+    lineage, gts, sizes = Lineage(), [], []
     for row in ok.to_dict("records"):
         chain = list(lineage.chain(row))
-        gts.append(chain[1]["parent_uri"] if len(chain) > 1 and chain[1].get("stage") == "degrade" else None)
-    uris = list(ok["uri"]) + list(ok["parent_uri"]) + [g for g in gts if g]
-    decoded, bad = decode_items(STAGE, [InputItem(u, "-") for u in uris], read_many(uris))
-    if bad:
-        raise FinetuneError(f"{len(bad)} pair images cannot be read (first: {bad[0]['parent_uri']}: {bad[0]['error']})")
-    images = {item.uri: rgb for item, _, rgb, _ in decoded}
-    sizes = [(images[t].shape, images[l].shape) for t, l in zip(ok["uri"], ok["parent_uri"])]
+        parent = chain[1] if len(chain) > 1 else None
+        gts.append(parent["parent_uri"] if parent is not None and parent.get("stage") == "degrade" else None)
+        lq_size = (int(parent["height"]), int(parent["width"])) if parent is not None and parent.get("width") else None
+        sizes.append(((int(row["height"]), int(row["width"])), lq_size))
+    unknown = [i for i, (_, lq) in enumerate(sizes) if lq is None]
+    for i in unknown[:SIZE_SAMPLE]:  # a bounded sample: the rest is checked as the loader reads them
+        lq, target = (read_image(ok[c].iloc[i]) for c in ("parent_uri", "uri"))
+        sizes[i] = (tuple(target.shape[-2:]), tuple(lq.shape[-2:]))
+    sizes = [(t, lq if lq is not None else t) for t, lq in sizes]
     differ = [i for i, (a, b) in enumerate(sizes) if a != b]
     if differ:
         i = differ[0]
@@ -92,26 +117,23 @@ def load_pairs(pairs: str) -> tuple[Pairs, list[str], int]:
                             f"fine-tuning needs same-size pairs")
     if len({s for s, _ in sizes}) > 1:
         raise FinetuneError(f"pairs come in {len({s for s, _ in sizes})} sizes; fine-tuning needs one size")
+    return PairPlan(lq=[str(u) for u in ok["parent_uri"]], target=[str(u) for u in ok["uri"]],
+                    gt=[str(g) for g in gts] if all(gts) else None, ids=[str(i) for i in ok["image_id"]],
+                    skipped=skipped, size=sizes[0][0])
+
+
+def split(plan: PairPlan, val_pairs: int) -> tuple[UriPairs, Pairs | None]:
+    """Training pairs (read as batches need them) and the last ``val_pairs`` (by image id) held out for
+    validation: a bounded sample, read once into memory."""
+    cut = len(plan) - val_pairs  # at least 1: checked by plan_finetune
+    train = UriPairs(plan.lq[:cut], plan.target[:cut])
+    if not val_pairs:
+        return train, None
 
     def stack(uris):
-        return torch.from_numpy(np.stack([images[u] for u in uris])).permute(0, 3, 1, 2).float() / 255.0
+        return torch.stack([read_image(u) for u in uris[cut:]])
 
-    have_gt = all(gts)
-    return (Pairs(lq=stack(ok["parent_uri"]), target=stack(ok["uri"]), gt=stack(gts) if have_gt else None),
-            list(zip(ok["image_id"], ok["parent_uri"])), skipped)
-
-
-def split(pairs: Pairs, val_pairs: int) -> tuple[Pairs, Pairs | None]:
-    """The last ``val_pairs`` (by image id) are held out for validation."""
-    n = len(pairs)
-    if val_pairs and n - val_pairs < 1:
-        raise FinetuneError(f"{n} pairs leave none to train on after holding out val_pairs={val_pairs}")
-    cut = n - val_pairs
-
-    def part(sl):
-        return Pairs(pairs.lq[sl], pairs.target[sl], pairs.gt[sl] if pairs.gt is not None else None)
-
-    return part(slice(0, cut)), (part(slice(cut, n)) if val_pairs else None)
+    return train, Pairs(lq=stack(plan.lq), target=stack(plan.target), gt=stack(plan.gt) if plan.gt else None)
 
 
 def finetune_config(config: str, restorer_net: torch.nn.Module, **overrides):
@@ -128,19 +150,22 @@ def finetune_config(config: str, restorer_net: torch.nn.Module, **overrides):
 
 
 def plan_finetune(pairs: str, restorer: str, real: str | None, config: str, overrides: dict,
-                  exclude: tuple[str, ...] | list[str] = ()):
-    """Everything checked before any work. Returns (pairs, ids, skipped, network, save, info, reals, config)."""
-    data, ids, skipped = load_pairs(pairs)
+                  exclude: tuple[str, ...] | list[str] = (), plan: PairPlan | None = None):
+    """Everything checked before any work. Returns (pair plan, network, save, info, reals, config).
+
+    ``plan``: the pairs listed already (by the flow, for its task): they are not listed again."""
+    plan = load_pairs(pairs) if plan is None else plan
     net, save, info = trainable_restorer(restorer)
     cfg = finetune_config(config, net, **overrides)
-    size = data.lq.shape[-1]
+    height, size = plan.size
     multiple = getattr(net, "pad_multiple", 1)
-    if data.lq.shape[-2] % multiple or size % multiple:
+    if height % multiple or size % multiple:
         raise FinetuneError(f"{info['arch']} needs sides that are multiples of {multiple}; pairs are "
-                            f"{data.lq.shape[-1]}x{data.lq.shape[-2]}")
-    split(data, cfg.val_pairs)
-    if data.lq.shape[-2] != size:
-        raise FinetuneError(f"pairs are {size}x{data.lq.shape[-2]}: only square pairs are supported "
+                            f"{size}x{height}")
+    if cfg.val_pairs and len(plan) - cfg.val_pairs < 1:
+        raise FinetuneError(f"{len(plan)} pairs leave none to train on after holding out val_pairs={cfg.val_pairs}")
+    if height != size:
+        raise FinetuneError(f"pairs are {size}x{height}: only square pairs are supported "
                             f"(real faces are resized to the pair size)")
     if getattr(cfg, "lpips_weight", 0) > 0:
         from bfr_models.metrics.lpips_metric import BACKBONE_CARDS
@@ -153,33 +178,35 @@ def plan_finetune(pairs: str, restorer: str, real: str | None, config: str, over
             raise FinetuneError("--real (HQ faces for the discriminator) is required by the image-level recipe")
         if not storage.exists(real):
             raise FileNotFoundError(f"--real not found: {real}")
-        reals, _ = load_training_images(real, size, exclude)
-        if reals.shape[0] < cfg.batch_size:
-            raise FinetuneError(f"--real has {reals.shape[0]} images, fewer than the batch ({cfg.batch_size}); "
+        reals = training_images(real, size, exclude)
+        if len(reals) < cfg.batch_size:
+            raise FinetuneError(f"--real has {len(reals)} images, fewer than the batch ({cfg.batch_size}); "
                                 f"the discriminator needs at least a batch of real faces")
-        reals = (reals + 1) / 2
-    return data, ids, skipped, net, save, info, reals, cfg
+    return plan, net, save, info, reals, cfg
 
 
 @task(name="finetune-train", cache_key_fn=key_parameter, persist_result=True,
       result_serializer="json")  # a checkable record, never a pickle (tasks.runtime.key_parameter)
 def finetune_task(key: str, pairs: str, restorer: str, real: str | None, config: str, overrides: dict, out: str,
-                  device: str, exclude: list[str]) -> dict:
-    data, ids, _, net, save, info, reals, cfg = plan_finetune(pairs, restorer, real, config, overrides, exclude)
-    train, val = split(data, cfg.val_pairs)
+                  device: str, exclude: list[str], plan: dict, loader_workers: int | None = None) -> dict:
+    plan, net, save, info, reals, cfg = plan_finetune(pairs, restorer, real, config, overrides, exclude,
+                                                      PairPlan(**plan))
+    train, val = split(plan, cfg.val_pairs)
+    ids = list(zip(plan.ids, plan.lq))
     dev = resolve_device(device)
     lpips_net = _lpips(cfg, dev)
     with tqdm(total=cfg.iters, desc="finetune", unit="it", dynamic_ncols=True) as bar:
+        report = progress(bar, cfg.iters)
+
         def on_step(step: int, row: dict) -> None:
-            bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
-            bar.update(step - bar.n)
+            report(step, row["loss"])
 
         if isinstance(cfg, CodeFormerFinetuneConfig):
             log = finetune_codeformer(net, train, val, cfg, out, lpips_net=lpips_net, device=dev, save=save,
-                                      on_step=on_step)
+                                      on_step=on_step, workers=loader_workers)
         else:
             log = finetune(net, train, val, reals, cfg, out, lpips_net=lpips_net, device=dev, save=save,
-                           on_step=on_step)
+                           on_step=on_step, workers=loader_workers)
     writer = ManifestWriter(out)
     rows = []
     if val is not None:
@@ -229,17 +256,21 @@ def finetune_flow(pairs: str, restorer: str, out: str, real: str | None = None, 
                   iters: int | None = None, batch_size: int | None = None, micro_batch: int | None = None,
                   lr: float | None = None, val_pairs: int | None = None, validate_every: int | None = None,
                   checkpoint_every: int | None = None, precision: str | None = None, seed: int | None = None,
-                  device: str = "auto", exclude: tuple[str, ...] | list[str] = ()) -> str:
+                  device: str = "auto", exclude: tuple[str, ...] | list[str] = (),
+                  loader_workers: int | None = None) -> str:
     """Fine-tune `restorer` on the pairs; returns the stage folder (restorer, log, validation manifest).
+
+    Pairs are read by `loader_workers` DataLoader processes as batches need them (None: from the cores).
 
     ``config`` names a catalogs/finetune YAML (``auto``: the CodeFormer recipe for CodeFormer checkpoints,
     else the image-level one); the other arguments override its values.
     """
     overrides = dict(iters=iters, batch_size=batch_size, micro_batch=micro_batch, lr=lr, val_pairs=val_pairs,
                      validate_every=validate_every, checkpoint_every=checkpoint_every, precision=precision, seed=seed)
-    data, ids, skipped, _, _, info, reals, cfg = plan_finetune(pairs, restorer, real, config, overrides, exclude)
+    plan, _, _, info, reals, cfg = plan_finetune(pairs, restorer, real, config, overrides, exclude)
+    skipped = plan.skipped
     dev = resolve_device(device)
-    get_run_logger().info("finetune: %d pairs (%d error rows skipped), %s real faces, %s, %s", len(ids), skipped,
+    get_run_logger().info("finetune: %d pairs (%d error rows skipped), %s real faces, %s, %s", len(plan), skipped,
                           "no" if reals is None else len(reals), info["arch"], type(cfg).__name__)
     real_items = list_inputs(real, exclude)[0] if reals is not None else []
     key = stable_hash([STAGE, type(cfg).__name__, asdict(cfg), manifest.read_index(pairs)["key"],
@@ -247,7 +278,8 @@ def finetune_flow(pairs: str, restorer: str, out: str, real: str | None = None, 
     where = storage.join(storage.normalize(out), STAGE, key)
     result = finetune_task.with_options(result_storage=result_storage(where))(
         key=stable_hash([where, CODE_VERSION]), pairs=pairs, restorer=restorer, real=real, config=config,
-        overrides=overrides, out=where, device=str(dev), exclude=list(exclude))
+        overrides=overrides, out=where, device=str(dev), exclude=list(exclude), plan=asdict(plan),
+        loader_workers=loader_workers)
     index_config = {"finetune": asdict(cfg), "recipe": type(cfg).__name__, "pairs": pairs, "real": real,
                     "skipped_pairs": skipped, **{k: v for k, v in result.items() if k != "shard"}}
     ManifestWriter(where).write_index(STAGE, key, index_config, [ShardInfo(**result["shard"])])

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 
-import torch
 from prefect import flow, get_run_logger, task
 from tqdm.auto import tqdm
 
@@ -21,50 +20,44 @@ from bfr_models import manifest, models, storage
 from bfr_models.idm import (AcceptanceConfig, IDMConfig, IDMError, IDMTrainConfig, SetCalibration, load_acceptance,
                             load_idm, train_idm)
 from bfr_models.idm.sampler import VARIANCES
-from flows.prior import images_at_resolution, load_training_images
+from bfr_models.training.data import UriImages
+from flows.prior import progress, training_images
 from flows.stage import annotate_index, run_stage, skipped_record
 from tasks.clean import STAGE, cached_idm, clean_shard, set_calibration
 from tasks.pseudo_targets import DTYPES
 from tasks.runtime import ensure_gpu_limit, key_parameter, resolve_device, result_storage
-from tasks.shards import CODE_VERSION, InputItem, list_inputs, stable_hash
+from tasks.shards import CODE_VERSION, list_inputs, stable_hash
 
 DEGRADE_SOURCES = ("original", "cleaned")
 DEFAULT_CHANNELS = IDMConfig().channels
 
 
-def _pairs(targets: str, resolution: int, degrade_source: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sources, targets) in [0, 1] from a clean manifest: the original x and the cleaned dataset's image."""
+def _pairs(targets: str, resolution: int, degrade_source: str) -> tuple[UriImages, UriImages]:
+    """(sources, targets) from a clean manifest, read when a batch needs them: the original x (or, with
+    ``degrade_source="cleaned"``, the cleaned image) and the cleaned dataset's image x*."""
     frame = manifest.read_manifest(targets)
     ok = frame[frame["status"] == "ok"].sort_values("source_uri")
-    x, bad_x = images_at_resolution([InputItem(str(u), "-") for u in ok["source_uri"]], resolution)
-    y, bad_y = images_at_resolution([InputItem(str(u), "-") for u in ok["uri"]], resolution)
-    if bad_x or bad_y:
-        raise IDMError(f"idm train: {len(bad_x) + len(bad_y)} images of {targets} cannot be read "
-                       f"(first: {(bad_x + bad_y)[0]})")
-    return ((y if degrade_source == "cleaned" else x) + 1) / 2, (y + 1) / 2
+    cleaned = UriImages([str(u) for u in ok["uri"]], resolution)
+    return (cleaned if degrade_source == "cleaned" else UriImages([str(u) for u in ok["source_uri"]], resolution),
+            cleaned)
 
 
 @task(name="idm-train", cache_key_fn=key_parameter, persist_result=True,
       result_serializer="json")  # a checkable record, never a pickle (tasks.runtime.key_parameter)
 def idm_train_task(key: str, input: str, targets: str | None, model: dict, train: dict, resolution: int,
                    degrade_source: str, init: str | None, round: int, out: str, device: str,
-                   exclude: list[str]) -> str:
+                   exclude: list[str], loader_workers: int | None = None) -> str:
     cfg, tcfg = IDMConfig(**model), IDMTrainConfig(**train)
     if targets:
         sources, target_images = _pairs(targets, resolution, degrade_source)
     else:
-        images, _ = load_training_images(input, resolution, exclude)
-        sources, target_images = (images + 1) / 2, None
+        sources, target_images = training_images(input, resolution, exclude), None
     init_model = load_idm(init, device) if init else None
     source = {"round": round, "resolution": resolution, "input": input, "targets": targets,
-              "degrade_source": degrade_source, "images": int(sources.shape[0])}
+              "degrade_source": degrade_source, "images": len(sources)}
     with tqdm(total=tcfg.iters, desc=f"idm train (round {round})", unit="it", dynamic_ncols=True) as bar:
-        def on_step(step: int, loss: float) -> None:
-            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-            bar.update(step - bar.n)
-
         return train_idm(sources, cfg, tcfg, out, targets=target_images, init=init_model, device=device,
-                         source=source, on_step=on_step)
+                         source=source, on_step=progress(bar, tcfg.iters), workers=loader_workers)
 
 
 def plan_idm_train(input: str, resolution: int, crop: int | None, channels, layers_per_block: int, attention,
@@ -91,9 +84,11 @@ def idm_train_flow(input: str, out: str, resolution: int = 512, crop: int | None
                    batch_size: int = 32, lr: float = 1e-4, warmup: int = 10_000, ema_decay: float = 0.9999,
                    loss_p: int = 1, preset: str = "idm", checkpoint_every: int = 5000, seed: int = 0,
                    targets: str | None = None, init: str | None = None, degrade_source: str = "original",
-                   round: int = 1, device: str = "auto", exclude: tuple[str, ...] | list[str] = ()) -> str:
+                   round: int = 1, device: str = "auto", exclude: tuple[str, ...] | list[str] = (),
+                   loader_workers: int | None = None) -> str:
     """Train the conditional IDM restorer on the images of `input` (round 1) or on a clean manifest's pairs
-    (`targets`, later rounds, initialised from `init`); returns the model folder's URI."""
+    (`targets`, later rounds, initialised from `init`); returns the model folder's URI. Images are read,
+    cropped and degraded by `loader_workers` DataLoader processes (None: from the cores)."""
     train = dict(iters=iters, batch_size=batch_size, lr=lr, warmup=warmup, ema_decay=ema_decay, loss_p=loss_p,
                  preset=preset, checkpoint_every=checkpoint_every, seed=seed)
     model, tcfg, items = plan_idm_train(input, resolution, crop, channels, layers_per_block, attention,
@@ -108,7 +103,7 @@ def idm_train_flow(input: str, out: str, resolution: int = 512, crop: int | None
     return idm_train_task.with_options(result_storage=result_storage(where))(
         key=stable_hash([where, CODE_VERSION]), input=input, targets=targets, model=asdict(model), train=asdict(tcfg),
         resolution=resolution, degrade_source=degrade_source, init=init, round=round, out=where, device=str(dev),
-        exclude=list(exclude))
+        exclude=list(exclude), loader_workers=loader_workers)
 
 
 def _optional_scorer(card: str, wanted: bool | None, not_computed: list, metric: str) -> bool:

@@ -4,49 +4,45 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-import torch
 from prefect import flow, get_run_logger, task
 from tqdm.auto import tqdm
 
 from bfr_models import storage
 from bfr_models.diffusion.prior import save_prior
 from bfr_models.diffusion.train import PriorTrainConfig, train_prior
-from bfr_models.pseudo_targets import to_resolution
-from tasks.rows import decode_items
+from bfr_models.training.data import UriImages
 from tasks.runtime import key_parameter, resolve_device, result_storage
-from tasks.shards import CODE_VERSION, InputItem, list_inputs, read_many, stable_hash
+from tasks.shards import CODE_VERSION, list_inputs, stable_hash
 
 STAGE = "prior"
+LOSS_EVERY = 20  # steps between progress-bar updates: reading the loss waits for the device
 
 
-def load_training_images(input: str, resolution: int, exclude: tuple[str, ...] | list[str] = ()
-                         ) -> tuple[torch.Tensor, list[str]]:
-    """Every decodable image of a manifest or folder at ``resolution`` in [-1, 1]; and the reasons for the rest."""
+def training_images(input: str, resolution: int, exclude: tuple[str, ...] | list[str] = ()) -> UriImages:
+    """The images of a manifest or folder, read and resized to ``resolution`` when a batch needs them."""
     items, _ = list_inputs(input, exclude)
-    return images_at_resolution(items, resolution)
-
-
-def images_at_resolution(items: list[InputItem], resolution: int) -> tuple[torch.Tensor, list[str]]:
-    """The decodable ``items`` (in order) at ``resolution`` in [-1, 1]; and the reasons for the others."""
-    decoded, errors = decode_items(STAGE, items, read_many([i.uri for i in items]))
-    tensors = [to_resolution(torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None].float() / 255.0, resolution)[0]
-               for _, _, rgb, _ in decoded]
-    images = torch.stack(tensors) * 2 - 1 if tensors else torch.empty(0, 3, resolution, resolution)
-    return images, [f"{r['parent_uri']}: {r['error']}" for r in errors]
+    return UriImages([i.uri for i in items], resolution)
 
 
 @task(name="prior-train", cache_key_fn=key_parameter, persist_result=True,
       result_serializer="json")  # a checkable record, never a pickle (tasks.runtime.key_parameter)
-def train_task(key: str, input: str, config: dict, out: str, device: str, exclude: list[str]) -> str:
+def train_task(key: str, input: str, config: dict, out: str, device: str, exclude: list[str],
+               loader_workers: int | None = None) -> str:
     """Train (resuming from the last checkpoint under ``out``) and return the prior's URI."""
     cfg = PriorTrainConfig(**{**config, "channels": tuple(config["channels"])})
-    images, _ = load_training_images(input, cfg.resolution, exclude)
     with tqdm(total=cfg.steps, desc="prior train", unit="step", dynamic_ncols=True) as bar:
-        def on_step(step: int, loss: float) -> None:
-            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        return train_prior(training_images(input, cfg.resolution, exclude), cfg, out, device=device,
+                           on_step=progress(bar, cfg.steps), workers=loader_workers)
+
+
+def progress(bar, last: int, every: int = LOSS_EVERY):
+    """An ``on_step`` for a progress bar that reads the loss (a device sync) only every ``every`` steps."""
+    def on_step(step: int, loss) -> None:
+        if step % every == 0 or step == last:
+            bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
             bar.update(step - bar.n)
 
-        return train_prior(images, cfg, out, device=device, on_step=on_step)
+    return on_step
 
 
 def train_location(items, config: PriorTrainConfig, out: str) -> str:
@@ -58,8 +54,11 @@ def train_location(items, config: PriorTrainConfig, out: str) -> str:
 @flow(name="prior-train")
 def prior_train_flow(input: str, out: str, resolution: int = 64, steps: int = 2000, batch_size: int = 16,
                      lr: float = 2e-4, channels: tuple[int, ...] = (32, 64, 64), checkpoint_every: int = 500,
-                     seed: int = 0, device: str = "auto", exclude: tuple[str, ...] | list[str] = ()) -> str:
-    """Train a small UNet2DModel prior on the images of `input`; returns the prior folder's URI."""
+                     seed: int = 0, device: str = "auto", exclude: tuple[str, ...] | list[str] = (),
+                     loader_workers: int | None = None) -> str:
+    """Train a small UNet2DModel prior on the images of `input`; returns the prior folder's URI.
+
+    Images are read through a DataLoader with `loader_workers` processes (None: from the cores)."""
     config = PriorTrainConfig(resolution=resolution, steps=steps, batch_size=batch_size, lr=lr,
                               channels=tuple(channels), checkpoint_every=checkpoint_every, seed=seed)
     dev = resolve_device(device)
@@ -70,7 +69,8 @@ def prior_train_flow(input: str, out: str, resolution: int = 64, steps: int = 20
     get_run_logger().info("prior train: %d images (%d error rows skipped) -> %s", len(items), skipped, where)
     key = stable_hash([where, asdict(config), CODE_VERSION])
     return train_task.with_options(result_storage=result_storage(where))(
-        key=key, input=input, config=asdict(config), out=where, device=str(dev), exclude=list(exclude))
+        key=key, input=input, config=asdict(config), out=where, device=str(dev), exclude=list(exclude),
+        loader_workers=loader_workers)
 
 
 def convert_adm(checkpoint: str, arch: str, out: str) -> str:

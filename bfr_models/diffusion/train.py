@@ -19,6 +19,7 @@ from diffusers import UNet2DModel
 from bfr_models import storage
 from bfr_models.diffusion.prior import save_prior
 from bfr_models.diffusion.schedule import DDPMSchedule
+from bfr_models.training.data import TensorImages, coin, step_loader
 from bfr_models.training.state import STATE_FILE, ema_update, resume, save_state
 
 
@@ -64,16 +65,23 @@ def small_unet(config: PriorTrainConfig) -> UNet2DModel:
     )
 
 
-def train_prior(images: torch.Tensor, config: PriorTrainConfig, out: str, device: str | torch.device = "cpu",
-                on_step: Callable[[int, float], None] | None = None) -> str:
-    """Train on ``images`` (N, 3, R, R) in [-1, 1]; write the prior folder to ``out``; return its URI.
+def train_prior(images, config: PriorTrainConfig, out: str, device: str | torch.device = "cpu",
+                on_step: Callable[[int, torch.Tensor], None] | None = None, workers: int | None = None) -> str:
+    """Train on ``images``: a Dataset of (3, R, R) images in [0, 1] read as batches need them
+    (:class:`~bfr_models.training.data.UriImages`), or a tensor (N, 3, R, R) in [-1, 1]. Writes the prior
+    folder to ``out`` and returns its URI.
 
     Resumes from ``<out>/checkpoints/train_state.safetensors`` when it exists (same config required).
-    ``on_step(step, loss)`` is called after every optimisation step (progress bars, logs).
+    ``on_step(step, loss)`` is called after every optimisation step with the loss as a detached 0-dim
+    tensor on the device (reading it syncs with the device: progress bars read it every few steps).
+    ``workers``: DataLoader processes decoding images (None: from the cores; 0: in this process).
     """
-    if images.dim() != 4 or images.shape[1] != 3 or tuple(images.shape[-2:]) != (config.resolution,) * 2:
-        raise ValueError(f"prior train: images must be (N, 3, {config.resolution}, {config.resolution}), got {tuple(images.shape)}")
-    if images.shape[0] < 1:
+    if isinstance(images, torch.Tensor):
+        if images.dim() != 4 or images.shape[1] != 3 or tuple(images.shape[-2:]) != (config.resolution,) * 2:
+            raise ValueError(f"prior train: images must be (N, 3, {config.resolution}, {config.resolution}), "
+                             f"got {tuple(images.shape)}")
+        images = TensorImages((images.float() + 1) / 2)
+    if len(images) < 1:
         raise ValueError("prior train: no training images")
     device = torch.device(device)
     out = storage.normalize(out)
@@ -84,7 +92,7 @@ def train_prior(images: torch.Tensor, config: PriorTrainConfig, out: str, device
     unet = small_unet(config).to(device)
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)  # t and noise; the batches come from (seed, step)
     step = 0
     state_uri = storage.join(out, STATE_FILE)
     state = resume(state_uri, asdict(config),
@@ -92,13 +100,10 @@ def train_prior(images: torch.Tensor, config: PriorTrainConfig, out: str, device
     if state is not None:
         step = int(state["step"])
 
-    data = images.float()
     unet.train()
-    while step < config.steps:
-        idx = torch.randint(0, data.shape[0], (config.batch_size,), generator=gen)
-        x0 = data[idx]
-        flip = torch.rand(config.batch_size, generator=gen) < 0.5
-        x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0).to(device)
+    batches = step_loader(images, _flipped, config.batch_size, config.seed, step, config.steps, workers, "prior")
+    for x0 in batches:
+        x0 = x0.to(device) * 2 - 1
         t = torch.randint(0, config.T, (config.batch_size,), generator=gen).to(device)
         noise = torch.randn(x0.shape, generator=gen).to(device)
         a = abar[t].view(-1, 1, 1, 1)
@@ -110,10 +115,15 @@ def train_prior(images: torch.Tensor, config: PriorTrainConfig, out: str, device
         step += 1
         ema_update(ema, unet, config.ema_decay, step)
         if on_step is not None:
-            on_step(step, loss.item())
+            on_step(step, loss.detach())
         if step % config.checkpoint_every == 0 or step == config.steps:
             _checkpoint(unet, ema, opt, gen, step, config, out)
     return out
+
+
+def _flipped(image: torch.Tensor, seed: int) -> torch.Tensor:
+    """The training view of one image: mirrored on a coin drawn from its seed."""
+    return image.flip(-1) if coin(seed) else image
 
 
 def _checkpoint(unet, ema, opt, gen, step, config: PriorTrainConfig, out: str) -> None:

@@ -17,10 +17,12 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
+from torch.utils.data import Dataset
 
 from bfr_models import storage
 from bfr_models.degradations import load_preset
 from bfr_models.idm.model import IDMConfig, IDMError, IDMModel, idm_unet, save_idm
+from bfr_models.training.data import TensorImages, step_loader
 from bfr_models.training.state import STATE_FILE, ema_update, resume, save_state
 
 
@@ -55,38 +57,69 @@ class IDMTrainConfig:
         load_preset(self.preset).config  # unknown preset: one line, before any work
 
 
-def _crops(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, crop: int, hflip: bool, gen: torch.Generator):
-    """The same random crop and flip of ``x[idx]`` and ``y[idx]``."""
-    H, W = x.shape[-2:]
-    tops = torch.randint(0, H - crop + 1, (len(idx),), generator=gen).tolist()
-    lefts = torch.randint(0, W - crop + 1, (len(idx),), generator=gen).tolist()
-    flips = (torch.rand(len(idx), generator=gen) < 0.5).tolist()
-    xs, ys = [], []
-    for i, t, l, f in zip(idx.tolist(), tops, lefts, flips):
-        a, b = x[i, :, t:t + crop, l:l + crop], y[i, :, t:t + crop, l:l + crop]
-        if hflip and f:
-            a, b = a.flip(-1), b.flip(-1)
-        xs.append(a)
-        ys.append(b)
-    return torch.stack(xs), torch.stack(ys)
+class Paired(Dataset):
+    """(source, target) images of the same size in [0, 1]: the same image twice when there are no targets."""
+
+    def __init__(self, sources: Dataset, targets: Dataset | None = None):
+        if targets is not None and len(targets) != len(sources):
+            raise IDMError(f"idm train: {len(sources)} sources but {len(targets)} targets")
+        self.sources, self.targets = sources, targets
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        source = self.sources[i]
+        return source, (source if self.targets is None else self.targets[i])
 
 
-def train_idm(sources: torch.Tensor, model: IDMConfig, config: IDMTrainConfig, out: str, *,
-              targets: torch.Tensor | None = None, init: IDMModel | None = None, device: str | torch.device = "cpu",
-              source: dict | None = None, on_step: Callable[[int, float], None] | None = None) -> str:
-    """Train on ``sources`` (N, 3, H, W) in [0, 1] (targets default to the sources); write the model folder
-    to ``out`` and return its URI. Resumes from ``<out>/checkpoints/train_state.safetensors`` when it exists."""
-    targets = sources if targets is None else targets
-    if sources.dim() != 4 or sources.shape[1] != 3 or sources.shape != targets.shape:
-        raise IDMError(f"idm train: sources and targets must be equal (N, 3, H, W) batches, "
-                       f"got {tuple(sources.shape)} and {tuple(targets.shape)}")
-    if min(sources.shape[-2:]) < model.crop:
-        raise IDMError(f"idm train: images of {sources.shape[-1]}x{sources.shape[-2]} are smaller than the crop {model.crop}")
+class TrainingView:
+    """One training sample from a pair and its seed: the same random crop and flip of source and target,
+    then the source degraded with the preset's draw for this image (in the DataLoader worker).
+    Returns (condition, x0), both in [-1, 1]."""
+
+    def __init__(self, preset_name: str, crop: int, hflip: bool):
+        self.preset, self.crop, self.hflip = load_preset(preset_name), crop, hflip
+
+    def __call__(self, pair: tuple[torch.Tensor, torch.Tensor], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        source, target = pair
+        H, W = source.shape[-2:]
+        if source.shape != target.shape or min(H, W) < self.crop:
+            raise IDMError(f"idm train: a pair of {tuple(source.shape)} and {tuple(target.shape)} cannot give "
+                           f"{self.crop} px crops (same-size images at least that large are needed)")
+        gen = torch.Generator().manual_seed(seed)
+        top = int(torch.randint(0, H - self.crop + 1, (1,), generator=gen))
+        left = int(torch.randint(0, W - self.crop + 1, (1,), generator=gen))
+        flip = self.hflip and bool(torch.rand(1, generator=gen) < 0.5)
+        degrade_seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+        crops = torch.stack([source, target])[..., top:top + self.crop, left:left + self.crop]
+        src, tgt = crops.flip(-1) if flip else crops
+        cond = self.preset.apply(src[None].float(), [self.preset.sample(degrade_seed)])[0]
+        return cond * 2 - 1, tgt.float() * 2 - 1
+
+
+def train_idm(sources, model: IDMConfig, config: IDMTrainConfig, out: str, *, targets=None,
+              init: IDMModel | None = None, device: str | torch.device = "cpu", source: dict | None = None,
+              on_step: Callable[[int, torch.Tensor], None] | None = None, workers: int | None = None) -> str:
+    """Train on ``sources`` in [0, 1] (targets default to the sources): Datasets of (3, H, W) images read as
+    batches need them (:class:`~bfr_models.training.data.UriImages`) or tensors (N, 3, H, W). Writes the
+    model folder to ``out`` and returns its URI. Resumes from ``<out>/checkpoints/train_state.safetensors``
+    when it exists. ``on_step(step, loss)`` gets the loss as a detached device tensor (reading it syncs);
+    ``workers``: DataLoader processes that read, crop and degrade (None: from the cores; 0: this process)."""
+    if isinstance(sources, torch.Tensor):
+        if sources.dim() != 4 or sources.shape[1] != 3 or (targets is not None and sources.shape != targets.shape):
+            raise IDMError(f"idm train: sources and targets must be equal (N, 3, H, W) batches, got "
+                           f"{tuple(sources.shape)} and {tuple(targets.shape) if targets is not None else None}")
+        if min(sources.shape[-2:]) < model.crop:
+            raise IDMError(f"idm train: images of {sources.shape[-1]}x{sources.shape[-2]} are smaller than the crop {model.crop}")
+        sources, targets = TensorImages(sources), (TensorImages(targets) if targets is not None else None)
+    pairs = Paired(sources, targets)
+    if len(pairs) < 1:
+        raise IDMError("idm train: no training images")
     if init is not None and init.config != model:
         raise IDMError("idm train: the init model's architecture differs from the config")
     device = torch.device(device)
     out = storage.normalize(out)
-    preset = load_preset(config.preset)
     schedule = model.schedule()
     abar = torch.from_numpy(schedule.alphas_cumprod).float().to(device)
 
@@ -106,12 +139,9 @@ def train_idm(sources: torch.Tensor, model: IDMConfig, config: IDMTrainConfig, o
         step = int(state["step"])
 
     unet.train()
-    while step < config.iters:
-        idx = torch.randint(0, sources.shape[0], (config.batch_size,), generator=gen)
-        src, tgt = _crops(sources, targets, idx, model.crop, config.hflip, gen)
-        params = [preset.sample(int(s)) for s in torch.randint(0, 2**62, (config.batch_size,), generator=gen)]
-        cond = torch.stack(preset.apply(src.float(), params)).to(device) * 2 - 1
-        x0 = tgt.to(device).float() * 2 - 1
+    view = TrainingView(config.preset, model.crop, config.hflip)
+    for cond, x0 in step_loader(pairs, view, config.batch_size, config.seed, step, config.iters, workers, "idm"):
+        cond, x0 = cond.to(device), x0.to(device)
         t = torch.randint(0, model.T, (config.batch_size,), generator=gen).to(device)
         noise = torch.randn(x0.shape, generator=gen).to(device)
         a = abar[t].view(-1, 1, 1, 1)
@@ -126,7 +156,7 @@ def train_idm(sources: torch.Tensor, model: IDMConfig, config: IDMTrainConfig, o
         step += 1
         ema_update(ema, unet, config.ema_decay, step)
         if on_step is not None:
-            on_step(step, loss.item())
+            on_step(step, loss.detach())
         if step % config.checkpoint_every == 0 or step == config.iters:
             info = {**(source or {}), "step": step, "train": asdict(config),
                     "init": init.describe() if init is not None else None}

@@ -20,11 +20,13 @@ from typing import Callable
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Dataset
 
 from bfr_models import storage
 from bfr_models.restorers.codeformer import FIDELITY_WEIGHT, CodeFormerRestorer
-from bfr_models.training.finetune import (STATE_FILE, FinetuneError, LoopKnobs, Pairs, restore_rng, validate,
-                                          write_checkpoint)
+from bfr_models.training.data import coin, step_loader
+from bfr_models.training.finetune import (STATE_FILE, FinetuneError, LoopKnobs, Pairs, restore_rng, settled,
+                                          validate, write_checkpoint)
 from bfr_models.training.state import ema_update, resume
 
 TRAINED = ("encoder", "position_emb", "feat_emb", "ft_layers", "idx_pred_layer")  # the rest is frozen
@@ -82,11 +84,14 @@ def code_losses(restorer: CodeFormerRestorer, frozen_encoder: torch.nn.Module, l
     return l_feat, l_token, (logits.argmax(-1) == idx).float().mean()
 
 
-def finetune_codeformer(restorer: CodeFormerRestorer, train: Pairs, val: Pairs | None,
+def finetune_codeformer(restorer: CodeFormerRestorer, train: Dataset, val: Pairs | None,
                         config: CodeFormerFinetuneConfig, out: str, *, lpips_net: torch.nn.Module | None = None,
                         device: str | torch.device = "cpu", save: Callable | None = None,
-                        on_step: Callable[[int, dict], None] | None = None) -> pd.DataFrame:
-    """Fine-tune ``restorer`` (its EMA weights end up in it) and return the log, one row per step."""
+                        on_step: Callable[[int, dict], None] | None = None, workers: int | None = None) -> pd.DataFrame:
+    """Fine-tune ``restorer`` (its EMA weights end up in it) and return the log, one row per step.
+
+    ``train``: (lq, target) pairs in [0, 1] (:class:`Pairs` or :class:`UriPairs`, read by ``workers``
+    DataLoader processes; None: from the cores). ``on_step(step, row)``: losses still device scalars."""
     if len(train) < 1:
         raise FinetuneError("finetune: no training pairs")
     device = torch.device(device)
@@ -102,22 +107,16 @@ def finetune_codeformer(restorer: CodeFormerRestorer, train: Pairs, val: Pairs |
     ema = copy.deepcopy(restorer).requires_grad_(False)
     opt = torch.optim.Adam(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(config.milestones), gamma=config.gamma)
-    gen = torch.Generator().manual_seed(config.seed)
     step, log = 0, []
     state = resume(storage.join(out, STATE_FILE), asdict(config),
                    {"model": restorer, "ema": ema, "frozen_encoder": frozen_encoder, "optimizer": opt,
-                    "scheduler": sched, "generator": gen}, "finetune", FinetuneError)
+                    "scheduler": sched}, "finetune", FinetuneError)
     if state is not None:
         restore_rng(state)
         step, log = int(state["step"]), list(state["log"])
     if step == 0 and val is not None and len(val):
         log.append({"step": 0, **validate(ema, val, lpips_net, device, config)})
-    while step < config.iters:
-        idx = torch.randint(0, len(train), (config.batch_size,), generator=gen)
-        lq, target = train.lq[idx], train.target[idx]
-        if config.hflip:  # the same flip for the input and its target
-            flip = (torch.rand(config.batch_size, generator=gen) < 0.5).view(-1, 1, 1, 1)
-            lq, target = torch.where(flip, lq.flip(-1), lq), torch.where(flip, target.flip(-1), target)
+    for lq, target in step_loader(train, Flipped(config.hflip), config.batch_size, config.seed, step, config.iters, workers, "pairs"):
         l_feat, l_token, acc = code_losses(restorer, frozen_encoder, lq.to(device), target.to(device))
         loss = config.feat_weight * l_feat + config.token_weight * l_token
         opt.zero_grad(set_to_none=True)
@@ -126,8 +125,8 @@ def finetune_codeformer(restorer: CodeFormerRestorer, train: Pairs, val: Pairs |
         sched.step()
         step += 1
         ema_update(ema, restorer, config.ema_decay, step)
-        row = {"step": step, "lr": sched.get_last_lr()[0], "loss": float(loss.detach()),
-               "feat": float(l_feat.detach()), "token": float(l_token.detach()), "token_acc": float(acc)}
+        row = {"step": step, "lr": sched.get_last_lr()[0], "loss": loss.detach(),  # read at checkpoints (settled)
+               "feat": l_feat.detach(), "token": l_token.detach(), "token_acc": acc.detach()}
         if val is not None and len(val) and (step % config.validate_every == 0 or step == config.iters):
             row.update(validate(ema, val, lpips_net, device, config))
         log.append(row)
@@ -137,6 +136,16 @@ def finetune_codeformer(restorer: CodeFormerRestorer, train: Pairs, val: Pairs |
             write_checkpoint(out, save, ema, log, {
                 "config": asdict(config), "step": step, "model": restorer.state_dict(), "ema": ema.state_dict(),
                 "frozen_encoder": frozen_encoder.state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "generator": gen.get_state()})
+                "scheduler": sched.state_dict()})
     restorer.load_state_dict(ema.state_dict())
-    return pd.DataFrame(log)
+    return pd.DataFrame(settled(log))
+
+
+class Flipped:
+    """A pair mirrored (input and target alike) on a coin drawn from the sample's seed, when ``enabled``."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __call__(self, pair, seed: int):
+        return tuple(image.flip(-1) for image in pair) if self.enabled and coin(seed) else pair

@@ -10,7 +10,9 @@
   with gradient accumulation. Defaults are the released config (lr 2e-5 -> 5e-6, weight decay 0, LPIPS
   summed over each micro-batch while L1 is a mean); every knob lives in ``catalogs/finetune/*.yaml``.
 - bf16 autocast on a GPU (``precision: auto``), fp32 on the CPU; optionally channels_last.
-- The whole state (restorer, D, both optimizers, the scheduler, the data generator, torch's RNGs, the log)
+- Pairs stream through a DataLoader (:mod:`bfr_models.training.data`): a step's batch (and its real faces)
+  is drawn from (seed, step), so nothing holds the data set and a resumed run reads the same batches.
+- The whole state (restorer, D, both optimizers, the scheduler, torch's RNGs, the log)
   is checkpointed every ``checkpoint_every`` steps; calling :func:`finetune` again on the same ``out``
   resumes there, and the loss curve continues as if never interrupted.
 - Every ``validate_every`` steps (and at steps 0 and ``iters``) the held-out pairs are restored and scored:
@@ -27,9 +29,11 @@ from typing import Callable
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Dataset
 
 from bfr_models import storage
 from bfr_models.metrics.fullref import psnr, ssim
+from bfr_models.training.data import TensorImages, TrainingDataError, read_image, step_loader
 from bfr_models.training.state import STATE_FILE, resume, save_state
 
 LOG_FILE = "log.parquet"
@@ -140,8 +144,9 @@ def load_finetune_config(name_or_path: str = "unsupervised_bfr", **overrides):
 
 
 @dataclass
-class Pairs:
-    """Image pairs in [0, 1]: LQ inputs, their pseudo targets and, where known, ground truth."""
+class Pairs(Dataset):
+    """Image pairs in [0, 1] held in memory (validation samples, tests): LQ inputs, their pseudo targets and,
+    where known, ground truth. As a Dataset: (lq, target) pairs."""
 
     lq: torch.Tensor
     target: torch.Tensor
@@ -149,6 +154,50 @@ class Pairs:
 
     def __len__(self) -> int:
         return int(self.lq.shape[0])
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lq[i], self.target[i]
+
+
+class UriPairs(Dataset):
+    """(LQ, pseudo target) pairs by URI, read when a batch needs them: (3, H, W) in [0, 1] each."""
+
+    def __init__(self, lq: list[str], target: list[str]):
+        self.lq, self.target = list(lq), list(target)
+
+    def __len__(self) -> int:
+        return len(self.lq)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        lq, target = read_image(self.lq[i]), read_image(self.target[i])
+        if lq.shape != target.shape:
+            raise TrainingDataError(f"finetune: LQ {self.lq[i]} is {lq.shape[-1]}x{lq.shape[-2]}, its target "
+                                    f"{target.shape[-1]}x{target.shape[-2]}; fine-tuning needs same-size pairs")
+        return lq, target
+
+
+class WithReals:
+    """A training sample from a pair and its seed: the pair and a real face drawn by the seed (None: no reals)."""
+
+    def __init__(self, reals: Dataset | None):
+        self.reals = reals
+
+    def __call__(self, pair, seed: int):
+        return pair if self.reals is None else (*pair, self.reals[seed % len(self.reals)])
+
+
+def as_dataset(images) -> Dataset:
+    """Images given as a tensor (N, 3, H, W) or already as a Dataset."""
+    return TensorImages(images) if isinstance(images, torch.Tensor) else images
+
+
+def settled(log: list[dict]) -> list[dict]:
+    """The log with its device scalars read (once per checkpoint, not once per step: each read waits for the device)."""
+    for row in log:
+        for key, value in row.items():
+            if isinstance(value, torch.Tensor):
+                row[key] = float(value)
+    return log
 
 
 def discriminator(config: FinetuneConfig) -> torch.nn.Module:
@@ -196,22 +245,26 @@ def validate(model, val: Pairs, lpips_net, device: torch.device, config: Finetun
     return scores
 
 
-def finetune(model: torch.nn.Module, train: Pairs, val: Pairs | None, reals: torch.Tensor, config: FinetuneConfig,
+def finetune(model: torch.nn.Module, train: Dataset, val: Pairs | None, reals, config: FinetuneConfig,
              out: str, *, lpips_net: torch.nn.Module | None = None, device: str | torch.device = "cpu",
              save: Callable[[torch.nn.Module, str], None] | None = None,
-             on_step: Callable[[int, dict], None] | None = None) -> pd.DataFrame:
+             on_step: Callable[[int, dict], None] | None = None, workers: int | None = None) -> pd.DataFrame:
     """Fine-tune ``model`` (in place) and return the log (one row per step; validation columns where run).
 
-    ``reals`` (N, 3, H, W) in [0, 1] train the discriminator. ``lpips_net`` is an ``lpips.LPIPS`` module
-    (needed when ``lpips_weight > 0``). ``save(model, uri)`` writes the restorer checkpoint
-    (``<out>/restorer.safetensors``) at every checkpoint.
+    ``train``: (lq, target) pairs in [0, 1], :class:`Pairs` in memory or :class:`UriPairs` read by
+    ``workers`` DataLoader processes as batches need them (None: from the cores; 0: this process).
+    ``reals`` (a tensor (N, 3, H, W) or a Dataset of images in [0, 1]) train the discriminator. ``lpips_net``
+    is an ``lpips.LPIPS`` module (needed when ``lpips_weight > 0``). ``save(model, uri)`` writes the restorer
+    checkpoint (``<out>/restorer.safetensors``) at every checkpoint. ``on_step(step, row)`` gets the step's
+    log row, its losses still device scalars (reading one waits for the device).
     """
     if len(train) < 1:
         raise FinetuneError("finetune: no training pairs")
-    if train.lq.shape != train.target.shape:
+    if isinstance(train, Pairs) and train.lq.shape != train.target.shape:
         raise FinetuneError(f"finetune: LQ and target batches differ in shape: {tuple(train.lq.shape)} vs {tuple(train.target.shape)}")
-    if config.gan_weight > 0 and reals.shape[0] < config.micro_batch:
-        raise FinetuneError(f"finetune: {reals.shape[0]} real images are fewer than a micro-batch ({config.micro_batch})")
+    reals = as_dataset(reals) if config.gan_weight > 0 else None
+    if reals is not None and len(reals) < config.micro_batch:
+        raise FinetuneError(f"finetune: {len(reals)} real images are fewer than a micro-batch ({config.micro_batch})")
     if config.lpips_weight > 0 and lpips_net is None:
         raise FinetuneError("finetune: lpips_weight > 0 needs an LPIPS network")
     device = torch.device(device)
@@ -226,30 +279,28 @@ def finetune(model: torch.nn.Module, train: Pairs, val: Pairs | None, reals: tor
                                weight_decay=config.weight_decay) if disc is not None else None)
     if lpips_net is not None:
         lpips_net.to(device).eval().requires_grad_(False)
-    gen = torch.Generator().manual_seed(config.seed)
     step, log = 0, []
     state_uri = storage.join(out, STATE_FILE)
     state = resume(state_uri, asdict(config), {"model": model, "opt_g": opt_g, "scheduler": sched,
-                   "disc": disc, "opt_d": opt_d, "generator": gen}, "finetune", FinetuneError)
+                   "disc": disc, "opt_d": opt_d}, "finetune", FinetuneError)
     if state is not None:
         restore_rng(state)
         step, log = int(state["step"]), list(state["log"])
     bce = torch.nn.BCEWithLogitsLoss()
 
-    def batch_of(images: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return images[idx].to(device).contiguous(memory_format=memory)
+    def micro_batches(images: torch.Tensor) -> list[torch.Tensor]:
+        return [b.to(device).contiguous(memory_format=memory) for b in images.split(config.micro_batch)]
 
     if step == 0 and val is not None and len(val):
         log.append({"step": 0, **validate(model, val, lpips_net, device, config)})
-    while step < config.iters:
+    batches = step_loader(train, WithReals(reals), config.batch_size, config.seed, step, config.iters, workers, "pairs")
+    for batch in batches:
         row = {"step": step + 1, "lr": sched.get_last_lr()[0], "loss": 0.0, "l1": 0.0, "lpips": 0.0, "gan": 0.0}
         fakes = []
         if disc is not None:
             disc.requires_grad_(False)
         opt_g.zero_grad(set_to_none=True)
-        for _ in range(config.accumulation):
-            idx = torch.randint(0, len(train), (config.micro_batch,), generator=gen)
-            lq, target = batch_of(train.lq, idx), batch_of(train.target, idx)
+        for lq, target in zip(micro_batches(batch[0]), micro_batches(batch[1])):
             with _autocast(device, config):
                 restored = model(lq).float()
                 l1 = (restored - target).abs().mean()
@@ -263,20 +314,19 @@ def finetune(model: torch.nn.Module, train: Pairs, val: Pairs | None, reals: tor
             (loss / config.accumulation).backward()
             fakes.append(restored.detach())
             for key, v in (("loss", loss), ("l1", l1), ("lpips", lp), ("gan", gan)):
-                row[key] += float(v.detach()) / config.accumulation
+                row[key] += v.detach().double() / config.accumulation  # read at checkpoints (settled)
         opt_g.step()
         sched.step()
         if disc is not None:  # one D step per G step: reals (HQ faces) vs this step's restorations
             disc.requires_grad_(True)
             opt_d.zero_grad(set_to_none=True)
             row["d_loss"] = 0.0
-            for fake in fakes:
-                real = batch_of(reals, torch.randint(0, reals.shape[0], (fake.shape[0],), generator=gen))
+            for fake, real in zip(fakes, micro_batches(batch[2])):
                 with _autocast(device, config):
                     d_real, d_fake = disc(real).float(), disc(fake).float()
                     d_loss = bce(d_real, torch.ones_like(d_real)) + bce(d_fake, torch.zeros_like(d_fake))
                 (d_loss / config.accumulation).backward()
-                row["d_loss"] += float(d_loss.detach()) / config.accumulation
+                row["d_loss"] += d_loss.detach().double() / config.accumulation
             opt_d.step()
         step += 1
         if val is not None and len(val) and (step % config.validate_every == 0 or step == config.iters):
@@ -288,16 +338,15 @@ def finetune(model: torch.nn.Module, train: Pairs, val: Pairs | None, reals: tor
             write_checkpoint(out, save, model, log, {
                 "config": asdict(config), "step": step, "model": model.state_dict(),
                 "disc": disc.state_dict() if disc is not None else None, "opt_g": opt_g.state_dict(),
-                "opt_d": opt_d.state_dict() if opt_d is not None else None, "scheduler": sched.state_dict(),
-                "generator": gen.get_state()})
-    return pd.DataFrame(log)
+                "opt_d": opt_d.state_dict() if opt_d is not None else None, "scheduler": sched.state_dict()})
+    return pd.DataFrame(settled(log))
 
 
 def write_checkpoint(out: str, save, model, log: list[dict], state: dict) -> None:
     """The restorer and the log first, then the resume state: a crash between them only repeats steps."""
     if save is not None:
         save(model, storage.join(out, "restorer.safetensors"))
-    frame = pd.DataFrame(log)
+    frame = pd.DataFrame(settled(log))
     storage.write_bytes_atomic(storage.join(out, LOG_FILE), frame.to_parquet(index=False))
     storage.write_bytes_atomic(storage.join(out, "log.csv"), frame.to_csv(index=False).encode())
     save_state(storage.join(out, STATE_FILE), {**state, "log": log, "torch_rng": torch.get_rng_state(),
