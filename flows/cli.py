@@ -281,11 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=8, help="best/worst images shown per metric (default 8)")
     p.set_defaults(func=cmd_report)
 
+    from flows.export_cli import add_export_parsers
     from flows.models_cli import add_models_parser
     from flows.pseudo_targets_cli import add_prior_parsers
     from flows.training_cli import add_training_parsers
 
     add_models_parser(sub)
+    add_export_parsers(sub)
     add_prior_parsers(sub, _add_common, _run, _print_result)
     add_training_parsers(sub, _add_common, _run, _print_result)
 

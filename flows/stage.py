@@ -88,7 +88,7 @@ def run_stage(shard_task, stage: str, config: dict, items: list[InputItem], inpu
         held.update({s.key: [_item_id(i) for i in s.items] for s in specs})
         storage.write_bytes_atomic(storage.join(stage_uri, INPUTS_NAME),
                                    json.dumps({"code": CODE_VERSION, "shards": held}).encode())
-    ManifestWriter(stage_uri).write_index(stage, key, config, shards)
+    ManifestWriter(stage_uri).write_index(stage, key, config, shards, input=storage.normalize(input_uri))
     return stage_uri
 
 
