@@ -207,10 +207,15 @@ def list_runs(out: str) -> list[dict]:
             continue
         config = index.get("config", {})
         runs.append({"stage": index["stage"], "key": index["key"], "created": index.get("created", ""),
-                     "input": index.get("input") or config.get("source") or "-",
+                     "input": _relative(index.get("input") or config.get("source") or "-", storage.normalize(out)),
                      "config": config_summary(config), "ok": int((status == "ok").sum()),
                      "error": int((status != "ok").sum()), "uri": uri})
     return sorted(runs, key=lambda r: (r.get("created", ""), r["stage"]))
+
+
+def _relative(uri: str, root: str) -> str:
+    """An input under the output root as ``<stage>/<key>`` (the run that made it), others as they are."""
+    return uri[len(root.rstrip("/")) + 1:] if uri.startswith(root.rstrip("/") + "/") else uri
 
 
 SUMMARY_SKIP = {"source", "skipped_inputs", "exclude", "conventions", "not_computed", "set_metrics", "rounds",

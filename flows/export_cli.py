@@ -35,7 +35,7 @@ def cmd_runs(args) -> None:
         return
     rows = [[r["stage"], r["key"], r.get("input", "-"), r.get("config") or r.get("problem", ""), r.get("ok"),
              r.get("error"), r["created"]] for r in runs]
-    print(text_table(["stage", "key", "input", "config", "ok", "error", "created"], rows, max_width=60))
+    print(text_table(["stage", "key", "input", "config", "ok", "error", "created"], rows, max_width=200))
 
 
 def add_export_parsers(sub) -> None:
