@@ -222,17 +222,21 @@ SUMMARY_SKIP = {"source", "skipped_inputs", "exclude", "conventions", "not_compu
                 "auto", "code", "prior", "sample_ids"}  # recorded results and hashes, not settings
 
 
+# settings that say most about a run, shown first (nested ones without their parent's name: preset.name -> name)
+SUMMARY_FIRST = ("name", "split", "scale", "method", "N", "tau", "K", "metrics", "model", "round", "seed")
+
+
 def config_summary(config: dict, width: int = 60) -> str:
-    """The settings of a stage in one short line: scalar values, one level of nesting (``method.N=8``)."""
-    parts = []
-    for key, value in sorted(config.items()):
-        if key in SUMMARY_SKIP or value is None:
+    """The settings of a stage in one short line: scalar values, one level of nesting, the telling ones first."""
+    pairs = []
+    for key, value in config.items():
+        if key in SUMMARY_SKIP or value is None or value == []:
             continue
         if isinstance(value, dict):
-            parts += [f"{k}={v}" for k, v in sorted(value.items()) if v is not None and not isinstance(v, (dict, list))]
-        elif isinstance(value, list):
-            parts.append(f"{key}={','.join(map(str, value))}")
+            pairs += [(k, v) for k, v in value.items() if v is not None and not isinstance(v, (dict, list))]
         else:
-            parts.append(f"{key}={value}")
-    text = " ".join(parts)
+            pairs.append((key, ",".join(map(str, value)) if isinstance(value, list) else value))
+    order = {k: i for i, k in enumerate(SUMMARY_FIRST)}
+    pairs.sort(key=lambda kv: (order.get(kv[0], len(order)), kv[0]))
+    text = " ".join(f"{k}={v}" for k, v in pairs)
     return text if len(text) <= width else text[: width - 1] + "…"

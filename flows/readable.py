@@ -64,8 +64,10 @@ def auto_grid(search: dict) -> str:
     grid = search.get("grid") or []
     if not grid:
         return "auto: no candidates recorded"
-    varying = [k for k in grid[0] if len({str(g.get(k)) for g in grid}) > 1 and not isinstance(grid[0][k], float)]
-    scores = [k for k in grid[0] if isinstance(grid[0][k], float) or k in ("gate", "gate_reason")]
+    scores = [k for k in grid[0] if k in (search.get("metric"), "gate", "gate_reason")
+              or any(isinstance(g.get(k), float) for g in grid)]  # a NaN score is read back from JSON as None
+    scores.sort(key=lambda k: k != search.get("metric"))  # the chosen metric first
+    varying = [k for k in grid[0] if k not in scores and len({str(g.get(k)) for g in grid}) > 1]
     chosen = search.get("chosen")
     rows = [["*" if i == chosen else ""] + [g.get(k) for k in varying + scores] for i, g in enumerate(grid)]
     choice = ", ".join(f"{k}={grid[chosen].get(k)}" for k in varying) if chosen is not None else "-"

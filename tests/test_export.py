@@ -183,5 +183,26 @@ def test_auto_grid_shows_candidates_and_choice():
                        {"method": "dr2", "N": 4, "tau": 250, "niqe": 7.0, "lf_psnr": 24.0, "noise_sigma": 12.5}]}
     lines = auto_grid(search).splitlines()
     assert lines[1].split() == ["chosen", "tau", "niqe", "lf_psnr", "noise_sigma"]
+    search["grid"] = [dict(sorted(g.items()), niqe=None) for g in search["grid"]]  # as read back from the index
+    assert auto_grid(search).splitlines()[1].split() == ["chosen", "tau", "niqe", "lf_psnr", "noise_sigma"]
     assert lines[4].split()[:2] == ["*", "250"] and lines[3].split()[0] == "100"
     assert lines[-1] == "auto chose: tau=250 (best quality among 2 of 2 candidates)"
+
+
+def test_pseudo_targets_auto_prints_grid_and_choice(tmp_path, capsys):
+    faces = tmp_path / "faces"
+    for i in range(2):
+        write_png(faces / f"face_{i}.png", face_like(i, size=192))
+    assert main(["prior", "train", "--input", str(faces), "--out", str(tmp_path / "prior"), "--device", "cpu",
+                 "--resolution", "32", "--steps", "2", "--batch-size", "2", "--channels", "16,32"]) == 0
+    (prior,) = [p.parent for p in (tmp_path / "prior").rglob("prior.json")]
+    capsys.readouterr()
+    assert main(["pseudo-targets", "--input", str(faces), "--out", str(tmp_path / "run"), "--prior", str(prior),
+                 "--method", "dr2", "--respace", "10", "--auto", "--auto-grid", "N=4;tau=100,300", "--auto-sample", "2",
+                 "--device", "cpu", "--workers", "1"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    start = next(i for i, line in enumerate(printed) if line.startswith("auto: 2 candidates scored with niqe"))
+    header, marked = printed[start + 1].split(), [line for line in printed[start + 3:start + 5] if line.startswith("*")]
+    assert header[:4] == ["chosen", "omega", "tau", "niqe"] and len(marked) == 1
+    omega, tau = marked[0].split()[1:3]
+    assert printed[start + 5].startswith(f"auto chose: omega={omega}, tau={tau} (")
