@@ -132,6 +132,8 @@ def export_manifest(input: str, fmt: str, out: str, include_failed: bool = False
     """Write the rows of ``input`` to ``out`` in ``fmt``; returns counts (written, left out by reason)."""
     if fmt not in FORMATS:
         raise ExportError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    if samples_per_shard < 1:
+        raise ExportError(f"--samples-per-shard must be at least 1, not {samples_per_shard}")
     out = storage.normalize(out).rstrip("/")
     _check_out(out)
     rows, left_out = selected_rows(input, include_failed)
