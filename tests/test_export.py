@@ -14,6 +14,7 @@ from bfr_models.manifest import ManifestWriter
 from flows.cli import main
 from flows.export import ExportError, export_manifest
 from flows.readable import auto_grid
+from tasks.shards import list_inputs
 from tests.conftest import face_like, write_png
 
 
@@ -43,6 +44,8 @@ def test_source_names_from_folder_to_score_export_and_runs(tmp_path, capsys):
     degraded = _manifest_from(capsys.readouterr().out, "degrade")
     df = manifest.read_manifest(degraded)
     assert sorted(df["source_name"]) == ["alice", "carol", "carol", "team/bob smith"]
+    # a manifest's items carry it on: the next stage's rows (pseudo targets of these images) get the same names
+    assert sorted(i.source_name for i in list_inputs(degraded)[0]) == sorted(df["source_name"])
 
     csv_path = tmp_path / "scores.csv"
     assert main(["score", "--input", degraded, "--metrics", "psnr,ssim", "--out", str(out), "--device", "cpu",
