@@ -280,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lpips-net", default="vgg", choices=["vgg", "alex"], help="LPIPS backbone (default vgg)")
     p.add_argument("--skip-missing", action="store_true", help="skip metrics whose weights are missing")
     p.add_argument("--csv", metavar="FILE", default=None,
-                   help="also write every image's scores to FILE (path or fsspec URL): ids, source_name, split, metrics")
+                   help="also write every image's scores to FILE (path or fsspec URL): ids, source_name, split, "
+                        "metrics")
     _add_common(p, shard_size=256, batch_size=8)
     p.set_defaults(func=cmd_score)
 
