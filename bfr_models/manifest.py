@@ -42,6 +42,7 @@ CORE_SCHEMA = pa.schema(
         pa.field("parent_id", pa.string()),
         pa.field("parent_uri", pa.string()),
         pa.field("duplicate_of", pa.string()),  # a byte-identical copy of an earlier input file: that file's id
+        pa.field("source_name", pa.string()),  # the original file's stem (relative to its folder), down the lineage
         pa.field("stage", pa.string(), nullable=False),
         pa.field("split", pa.string()),  # preset/split label used to group reports
         pa.field("seed", pa.int64()),
@@ -108,11 +109,12 @@ class ManifestWriter:
         storage.write_bytes_atomic(storage.join(self.stage_uri, rel), data)
         return ShardInfo(name=name, path=rel, sha256=storage.sha256_hex(data), rows=len(rows), bytes=len(data))
 
-    def write_index(self, stage: str, key: str, config: dict, shards: list[ShardInfo]) -> str:
+    def write_index(self, stage: str, key: str, config: dict, shards: list[ShardInfo], input: str | None = None) -> str:
         index = {
             "schema_version": SCHEMA_VERSION,
             "stage": stage,
             "key": key,
+            "input": input,  # what the stage read (a folder or a manifest), for `bfr-curate runs`
             "config": config,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "rows": sum(s.rows for s in shards),

@@ -128,7 +128,11 @@ def cmd_score(args):
     plan_score(**opts)
     uri = _run(score_flow, args, out=args.out, shard_size=args.shard_size, batch_size=args.batch_size,
                device=args.device, **opts)
-    _print_result("score", uri)
+    if args.csv:
+        from flows.readable import write_scores_csv
+
+        print(f"per-image scores: {args.csv} ({write_scores_csv(uri, args.csv)} rows)")
+    _print_result("score", uri)  # ends with the table of means and medians
 
 
 def cmd_report(args):
@@ -158,6 +162,10 @@ def _print_result(stage: str, uri: str) -> None:
     print(f"  key:      {index['key']}")
     if index["config"].get("skipped_inputs"):
         print(f"  skipped:  {index['config']['skipped_inputs']} input files (dotfiles, --exclude)")
+    if stage == "score":
+        from flows.readable import score_summary
+
+        print(score_summary(uri))
 
 
 def cmd_presets(args):
@@ -189,6 +197,10 @@ def cmd_manifest_show(args):
         for r in errors.head(10).itertuples():
             print(f"  {r.parent_uri}: {r.error}")
     print("columns:  " + ", ".join(f"{c}:{t}" for c, t in zip(df.columns, df.dtypes)))
+    if args.head:
+        from flows.readable import head_table
+
+        print(head_table(df, args.head))
     if args.verify:
         print(f"verified: {'every shard (size, sha256, rows) and ' if index else ''}every ok row's image (sha256)")
 
@@ -299,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--y-channel", action="store_true", help="PSNR/SSIM on the Y channel instead of RGB")
     p.add_argument("--lpips-net", default="vgg", choices=["vgg", "alex"], help="LPIPS backbone (default vgg)")
     p.add_argument("--skip-missing", action="store_true", help="skip metrics whose weights are missing")
+    p.add_argument("--csv", metavar="FILE", default=None,
+                   help="also write every image's scores to FILE (path or fsspec URL): ids, source_name, split, "
+                        "metrics")
     _add_common(p, shard_size=256, batch_size=8)
     p.set_defaults(func=cmd_score)
 
@@ -313,11 +328,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=8, help="best/worst images shown per metric (default 8)")
     p.set_defaults(func=cmd_report)
 
+    from flows.export_cli import add_export_parsers
     from flows.models_cli import add_models_parser
     from flows.pseudo_targets_cli import add_prior_parsers
     from flows.training_cli import add_training_parsers
 
     add_models_parser(sub)
+    add_export_parsers(sub)
     add_prior_parsers(sub, _add_common, _run, _print_result)
     add_training_parsers(sub, _add_common, _run, _print_result)
 
@@ -338,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("uri", help="a stage folder (with index.json), its index.json, or a .parquet file")
     q.add_argument("--verify", action="store_true",
                    help="also read every image the manifest names and check its sha256 (shards are always checked)")
+    q.add_argument("--head", type=int, default=0, metavar="N",
+                   help="also print the first N rows' values: image_id, source_name, split, status, metrics")
     q.set_defaults(func=cmd_manifest_show)
     return parser
 

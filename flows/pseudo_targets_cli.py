@@ -79,6 +79,13 @@ def cmd_pseudo_targets(args, run, print_result) -> None:
     uri = run(pseudo_targets_flow, args, out=args.out, shard_size=args.shard_size, batch_size=args.batch_size,
               device=args.device, **o)
     print_result("pseudo-targets", uri)
+    if o["auto"]:
+        from bfr_models import manifest
+        from flows.readable import auto_grid
+
+        search = manifest.read_index(uri)["config"].get("auto")
+        if search:
+            print(auto_grid(search))
 
 
 def add_prior_parsers(sub, add_common, run, print_result) -> None:

@@ -25,7 +25,8 @@ def input_rows(uri: str, exclude: tuple[str, ...] | list[str] = ()) -> tuple[lis
     items, skipped = list_inputs(uri, exclude)
     # image_id here is provisional and sha256 unknown: the score task fills both in from the bytes it reads
     return [{"image_id": content_id(i.uri.encode(), i.name), "uri": i.uri, "sha256": None, "version": i.version,
-             "name": i.name, "duplicate_of": i.duplicate_of, "stage": "input", "status": "ok"} for i in items], skipped
+             "name": i.name, "duplicate_of": i.duplicate_of, "source_name": i.source_name,
+             "stage": "input", "status": "ok"} for i in items], skipped
 
 
 def _reference_lookup(reference: str | None):

@@ -115,7 +115,8 @@ def run_stage(shard_task, stage: str, config: dict, items: list[InputItem], inpu
             storage.write_bytes_atomic(storage.join(stage_uri, INPUTS_NAME),
                                        json.dumps({"code": code, "shards": held}).encode())
         extra = finalize(stage_uri, shards) if finalize is not None else {}
-        ManifestWriter(stage_uri).write_index(stage, key, {**config, **extra}, shards)
+        ManifestWriter(stage_uri).write_index(stage, key, {**config, **extra}, shards,
+                                                  input=storage.normalize(input_uri))
     return stage_uri
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import posixpath
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -97,6 +98,7 @@ class InputItem:
     reference: str | None = None  # URI of the image it is compared with (full-reference metrics)
     name: str | None = None  # a folder's file: its name relative to the folder (its id derives from it)
     duplicate_of: str | None = None  # a folder's file byte-identical to an earlier one: that one's id
+    source_name: str | None = None  # the original file's name without extension, carried down the lineage
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,8 @@ def list_inputs(uri: str, exclude: tuple[str, ...] | list[str] = ()) -> tuple[li
         df = manifest.read_manifest(uri)
         ok = df[df["status"] == "ok"]
         items = [
-            InputItem(uri=r.uri, version=r.sha256, parent_id=r.image_id, split=r.split)
+            InputItem(uri=r.uri, version=r.sha256, parent_id=r.image_id, split=r.split,
+                      source_name=getattr(r, "source_name", None))  # absent in manifests written before it
             for r in ok.itertuples(index=False)
         ]
         return sorted(items, key=lambda i: (i.uri, i.parent_id or "")), len(df) - len(ok)
@@ -126,8 +129,13 @@ def list_inputs(uri: str, exclude: tuple[str, ...] | list[str] = ()) -> tuple[li
     for f in files:
         dup = first.get(f.uri)  # in the version too, so a shard's cache key sees it
         items.append(InputItem(uri=f.uri, version=f.version if dup is None else f"{f.version} duplicate_of:{dup}",
-                               name=f.name, duplicate_of=dup))
+                               name=f.name, duplicate_of=dup, source_name=source_name(f.name)))
     return items, skipped
+
+
+def source_name(name: str) -> str:
+    """A folder file's name as users know it: its path relative to the folder, without the extension."""
+    return posixpath.splitext(name)[0]
 
 
 def _duplicates(files: list[storage.ListedFile], batch: int = 64) -> dict[str, str]:
