@@ -128,6 +128,7 @@ def test_kill_and_resume(tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)  # the whole process group, embedded Prefect server included
     proc.wait()
     done_before = {p: p.stat().st_mtime_ns for p in out.rglob("shards/*.parquet")}
+    bytes_before = {p: p.read_bytes() for p in done_before}
     assert 3 <= len(done_before) < 16 and not list(out.rglob("index.json"))
 
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -135,8 +136,11 @@ def test_kill_and_resume(tmp_path):
     stage = next(out.rglob("index.json")).parent
     df = manifest.read_manifest(str(stage))
     assert len(df) == 16 and df["parent_uri"].is_unique and (df["status"] == "ok").all()
-    # shards finished before the kill were not recomputed
-    assert {p: p.stat().st_mtime_ns for p in done_before} == done_before
+    # shards finished before the kill were not recomputed; the kill may fall between a shard's file and its
+    # Prefect result record (at most --workers shards): such a shard is recomputed, to the same bytes
+    rewritten = [p for p, mtime in done_before.items() if p.stat().st_mtime_ns != mtime]
+    assert len(rewritten) <= 1, rewritten
+    assert all(p.read_bytes() == data for p, data in bytes_before.items())
 
 
 def test_cli_errors_are_one_line_and_manifest_show(image_folder, tmp_path):

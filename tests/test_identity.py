@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bfr_models.idm import AcceptanceConfig, judge
+from bfr_models.idm import AcceptanceConfig, SetCalibration, judge
 from bfr_models.metrics.identity import FaceIdentity
 from tests.conftest import face_like
 
@@ -42,8 +42,8 @@ def test_identity_is_one_for_the_same_face_and_lower_for_another(facenet_file):
 def test_acceptance_rejects_below_the_identity_limit(facenet_file):
     ident = FaceIdentity(facenet_file)
     x = torch.rand(2, 3, 192, 192, generator=torch.Generator().manual_seed(1))
-    recs = judge(x, x.clone(), AcceptanceConfig(min_identity=1.5), niqe=lambda b: torch.tensor([5.0, 5.0]),
-                 identity=ident)
+    recs = judge(x, x.clone(), AcceptanceConfig(min_identity=1.5), SetCalibration(min_identity=1.5),
+                 niqe=lambda b: torch.tensor([5.0, 5.0]), identity=ident)
     assert all("identity similarity" in r["reasons"] for r in recs)
     assert all(abs(r["identity_cos"] - 1.0) < 1e-4 for r in recs)
 
