@@ -61,19 +61,23 @@ def trainable_restorer(spec: str) -> tuple[torch.nn.Module, object, dict]:
     raise RestorerError(f"restorer {spec!r} has no weights to fine-tune (use small, swinir or a checkpoint)")
 
 
-def load_pairs(pairs: str) -> tuple[Pairs, list[str], int]:
-    """The ok rows of a pseudo-target manifest as tensors (sorted by image id), their (image id, LQ uri), and the
-    skipped count.
+def load_pairs(pairs: str, include_failed: bool = False) -> tuple[Pairs, list[str], int]:
+    """The ok rows of a pseudo-target manifest that passed its quality gate (all ok rows with ``include_failed``)
+    as tensors (sorted by image id), their (image id, LQ uri), and the skipped count.
 
     Raises FinetuneError, before any training, for pairs whose sizes differ or that cannot be read.
     """
     if not manifest.is_manifest(pairs):
         raise FinetuneError(f"--pairs must be a pseudo-target manifest (a stage folder with index.json): {pairs}")
     frame = manifest.read_manifest(pairs)
-    ok = frame[frame["status"] == "ok"].sort_values("image_id")
+    keep = frame["status"] == "ok"
+    if "gate" in frame and not include_failed:  # targets that failed the quality gate are not trained on
+        keep &= frame["gate"] == "pass"
+    ok = frame[keep].sort_values("image_id")
     skipped = len(frame) - len(ok)
     if ok.empty:
-        raise FinetuneError(f"{pairs} has no ok rows ({skipped} error rows)")
+        raise FinetuneError(f"{pairs} has no ok rows that passed the quality gate ({skipped} error or gate-failed "
+                            f"rows; --include-failed trains on failed targets too)")
     lineage, gts = Lineage(), []
     for row in ok.to_dict("records"):
         chain = list(lineage.chain(row))
@@ -128,9 +132,9 @@ def finetune_config(config: str, restorer_net: torch.nn.Module, **overrides):
 
 
 def plan_finetune(pairs: str, restorer: str, real: str | None, config: str, overrides: dict,
-                  exclude: tuple[str, ...] | list[str] = ()):
+                  exclude: tuple[str, ...] | list[str] = (), include_failed: bool = False):
     """Everything checked before any work. Returns (pairs, ids, skipped, network, save, info, reals, config)."""
-    data, ids, skipped = load_pairs(pairs)
+    data, ids, skipped = load_pairs(pairs, include_failed)
     net, save, info = trainable_restorer(restorer)
     cfg = finetune_config(config, net, **overrides)
     size = data.lq.shape[-1]
@@ -164,8 +168,9 @@ def plan_finetune(pairs: str, restorer: str, real: str | None, config: str, over
 @task(name="finetune-train", cache_key_fn=key_parameter, persist_result=True,
       result_serializer="json")  # a checkable record, never a pickle (tasks.runtime.key_parameter)
 def finetune_task(key: str, pairs: str, restorer: str, real: str | None, config: str, overrides: dict, out: str,
-                  device: str, exclude: list[str]) -> dict:
-    data, ids, _, net, save, info, reals, cfg = plan_finetune(pairs, restorer, real, config, overrides, exclude)
+                  device: str, exclude: list[str], include_failed: bool = False) -> dict:
+    data, ids, _, net, save, info, reals, cfg = plan_finetune(pairs, restorer, real, config, overrides, exclude,
+                                                              include_failed)
     train, val = split(data, cfg.val_pairs)
     dev = resolve_device(device)
     lpips_net = _lpips(cfg, dev)
@@ -229,7 +234,7 @@ def finetune_flow(pairs: str, restorer: str, out: str, real: str | None = None, 
                   iters: int | None = None, batch_size: int | None = None, micro_batch: int | None = None,
                   lr: float | None = None, val_pairs: int | None = None, validate_every: int | None = None,
                   checkpoint_every: int | None = None, precision: str | None = None, seed: int | None = None,
-                  device: str = "auto", exclude: tuple[str, ...] | list[str] = ()) -> str:
+                  device: str = "auto", exclude: tuple[str, ...] | list[str] = (), include_failed: bool = False) -> str:
     """Fine-tune `restorer` on the pairs; returns the stage folder (restorer, log, validation manifest).
 
     ``config`` names a catalogs/finetune YAML (``auto``: the CodeFormer recipe for CodeFormer checkpoints,
@@ -237,18 +242,20 @@ def finetune_flow(pairs: str, restorer: str, out: str, real: str | None = None, 
     """
     overrides = dict(iters=iters, batch_size=batch_size, micro_batch=micro_batch, lr=lr, val_pairs=val_pairs,
                      validate_every=validate_every, checkpoint_every=checkpoint_every, precision=precision, seed=seed)
-    data, ids, skipped, _, _, info, reals, cfg = plan_finetune(pairs, restorer, real, config, overrides, exclude)
+    data, ids, skipped, _, _, info, reals, cfg = plan_finetune(pairs, restorer, real, config, overrides, exclude,
+                                                               include_failed)
     dev = resolve_device(device)
     get_run_logger().info("finetune: %d pairs (%d error rows skipped), %s real faces, %s, %s", len(ids), skipped,
                           "no" if reals is None else len(reals), info["arch"], type(cfg).__name__)
     real_items = list_inputs(real, exclude)[0] if reals is not None else []
     key = stable_hash([STAGE, type(cfg).__name__, asdict(cfg), manifest.read_index(pairs)["key"],
-                       [(i.uri, i.version) for i in real_items], info.get("sha256") or info.get("name")], length=12)
+                       [(i.uri, i.version) for i in real_items], info.get("sha256") or info.get("name"),
+                       include_failed], length=12)
     where = storage.join(storage.normalize(out), STAGE, key)
     result = finetune_task.with_options(result_storage=result_storage(where))(
         key=stable_hash([where, CODE_VERSION]), pairs=pairs, restorer=restorer, real=real, config=config,
-        overrides=overrides, out=where, device=str(dev), exclude=list(exclude))
+        overrides=overrides, out=where, device=str(dev), exclude=list(exclude), include_failed=include_failed)
     index_config = {"finetune": asdict(cfg), "recipe": type(cfg).__name__, "pairs": pairs, "real": real,
-                    "skipped_pairs": skipped, **{k: v for k, v in result.items() if k != "shard"}}
+                    "skipped_pairs": skipped, "include_failed": include_failed, **{k: v for k, v in result.items() if k != "shard"}}
     ManifestWriter(where).write_index(STAGE, key, index_config, [ShardInfo(**result["shard"])])
     return where
