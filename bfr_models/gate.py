@@ -6,9 +6,9 @@ YAML says why each value. Every measure is a column, every failed check a reason
 - noise: Immerkær's noise estimate of the target (0-255, at the prior's working resolution) above
   ``max_noise_sigma``, or above the input's by more than ``max_noise_increase`` -- Gaussian noise leaking
   through the sampler, DR2's small-N failure (dr2_diffbfr.md §6.1, §7 #9);
-- fidelity: PSNR of x1/N copies of target and input (MATLAB bicubic, downscaled only, N the method's band)
-  under ``min_lowres_psnr`` -- the low band the methods keep by construction; a blurred-up copy would let
-  noise through unseen, a down-only copy does not;
+- fidelity: PSNR of x1/N copies of target and input (MATLAB bicubic, downscaled only) under
+  ``min_lowres_psnr`` -- the low band the methods keep by construction, so N is the method's band at the
+  prior's resolution (copies of R/N pixels whatever the image size); a down-only copy, not a blurred-up one;
 - colour: the shift of the mean (a*, b*) of those x1/N copies in CIE Lab (D65) above ``max_chroma_shift``
   -- a cast or desaturation that PSNR lets through;
 - identity: FaceNet cosine(target, input) under ``min_identity`` (only with the facenet_vggface2 weights);
@@ -91,16 +91,17 @@ def rgb_to_lab(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])], 1)
 
 
-def lowres_pair(target: torch.Tensor, inputs: torch.Tensor, N: int) -> tuple[torch.Tensor, torch.Tensor]:
+def lowres_pair(target: torch.Tensor, inputs: torch.Tensor, N: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The x1/N copies (MATLAB bicubic, antialiased, downscaled only) of two same-size batches."""
-    size = (max(1, target.shape[-2] // N), max(1, target.shape[-1] // N))
+    size = (max(1, round(target.shape[-2] / N)), max(1, round(target.shape[-1] / N)))
     return matlab_resize(target.double(), size).clamp(0, 1), matlab_resize(inputs.double(), size).clamp(0, 1)
 
 
-def measure(target: torch.Tensor, inputs: torch.Tensor, N: int, *, noise_target: torch.Tensor | None = None,
+def measure(target: torch.Tensor, inputs: torch.Tensor, N: float, *, noise_target: torch.Tensor | None = None,
             noise_input: torch.Tensor | None = None, niqe: Scorer | None = None, musiq: Scorer | None = None,
             identity: PairScorer | None = None) -> list[dict]:
-    """Every measure of the gate per image, for same-size (B, 3, H, W) batches in [0, 1].
+    """Every measure of the gate per image, for same-size (B, 3, H, W) batches in [0, 1]; the fidelity and
+    colour checks compare x1/N copies (N need not be an integer: the band's factor at this image size).
 
     The noise estimates default to the images given; the pseudo-targets stage passes them measured at the
     prior's working resolution, where an upsampled output cannot hide its noise.
@@ -146,7 +147,7 @@ def reasons(rec: dict, config: GateConfig) -> list[str]:
     return out
 
 
-def judge(target: torch.Tensor, inputs: torch.Tensor, N: int, config: GateConfig, **scorers) -> list[dict]:
+def judge(target: torch.Tensor, inputs: torch.Tensor, N: float, config: GateConfig, **scorers) -> list[dict]:
     """:func:`measure` plus ``gate`` ('pass'/'fail') and ``gate_reason`` (None when it passes)."""
     records = measure(target, inputs, N, **scorers)
     for rec in records:

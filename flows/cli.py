@@ -98,7 +98,7 @@ def cmd_run(args):
     if "pseudo-targets" in results:
         from flows.demo import pseudo_target_summary
 
-        print(pseudo_target_summary(results))
+        print(pseudo_target_summary({**results, **folders}))
     if report:
         print(f"report: {storage.normalize(report)}")
 

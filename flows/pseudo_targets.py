@@ -133,8 +133,8 @@ def auto_search(key: str, sample_uris: list[str], sample_ids: list[str], candida
             R = prior.resolution
             f += lowfreq_psnr(to_resolution(out.images, R), to_resolution(images, R), fidelity_N).tolist()
             nz += [r["noise_sigma"] for r in out.records]
-            passed += [r["gate"] == "pass" for r in gate_batch(p, images, out, gate_config, gate_musiq, gate_identity,
-                                                               str(dev))]
+            passed += [r["gate"] == "pass" for r in gate_batch(p, images, out, R, gate_config, gate_musiq,
+                                                               gate_identity, str(dev))]
         results.append(Candidate(params=cand, quality=float(np.nanmean(q)), fidelity=float(np.mean(f)),
                                  noise=float(np.mean(nz)), pass_rate=float(np.mean(passed))))
     best, reason = choose(results, fidelity_limit, higher_is_better=metric == "musiq",

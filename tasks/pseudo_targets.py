@@ -54,17 +54,19 @@ def run_generate(p: MethodParams, images: torch.Tensor, prior: Prior, seeds, res
                     dtype=DTYPES[dtype], quality_fn=niqe if niqe_defined(out_h, out_w) else None)
 
 
-def gate_batch(p: MethodParams, images: torch.Tensor, result: Targets, gate: GateConfig, musiq: bool,
-               identity: bool, device: str) -> list[dict]:
-    """The quality gate's records of a batch: each target against its input at the target's size (noise
-    estimates as :func:`generate` measured them, at the prior's working resolution). NIQE where it is
-    defined; MUSIQ and FaceNet identity when the flow found their weights."""
+def gate_batch(p: MethodParams, images: torch.Tensor, result: Targets, resolution: int, gate: GateConfig,
+               musiq: bool, identity: bool, device: str) -> list[dict]:
+    """The quality gate's records of a batch: each target against its input at the target's size, fidelity and
+    colour on copies of ``resolution`` / N pixels (the band the method keeps at the prior's resolution), noise
+    estimates as :func:`generate` measured them (at the prior's resolution). NIQE where it is defined; MUSIQ
+    and FaceNet identity when the flow found their weights."""
     from tasks.clean import cached_scorers
 
     target = result.images
     inputs = matlab_resize(images.double(), tuple(target.shape[-2:])).float().clamp(0, 1)
     musiq_net, _, identity_fn = cached_scorers(musiq, False, identity, device)
-    return judge(target, inputs, p.N or gate.default_N, gate,
+    factor = (p.N or gate.default_N) * target.shape[-2] / resolution
+    return judge(target, inputs, factor, gate,
                  noise_target=torch.tensor([r["noise_sigma"] for r in result.records]),
                  noise_input=torch.tensor([r["input_noise_sigma"] for r in result.records]),
                  niqe=niqe if niqe_defined(*target.shape[-2:]) else None,
@@ -92,7 +94,8 @@ def pseudo_target_shard(spec: ShardSpec, stage_uri: str, params: dict, prior_uri
         try:
             with device_slot(dev):
                 result = run_generate(p, images, prior, seeds, restore, resize, fidelity_limit, dtype)
-                gates = gate_batch(p, images, result, gate_config, gate_musiq, gate_identity, str(dev))
+                gates = gate_batch(p, images, result, prior.resolution, gate_config, gate_musiq, gate_identity,
+                                   str(dev))
         except PseudoTargetError as e:  # e.g. a size the user refused to resize: a row per image says so
             rows += [error_row(STAGE, item, f"pseudo-targets: {e}") for item, _, _, _ in batch]
             continue
