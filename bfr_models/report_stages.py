@@ -151,7 +151,7 @@ def gate_section(name: str, frame: pd.DataFrame, info: dict, thumbs: Thumbnails,
         for check in {part.split(":")[0] for part in text.split("; ")}:
             counts[check] = counts.get(check, 0) + 1
     parts = [_note(f"{passed} of {len(ok)} targets passed the gate "
-                   f"({fmt(passed / len(ok)) if len(ok) else 'n/a'}); failed targets stay in the manifest "
+                   f"({f'{100 * passed / len(ok):.0f} %' if len(ok) else 'n/a'}); failed targets stay in the manifest "
                    f"(gate = fail) and are left out of fine-tuning pairs unless --include-failed.")]
     toy = trained_prior_note(_prior_source(ok))
     if toy:
