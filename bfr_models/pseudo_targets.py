@@ -202,6 +202,7 @@ class Candidate:
     quality: float  # mean no-reference score of the sample (lower is better for NIQE)
     fidelity: float  # mean low-frequency PSNR (dB) against the input
     noise: float = float("nan")
+    pass_rate: float = 1.0  # fraction of the sample that passes the quality gate (bfr_models.gate)
     extra: dict = field(default_factory=dict)
 
 
@@ -220,20 +221,38 @@ def grid(method: str, base: MethodParams, overrides: dict | None = None) -> list
     return out
 
 
-def choose(candidates: list[Candidate], fidelity_limit: float, higher_is_better: bool = False) -> tuple[int, str]:
-    """Index of the best-quality candidate whose fidelity is at least ``fidelity_limit`` dB.
+def choose(candidates: list[Candidate], fidelity_limit: float, higher_is_better: bool = False,
+           min_pass_rate: float = 0.0, tolerance: float = 0.0) -> tuple[int, str]:
+    """Index of the chosen candidate and why.
 
-    If none passes, the most faithful candidate is chosen and the reason says so.
+    Eligible: fidelity at least ``fidelity_limit`` dB, a finite score, and a gate pass rate of at least
+    ``min_pass_rate``. Among the eligible, those whose score is within ``tolerance`` of the best count as
+    equally good and the least noisy of them wins (a NIQE gain of 0.07 does not buy visible noise). With no
+    eligible candidate, the highest pass rate (then the highest fidelity) is chosen and the reason says so.
     """
     if not candidates:
         raise ValueError("choose: no candidates")
-    passing = [i for i, c in enumerate(candidates) if c.fidelity >= fidelity_limit and math.isfinite(c.quality)]
-    if passing:
+    eligible = [i for i, c in enumerate(candidates) if c.fidelity >= fidelity_limit and math.isfinite(c.quality)
+                and c.pass_rate >= min_pass_rate]
+    if eligible:
         sign = -1.0 if higher_is_better else 1.0
-        best = min(passing, key=lambda i: sign * candidates[i].quality)
-        return best, f"best quality among {len(passing)} of {len(candidates)} candidates with low-frequency PSNR >= {fidelity_limit} dB"
+        top = min(sign * candidates[i].quality for i in eligible)
+        near = [i for i in eligible if sign * candidates[i].quality <= top + tolerance]
+        best = min(near, key=lambda i: (_noise_key(candidates[i]), sign * candidates[i].quality))
+        gate = f", gate pass rate >= {min_pass_rate:g}" if min_pass_rate > 0 else ""
+        return best, (f"best quality (within {tolerance:g}, then least noise) among {len(eligible)} of "
+                      f"{len(candidates)} candidates with low-frequency PSNR >= {fidelity_limit} dB{gate}")
+    if min_pass_rate > 0:
+        best = max(range(len(candidates)), key=lambda i: (candidates[i].pass_rate, candidates[i].fidelity))
+        return best, (f"no candidate reached a gate pass rate of {min_pass_rate:g} with low-frequency PSNR >= "
+                      f"{fidelity_limit} dB; chose the highest pass rate ({candidates[best].pass_rate:.2f}), "
+                      f"then the most faithful")
     best = max(range(len(candidates)), key=lambda i: candidates[i].fidelity)
     return best, f"no candidate reached {fidelity_limit} dB low-frequency PSNR; chose the most faithful"
+
+
+def _noise_key(c: Candidate) -> float:
+    return c.noise if math.isfinite(c.noise) else math.inf
 
 
 # ------------------------------------------------------------------------------------------ one batch
@@ -244,7 +263,7 @@ class Targets:
     """The outcome of :func:`generate` for a batch: images in [0, 1] and one record per image."""
 
     images: torch.Tensor  # (B, 3, H, W) at the output size
-    records: list[dict]  # per image: lf_psnr, noise_sigma, seed, chosen sample, resize, finite
+    records: list[dict]  # per image: lf_psnr, noise_sigma (and the input's), seed, chosen sample, resize, finite
 
 
 def to_resolution(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -301,6 +320,7 @@ def generate(p: MethodParams, images: torch.Tensor, prior, seeds: Sequence[Seque
             out01 = F.interpolate(out01, size=out_size, mode="bicubic", align_corners=False).clamp(0, 1)
         samples.append(out01)  # at the output size: what is written and what best-of-k scores
     fid, nz = torch.stack(fidelity, 1), torch.stack(noise, 1)  # (B, k)
+    nz_in = noise_sigma((y_at_prior + 1) / 2).float().cpu()  # the input's, at the same working resolution
     if len(samples) > 1:
         score = torch.stack([quality_fn(s) if quality_fn is not None else noise_sigma(s) for s in samples], 1).float().cpu()
         failed = torch.tensor([[errors[k][b] is not None for k in range(len(samples))] for b in range(B)])
@@ -313,7 +333,8 @@ def generate(p: MethodParams, images: torch.Tensor, prior, seeds: Sequence[Seque
     for b in range(B):
         c = int(chosen[b])
         records.append({
-            "lf_psnr": float(fid[b, c]), "noise_sigma": float(nz[b, c]), "seed": int(seeds[b][c]),
+            "lf_psnr": float(fid[b, c]), "noise_sigma": float(nz[b, c]), "input_noise_sigma": float(nz_in[b]),
+            "seed": int(seeds[b][c]),
             "sample": c, "best_of": len(seeds[b]), "finite": bool(torch.isfinite(picked[b]).all()),
             "error": errors[c][b],
             "resize": None if (H, W) == (size_in, size_in) else {"from": [H, W], "prior": R, "out": list(out_size)},

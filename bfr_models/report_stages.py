@@ -116,3 +116,58 @@ def clean_section(name: str, frame: pd.DataFrame, info: dict, thumbs: Thumbnails
             grids.append(f'<h3>{esc(title)}</h3><div class="pairs">{"".join(pairs)}</div>')
     parts += grids or [_note("No cleaned images.")]
     return Section(f"Cleaning: {name}", "".join(parts), f"clean-{_slug(name)}")
+
+
+def trained_prior_note(source: dict | None, images: int | None = None) -> str | None:
+    """What a prior trained by ``bfr-curate prior train`` (the demo's) shows and does not; None for other priors."""
+    if not isinstance(source, dict) or source.get("trained_by") != "bfr-curate prior train":
+        return None
+    cfg = source.get("config") or {}
+    on = f" on {images} faces" if images else " on the run's own faces"
+    return (f"The prior was trained offline{on} ({cfg.get('resolution', '?')} px, {source.get('step', '?')} steps): "
+            f"a toy that demonstrates the pipeline, not the quality a published prior gives "
+            f"(bfr-curate models pull ffhq512_iddpm_difface).")
+
+
+def _prior_source(ok: pd.DataFrame) -> dict | None:
+    import json
+
+    params = ok["params"].dropna() if "params" in ok else []
+    return (json.loads(params.iloc[0]).get("prior") or {}).get("source") if len(params) else None
+
+
+def gate_section(name: str, frame: pd.DataFrame, info: dict, thumbs: Thumbnails, n: int = 8) -> Section:
+    """The pseudo-target quality gate: pass rate, failures per check, checks not made, a grid of failed targets
+    (input | target, with the reasons)."""
+    ok = frame[frame["status"] == "ok"] if len(frame) else frame
+    gate = info.get("gate") or {}
+    if "gate" not in ok.columns:
+        return Section(f"Quality gate: {name}", _note("This stage ran before the quality gate existed: no gate columns."),
+                       f"gate-{_slug(name)}")
+    failed = ok[ok["gate"] == "fail"]
+    passed = len(ok) - len(failed)
+    counts: dict[str, int] = {}
+    for text in failed["gate_reason"].dropna():
+        for check in {part.split(":")[0] for part in text.split("; ")}:
+            counts[check] = counts.get(check, 0) + 1
+    parts = [_note(f"{passed} of {len(ok)} targets passed the gate "
+                   f"({f'{100 * passed / len(ok):.0f} %' if len(ok) else 'n/a'}); failed targets stay in the manifest "
+                   f"(gate = fail) and are left out of fine-tuning pairs unless --include-failed.")]
+    toy = trained_prior_note(_prior_source(ok))
+    if toy:
+        parts.append(f'<p class="note"><b>{esc(toy)}</b></p>')
+    if counts:
+        parts.append(html_table(["check", "targets failing it"], sorted(counts.items(), key=lambda kv: -kv[1]),
+                                numeric={1}))
+    for r in gate.get("not_checked") or []:
+        parts.append(_note(f"Not checked: {r['metric']} ({r.get('command') or r.get('reason')})."))
+    thresholds = gate.get("thresholds") or {}
+    if thresholds:
+        parts.append(html_table(["threshold", "value"], sorted(thresholds.items()), numeric={1}))
+    pairs = []
+    for r in failed.head(n).to_dict("records"):
+        pairs.append(f'<div class="pair">{_figure(thumbs, r.get("parent_uri"), r.get("parent_id"), "input")}'
+                     f'{_figure(thumbs, r.get("uri"), r.get("image_id"), "target<br>" + esc(r.get("gate_reason")))}</div>')
+    if pairs:
+        parts.append(f'<h3>failed targets ({min(n, len(failed))} of {len(failed)})</h3><div class="pairs">{"".join(pairs)}</div>')
+    return Section(f"Quality gate: {name}", "".join(parts), f"gate-{_slug(name)}")

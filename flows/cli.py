@@ -111,6 +111,10 @@ def cmd_run(args):
         _print_result(stage, uri)
     for kind, uri in folders.items():
         print(f"{kind}: {uri}")
+    if "pseudo-targets" in results:
+        from flows.demo import pseudo_target_summary
+
+        print(pseudo_target_summary({**results, **folders}))
     if report:
         print(f"report: {storage.normalize(report)}")
 

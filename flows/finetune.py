@@ -83,8 +83,9 @@ class PairPlan:
         return len(self.ids)
 
 
-def load_pairs(pairs: str) -> PairPlan:
-    """The ok rows of a pseudo-target manifest as a :class:`PairPlan`; sizes come from the manifests' width and
+def load_pairs(pairs: str, include_failed: bool = False) -> PairPlan:
+    """The ok rows of a pseudo-target manifest that passed its quality gate (all ok rows with ``include_failed``)
+    as a :class:`PairPlan`; sizes come from the manifests' width and
     height columns (the LQ's from its degrade row, else from decoding a sample of :data:`SIZE_SAMPLE` pairs).
 
     Raises FinetuneError, before any training, for pairs whose sizes differ (and TrainingDataError for a
@@ -93,10 +94,14 @@ def load_pairs(pairs: str) -> PairPlan:
     if not manifest.is_manifest(pairs):
         raise FinetuneError(f"--pairs must be a pseudo-target manifest (a stage folder with index.json): {pairs}")
     frame = manifest.read_manifest(pairs)
-    ok = frame[frame["status"] == "ok"].sort_values("image_id")
+    keep = frame["status"] == "ok"
+    if "gate" in frame and not include_failed:  # targets that failed the quality gate are not trained on
+        keep &= frame["gate"] == "pass"
+    ok = frame[keep].sort_values("image_id")
     skipped = len(frame) - len(ok)
     if ok.empty:
-        raise FinetuneError(f"{pairs} has no ok rows ({skipped} error rows)")
+        raise FinetuneError(f"{pairs} has no ok rows that passed the quality gate ({skipped} error or gate-failed "
+                            f"rows; --include-failed trains on failed targets too)")
     lineage, gts, sizes = Lineage(), [], []
     for row in ok.to_dict("records"):
         chain = list(lineage.chain(row))
@@ -150,11 +155,12 @@ def finetune_config(config: str, restorer_net: torch.nn.Module, **overrides):
 
 
 def plan_finetune(pairs: str, restorer: str, real: str | None, config: str, overrides: dict,
-                  exclude: tuple[str, ...] | list[str] = (), plan: PairPlan | None = None):
+                  exclude: tuple[str, ...] | list[str] = (), plan: PairPlan | None = None,
+                  include_failed: bool = False):
     """Everything checked before any work. Returns (pair plan, network, save, info, reals, config).
 
     ``plan``: the pairs listed already (by the flow, for its task): they are not listed again."""
-    plan = load_pairs(pairs) if plan is None else plan
+    plan = load_pairs(pairs, include_failed) if plan is None else plan
     net, save, info = trainable_restorer(restorer)
     cfg = finetune_config(config, net, **overrides)
     height, size = plan.size
@@ -257,7 +263,7 @@ def finetune_flow(pairs: str, restorer: str, out: str, real: str | None = None, 
                   lr: float | None = None, val_pairs: int | None = None, validate_every: int | None = None,
                   checkpoint_every: int | None = None, precision: str | None = None, seed: int | None = None,
                   device: str = "auto", exclude: tuple[str, ...] | list[str] = (),
-                  loader_workers: int | None = None) -> str:
+                  loader_workers: int | None = None, include_failed: bool = False) -> str:
     """Fine-tune `restorer` on the pairs; returns the stage folder (restorer, log, validation manifest).
 
     Pairs are read by `loader_workers` DataLoader processes as batches need them (None: from the cores).
@@ -267,20 +273,23 @@ def finetune_flow(pairs: str, restorer: str, out: str, real: str | None = None, 
     """
     overrides = dict(iters=iters, batch_size=batch_size, micro_batch=micro_batch, lr=lr, val_pairs=val_pairs,
                      validate_every=validate_every, checkpoint_every=checkpoint_every, precision=precision, seed=seed)
-    plan, _, _, info, reals, cfg = plan_finetune(pairs, restorer, real, config, overrides, exclude)
+    plan, _, _, info, reals, cfg = plan_finetune(pairs, restorer, real, config, overrides, exclude,
+                                                 include_failed=include_failed)
     skipped = plan.skipped
     dev = resolve_device(device)
     get_run_logger().info("finetune: %d pairs (%d error rows skipped), %s real faces, %s, %s", len(plan), skipped,
                           "no" if reals is None else len(reals), info["arch"], type(cfg).__name__)
     real_items = list_inputs(real, exclude)[0] if reals is not None else []
     key = stable_hash([STAGE, type(cfg).__name__, asdict(cfg), manifest.read_index(pairs)["key"],
-                       [(i.uri, i.version) for i in real_items], info.get("sha256") or info.get("name")], length=12)
+                       [(i.uri, i.version) for i in real_items], info.get("sha256") or info.get("name"),
+                       include_failed], length=12)
     where = storage.join(storage.normalize(out), STAGE, key)
     result = finetune_task.with_options(result_storage=result_storage(where))(
         key=stable_hash([where, CODE_VERSION]), pairs=pairs, restorer=restorer, real=real, config=config,
         overrides=overrides, out=where, device=str(dev), exclude=list(exclude), plan=asdict(plan),
         loader_workers=loader_workers)
     index_config = {"finetune": asdict(cfg), "recipe": type(cfg).__name__, "pairs": pairs, "real": real,
-                    "skipped_pairs": skipped, **{k: v for k, v in result.items() if k != "shard"}}
+                    "skipped_pairs": skipped, "include_failed": include_failed,
+                    **{k: v for k, v in result.items() if k != "shard"}}
     ManifestWriter(where).write_index(STAGE, key, index_config, [ShardInfo(**result["shard"])])
     return where

@@ -17,14 +17,15 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from bfr_models import manifest, models, storage
+from bfr_models.gate import GateConfig, load_gate
 from bfr_models.pseudo_targets import (RESIZE_MODES, Candidate, MethodParams, PseudoTargetError, choose, grid,
                                        lowfreq_psnr, method_params, to_resolution, validate,
                                        with_resolution)
 from flows.stage import run_stage, skipped_record
 from tasks.rows import decode_items, same_size_batches
 from tasks.runtime import ensure_gpu_limit, key_parameter, resolve_device
-from tasks.pseudo_targets import (DTYPES, STAGE, cached_prior, cached_restorer, niqe_defined, pseudo_target_shard,
-                                  run_generate, sample_seeds)
+from tasks.pseudo_targets import (DTYPES, STAGE, cached_prior, cached_restorer, gate_batch, niqe_defined,
+                                  pseudo_target_shard, run_generate, sample_seeds)
 from tasks.shards import CODE_VERSION, InputItem, list_inputs, read_many, stable_hash
 
 AUTO_METRICS = ("niqe", "musiq")
@@ -48,9 +49,13 @@ def parse_grid(text: str | None) -> dict[str, list[int]] | None:
 
 def plan_pseudo_targets(input: str, prior: str, method: str, params: dict, restorer: str | None, resize: str,
                         best_of: int, dtype: str, device: str, auto: bool, auto_grid: str | None,
-                        auto_metric: str, exclude: tuple[str, ...] | list[str] = ()):
+                        auto_metric: str, exclude: tuple[str, ...] | list[str] = (), gate: str | None = None):
     """Validate everything before any work. Returns (method params, prior, restorer, items, skipped)."""
     p = method_params(method, **params)
+    try:
+        load_gate(gate)
+    except ValueError as e:
+        raise PseudoTargetError(str(e)) from None
     if resize not in RESIZE_MODES:
         raise PseudoTargetError(f"--resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
     if best_of < 1:
@@ -108,17 +113,18 @@ def _output_size(input: str, resolution: int, resize: str, up: int) -> tuple[int
       result_serializer="json")  # a checkable record, never a pickle (tasks.runtime.key_parameter)
 def auto_search(key: str, sample_uris: list[str], sample_ids: list[str], candidates: list[dict], prior_uri: str,
                 restorer: str | None, resize: str, fidelity_limit: float, fidelity_N: int, metric: str, seed: int,
-                device: str, dtype: str, batch_size: int) -> dict:
-    """Run every candidate on the sample; score quality (NIQE/MUSIQ) and low-frequency fidelity."""
+                device: str, dtype: str, batch_size: int, gate: dict, gate_musiq: bool, gate_identity: bool) -> dict:
+    """Run every candidate on the sample; score quality (NIQE/MUSIQ), low-frequency fidelity and the gate."""
     dev = resolve_device(device)
     prior = cached_prior(prior_uri, str(dev))
     restore = cached_restorer(restorer, str(dev)) if restorer else None
     decoded, _ = decode_items(STAGE, [InputItem(u, "-", parent_id=i) for u, i in zip(sample_uris, sample_ids)], read_many(sample_uris))
     quality = _quality_fn(metric, dev)
+    gate_config = GateConfig(**gate)
     results = []
     for cand in candidates:
         p = MethodParams(**cand)
-        q, f, nz = [], [], []
+        q, f, nz, passed = [], [], [], []
         for batch in same_size_batches(decoded, batch_size):
             images = torch.from_numpy(np.stack([rgb for _, _, rgb, _ in batch])).permute(0, 3, 1, 2).float() / 255.0
             seeds = [sample_seeds(seed, pid, 1) for _, pid, _, _ in batch]
@@ -127,13 +133,18 @@ def auto_search(key: str, sample_uris: list[str], sample_ids: list[str], candida
             R = prior.resolution
             f += lowfreq_psnr(to_resolution(out.images, R), to_resolution(images, R), fidelity_N).tolist()
             nz += [r["noise_sigma"] for r in out.records]
+            passed += [r["gate"] == "pass" for r in gate_batch(p, images, out, R, gate_config, gate_musiq,
+                                                               gate_identity, str(dev))]
         results.append(Candidate(params=cand, quality=float(np.nanmean(q)), fidelity=float(np.mean(f)),
-                                 noise=float(np.mean(nz))))
-    best, reason = choose(results, fidelity_limit, higher_is_better=metric == "musiq")
+                                 noise=float(np.mean(nz)), pass_rate=float(np.mean(passed))))
+    best, reason = choose(results, fidelity_limit, higher_is_better=metric == "musiq",
+                          min_pass_rate=gate_config.auto_min_pass_rate, tolerance=gate_config.auto_tolerance(metric))
     return {
         "metric": metric, "fidelity": f"low-frequency PSNR of Phi_{fidelity_N} at {prior.resolution} px vs the input",
         "fidelity_limit": fidelity_limit, "sample_ids": sample_ids, "chosen": best, "reason": reason,
-        "grid": [{**c.params, metric: c.quality, "lf_psnr": c.fidelity, "noise_sigma": c.noise} for c in results],
+        "min_pass_rate": gate_config.auto_min_pass_rate, "tolerance": gate_config.auto_tolerance(metric),
+        "grid": [{**c.params, metric: c.quality, "lf_psnr": c.fidelity, "noise_sigma": c.noise,
+                  "gate_pass_rate": c.pass_rate} for c in results],
     }
 
 
@@ -163,12 +174,16 @@ def pseudo_targets_flow(input: str, out: str, prior: str, method: str = "dr2", N
                         best_of: int = 1, fidelity_limit: float = 20.0, auto: bool = False,
                         auto_grid: str | None = None, auto_metric: str = "niqe", auto_sample: int = 8,
                         seed: int = 0, shard_size: int = 256, batch_size: int = 8, device: str = "auto",
-                        dtype: str = "fp32", exclude: tuple[str, ...] | list[str] = ()) -> str:
-    """Pseudo targets for every ok row of `input`; returns the manifest URI."""
+                        dtype: str = "fp32", exclude: tuple[str, ...] | list[str] = (),
+                        gate: str | None = None) -> str:
+    """Pseudo targets for every ok row of `input`, each judged by the quality gate (``gate``: a thresholds YAML,
+    default catalogs/gate/pseudo_targets.yaml); returns the manifest URI."""
     params = {"N": N, "tau": tau, "omega": omega, "K": K, "L": L, "n2": n2, "respace": respace,
               "variance_type": variance_type, "scale": scale, "t_start": t_start, "warmup": warmup}
     p, loaded, restore, items, skipped = plan_pseudo_targets(input, prior, method, params, restorer, resize, best_of,
-                                                             dtype, device, auto, auto_grid, auto_metric, exclude)
+                                                             dtype, device, auto, auto_grid, auto_metric, exclude,
+                                                             gate)
+    gate_config, gate_record, gate_scorers = plan_gate(gate, input, loaded.resolution, resize, p.upscale)
     dev = resolve_device(device)
     ensure_gpu_limit(dev)
     logger = get_run_logger()
@@ -182,24 +197,64 @@ def pseudo_targets_flow(input: str, out: str, prior: str, method: str = "dr2", N
         fidelity_N = fidelity_N if loaded.resolution % fidelity_N == 0 else 1
         key = stable_hash(["auto", [c.as_dict() for c in cands], [(i.uri, i.version) for i in chosen_sample],
                            loaded.sha256, restorer_info, resize, fidelity_limit, fidelity_N, auto_metric, seed,
-                           dtype, CODE_VERSION])
+                           dtype, gate_record, CODE_VERSION])
         search = auto_search.with_options(result_storage=_auto_storage(out))(
             key=key, sample_uris=[i.uri for i in chosen_sample], sample_ids=[i.parent_id or i.uri for i in chosen_sample],
             candidates=[c.as_dict() for c in cands], prior_uri=prior, restorer=restorer, resize=resize,
             fidelity_limit=fidelity_limit, fidelity_N=fidelity_N, metric=auto_metric, seed=seed, device=str(dev),
-            dtype=dtype, batch_size=batch_size)
+            dtype=dtype, batch_size=batch_size, gate=asdict(gate_config), **gate_scorers)
         p = cands[search["chosen"]]
         logger.info("pseudo-targets --auto chose %s (%s)", p.as_dict(), search["reason"])
     config = {"method": p.as_dict(), "prior": loaded.sha256, "prior_uri": loaded.uri, "restorer": restorer_info,
               "resize": resize, "best_of": best_of, "fidelity_limit": fidelity_limit, "seed": seed, "dtype": dtype,
-              "auto": search}
+              "auto": search, "gate": gate_record}
     row_auto = None if search is None else {"metric": search["metric"], "chosen": p.as_dict(), "reason": search["reason"],
                                             "candidates": len(search["grid"])}
-    return run_stage(pseudo_target_shard, STAGE, config, items, input, out, shard_size,
-                     finalize=lambda *_: skipped_record(input, skipped, exclude), params=asdict(p),
-                     prior_uri=prior, restorer=restorer, resize=resize, best_of=best_of,
-                     fidelity_limit=fidelity_limit, seed=seed, device=str(dev), dtype=dtype,
-                     batch_size=batch_size, auto=row_auto)
+    uri = run_stage(pseudo_target_shard, STAGE, config, items, input, out, shard_size,
+                    finalize=lambda *_: skipped_record(input, skipped, exclude), params=asdict(p),
+                    prior_uri=prior, restorer=restorer, resize=resize, best_of=best_of,
+                    fidelity_limit=fidelity_limit, seed=seed, device=str(dev), dtype=dtype,
+                    batch_size=batch_size, auto=row_auto, gate=asdict(gate_config), **gate_scorers)
+    logger.info("pseudo-targets: %s", gate_summary(uri))
+    return uri
+
+
+def plan_gate(path: str | None, input: str, resolution: int, resize: str, up: int) -> tuple[GateConfig, dict, dict]:
+    """The gate's thresholds, the index record (thresholds, file, checks skipped and why) and which optional
+    scorers run: MUSIQ and FaceNet identity when their weights are cached, NIQE where outputs allow it."""
+    from flows.idm import _optional_scorer
+
+    config = load_gate(path)  # checked in plan_pseudo_targets
+    not_checked: list[dict] = []
+    scorers = {"gate_musiq": _optional_scorer("musiq_koniq", None, not_checked, "musiq"),
+               "gate_identity": _optional_scorer("facenet_vggface2", None, not_checked, "identity_cos")}
+    size = _output_size(input, resolution, resize, up)
+    if size is not None and not niqe_defined(*size):
+        not_checked.append({"metric": "niqe", "reason": f"outputs of {size[1]}x{size[0]} are under two 96-px blocks"})
+    record = {"thresholds": asdict(config), "file": str(path or "catalogs/gate/pseudo_targets.yaml"),
+              "not_checked": not_checked}
+    return config, record, scorers
+
+
+def gate_summary(uri: str) -> str:
+    """One line: how many targets passed the gate, the commonest failed checks, the checks not made."""
+    frame = manifest.read_manifest(uri)
+    ok = frame[frame["status"] == "ok"]
+    gates = ok["gate"] if "gate" in ok else ok["status"].iloc[:0]  # no ok row: no gate column
+    passed = int((gates == "pass").sum())
+    checks = {}
+    for text in ok.loc[gates == "fail", "gate_reason"].dropna() if len(gates) else []:
+        for part in text.split("; "):
+            name = part.split(":")[0]
+            checks[name] = checks.get(name, 0) + 1
+    index = manifest.read_index(uri)
+    skipped = [r["metric"] for r in ((index.get("config") or {}).get("gate") or {}).get("not_checked", [])]
+    line = f"{passed} of {len(ok)} targets passed the quality gate"
+    if checks:
+        line += " (failed: " + ", ".join(f"{k} {v}" for k, v in sorted(checks.items(), key=lambda kv: -kv[1])) + ")"
+    if skipped:
+        line += f"; not checked: {', '.join(skipped)} (weights missing or images too small)"
+    return line
 
 
 def _auto_storage(out: str):

@@ -65,17 +65,18 @@ def pseudo_target_options(args) -> dict:
                 restorer=args.restorer, resize=args.resize, best_of=args.best_of,
                 fidelity_limit=args.fidelity_limit, auto=args.auto, auto_grid=args.auto_grid,
                 auto_metric=args.auto_metric, auto_sample=args.auto_sample, seed=args.seed, dtype=args.dtype,
-                exclude=args.exclude)
+                exclude=args.exclude, gate=args.gate)
 
 
 def cmd_pseudo_targets(args, run, print_result) -> None:
-    from flows.pseudo_targets import plan_pseudo_targets, pseudo_targets_flow
+    from flows.pseudo_targets import gate_summary, plan_pseudo_targets, pseudo_targets_flow
 
     o = pseudo_target_options(args)
     params = {k: o[k] for k in ("N", "tau", "omega", "K", "L", "n2", "scale", "t_start", "warmup", "respace",
                                  "variance_type")}
     plan_pseudo_targets(o["input"], o["prior"], o["method"], params, o["restorer"], o["resize"], o["best_of"],
-                        o["dtype"], args.device, o["auto"], o["auto_grid"], o["auto_metric"], o["exclude"])
+                        o["dtype"], args.device, o["auto"], o["auto_grid"], o["auto_metric"], o["exclude"],
+                        o["gate"])
     uri = run(pseudo_targets_flow, args, out=args.out, shard_size=args.shard_size, batch_size=args.batch_size,
               device=args.device, **o)
     print_result("pseudo-targets", uri)
@@ -86,6 +87,7 @@ def cmd_pseudo_targets(args, run, print_result) -> None:
         search = manifest.read_index(uri)["config"].get("auto")
         if search:
             print(auto_grid(search))
+    print(gate_summary(uri))
 
 
 def add_prior_parsers(sub, add_common, run, print_result) -> None:
@@ -166,5 +168,8 @@ def add_prior_parsers(sub, add_common, run, print_result) -> None:
     p.add_argument("--auto-sample", type=int, default=8, help="images the --auto search runs on (default 8)")
     p.add_argument("--seed", type=int, default=0, help="run seed; each image's seeds derive from it (default 0)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="UNet precision (bf16 autocast on GPU)")
+    p.add_argument("--gate", default=None, metavar="YAML",
+                   help="quality-gate thresholds (default: catalogs/gate/pseudo_targets.yaml); every target gets "
+                        "gate=pass/fail and gate_reason, failed ones are left out of finetune pairs")
     add_common(p, shard_size=64, batch_size=8)
     p.set_defaults(func=lambda args: cmd_pseudo_targets(args, run, print_result))

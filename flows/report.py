@@ -23,8 +23,7 @@ def auto_searches(sets: list[ScoredSet]) -> list[tuple[str, dict]]:
     """The --auto records of the pseudo-target stages whose images these sets hold (from their index)."""
     found = {}
     for s in sets:
-        uris = s.frame["uri"].dropna() if "uri" in s.frame else []
-        for folder in {u.rsplit("/images/", 1)[0] for u in uris if "/pseudo-targets/" in u and "/images/" in u}:
+        for folder in pseudo_target_folders(s):
             if folder not in found and manifest.index_uri(folder):
                 auto = manifest.read_index(folder)["config"].get("auto")
                 if auto:
@@ -32,18 +31,25 @@ def auto_searches(sets: list[ScoredSet]) -> list[tuple[str, dict]]:
     return sorted(found.items())
 
 
+def pseudo_target_folders(s: ScoredSet) -> list[str]:
+    """The pseudo-target stage folders whose images a set holds (scored sets point at them by URI)."""
+    uris = s.frame["uri"].dropna() if "uri" in s.frame else []
+    return sorted({u.rsplit("/images/", 1)[0] for u in uris if "/pseudo-targets/" in u and "/images/" in u})
+
+
 def stage_sections(sets: list[ScoredSet], n: int) -> list:
-    """A section for each fine-tuning or cleaning run among the sets (or among what they scored)."""
+    """A section for each fine-tuning, cleaning or pseudo-target (quality gate) run among the sets (or among
+    what they scored)."""
     import io
 
     import pandas as pd
 
     from bfr_models.report import Thumbnails
-    from bfr_models.report_stages import clean_section, finetune_section
+    from bfr_models.report_stages import clean_section, finetune_section, gate_section
 
     done, out, thumbs = set(), [], Thumbnails()
     for s in sets:
-        for uri in (s.info.get("manifest"), s.info.get("source")):
+        for uri in (s.info.get("manifest"), s.info.get("source"), *pseudo_target_folders(s)):
             if not uri or uri in done or not manifest.index_uri(uri):
                 continue
             done.add(uri)
@@ -54,6 +60,8 @@ def stage_sections(sets: list[ScoredSet], n: int) -> list:
                 out.append(finetune_section(name, log, index["config"]))
             elif index["stage"] == "clean":
                 out.append(clean_section(name, manifest.read_manifest(uri), index["config"], thumbs, n))
+            elif index["stage"] == "pseudo-targets":
+                out.append(gate_section(name, manifest.read_manifest(uri), index["config"], thumbs, n))
     return out
 
 

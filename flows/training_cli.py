@@ -17,14 +17,15 @@ def cmd_finetune(args, run) -> None:
     knobs = dict(iters=args.iters, batch_size=args.batch_size, micro_batch=args.micro_batch, lr=args.lr,
                  val_pairs=args.val_pairs, validate_every=args.validate_every, checkpoint_every=args.checkpoint_every,
                  precision=args.precision, seed=args.seed)
-    plan_finetune(args.pairs, args.restorer, args.real, args.config, knobs, args.exclude)
+    plan_finetune(args.pairs, args.restorer, args.real, args.config, knobs, args.exclude, args.include_failed)
     uri = run(finetune_flow, args, pairs=args.pairs, restorer=args.restorer, real=args.real, out=args.out,
-              config=args.config, device=args.device, exclude=args.exclude, **knobs)
+              config=args.config, device=args.device, exclude=args.exclude, include_failed=args.include_failed,
+              **knobs)
     from bfr_models import manifest, storage
 
     index = manifest.read_index(uri)["config"]
     print(f"finetune: {index['train_pairs']} training pairs, {index['val_pairs']} held out "
-          f"({index['skipped_pairs']} error rows skipped)")
+          f"({index['skipped_pairs']} error or gate-failed rows skipped)")
     print(f"  restorer: {index['restorer_uri']}")
     print(f"  log:      {index['log_uri']}")
     print(f"  manifest: {storage.join(uri, manifest.INDEX_NAME)}")
@@ -103,6 +104,8 @@ def add_training_parsers(sub, add_common, run, print_result) -> None:
                                    "catalogs/finetune/codeformer.yaml). Checkpoints go to the output store; "
                                    "rerunning the same command after an interruption resumes.")
     p.add_argument("--pairs", required=True, help="a pseudo-target manifest (each row's parent is its LQ input)")
+    p.add_argument("--include-failed", action="store_true",
+                   help="also train on targets that failed the quality gate (default: gate == pass rows only)")
     p.add_argument("--restorer", required=True,
                    help="small or swinir (fresh networks), or a checkpoint: ours (restore/finetune output) or "
                         "any same-resolution architecture spandrel loads")

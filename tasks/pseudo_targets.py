@@ -8,11 +8,13 @@ import numpy as np
 import torch
 from prefect import task
 
+from bfr_models.diffusion.lowpass import matlab_resize
 from bfr_models.diffusion.prior import Prior, load_prior
+from bfr_models.gate import GateConfig, judge
 from bfr_models.imageio import encode_png
 from bfr_models.manifest import ManifestWriter
 from bfr_models.metrics.niqe import BLOCK, niqe
-from bfr_models.pseudo_targets import MethodParams, PseudoTargetError, difbfsr_config, generate
+from bfr_models.pseudo_targets import MethodParams, PseudoTargetError, Targets, difbfsr_config, generate
 from tasks.rows import decode_items, error_row, ok_row, same_size_batches, to_uint8, write_output
 from tasks.runtime import device_slot, load_once, resolve_device, shard_cache_key
 from tasks.shards import ShardSpec, derived_seed, read_many
@@ -51,12 +53,33 @@ def run_generate(p: MethodParams, images: torch.Tensor, prior: Prior, seeds, res
                     dtype=DTYPES[dtype], quality_fn=niqe if niqe_defined(out_h, out_w) else None)
 
 
+def gate_batch(p: MethodParams, images: torch.Tensor, result: Targets, resolution: int, gate: GateConfig,
+               musiq: bool, identity: bool, device: str) -> list[dict]:
+    """The quality gate's records of a batch: each target against its input at the target's size, fidelity and
+    colour on copies of ``resolution`` / N pixels (the band the method keeps at the prior's resolution), noise
+    estimates as :func:`generate` measured them (at the prior's resolution). NIQE where it is defined; MUSIQ
+    and FaceNet identity when the flow found their weights."""
+    from tasks.clean import cached_scorers
+
+    target = result.images
+    inputs = matlab_resize(images.double(), tuple(target.shape[-2:])).float().clamp(0, 1)
+    musiq_net, _, identity_fn = cached_scorers(musiq, False, identity, device)
+    factor = (p.N or gate.default_N) * target.shape[-2] / resolution
+    return judge(target, inputs, factor, gate,
+                 noise_target=torch.tensor([r["noise_sigma"] for r in result.records]),
+                 noise_input=torch.tensor([r["input_noise_sigma"] for r in result.records]),
+                 niqe=niqe if niqe_defined(*target.shape[-2:]) else None,
+                 musiq=musiq_net, identity=identity_fn)
+
+
 @task(name="pseudo-targets-shard", cache_key_fn=shard_cache_key, persist_result=True, cache_result_in_memory=False)
 def pseudo_target_shard(spec: ShardSpec, stage_uri: str, params: dict, prior_uri: str, restorer: str | None,
                         resize: str, best_of: int, fidelity_limit: float, seed: int, device: str, dtype: str,
-                        batch_size: int, auto: dict | None) -> dict:
+                        batch_size: int, auto: dict | None, gate: dict, gate_musiq: bool = False,
+                        gate_identity: bool = False) -> dict:
     dev = resolve_device(device)
     p = MethodParams(**params)
+    gate_config = GateConfig(**gate)
     prior = cached_prior(prior_uri, str(dev))
     restore = cached_restorer(restorer, str(dev)) if restorer else None
     writer = ManifestWriter(stage_uri)
@@ -70,10 +93,12 @@ def pseudo_target_shard(spec: ShardSpec, stage_uri: str, params: dict, prior_uri
         try:
             with device_slot(dev):
                 result = run_generate(p, images, prior, seeds, restore, resize, fidelity_limit, dtype)
+                gates = gate_batch(p, images, result, prior.resolution, gate_config, gate_musiq, gate_identity,
+                                   str(dev))
         except PseudoTargetError as e:  # e.g. a size the user refused to resize: a row per image says so
             rows += [error_row(STAGE, item, f"pseudo-targets: {e}") for item, _, _, _ in batch]
             continue
-        for (item, parent_id, _, source), out, rec in zip(batch, result.images, result.records):
+        for (item, parent_id, _, source), out, rec, measured in zip(batch, result.images, result.records, gates):
             finite, error = rec.pop("finite"), rec.pop("error")
             if error or not finite:  # this image failed, the batch goes on
                 rows.append(error_row(STAGE, item, f"pseudo-targets: {error or 'the sampler produced non-finite values'}"))
@@ -81,7 +106,9 @@ def pseudo_target_shard(spec: ShardSpec, stage_uri: str, params: dict, prior_uri
             rgb = to_uint8(out)
             png = encode_png(rgb)
             uri = write_output(writer, png, parent_id)
-            lf, nz = rec.pop("lf_psnr"), rec.pop("noise_sigma")
+            lf = rec.pop("lf_psnr")
+            for measured_here in ("noise_sigma", "input_noise_sigma"):  # columns via the gate's record
+                rec.pop(measured_here)
             rows.append(ok_row(STAGE, item, parent_id, uri, png, rgb, seed=rec["seed"], split=item.split,
-                               params={**common, **rec, **source}, lf_psnr=lf, noise_sigma=nz))
+                               params={**common, **rec, **source}, lf_psnr=lf, **measured))
     return asdict(writer.write_shard(spec.key, rows))

@@ -30,8 +30,9 @@ def lpips_alex(monkeypatch, tmp_path):
     return install_models(monkeypatch, tmp_path, {"lpips_alex_backbone": buf.getvalue()})
 
 
-def pairs_manifest(tmp_path, n: int = 8, odd_size: bool = False) -> tuple[str, str]:
-    """Faces -> a real degrade stage -> a hand-written pseudo-target manifest (target = the face, one error row)."""
+def pairs_manifest(tmp_path, n: int = 8, odd_size: bool = False, gate_failed: int = 0) -> tuple[str, str]:
+    """Faces -> a real degrade stage -> a hand-written pseudo-target manifest (target = the face, one error row;
+    with ``gate_failed``, that many targets failed the quality gate)."""
     from flows.degrade import degrade_flow
 
     faces = tmp_path / "faces"
@@ -47,7 +48,8 @@ def pairs_manifest(tmp_path, n: int = 8, odd_size: bool = False) -> tuple[str, s
         image_id = storage.sha256_hex(png)[:20]
         rows.append({"image_id": image_id, "uri": writer.write_image(image_id, png), "sha256": storage.sha256_hex(png),
                      "width": size, "height": size, "parent_id": r["image_id"], "parent_uri": r["uri"],
-                     "stage": "pseudo-targets", "status": "ok"})
+                     "stage": "pseudo-targets", "status": "ok",
+                     **({"gate": "fail" if k < gate_failed else "pass"} if gate_failed else {})})
     rows.append({"image_id": "e" * 20, "parent_uri": str(faces / "broken.png"), "stage": "pseudo-targets",
                  "status": "error", "error": "pseudo-targets: the sampler produced non-finite values"})
     writer.write_index("pseudo-targets", "handmade", {}, [writer.write_shard("s0", rows)])
@@ -66,7 +68,7 @@ def test_finetune_then_restore_then_report(tmp_path, lpips_alex, capsys):
                "--config", config_file(tmp_path), "--device", "cpu"])
     text = capsys.readouterr().out
     assert rc == 0, text
-    assert "6 training pairs, 2 held out (1 error rows skipped)" in text
+    assert "6 training pairs, 2 held out (1 error or gate-failed rows skipped)" in text
     stage = text.split("manifest: ")[1].split()[0].rsplit("/", 1)[0]
     index = manifest.read_index(stage)
     log = pd.read_parquet(io.BytesIO(storage.read_bytes(index["config"]["log_uri"])))

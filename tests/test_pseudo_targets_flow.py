@@ -1,10 +1,12 @@
 """The pseudo-targets stage end to end: prior train/inspect, --auto, one-line errors, and a recipe."""
 
 import json
+from dataclasses import asdict
 
 import pytest
 
 from bfr_models import manifest, storage
+from bfr_models.gate import GateConfig
 from bfr_models.imageio import decode_rgb
 from flows.cli import main
 from flows.pseudo_targets import pseudo_targets_flow
@@ -57,6 +59,12 @@ def test_pseudo_targets_auto_records_grid_and_choice(faces_192, prior_uri, tmp_p
         assert params["resize"] == {"from": [192, 192], "prior": 32, "out": [192, 192]}
         assert row.lf_psnr > 0 and row.noise_sigma >= 0
         assert decode_rgb(storage.read_bytes(row.uri))[0].shape == (192, 192, 3)
+    # the quality gate: a verdict and every measure per row, thresholds and the checks not made in the index
+    gate = manifest.read_index(uri)["config"]["gate"]
+    assert gate["thresholds"] == asdict(GateConfig()) and isinstance(gate["not_checked"], list)
+    assert {"gate", "gate_reason", "lowres_psnr", "chroma_shift", "input_noise_sigma", "target_niqe"} <= set(df.columns)
+    assert set(df["gate"]) <= {"pass", "fail"} and (df["gate_reason"].notna() == (df["gate"] == "fail")).all()
+    assert 0 <= auto["grid"][0]["gate_pass_rate"] <= 1 and auto["min_pass_rate"] == GateConfig().auto_min_pass_rate
     again = pseudo_targets_flow(**kwargs, return_state=True)
     assert again.result() == uri and set(task_states(again)) == {"Cached"}  # the search and every shard
 
@@ -119,6 +127,7 @@ def test_recipe_runs_end_to_end_and_an_edit_reruns_only_what_follows(faces_192, 
     html = (tmp_path / "run" / "report.html").read_text()
     assert first["report"].endswith("report.html") and "tiny recipe" in html
     assert "Pseudo-target parameter search (--auto)" in html and "lf_psnr" in html
+    assert "Quality gate: pseudo-targets" in html and "targets passed the gate" in html
     scored = manifest.read_manifest(first["score pseudo-targets"])
     # the targets are scored against the faces two generations up (target -> degraded -> face)
     assert len(scored) == 4 and scored["psnr"].notna().all() and scored["niqe"].notna().all()
