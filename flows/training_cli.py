@@ -17,7 +17,8 @@ def cmd_finetune(args, run) -> None:
     knobs = dict(iters=args.iters, batch_size=args.batch_size, micro_batch=args.micro_batch, lr=args.lr,
                  val_pairs=args.val_pairs, validate_every=args.validate_every, checkpoint_every=args.checkpoint_every,
                  precision=args.precision, seed=args.seed)
-    plan_finetune(args.pairs, args.restorer, args.real, args.config, knobs, args.exclude, args.include_failed)
+    plan_finetune(args.pairs, args.restorer, args.real, args.config, knobs, args.exclude,
+                  include_failed=args.include_failed)
     uri = run(finetune_flow, args, pairs=args.pairs, restorer=args.restorer, real=args.real, out=args.out,
               config=args.config, device=args.device, exclude=args.exclude, include_failed=args.include_failed,
               **knobs)
