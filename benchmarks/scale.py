@@ -7,7 +7,8 @@ For each size it writes that many distinct synthetic faces and runs, each as its
 process: degrade (dr2 mild, scale 4), score (niqe + fid against the faces, with a seeded random-init FID
 Inception installed as the ``fid_inception_pytorch`` card's file in a temporary model cache and catalog),
 prior train (tiny, 32 px), pseudo-targets (dr2 with that prior, on the degraded set), idm train (tiny) and
-clean with it, finetune (small restorer on the pseudo-target pairs, gate-failed ones included) and report (over the score manifest).
+clean with it, finetune (small restorer on the pseudo-target pairs, gate-failed ones included) and report
+(over the score manifest).
 Training stages run the same steps at every size, so their images/s is steps x batch / wall time; the
 others' is images / wall time. Score runs on a second set of the same faces at ``--score-px`` (NIQE needs
 two 96-px blocks, so 192 px; below that its rows are NaN). Peak RSS is polled every 50 ms over the stage's
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from bfr_models import storage  # noqa: E402
 from bfr_models.imageio import encode_png  # noqa: E402
-from bfr_models.manifest import ManifestWriter  # noqa: E402
+from bfr_models.manifest import ManifestWriter, read_manifest  # noqa: E402
 from bfr_models.metrics import fid as F  # noqa: E402
 from tests.conftest import install_models  # noqa: E402  (also gives Prefect a fresh home for the run)
 
@@ -68,7 +68,8 @@ uri, times = sys.argv[1], {}
 t = time.perf_counter(); items, _ = list_inputs(uri); times["list"] = time.perf_counter() - t
 t = time.perf_counter(); shards = make_shards("score", {}, items, 32); times["plan"] = time.perf_counter() - t
 t = time.perf_counter(); index = manifest.read_index(uri)
-ManifestWriter(uri).write_index(index["stage"], index["key"], index["config"], [ShardInfo(**s) for s in index["shards"]])
+infos = [ShardInfo(**s) for s in index["shards"]]
+ManifestWriter(uri).write_index(index["stage"], index["key"], index["config"], infos)
 times["index"] = time.perf_counter() - t
 t = time.perf_counter(); rows = manifest.read_table(uri).num_rows; times["table"] = time.perf_counter() - t
 print(json.dumps({"items": len(items), "shards": len(shards), "rows": rows, "times": times}))
@@ -141,7 +142,8 @@ def run_size(tmp: Path, n: int, px: int, score_px: int, steps: int) -> tuple[lis
         print(f"{name:15} {n:7d} {wall:8.1f} {images / wall:8.2f} {peak / 2**20:13.0f}", flush=True)
         return stdout
 
-    stage("degrade", ["degrade", "--input", str(faces), "--preset", "dr2", "--split", "mild", "--scale", "4", *common], n)
+    stage("degrade", ["degrade", "--input", str(faces), "--preset", "dr2", "--split", "mild", "--scale", "4", *common],
+          n)
     degraded = stage_uri(out, "degrade")
     reads_file = tmp / "fid-reads.json"
     os.environ["BENCH_FID_READS"] = str(reads_file)
@@ -150,8 +152,10 @@ def run_size(tmp: Path, n: int, px: int, score_px: int, steps: int) -> tuple[lis
     scored = stage_uri(out, "score")
     reads = json.loads(reads_file.read_text())
     files = {str(p) for p in Path(scored, "fid").glob("*.npz")}
-    fid_line = (f"FID at {n}: {len(files)} feature files, {len(reads)} reads, {len(set(reads))} distinct"
-                f" ({'each read once' if sorted(reads) == sorted(files) else 'NOT each read once'})")
+    niqe = read_manifest(scored)["niqe"].notna().sum()
+    once = "each read once" if sorted(reads) == sorted(files) else "NOT each read once"
+    fid_line = (f"score at {n}: NIQE on {niqe}/{n} rows; FID {len(files)} feature files, {len(reads)} reads, "
+                f"{len(set(reads))} distinct ({once})")
     stage("prior train", ["prior", "train", "--input", str(faces), "--resolution", "32", "--steps", str(steps),
                           "--batch-size", str(BATCH), "--channels", "8,16", *common], trained)
     prior = model_folder(out, "prior.json")
@@ -223,7 +227,7 @@ def ratio_table(results: dict[int, list[tuple[str, float, float, int]]]) -> None
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="500,2000,8000", help="comma list; empty runs only the planning row")
     ap.add_argument("--px", type=int, default=64, help="face size of every stage but score (default 64)")
     ap.add_argument("--score-px", type=int, default=192, help="face size scored (NIQE needs 192; default 192)")
