@@ -7,7 +7,7 @@ For each size it writes that many distinct synthetic faces and runs, each as its
 process: degrade (dr2 mild, scale 4), score (niqe + fid against the faces, with a seeded random-init FID
 Inception installed as the ``fid_inception_pytorch`` card's file in a temporary model cache and catalog),
 prior train (tiny, 32 px), pseudo-targets (dr2 with that prior, on the degraded set), idm train (tiny) and
-clean with it, finetune (small restorer on the pseudo-target pairs, gate-failed ones included) and report
+clean with it (2 sampling steps), finetune (small restorer on the pseudo-target pairs, gate-failed ones included) and report
 (over the score manifest).
 Training stages run the same steps at every size, so their images/s is steps x batch / wall time; the
 others' is images / wall time. Score runs on a second set of the same faces at ``--score-px`` (NIQE needs
@@ -136,11 +136,10 @@ def run_size(tmp: Path, n: int, px: int, score_px: int, steps: int) -> tuple[lis
     trained = steps * BATCH
     rows = []
 
-    def stage(name: str, args: list[str], images: int, code: str = CLI) -> str:
-        wall, peak, stdout = run_stage(args, code)
+    def stage(name: str, args: list[str], images: int, code: str = CLI) -> None:
+        wall, peak, _ = run_stage(args, code)
         rows.append((name, wall, images / wall, peak))
         print(f"{name:15} {n:7d} {wall:8.1f} {images / wall:8.2f} {peak / 2**20:13.0f}", flush=True)
-        return stdout
 
     stage("degrade", ["degrade", "--input", str(faces), "--preset", "dr2", "--split", "mild", "--scale", "4", *common],
           n)
