@@ -3,17 +3,17 @@ the whole process tree (issue 14's scale benchmark).
 
     python benchmarks/scale.py [--sizes 500,2000,8000] [--px 64] [--score-px 192] [--steps 20] [--plan-rows 70000]
 
-For each size it writes that many distinct synthetic faces and runs, each as its own ``bfr-curate``
-process: degrade (dr2 mild, scale 4), score (niqe + fid against the faces, with a seeded random-init FID
-Inception installed as the ``fid_inception_pytorch`` card's file in a temporary model cache and catalog),
-prior train (tiny, 32 px), pseudo-targets (dr2 with that prior, on the degraded set), idm train (tiny) and
-clean with it (2 sampling steps), finetune (small restorer on the pseudo-target pairs, gate-failed ones
-included) and report (over the score manifest). Training stages run the same steps at every size, so their images/s is steps x batch / wall time; the
-others' is images / wall time. Score runs on a second set of the same faces at ``--score-px`` (NIQE needs
-two 96-px blocks, so 192 px; below that its rows are NaN). Peak RSS is polled every 50 ms over the stage's
-process and all its children (Prefect's server, DataLoader workers) with psutil. The score process counts
-its reads of ``score/<key>/fid/*.npz`` (a wrapper around ``storage.read_bytes``, installed before the CLI
-runs): every feature file should be read once.
+For each size it writes that many distinct synthetic faces and runs, each as its own ``bfr-curate`` process:
+degrade (dr2 mild, scale 4), score (niqe + fid against the faces, with a seeded random-init FID Inception
+installed as the ``fid_inception_pytorch`` card's file in a temporary model cache and catalog), prior train
+(tiny, 32 px), pseudo-targets (dr2 with that prior, on the degraded set), idm train (tiny) and clean with it
+(2 sampling steps), finetune (small restorer on the pseudo-target pairs, gate-failed ones included) and
+report (over the score manifest). Training stages run the same steps at every size, so their images/s is
+steps x batch / wall time; the others' is images / wall time. Score runs on a second set of the same faces
+at ``--score-px`` (NIQE needs two 96-px blocks, so 192 px; below that its rows are NaN). Peak RSS is polled
+every 50 ms over the stage's process and all its children (Prefect's server, DataLoader workers) with
+psutil. The score process counts its reads of ``score/<key>/fid/*.npz`` (a wrapper around
+``storage.read_bytes``, installed before the CLI runs): every feature file should be read once.
 
 The planning row writes a manifest of ``--plan-rows`` rows (256-row shards, every row pointing at one of a
 few real PNGs), then in one process lists it (``list_inputs``), plans 32-image shards (``make_shards``),
