@@ -80,6 +80,6 @@ def test_finetune_pairs_leave_gate_failed_targets_out(tmp_path):
     from tests.test_finetune_flow import pairs_manifest
 
     pairs, _ = pairs_manifest(tmp_path, n=4, gate_failed=1)
-    data, ids, skipped = load_pairs(pairs)
-    assert len(ids) == 3 and skipped == 2  # the error row and the failed target
-    assert len(load_pairs(pairs, include_failed=True)[1]) == 4
+    plan = load_pairs(pairs)
+    assert len(plan) == 3 and plan.skipped == 2  # the error row and the failed target
+    assert len(load_pairs(pairs, include_failed=True)) == 4
