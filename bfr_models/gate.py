@@ -19,15 +19,15 @@ YAML says why each value. Every measure is a column, every failed check a reason
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
-import yaml
 
-from bfr_models.diffusion.lowpass import matlab_resize
+from bfr_models.config_files import load_dataclass_yaml
 from bfr_models.pseudo_targets import noise_sigma
+from bfr_models.resize import matlab_resize
 
 Scorer = Callable[[torch.Tensor], torch.Tensor]
 PairScorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -67,16 +67,7 @@ def default_gate_path() -> Path:
 
 def load_gate(path: str | Path | None = None) -> GateConfig:
     """The thresholds of a YAML file (default: catalogs/gate/pseudo_targets.yaml); unknown keys are an error."""
-    path = Path(path) if path else default_gate_path()
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ValueError(f"gate file {path}: cannot read it: {' '.join(str(e).split())}") from None
-    known = {f.name for f in fields(GateConfig)}
-    if not isinstance(raw, dict) or set(raw) - known:
-        unknown = sorted(set(raw) - known) if isinstance(raw, dict) else ["(not a mapping)"]
-        raise ValueError(f"gate file {path}: unknown field(s) {', '.join(unknown)} (expected: {', '.join(sorted(known))})")
-    return GateConfig(**raw)
+    return load_dataclass_yaml(GateConfig, Path(path) if path else default_gate_path(), "gate file")
 
 
 def rgb_to_lab(x: torch.Tensor) -> torch.Tensor:

@@ -21,14 +21,15 @@ no quality score at all (NIQE needs two 96-px blocks, MUSIQ not given) cannot sh
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
+
+from bfr_models.config_files import load_dataclass_yaml
 
 Scorer = Callable[[torch.Tensor], torch.Tensor]
 PairScorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -71,17 +72,8 @@ def default_acceptance_path() -> Path:
 
 def load_acceptance(path: str | Path | None = None, **overrides) -> AcceptanceConfig:
     """The thresholds of a YAML file (default: catalogs/acceptance/idm.yaml), then the overrides that are not None."""
-    path = Path(path) if path else default_acceptance_path()
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ValueError(f"acceptance file {path}: cannot read it: {' '.join(str(e).split())}") from None
-    known = {f.name for f in fields(AcceptanceConfig)}
-    if not isinstance(raw, dict) or set(raw) - known:
-        unknown = sorted(set(raw) - known) if isinstance(raw, dict) else ["(not a mapping)"]
-        raise ValueError(f"acceptance file {path}: unknown field(s) {', '.join(unknown)} "
-                         f"(expected: {', '.join(sorted(known))})")
-    return AcceptanceConfig(**{**raw, **{k: v for k, v in overrides.items() if v is not None}})
+    return load_dataclass_yaml(AcceptanceConfig, Path(path) if path else default_acceptance_path(), "acceptance file",
+                               **overrides)
 
 
 @dataclass(frozen=True)
