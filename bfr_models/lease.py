@@ -100,7 +100,7 @@ class Lease:
         while True:
             current = _read(self.uri)
             if current is not None and _stale(current):
-                storage.delete(self.uri)  # taken over; a racing taker is caught by the read-back below
+                storage.remove(self.uri)  # taken over; a racing taker is caught by the read-back below
                 current = None
             if current is None and _create(self.uri, self._record()):
                 if (_read(self.uri) or {}).get("token") == self.token:
@@ -124,7 +124,7 @@ class Lease:
             return
         try:
             if (_read(self.uri) or {}).get("token") == self.token:
-                storage.delete(self.uri)
+                storage.remove(self.uri)
         except Exception:
             pass
 

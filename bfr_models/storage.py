@@ -274,18 +274,13 @@ def check_writable(out: str) -> None:
                                      "bfr-curate never creates buckets") from None
         probe = join(out, f"{PROBE_PREFIX}{uuid.uuid4().hex}")
         _write(probe, b"probe")
-        delete(probe)
+        remove(probe)
     except OutNotWritable:
         raise
     except Exception as e:
         if not is_store_fault(e):
             raise
         raise OutNotWritable(f"cannot write to --out {store_name(out)}: {type(e).__name__}: {e}".splitlines()[0]) from e
-
-
-def delete(uri: str) -> None:
-    fs, path = filesystem(uri)
-    fs.rm_file(path)
 
 
 @dataclass(frozen=True)
