@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo test bench clean
+.PHONY: setup browser demo test bench clean
 
 # The whole environment is pinned in requirements.lock (pip freeze of a resolved install), so a fresh
 # install is the same install. --no-deps: facenet-pytorch and basicsr-fixed declare stale pins we override.
@@ -16,10 +16,14 @@ $(BIN)/bfr-curate: pyproject.toml requirements.lock
 
 setup: $(BIN)/bfr-curate
 
+# The report and Prefect UI tests load pages in a real browser: Debian's headless Chromium.
+browser:
+	@command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)
+
 demo: setup
 	$(BIN)/bfr-curate run catalogs/recipes/demo.yaml --out ./runs/demo
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q
 
 bench: setup

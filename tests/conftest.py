@@ -172,3 +172,33 @@ def task_states(flow_state):
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])),
             sort=TaskRunSort.EXPECTED_START_TIME_DESC, limit=200)
     return sorted(r.state.name for r in runs)
+
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's package; `make browser` (part of `make test`) installs it
+# As root and on a closed network Chromium needs these to start quickly and quietly.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Chromium driven by Playwright (its own browser download is never used)."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: run `make browser` (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A fresh browser page; console errors are collected in `page.errors` for tests to assert on."""
+    context = browser.new_context()
+    new_page = context.new_page()
+    new_page.errors = []
+    new_page.on("pageerror", lambda error: new_page.errors.append(str(error)))
+    yield new_page
+    context.close()
