@@ -35,7 +35,7 @@ def timed(fn, repeats: int) -> float:
     return best
 
 
-def run(device: str, n: int, batch_size: int, repeats: int) -> list[tuple]:
+def run(device: str, n: int, batch_size: int, repeats: int, size: int = 512) -> list[tuple]:
     import scipy.io
     from pyiqa.archs.musiq_arch import MUSIQ as PyiqaMUSIQ
     from pyiqa.archs.niqe_arch import NIQE as PyiqaNIQE
@@ -44,7 +44,7 @@ def run(device: str, n: int, batch_size: int, repeats: int) -> list[tuple]:
     from bfr_models.metrics.niqe import niqe, pristine_params
 
     dev = torch.device(device)
-    images = torch.from_numpy(face_images(n)).permute(0, 3, 1, 2).float().div(255).to(dev)
+    images = torch.from_numpy(face_images(n, size)).permute(0, 3, 1, 2).float().div(255).to(dev)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         mu, cov = pristine_params()

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bfr_models.device import generators
 from bfr_models.diffusion.difbfsr import DifBFSRConfig, difbfsr_sample
 from bfr_models.diffusion.lowpass import lowpass
 from bfr_models.diffusion.samplers import dr2_sample, lowfreq_sample, polish_sample
@@ -275,7 +276,7 @@ def to_resolution(x: torch.Tensor, size: int) -> torch.Tensor:
 
 def generate(p: MethodParams, images: torch.Tensor, prior, seeds: Sequence[Sequence[int]], *, restorer=None,
              resize: str = "input", fidelity_limit: float = 0.0, dtype: torch.dtype | None = None,
-             quality_fn=None) -> Targets:
+             quality_fn=None, compile: bool = False) -> Targets:
     """Pseudo targets for a batch of same-size images in [0, 1] (B, 3, H, W).
 
     ``seeds[b]`` holds one seed per sample for image b (``best_of`` = its length): every sample is
@@ -283,6 +284,7 @@ def generate(p: MethodParams, images: torch.Tensor, prior, seeds: Sequence[Seque
     With several samples, the one kept passes ``fidelity_limit`` (low-frequency PSNR, dB) and has
     the lowest ``quality_fn`` score (NIQE-like, lower is better; default: the noise estimate).
     ``restorer`` computes y0 = R(y) at the input size before resizing to the prior's resolution.
+    ``dtype``/``compile``: the UNet's autocast dtype and torch.compile (:mod:`bfr_models.device`).
     """
     B, _, H, W = images.shape
     R = prior.resolution
@@ -300,12 +302,12 @@ def generate(p: MethodParams, images: torch.Tensor, prior, seeds: Sequence[Seque
     y_r, y0_r = to_resolution(images, size_in).to(device) * 2 - 1, to_resolution(y0, R).to(device) * 2 - 1
     y_at_prior = y_r if up == 1 else to_resolution(images, R).to(device) * 2 - 1
     reference = reference_of(p, y_at_prior, y0_r)
-    eps_model = prior.eps_model(dtype)
+    eps_model = prior.eps_model(dtype, compile)
     band = p.N or 1
     out_size = (H * up, W * up) if resize == "input" else (R, R)
     samples, fidelity, noise, errors = [], [], [], []
     for k in range(len(seeds[0])):
-        gens = [torch.Generator().manual_seed(int(s[k])) for s in seeds]
+        gens = generators([s[k] for s in seeds], device)
         if p.method == "difbfsr":
             result = difbfsr_sample(y_r, eps_model, prior.schedule, difbfsr_config(p), gens)
             out, errs = result.images.float(), result.error

@@ -225,11 +225,15 @@ def cmd_gc(args):
         print(f"would remove {files} files ({size:.1f} MB); pass --delete to remove them")
 
 
-def _add_common(p, shard_size: int, batch_size: int):
+def _add_common(p, shard_size: int, batch_size: int, gpu_batch_from_memory: bool = False):
     p.add_argument("--out", required=True, help="output root: a folder or fsspec URL (s3://bucket/run)")
     p.add_argument("--device", default="auto", help="cuda, cuda:1, mps, cpu or auto (default: auto)")
     p.add_argument("--shard-size", type=int, default=shard_size, help=f"images per Prefect task (default {shard_size})")
-    p.add_argument("--batch-size", type=int, default=batch_size, help=f"images per device batch (default {batch_size})")
+    if gpu_batch_from_memory:  # the flow picks the batch (bfr_models.device.default_batch_size)
+        p.add_argument("--batch-size", type=int, default=None,
+                       help=f"images per device batch (default: from free memory on CUDA, {batch_size} elsewhere)")
+    else:
+        p.add_argument("--batch-size", type=int, default=batch_size, help=f"images per device batch (default {batch_size})")
     p.add_argument("--workers", type=int, default=2, help="shard tasks run at once (default 2)")
     p.add_argument("--dask", metavar="ADDRESS", default=None,
                    help="run shard tasks on a Dask cluster: 'local' starts a LocalCluster, else a scheduler address")

@@ -17,6 +17,7 @@ from prefect import flow, get_run_logger, task
 from tqdm.auto import tqdm
 
 from bfr_models import manifest, models, storage
+from bfr_models.device import check_compile, default_batch_size, resolve_dtype
 from bfr_models.idm import (AcceptanceConfig, IDMConfig, IDMError, IDMTrainConfig, SetCalibration, load_acceptance,
                             load_idm, train_idm)
 from bfr_models.idm.sampler import VARIANCES
@@ -24,7 +25,6 @@ from bfr_models.training.data import UriImages
 from flows.prior import progress, training_images
 from flows.stage import annotate_index, run_stage, skipped_record
 from tasks.clean import STAGE, cached_idm, clean_shard, set_calibration
-from tasks.pseudo_targets import DTYPES
 from tasks.runtime import ensure_gpu_limit, key_parameter, resolve_device, result_storage
 from tasks.shards import CODE_VERSION, list_inputs, stable_hash
 
@@ -121,7 +121,7 @@ def _optional_scorer(card: str, wanted: bool | None, not_computed: list, metric:
 
 
 def plan_clean(input: str, model: str, rounds: int, steps: int, variance: str, passes: int, degrade_source: str,
-               dtype: str):
+               dtype: str | None, device: str = "auto", compile: bool = False):
     if rounds < 1:
         raise IDMError(f"clean: --rounds must be >= 1, got {rounds}")
     if passes < 1:
@@ -132,8 +132,9 @@ def plan_clean(input: str, model: str, rounds: int, steps: int, variance: str, p
         raise IDMError(f"clean: --variance must be one of {', '.join(VARIANCES)}, got {variance!r}")
     if degrade_source not in DEGRADE_SOURCES:
         raise IDMError(f"clean: degrade_source must be one of {', '.join(DEGRADE_SOURCES)}")
-    if dtype not in DTYPES:
-        raise IDMError(f"clean: --dtype must be one of {', '.join(DTYPES)}")
+    dev = resolve_device(device)
+    resolve_dtype(dtype, dev)
+    check_compile(compile, dev)
     if not storage.exists(input):
         raise FileNotFoundError(f"input not found: {input}")
     return load_idm(model)  # missing / corrupt model: one line, before any work
@@ -147,16 +148,18 @@ def clean_flow(input: str, out: str, model: str, rounds: int = 1, steps: int = 1
                lowpass_N: int | None = None, max_lpips: float | None = None, min_identity: float | None = None,
                musiq: bool | None = None, lpips: bool | None = None, identity: bool | None = None,
                fid: bool | None = None, seed: int = 0,
-               shard_size: int = 64, batch_size: int = 8, device: str = "auto", dtype: str = "fp32",
-               exclude: tuple[str, ...] | list[str] = ()) -> str:
+               shard_size: int = 64, batch_size: int | None = None, device: str = "auto", dtype: str | None = None,
+               exclude: tuple[str, ...] | list[str] = (), compile: bool = False) -> str:
     """Clean the images of `input` with an IDM model for `rounds` extrinsic rounds; returns the last manifest.
 
     `acceptance`: a thresholds YAML (default catalogs/acceptance/idm.yaml); the other acceptance
-    arguments override single values of it when given."""
+    arguments override single values of it when given. ``dtype`` None: bf16 on CUDA, else fp32;
+    ``batch_size`` None: from free device memory on CUDA, else 8 (:mod:`bfr_models.device`)."""
     accept = load_acceptance(acceptance, min_lowpass_psnr=min_lowpass_psnr, lowpass_N=lowpass_N, max_lpips=max_lpips,
                              min_identity=min_identity)
-    first = plan_clean(input, model, rounds, steps, variance, passes, degrade_source, dtype)
+    first = plan_clean(input, model, rounds, steps, variance, passes, degrade_source, dtype, device, compile)
     dev = resolve_device(device)
+    dtype = resolve_dtype(dtype, dev)
     ensure_gpu_limit(dev)
     not_computed: list[dict] = []
     use_musiq = _optional_scorer("musiq_koniq", musiq, not_computed, "musiq")
@@ -168,6 +171,7 @@ def clean_flow(input: str, out: str, model: str, rounds: int = 1, steps: int = 1
     logger.info("clean: %d inputs (%d skipped), %d round(s)", len(items), skipped, rounds)
     model_uri, history, uri = storage.normalize(model), [], None
     resolution = first.meta.get("source", {}).get("resolution", first.config.crop)
+    batch_size = batch_size or default_batch_size(dev, resolution, dtype, cpu_default=8)
     calibration = _frozen_calibration(input, out, items, accept, use_musiq, use_identity, str(dev), batch_size)
     logger.info("clean: %s", calibration)
     for r in range(1, rounds + 1):
@@ -181,11 +185,13 @@ def clean_flow(input: str, out: str, model: str, rounds: int = 1, steps: int = 1
         m = cached_idm(model_uri, str(dev))
         config = {"model": m.sha256, "model_uri": model_uri, "round": r, "steps": steps, "variance": variance,
                   "passes": passes, "acceptance": asdict(accept), "calibration": asdict(calibration),
-                  "musiq": use_musiq, "lpips": use_lpips, "identity": use_identity, "seed": seed, "dtype": dtype}
+                  "musiq": use_musiq, "lpips": use_lpips, "identity": use_identity, "seed": seed, "dtype": dtype,
+                  **({"compile": True} if compile else {})}
         uri = run_stage(clean_shard, STAGE, config, items, input, out, shard_size, incremental=True,
                         model_uri=model_uri, round=r, steps=steps, variance=variance, passes=passes,
                         acceptance=asdict(accept), calibration=asdict(calibration), musiq=use_musiq, lpips=use_lpips,
-                        identity=use_identity, seed=seed, device=str(dev), dtype=dtype, batch_size=batch_size)
+                        identity=use_identity, seed=seed, device=str(dev), dtype=dtype, batch_size=batch_size,
+                        compile=compile)
         frame = manifest.read_manifest(uri)
         ok = frame[frame["status"] == "ok"]
         history.append({"round": r, "model": model_uri, "manifest": uri, "images": int(len(ok)),

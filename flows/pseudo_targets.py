@@ -17,6 +17,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from bfr_models import manifest, models, storage
+from bfr_models.device import check_compile, default_batch_size, resolve_dtype
 from bfr_models.gate import GateConfig, load_gate
 from bfr_models.pseudo_targets import (RESIZE_MODES, Candidate, MethodParams, PseudoTargetError, choose, grid,
                                        lowfreq_psnr, method_params, to_resolution, validate,
@@ -24,7 +25,7 @@ from bfr_models.pseudo_targets import (RESIZE_MODES, Candidate, MethodParams, Ps
 from flows.stage import run_stage, skipped_record
 from tasks.rows import decode_items, same_size_batches
 from tasks.runtime import ensure_gpu_limit, key_parameter, resolve_device
-from tasks.pseudo_targets import (DTYPES, STAGE, cached_prior, cached_restorer, gate_batch, niqe_defined,
+from tasks.pseudo_targets import (STAGE, cached_prior, cached_restorer, gate_batch, niqe_defined,
                                   pseudo_target_shard, run_generate, sample_seeds)
 from tasks.shards import CODE_VERSION, InputItem, list_inputs, read_many, stable_hash
 
@@ -49,7 +50,8 @@ def parse_grid(text: str | None) -> dict[str, list[int]] | None:
 
 def plan_pseudo_targets(input: str, prior: str, method: str, params: dict, restorer: str | None, resize: str,
                         best_of: int, dtype: str, device: str, auto: bool, auto_grid: str | None,
-                        auto_metric: str, exclude: tuple[str, ...] | list[str] = (), gate: str | None = None):
+                        auto_metric: str, exclude: tuple[str, ...] | list[str] = (), gate: str | None = None,
+                        compile: bool = False):
     """Validate everything before any work. Returns (method params, prior, restorer, items, skipped)."""
     p = method_params(method, **params)
     try:
@@ -60,13 +62,13 @@ def plan_pseudo_targets(input: str, prior: str, method: str, params: dict, resto
         raise PseudoTargetError(f"--resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
     if best_of < 1:
         raise PseudoTargetError(f"--best-of must be >= 1, got {best_of}")
-    if dtype not in DTYPES:
-        raise PseudoTargetError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    dev = str(resolve_device(device))
+    resolve_dtype(dtype, torch.device(dev))
+    check_compile(compile, torch.device(dev))
     if restorer and method in ("dr2", "difbfsr"):
         raise PseudoTargetError(f"--restorer applies to lowfreq and polish; {method} works on the LQ input itself")
     if not storage.exists(input):
         raise PseudoTargetError(f"input not found: {input}")
-    dev = str(resolve_device(device))
     loaded = cached_prior(prior, dev)  # missing prior, bad hash, unknown format: one line, before work
     p = with_resolution(p, loaded.resolution)
     validate(p, loaded.resolution)
@@ -173,18 +175,21 @@ def pseudo_targets_flow(input: str, out: str, prior: str, method: str = "dr2", N
                         variance_type: str | None = None, restorer: str | None = None, resize: str = "input",
                         best_of: int = 1, fidelity_limit: float = 20.0, auto: bool = False,
                         auto_grid: str | None = None, auto_metric: str = "niqe", auto_sample: int = 8,
-                        seed: int = 0, shard_size: int = 256, batch_size: int = 8, device: str = "auto",
-                        dtype: str = "fp32", exclude: tuple[str, ...] | list[str] = (),
-                        gate: str | None = None) -> str:
+                        seed: int = 0, shard_size: int = 256, batch_size: int | None = None, device: str = "auto",
+                        dtype: str | None = None, exclude: tuple[str, ...] | list[str] = (),
+                        gate: str | None = None, compile: bool = False) -> str:
     """Pseudo targets for every ok row of `input`, each judged by the quality gate (``gate``: a thresholds YAML,
-    default catalogs/gate/pseudo_targets.yaml); returns the manifest URI."""
+    default catalogs/gate/pseudo_targets.yaml); returns the manifest URI. ``dtype`` None: bf16 on CUDA, else
+    fp32; ``batch_size`` None: from free device memory on CUDA, else 8 (:mod:`bfr_models.device`)."""
     params = {"N": N, "tau": tau, "omega": omega, "K": K, "L": L, "n2": n2, "respace": respace,
               "variance_type": variance_type, "scale": scale, "t_start": t_start, "warmup": warmup}
     p, loaded, restore, items, skipped = plan_pseudo_targets(input, prior, method, params, restorer, resize, best_of,
                                                              dtype, device, auto, auto_grid, auto_metric, exclude,
-                                                             gate)
+                                                             gate, compile)
     gate_config, gate_record, gate_scorers = plan_gate(gate, input, loaded.resolution, resize, p.upscale)
     dev = resolve_device(device)
+    dtype = resolve_dtype(dtype, dev)
+    batch_size = batch_size or default_batch_size(dev, loaded.resolution, dtype, cpu_default=8)
     ensure_gpu_limit(dev)
     logger = get_run_logger()
     logger.info("pseudo-targets: %d images (%d error rows in the input skipped), %s", len(items), skipped, p.as_dict())
@@ -207,14 +212,14 @@ def pseudo_targets_flow(input: str, out: str, prior: str, method: str = "dr2", N
         logger.info("pseudo-targets --auto chose %s (%s)", p.as_dict(), search["reason"])
     config = {"method": p.as_dict(), "prior": loaded.sha256, "prior_uri": loaded.uri, "restorer": restorer_info,
               "resize": resize, "best_of": best_of, "fidelity_limit": fidelity_limit, "seed": seed, "dtype": dtype,
-              "auto": search, "gate": gate_record}
+              "auto": search, "gate": gate_record, **({"compile": True} if compile else {})}
     row_auto = None if search is None else {"metric": search["metric"], "chosen": p.as_dict(), "reason": search["reason"],
                                             "candidates": len(search["grid"])}
     uri = run_stage(pseudo_target_shard, STAGE, config, items, input, out, shard_size,
                     finalize=lambda *_: skipped_record(input, skipped, exclude), params=asdict(p),
                     prior_uri=prior, restorer=restorer, resize=resize, best_of=best_of,
                     fidelity_limit=fidelity_limit, seed=seed, device=str(dev), dtype=dtype,
-                    batch_size=batch_size, auto=row_auto, gate=asdict(gate_config), **gate_scorers)
+                    batch_size=batch_size, auto=row_auto, gate=asdict(gate_config), compile=compile, **gate_scorers)
     logger.info("pseudo-targets: %s", gate_summary(uri))
     return uri
 

@@ -58,6 +58,14 @@ def cmd_prior_train(args) -> None:
     print(f"prior: {uri}  (inspect with: bfr-curate prior inspect {uri})")
 
 
+def add_precision(p) -> None:
+    """--dtype and --compile of the commands that sample with a UNet (bfr_models.device)."""
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16"],
+                   help="UNet precision: bf16 autocast (CUDA only) or fp32 (default: bf16 on CUDA, fp32 elsewhere)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet (CUDA only; pays off when the images share one size)")
+
+
 def pseudo_target_options(args) -> dict:
     return dict(input=args.input, prior=args.prior, method=args.method, N=args.N, tau=args.tau, omega=args.omega,
                 K=args.K, L=args.L, n2=args.n2, scale=args.scale, t_start=args.t_start, warmup=args.warmup,
@@ -65,7 +73,7 @@ def pseudo_target_options(args) -> dict:
                 restorer=args.restorer, resize=args.resize, best_of=args.best_of,
                 fidelity_limit=args.fidelity_limit, auto=args.auto, auto_grid=args.auto_grid,
                 auto_metric=args.auto_metric, auto_sample=args.auto_sample, seed=args.seed, dtype=args.dtype,
-                exclude=args.exclude, gate=args.gate)
+                exclude=args.exclude, gate=args.gate, compile=args.compile)
 
 
 def cmd_pseudo_targets(args, run, print_result) -> None:
@@ -76,7 +84,7 @@ def cmd_pseudo_targets(args, run, print_result) -> None:
                                  "variance_type")}
     plan_pseudo_targets(o["input"], o["prior"], o["method"], params, o["restorer"], o["resize"], o["best_of"],
                         o["dtype"], args.device, o["auto"], o["auto_grid"], o["auto_metric"], o["exclude"],
-                        o["gate"])
+                        o["gate"], o["compile"])
     uri = run(pseudo_targets_flow, args, out=args.out, shard_size=args.shard_size, batch_size=args.batch_size,
               device=args.device, **o)
     print_result("pseudo-targets", uri)
@@ -167,9 +175,9 @@ def add_prior_parsers(sub, add_common, run, print_result) -> None:
     p.add_argument("--auto-metric", default="niqe", choices=["niqe", "musiq"], help="quality score for --auto")
     p.add_argument("--auto-sample", type=int, default=8, help="images the --auto search runs on (default 8)")
     p.add_argument("--seed", type=int, default=0, help="run seed; each image's seeds derive from it (default 0)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="UNet precision (bf16 autocast on GPU)")
+    add_precision(p)
     p.add_argument("--gate", default=None, metavar="YAML",
                    help="quality-gate thresholds (default: catalogs/gate/pseudo_targets.yaml); every target gets "
                         "gate=pass/fail and gate_reason, failed ones are left out of finetune pairs")
-    add_common(p, shard_size=64, batch_size=8)
+    add_common(p, shard_size=64, batch_size=8, gpu_batch_from_memory=True)
     p.set_defaults(func=lambda args: cmd_pseudo_targets(args, run, print_result))

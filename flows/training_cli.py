@@ -6,6 +6,8 @@ subclasses with one-line messages (printed by flows/cli.py, exit 2), raised befo
 
 from __future__ import annotations
 
+from flows.pseudo_targets_cli import add_precision
+
 
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(",") if v.strip())
@@ -71,12 +73,12 @@ def cmd_clean(args, run, print_result) -> None:
                       min_identity=args.min_identity)
     load_acceptance(args.acceptance, **acceptance)  # a bad thresholds file or value: one line, before any work
     plan_clean(args.input, args.model, args.rounds, args.steps, args.variance, args.passes, args.degrade_source,
-               args.dtype)
+               args.dtype, args.device, args.compile)
     uri = run(clean_flow, args, input=args.input, out=args.out, model=args.model, rounds=args.rounds, steps=args.steps,
               variance=args.variance, passes=args.passes, degrade_source=args.degrade_source,
               round_iters=args.round_iters, round_batch_size=args.round_batch_size, seed=args.seed,
               shard_size=args.shard_size, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-              acceptance=args.acceptance, exclude=args.exclude, **acceptance)
+              compile=args.compile, acceptance=args.acceptance, exclude=args.exclude, **acceptance)
     print_result("clean", uri)
     from bfr_models import manifest
 
@@ -196,8 +198,8 @@ def add_training_parsers(sub, add_common, run, print_result) -> None:
                    help="FaceNet cosine limit, when facenet_vggface2 is pulled (default: calibrated on the set as "
                         "the 1st percentile of cosine(x, JPEG_75(x)))")
     p.add_argument("--seed", type=int, default=0, help="run seed; each image's seed derives from it")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="UNet precision (bf16 on GPU)")
-    add_common(p, shard_size=64, batch_size=8)
+    add_precision(p)
+    add_common(p, shard_size=64, batch_size=8, gpu_batch_from_memory=True)
     p.set_defaults(func=lambda args: cmd_clean(args, run, print_result))
 
     p = sub.add_parser("schedule", help="serve a recipe as a Prefect deployment on a cron or interval schedule",

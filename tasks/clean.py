@@ -17,12 +17,13 @@ from prefect import task
 
 from bfr_models import storage
 from bfr_models.degradations.ops import jpeg
+from bfr_models.device import autocast_dtype, generators
 from bfr_models.idm import AcceptanceConfig, IDMModel, SetCalibration, calibrate, idm_sample, judge, load_idm
 from bfr_models.imageio import encode_png
 from bfr_models.manifest import ManifestWriter
 from bfr_models.metrics.niqe import niqe
-from tasks.pseudo_targets import DTYPES, niqe_defined
-from tasks.rows import decode_items, ok_row, same_size_batches, to_uint8, write_output
+from tasks.pseudo_targets import niqe_defined
+from tasks.rows import decode_items, ok_row, same_size_batches, to_uint8, with_fields, write_output
 from tasks.runtime import device_slot, load_once, resolve_device, shard_cache_key
 from tasks.shards import ShardSpec, derived_seed, read_many
 
@@ -74,16 +75,16 @@ def set_calibration(items: list, config: AcceptanceConfig, musiq: bool, identity
 
 
 def clean_batch(model: IDMModel, images: torch.Tensor, seeds: list[int], steps: int, variance: str, passes: int,
-                dtype: str = "fp32") -> torch.Tensor:
+                dtype: str = "fp32", compile: bool = False) -> torch.Tensor:
     """x* = f(...f(x)) (``passes`` times, Eq. 3) for a (B, 3, H, W) batch in [0, 1]; padded to the
     network's multiple (replicate) and cropped back."""
     h, w = images.shape[-2:]
     m = model.config.multiple
     x = F.pad(images, (0, (-w) % m, 0, (-h) % m), mode="replicate") * 2 - 1
-    call = model.x0_model(DTYPES[dtype])
+    call = model.x0_model(autocast_dtype(dtype), compile)
     schedule = model.config.schedule()
     for k in range(passes):
-        gens = [torch.Generator().manual_seed(derived_seed(s, str(k))) for s in seeds]
+        gens = generators([derived_seed(s, str(k)) for s in seeds], images.device)
         x = idm_sample(call, x, schedule, gens, steps=steps, variance=variance)
     return ((x[..., :h, :w] + 1) / 2).clamp(0, 1)
 
@@ -91,7 +92,7 @@ def clean_batch(model: IDMModel, images: torch.Tensor, seeds: list[int], steps: 
 @task(name="clean-shard", cache_key_fn=shard_cache_key, persist_result=True, cache_result_in_memory=False)
 def clean_shard(spec: ShardSpec, stage_uri: str, model_uri: str, round: int, steps: int, variance: str, passes: int,
                 acceptance: dict, calibration: dict, musiq: bool, lpips: bool, identity: bool, seed: int, device: str,
-                dtype: str, batch_size: int) -> dict:
+                dtype: str, batch_size: int, compile: bool = False) -> dict:
     dev = resolve_device(device)
     model = cached_idm(model_uri, str(dev))
     musiq_fn, lpips_fn, identity_fn = cached_scorers(musiq, lpips, identity, str(dev))
@@ -105,7 +106,7 @@ def clean_shard(spec: ShardSpec, stage_uri: str, model_uri: str, round: int, ste
         x = _batch_tensor(batch, dev)
         seeds = [derived_seed(seed, STAGE, str(round), parent_id) for _, parent_id, _, _ in batch]
         with device_slot(dev):
-            x_star = clean_batch(model, x, seeds, steps, variance, passes, dtype)
+            x_star = clean_batch(model, x, seeds, steps, variance, passes, dtype, compile)
             h, w = x.shape[-2:]
             records = judge(x, x_star, accept, cal, niqe=niqe if niqe_defined(h, w) else None, musiq=musiq_fn,
                             lpips=lpips_fn, identity=identity_fn)
@@ -120,4 +121,4 @@ def clean_shard(spec: ShardSpec, stage_uri: str, model_uri: str, round: int, ste
                 rows.append(ok_row(STAGE, item, parent_id, candidate_uri, candidate, rgb_star, **fields))
             else:  # the cleaned dataset keeps the original image, with the reason
                 rows.append(ok_row(STAGE, item, parent_id, item.uri, fetched[item.uri], rgb, **fields))
-    return asdict(writer.write_shard(spec.key, rows))
+    return asdict(writer.write_shard(spec.key, with_fields(rows, dtype=dtype)))

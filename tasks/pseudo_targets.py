@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from prefect import task
 
+from bfr_models.device import autocast_dtype
 from bfr_models.diffusion.lowpass import matlab_resize
 from bfr_models.diffusion.prior import Prior, load_prior
 from bfr_models.gate import GateConfig, judge
@@ -15,12 +16,11 @@ from bfr_models.imageio import encode_png
 from bfr_models.manifest import ManifestWriter
 from bfr_models.metrics.niqe import BLOCK, niqe
 from bfr_models.pseudo_targets import MethodParams, PseudoTargetError, Targets, difbfsr_config, generate
-from tasks.rows import decode_items, error_row, ok_row, same_size_batches, to_uint8, write_output
+from tasks.rows import decode_items, error_row, ok_row, same_size_batches, to_uint8, with_fields, write_output
 from tasks.runtime import device_slot, load_once, resolve_device, shard_cache_key
 from tasks.shards import ShardSpec, derived_seed, read_many
 
 STAGE = "pseudo-targets"
-DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
 @load_once(maxsize=2)
@@ -46,11 +46,12 @@ def sample_seeds(seed: int, parent_id: str, best_of: int) -> list[int]:
 
 
 def run_generate(p: MethodParams, images: torch.Tensor, prior: Prior, seeds, restorer, resize: str,
-                 fidelity_limit: float, dtype: str):
+                 fidelity_limit: float, dtype: str, compile: bool = False):
     """:func:`generate` with this project's best-of-k score: NIQE where it is defined."""
     out_h, out_w = images.shape[-2:] if resize == "input" else (prior.resolution, prior.resolution)
     return generate(p, images, prior, seeds, restorer=restorer, resize=resize, fidelity_limit=fidelity_limit,
-                    dtype=DTYPES[dtype], quality_fn=niqe if niqe_defined(out_h, out_w) else None)
+                    dtype=autocast_dtype(dtype), quality_fn=niqe if niqe_defined(out_h, out_w) else None,
+                    compile=compile)
 
 
 def gate_batch(p: MethodParams, images: torch.Tensor, result: Targets, resolution: int, gate: GateConfig,
@@ -76,7 +77,7 @@ def gate_batch(p: MethodParams, images: torch.Tensor, result: Targets, resolutio
 def pseudo_target_shard(spec: ShardSpec, stage_uri: str, params: dict, prior_uri: str, restorer: str | None,
                         resize: str, best_of: int, fidelity_limit: float, seed: int, device: str, dtype: str,
                         batch_size: int, auto: dict | None, gate: dict, gate_musiq: bool = False,
-                        gate_identity: bool = False) -> dict:
+                        gate_identity: bool = False, compile: bool = False) -> dict:
     dev = resolve_device(device)
     p = MethodParams(**params)
     gate_config = GateConfig(**gate)
@@ -92,7 +93,7 @@ def pseudo_target_shard(spec: ShardSpec, stage_uri: str, params: dict, prior_uri
         seeds = [sample_seeds(seed, parent_id, best_of) for _, parent_id, _, _ in batch]
         try:
             with device_slot(dev):
-                result = run_generate(p, images, prior, seeds, restore, resize, fidelity_limit, dtype)
+                result = run_generate(p, images, prior, seeds, restore, resize, fidelity_limit, dtype, compile)
                 gates = gate_batch(p, images, result, prior.resolution, gate_config, gate_musiq, gate_identity,
                                    str(dev))
         except PseudoTargetError as e:  # e.g. a size the user refused to resize: a row per image says so
@@ -111,4 +112,4 @@ def pseudo_target_shard(spec: ShardSpec, stage_uri: str, params: dict, prior_uri
                 rec.pop(measured_here)
             rows.append(ok_row(STAGE, item, parent_id, uri, png, rgb, seed=rec["seed"], split=item.split,
                                params={**common, **rec, **source}, lf_psnr=lf, **measured))
-    return asdict(writer.write_shard(spec.key, rows))
+    return asdict(writer.write_shard(spec.key, with_fields(rows, dtype=dtype)))

@@ -73,6 +73,13 @@ def ok_row(stage: str, item: InputItem, parent_id: str, uri: str, png: bytes, rg
     }
 
 
+def with_fields(rows: list[dict], **fields) -> list[dict]:
+    """The same columns on every row of a shard, error rows included (e.g. the precision that made it)."""
+    for row in rows:
+        row.update(fields)
+    return rows
+
+
 def decode_items(stage: str, items, fetched: dict) -> tuple[list[tuple[InputItem, str, np.ndarray, dict]], list[dict]]:
     """Decode fetched bytes; returns (item, parent_id, rgb, source params) for good ones and error rows.
 

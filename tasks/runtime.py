@@ -17,6 +17,7 @@ from prefect.logging import get_logger
 from prefect.serializers import JSONSerializer
 
 from bfr_models import manifest, storage
+from bfr_models.device import configure_backends
 
 GPU_LIMIT_PREFIX = "bfr-curate-gpu"
 RESULTS_FOLDER = "_prefect"  # Prefect's result records of a stage's shard tasks, beside its data
@@ -153,7 +154,7 @@ class ResultFilesystem:
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return configure_backends(torch.device("cuda"))
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -162,7 +163,7 @@ def resolve_device(device: str) -> torch.device:
         raise ValueError(f"device {device!r} requested but CUDA is not available (use --device cpu)")
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device {device!r} requested but MPS is not available (use --device cpu)")
-    return dev
+    return configure_backends(dev)
 
 
 def gpu_limit_name(device: torch.device) -> str:

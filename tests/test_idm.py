@@ -69,6 +69,25 @@ def test_image_alone_equals_image_in_a_batch():
     assert torch.allclose(batch[1:2], alone, atol=1e-5)
 
 
+def test_cleaned_png_bytes_do_not_depend_on_the_batch():
+    # the user-visible contract through the shard's own path: per-image generators (bfr_models.device) and,
+    # on the CPU, one UNet call per image, so an image's bytes are the same alone and among others
+    from bfr_models.device import prepare_unet
+    from bfr_models.idm import IDMModel
+    from bfr_models.imageio import encode_png
+    from tasks.clean import clean_batch
+    from tasks.rows import to_uint8
+
+    torch.manual_seed(0)
+    model = IDMModel(unet=prepare_unet(idm_unet(TINY), "cpu"), config=TINY, sha256="tiny", uri="memory")
+    images = torch.rand(4, 3, 24, 24, generator=torch.Generator().manual_seed(1))
+    png = lambda order: encode_png(to_uint8(clean_batch(model, images[order], [10 + k for k in order], 3,  # noqa: E731
+                                                        "posterior", 1)[order.index(2)]))
+    alone = png([2])
+    assert png([0, 2, 3]) == alone and png([3, 1, 0, 2]) == alone
+    assert encode_png(to_uint8(clean_batch(model, images[[2]], [99], 3, "posterior", 1)[0])) != alone
+
+
 def test_config_is_checked_and_default_is_the_specs_unet():
     with pytest.raises(IDMError, match="attention"):
         IDMConfig(crop=64, channels=(32, 64), attention=(8,), norm_groups=8)

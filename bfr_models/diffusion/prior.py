@@ -22,6 +22,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from bfr_models import storage
+from bfr_models.device import compiled, prepare_unet, unet_call
 from bfr_models.diffusion.schedule import VARIANCE_TYPES, DDPMSchedule
 
 PRIOR_FORMAT = "bfr-curate-prior"
@@ -51,32 +52,15 @@ class Prior:
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
-    def eps_model(self, dtype: torch.dtype | None = None):
+    def eps_model(self, dtype: torch.dtype | None = None, compile: bool = False):
         """``f(x_t, t) -> model output`` in float32, as the samplers call it (original timesteps).
 
-        ``dtype=torch.bfloat16`` runs the UNet under autocast (GPU); the output is cast back.
-
-        On the CPU the UNet is called one image at a time, in batch order: its conv and matmul
-        kernels depend on the batch size (measured: an image alone and in a batch of 5 differ by
-        2e-6 in ε), and a last-ulp difference flips a rounded 8-bit pixel near .5, so an image's
-        output bytes would depend on its companions. Per-image calls make them independent by
-        construction, at no throughput cost on a compute-bound CPU. On accelerators the batch is
-        kept whole for throughput (there, bytes can depend on the batch composition).
+        ``dtype=torch.bfloat16`` runs the UNet under autocast (CUDA); the output is cast back.
+        ``compile`` runs it through ``torch.compile`` (CUDA). On the CPU the UNet sees one image at a
+        time, so an image's bytes do not depend on its batch (:func:`bfr_models.device.unet_call`).
         """
-        unet = self.unet
-
-        def run(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            if dtype is None or dtype == torch.float32:
-                return unet(x, t).sample
-            with torch.autocast(device_type=x.device.type, dtype=dtype):
-                return unet(x, t).sample.float()
-
-        def call(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            if x.device.type != "cpu":
-                return run(x, t)
-            return torch.cat([run(x[b : b + 1], t[b : b + 1]) for b in range(x.shape[0])])
-
-        return call
+        unet = compiled(self.unet) if compile else self.unet
+        return lambda x, t: unet_call(unet, dtype, x, t)
 
     def describe(self) -> dict:
         """What a manifest records about the prior."""
@@ -195,7 +179,7 @@ def load_prior(spec: str, device: str | torch.device = "cpu") -> Prior:
     except ValueError as e:
         raise PriorError(str(e)) from None
     unet = _build_unet(unet_config, state, uri)
-    return Prior(unet=unet.to(device).eval(), schedule=schedule_from_config(sched_config),
+    return Prior(unet=prepare_unet(unet, device), schedule=schedule_from_config(sched_config),
                  resolution=int(meta["resolution"]), variance_type=meta["variance_type"], sha256=digest,
                  uri=uri, meta=meta)
 
@@ -232,7 +216,7 @@ def _load_card_prior(name: str, device) -> Prior:
     meta = {"format": PRIOR_FORMAT, "version": PRIOR_VERSION, "source": {"card": name, "from": "adm", "arch": how["arch"]},
             "variance_type": how.get("variance_type", "learned_range")}
     sample_size = unet.config.sample_size
-    return Prior(unet=unet.to(device).eval(), schedule=DDPMSchedule.linear(1000),
+    return Prior(unet=prepare_unet(unet, device), schedule=DDPMSchedule.linear(1000),
                  resolution=int(sample_size if isinstance(sample_size, int) else sample_size[0]),
                  variance_type=meta["variance_type"], sha256=digest, uri=f"card:{name}", meta=meta)
 

@@ -11,8 +11,9 @@ Conventions shared by every sampler:
   (T = 1000 for the papers' schedule, 0-indexed like guided-diffusion) and are mapped to the nearest
   kept respaced step with ``schedule.index_for``; the ordering checks are done on both scales.
 - Images are ``(B, C, H, W)`` in [-1, 1]. ``generators`` is one ``torch.Generator`` per image: every
-  random draw for image b comes from ``generators[b]`` (on the CPU, then moved to the image's device),
-  so an image's output does not depend on the rest of the batch.
+  random draw for image b comes from ``generators[b]``, on the device that generator lives on
+  (:func:`bfr_models.device.generators` puts it on the images' CUDA device), so an image's output does
+  not depend on the rest of the batch.
 - ``variance_type``: ``None`` (learned range for 2C-channel models, else fixed large), or
   ``"fixed_small"``, ``"fixed_large"``, ``"learned_range"``.
 """
@@ -23,6 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from bfr_models import device as dev
 from bfr_models.diffusion.lowpass import lowpass
 from bfr_models.diffusion.schedule import DDPMSchedule
 
@@ -38,8 +40,7 @@ def _check(x: torch.Tensor, generators: Sequence[torch.Generator], name: str) ->
 
 def _randn_like(x: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
     """Standard normal noise, image b drawn from ``generators[b]``."""
-    noise = [torch.randn(x.shape[1:], generator=g, dtype=x.dtype, device=g.device) for g in generators]
-    return torch.stack(noise).to(x.device)
+    return dev.randn(x.shape[1:], generators, x.device, x.dtype)
 
 
 def _index(schedule: DDPMSchedule, t_original: int, name: str, what: str) -> int:

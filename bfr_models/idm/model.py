@@ -24,6 +24,7 @@ import torch
 from diffusers import UNet2DModel
 
 from bfr_models import storage
+from bfr_models.device import compiled, prepare_unet, unet_call
 from bfr_models.diffusion.schedule import DDPMSchedule
 
 FORMAT = "bfr-curate-idm"
@@ -94,18 +95,11 @@ class IDMModel:
     uri: str
     meta: dict = field(default_factory=dict)
 
-    def x0_model(self, dtype: torch.dtype | None = None):
-        """``f(x_t, cond, t) -> x̂0`` in float32 (bf16 autocast when asked, e.g. on a GPU)."""
-        unet = self.unet
-
-        def call(x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            inp = torch.cat([x_t, cond], dim=1)
-            if dtype is None or dtype == torch.float32:
-                return unet(inp, t).sample
-            with torch.autocast(device_type=x_t.device.type, dtype=dtype):
-                return unet(inp, t).sample.float()
-
-        return call
+    def x0_model(self, dtype: torch.dtype | None = None, compile: bool = False):
+        """``f(x_t, cond, t) -> x̂0`` in float32 (bf16 autocast when asked, on CUDA; ``compile``: torch.compile).
+        On the CPU the UNet sees one image at a time (batch-independent bytes, :func:`bfr_models.device.unet_call`)."""
+        unet = compiled(self.unet) if compile else self.unet
+        return lambda x_t, cond, t: unet_call(unet, dtype, torch.cat([x_t, cond], dim=1), t)
 
     def describe(self) -> dict:
         return {"uri": self.uri, "sha256": self.sha256, "config": asdict(self.config),
@@ -167,4 +161,4 @@ def load_idm(uri: str, device: str | torch.device = "cpu") -> IDMModel:
     if missing or unexpected:
         raise IDMError(f"{uri}: weights do not match the config (missing {sorted(missing)[:3]}, "
                        f"unexpected {sorted(unexpected)[:3]})")
-    return IDMModel(unet=unet.to(device).eval(), config=config, sha256=digest, uri=uri, meta=meta)
+    return IDMModel(unet=prepare_unet(unet, device), config=config, sha256=digest, uri=uri, meta=meta)

@@ -1,0 +1,50 @@
+"""bfr_models.device: the precision and compile choices per device, per-image generators, the default batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bfr_models import device
+from bfr_models.device import DeviceError
+
+CPU = torch.device("cpu")
+
+
+def test_cpu_runs_fp32_and_refuses_bf16_and_compile_in_one_line():
+    assert device.resolve_dtype(None, CPU) == "fp32" and device.resolve_dtype("fp32", CPU) == "fp32"
+    assert device.resolve_dtype(None, torch.device("cuda")) == "bf16"  # the CUDA default (decided without a GPU)
+    for call, message in [(lambda: device.resolve_dtype("bf16", CPU), "--dtype bf16 needs a CUDA device"),
+                          (lambda: device.resolve_dtype("fp16", CPU), "--dtype must be one of fp32, bf16"),
+                          (lambda: device.check_compile(True, CPU), "--compile needs a CUDA device")]:
+        with pytest.raises(DeviceError, match=message) as raised:
+            call()
+        assert "\n" not in str(raised.value)
+    device.check_compile(False, CPU)
+
+
+def test_cpu_generators_draw_the_same_streams_as_before():
+    # CPU bytes stay what they were: the generators are plain CPU generators seeded the same way
+    gens = device.generators([3, 7], "cpu")
+    assert all(g.device == CPU for g in gens)
+    expected = torch.stack([torch.randn((2, 4, 4), generator=torch.Generator().manual_seed(s)) for s in (3, 7)])
+    assert torch.equal(device.randn((2, 4, 4), gens, CPU), expected)
+
+
+def test_default_batch_and_layout_are_unchanged_off_cuda():
+    assert device.default_batch_size(CPU, 512, "fp32", cpu_default=8) == 8
+    unet = device.prepare_unet(torch.nn.Conv2d(3, 4, 3), "cpu")
+    assert unet.weight.is_contiguous() and not unet.training
+    x = torch.rand(2, 3, 8, 8)
+    assert device.device_input(x) is x
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_noise_is_drawn_on_the_device_per_image():
+    cuda = torch.device("cuda")
+    gens = device.generators([5, 6, 7], cuda)
+    assert all(g.device.type == "cuda" for g in gens)
+    batch = device.randn((3, 16, 16), gens, cuda)
+    alone = device.randn((3, 16, 16), device.generators([6], cuda), cuda)
+    assert batch.device.type == "cuda" and torch.equal(batch[1:2], alone)
+    assert device.default_batch_size(cuda, 256, "bf16", cpu_default=8) >= 1
