@@ -91,6 +91,7 @@ def test_clean_is_incremental_when_images_are_added(tmp_path):
     second = manifest.read_index(uri)
     frame = manifest.read_manifest(uri)
     assert second["rows"] == 110 and frame["source_uri"].is_unique and len(frame) == 110
+    assert (frame["dtype"] == "fp32").all()  # the CPU default precision, on every row
     # every earlier shard is kept byte for byte; the new shards hold exactly the 10 new images
     for name, data in shard_files.items():
         path = next(s["path"] for s in second["shards"] if s["name"] == name)

@@ -52,6 +52,7 @@ def test_pseudo_targets_auto_records_grid_and_choice(faces_192, prior_uri, tmp_p
     chosen = auto["grid"][auto["chosen"]]
     df = manifest.read_manifest(uri)
     assert len(df) == 4 and (df["status"] == "ok").all()
+    assert (df["dtype"] == "fp32").all() and manifest.read_index(uri)["config"]["dtype"] == "fp32"  # CPU: fp32
     for row in df.itertuples():
         params = json.loads(row.params)
         assert (params["N"], params["tau"]) == (chosen["N"], chosen["tau"])
@@ -74,6 +75,8 @@ def test_pseudo_targets_auto_records_grid_and_choice(faces_192, prior_uri, tmp_p
     (["--tau", "400", "--omega", "300"], "tau (400) must be smaller than omega (300)"),
     (["--method", "lowfreq", "--K", "300", "--L", "360"], "L (360) must be smaller than K (300)"),
     (["--resize", "refuse"], None),
+    (["--dtype", "bf16"], "--dtype bf16 needs a CUDA device (this run uses cpu"),
+    (["--compile"], "--compile needs a CUDA device"),
 ])
 def test_bad_parameters_stop_before_work(faces_192, prior_uri, tmp_path, capsys, args, message):
     out = tmp_path / "run"
@@ -85,6 +88,7 @@ def test_bad_parameters_stop_before_work(faces_192, prior_uri, tmp_path, capsys,
         (uri,) = [p.parent for p in out.rglob("index.json")]
         df = manifest.read_manifest(str(uri))
         assert (df["status"] == "error").all() and df["error"].str.contains("differs from the prior's resolution 32").all()
+        assert (df["dtype"] == "fp32").all()  # every row says which precision made it, error rows too
         return
     assert code == 2 and message in err and len(err.splitlines()) == 1
     assert not out.exists()

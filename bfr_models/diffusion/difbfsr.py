@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from bfr_models import device as dev
+from bfr_models.device import rand, randn
 from bfr_models.resize import matlab_resize
 from bfr_models.diffusion.schedule import DDPMSchedule, respace
 
@@ -77,7 +77,7 @@ class DifBFSRResult:
 
 def _uniform(shape, bound: float, generators, device) -> torch.Tensor:
     """PyTorch's default conv init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), one draw per image's generator."""
-    return (dev.rand(shape, generators, device) * 2 - 1) * bound
+    return (rand(shape, generators, device) * 2 - 1) * bound
 
 
 def _conv_params(cin: int, cout: int, generators, device, zero: bool = False) -> list[torch.Tensor]:
@@ -198,7 +198,7 @@ def difbfsr_sample(y: torch.Tensor, eps_model, schedule: DDPMSchedule, config: D
             last_loss = loss.detach().cpu()
 
     def noise_like(x):
-        return dev.randn(x.shape[1:], generators, device, x.dtype)
+        return randn(x.shape[1:], generators, device, x.dtype)
 
     for k in range(config.warmup):
         coop_update(f"warm-up iteration {k}")

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from bfr_models import device as dev
+from bfr_models.device import randn
 from bfr_models.diffusion.lowpass import lowpass
 from bfr_models.diffusion.schedule import DDPMSchedule
 
@@ -40,7 +40,7 @@ def _check(x: torch.Tensor, generators: Sequence[torch.Generator], name: str) ->
 
 def _randn_like(x: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
     """Standard normal noise, image b drawn from ``generators[b]``."""
-    return dev.randn(x.shape[1:], generators, x.device, x.dtype)
+    return randn(x.shape[1:], generators, x.device, x.dtype)
 
 
 def _index(schedule: DDPMSchedule, t_original: int, name: str, what: str) -> int:

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from bfr_models import device as dev
+from bfr_models.device import randn
 from bfr_models.diffusion.schedule import DDPMSchedule
 
 VARIANCES = ("posterior", "large")
@@ -46,7 +46,7 @@ def idm_sample(x0_model: X0Model, cond: torch.Tensor, schedule: DDPMSchedule, ge
     cond = cond.float()
     ts = idm_timesteps(schedule.num_timesteps, steps)
     gammas = [float(schedule.alphas_cumprod[t]) for t in ts] + [1.0]
-    x = dev.randn(cond.shape[1:], generators, cond.device, cond.dtype)
+    x = randn(cond.shape[1:], generators, cond.device, cond.dtype)
     for i, t in enumerate(ts):
         g_t, g_s = gammas[i], gammas[i + 1]
         x0 = x0_model(x, cond, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)).float()
@@ -57,5 +57,5 @@ def idm_sample(x0_model: X0Model, cond: torch.Tensor, schedule: DDPMSchedule, ge
         x = (x - (1 - a) / np.sqrt(1 - g_t) * eps) / np.sqrt(a)
         if i + 1 < len(ts):
             var = (1 - g_s) / (1 - g_t) * (1 - a) if variance == "posterior" else 1 - a
-            x = x + float(np.sqrt(var)) * dev.randn(cond.shape[1:], generators, cond.device, cond.dtype)
+            x = x + float(np.sqrt(var)) * randn(cond.shape[1:], generators, cond.device, cond.dtype)
     return x
