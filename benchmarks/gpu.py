@@ -34,13 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bfr_models import device as devices  # noqa: E402
 
-DR2 = dict(N=4, tau=220, respace=100)
 
 
 @dataclass(frozen=True)
 class Sizes:
     """What each row runs: the GPU run, or tiny CPU sizes for --dry-run."""
 
+    dr2: tuple = (("N", 4), ("tau", 220), ("respace", 100))  # DR2's code: 26 network calls per image
     prior_batches: tuple[int, ...] = (1, 8, 32)
     prior_images: int = 32  # per row; batch-1 rows run fewer (prior_single)
     prior_single: int = 4
@@ -57,9 +57,9 @@ class Sizes:
     compile: bool = True
 
 
-DRY = Sizes(prior_batches=(1, 2), prior_images=2, prior_single=1, idm_size=32, idm_batches=(1, 2), idm_single=1,
-            idm_images=2, degrade_images=2, degrade_batch=2, basicsr_images=1, score_images=2, score_batch=2,
-            score_size=192, compile=False)
+DRY = Sizes(dr2=(("N", 4), ("tau", 220), ("respace", 20)), prior_batches=(1, 2), prior_images=2, prior_single=1,
+            idm_size=32, idm_batches=(1, 2), idm_single=1, idm_images=2, degrade_images=2, degrade_batch=2,
+            basicsr_images=1, score_images=2, score_batch=2, score_size=192, compile=False)
 
 
 class Table:
@@ -75,6 +75,16 @@ class Table:
             return True
         print(f"| {name} | skipped: time budget spent | | | | | | |", flush=True)
         return False
+
+    @staticmethod
+    def section(name: str, rows, *args):
+        """Run one group of rows; a failure is a row of the table (the one GPU run still reports the rest)."""
+        try:
+            return rows(*args)
+        except Exception as e:  # noqa: BLE001 - reported in the table, with its type
+            print(f"| {name} | failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} | | | | | | |",
+                  flush=True)
+            return None
 
     @staticmethod
     def row(stage, what, dtype, batch, ips, baseline_name="", baseline_ips=None, peak=None) -> None:
@@ -126,11 +136,12 @@ def adm_prior(dev: torch.device, dry: bool):
     return Prior(devices.prepare_unet(unet, dev), DDPMSchedule.linear(1000), res, variance, "random", "random")
 
 
-def prior_rows(table: Table, dev: torch.device, sizes: Sizes, dry: bool) -> None:
+def prior_rows(table: Table, dev: torch.device, sizes: Sizes, dry: bool):
+    """The sampling rows; returns the --compile row to run at the end (None when out of time)."""
     from bfr_models.pseudo_targets import generate, method_params
 
     prior = adm_prior(dev, dry)
-    p = method_params("dr2", **DR2)
+    p = method_params("dr2", **dict(sizes.dr2))
     name = "small 32 px (dry run)" if dry else "ADM ffhq256, DR2 26 calls"
     x = torch.rand(max(sizes.prior_images, max(sizes.prior_batches)), 3, prior.resolution, prior.resolution,
                    generator=torch.Generator().manual_seed(0))
@@ -148,10 +159,16 @@ def prior_rows(table: Table, dev: torch.device, sizes: Sizes, dry: bool) -> None
     for dtype in dtypes:
         for batch in sizes.prior_batches:
             if not table.has_time(f"pseudo-targets {dtype} batch {batch}"):
-                return
+                return None
             ips, peak, _ = run(sizes.prior_single if batch == 1 else sizes.prior_images, batch, dtype)
             baseline = baseline or ips  # the first row: batch 1 fp32, DR2's own loop
             table.row("pseudo-targets", name, dtype, batch, ips, "batch 1 fp32", baseline, peak)
+    return lambda: compiled_row(table, dev, sizes, name, run, baseline)
+
+
+def compiled_row(table: Table, dev: torch.device, sizes: Sizes, name: str, run, baseline: float) -> None:
+    """Batch 32 bf16 with --compile: run last, since compiling takes minutes and a slow compile must not
+    crowd out the other rows."""
     if sizes.compile and dev.type == "cuda" and table.has_time("pseudo-targets bf16 --compile"):
         batch = max(sizes.prior_batches)
         ips, peak, warm = run(sizes.prior_images, batch, "bf16", compile=True)
@@ -225,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         dev, sizes = torch.device("cpu"), DRY
         print("# GPU benchmark, DRY RUN on the CPU (tiny sizes; the figures mean nothing)")
     elif not torch.cuda.is_available():
-        print("benchmarks/gpu.py: no CUDA device here; run it on a GPU machine (or pass --dry-run to check it on the CPU)")
+        print("benchmarks/gpu.py: no CUDA device here; run it on a GPU machine "
+              "(or pass --dry-run to check it on the CPU)")
         return 0
     else:
         dev, sizes = devices.configure_backends(torch.device("cuda")), Sizes()
@@ -233,16 +251,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# GPU benchmark: {torch.cuda.get_device_name(dev)} ({total / 2**30:.0f} GiB, {free / 2**30:.0f} free), "
               f"torch {torch.__version__}, CUDA {torch.version.cuda}, {platform.processor() or platform.machine()}, "
               f"{torch.get_num_threads()} CPU threads; TF32 on; channels_last UNets")
-        print(f"default batch from free memory (bfr_models.device): ADM-256 bf16 "
-              f"{devices.default_batch_size(dev, 256, 'bf16', 8)}, fp32 {devices.default_batch_size(dev, 256, 'fp32', 8)}; "
-              f"IDM 512 bf16 {devices.default_batch_size(dev, 512, 'bf16', 8)}")
+        auto = {f"{what} {dtype}": devices.default_batch_size(dev, side, dtype, 8)
+                for what, side, dtype in (("ADM-256", 256, "bf16"), ("ADM-256", 256, "fp32"), ("IDM 512", 512, "bf16"))}
+        print("default batch from free memory (bfr_models.device): " + ", ".join(f"{k} {v}" for k, v in auto.items()))
     print("command: python benchmarks/gpu.py" + (" --dry-run" if args.dry_run else "") + "\n")
     table = Table(args.budget_s)
     start = time.perf_counter()
-    prior_rows(table, dev, sizes, args.dry_run)
-    idm_rows(table, dev, sizes, args.dry_run)
-    degrade_rows(table, dev, sizes)
-    score_rows(table, dev, sizes)
+    compile_row = table.section("pseudo-targets", prior_rows, table, dev, sizes, args.dry_run)
+    table.section("clean (IDM)", idm_rows, table, dev, sizes, args.dry_run)
+    table.section("degrade", degrade_rows, table, dev, sizes)
+    table.section("NIQE, MUSIQ", score_rows, table, dev, sizes)
+    if compile_row is not None:
+        table.section("pseudo-targets --compile", compile_row)
     print(f"\n{time.perf_counter() - start:.0f} s for the rows")
     return 0
 

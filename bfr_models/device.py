@@ -52,7 +52,8 @@ def check_compile(compile: bool, device: torch.device) -> None:
 
 
 def configure_backends(device: torch.device) -> torch.device:
-    """TF32 for fp32 matmuls and convolutions on CUDA (10-bit mantissa inputs, fp32 accumulation); returns ``device``."""
+    """TF32 for fp32 matmuls and convolutions on CUDA (10-bit mantissa inputs, fp32 accumulation).
+    Returns ``device``."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

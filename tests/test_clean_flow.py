@@ -101,6 +101,17 @@ def test_clean_is_incremental_when_images_are_added(tmp_path):
     assert sorted(rows["source_uri"].str.rsplit("/", n=1).str[-1]) == [f"img{i:03d}.png" for i in range(100, 110)]
 
 
+def test_clean_refuses_bf16_and_compile_on_the_cpu_before_any_work(tmp_path):
+    from bfr_models.device import DeviceError
+    from flows.idm import plan_clean
+
+    for dtype, compile, message in (("bf16", False, "--dtype bf16 needs a CUDA device"),
+                                    (None, True, "--compile needs a CUDA device")):
+        with pytest.raises(DeviceError, match=message):
+            plan_clean(str(tmp_path / "nowhere"), str(tmp_path / "no-model"), 1, 10, "posterior", 1, "original",
+                       dtype, "cpu", compile)
+
+
 def test_set_calibration_is_computed_once_and_kept_when_images_are_added(tmp_path):
     """The 'degraded' cut is the rank of the set first seen: added images do not move it (earlier verdicts stay
     valid); other rules are another calibration."""
