@@ -8,9 +8,11 @@
 - On CUDA: TF32 matmuls and cuDNN convolutions, ``channels_last`` UNets, and ``torch.compile`` on request
   (``--compile``, for the fixed-shape UNets; refused elsewhere).
 - Randomness: one ``torch.Generator`` per image, on the CUDA device when the images are there (noise is
-  drawn where it is used, no host copy), else on the CPU. An image's noise depends only on its seed, so
-  its output is the same alone and in any batch on one device. A CUDA generator's stream differs from the
-  CPU's, so GPU bytes differ from CPU bytes (as they already did through the kernels).
+  drawn where it is used, no host copy), else on the CPU. An image's noise depends only on its seed, never
+  on its batch; on the CPU, where the UNets also see one image at a time (:func:`unet_call`), so do its
+  bytes. On CUDA the UNet runs the whole batch, whose kernels may still move the last bits with the batch
+  size. A CUDA generator's stream differs from the CPU's, so GPU bytes differ from CPU bytes (as they
+  already did through the kernels).
 - Default batch on CUDA from free device memory (:func:`default_batch_size`); unchanged on the CPU.
 """
 
