@@ -55,8 +55,10 @@ def _run(flow_fn, args, **params):
 
     if params.get("out"):
         storage.check_writable(params["out"])  # before any work: one line, never a bucket created
+    from flows.run_info import call_flow
+
     with _executor(args) as runner:
-        return flow_fn.with_options(task_runner=runner)(**params)
+        return call_flow(flow_fn.with_options(task_runner=runner), **params)
 
 
 def _check_input(uri: str) -> None:
@@ -150,7 +152,9 @@ def cmd_report(args):
     out = args.out
     if out.endswith("/") or storage.isdir(out):
         out = storage.join(out, REPORT_NAME)  # a folder: the report goes inside it
-    print(f"report: {report_flow(input=args.input, out=out, compare=args.compare, n_extremes=args.n)}")
+    from flows.run_info import call_flow
+
+    print(f"report: {call_flow(report_flow, input=args.input, out=out, compare=args.compare, n_extremes=args.n)}")
 
 
 def _print_result(stage: str, uri: str) -> None:

@@ -51,10 +51,11 @@ def cmd_prior_train(args) -> None:
     resolve_device(args.device)
     if not storage.exists(args.input):
         raise FileNotFoundError(f"input not found: {args.input}")
-    uri = prior_train_flow(input=args.input, out=args.out, resolution=args.resolution, steps=args.steps,
-                           batch_size=args.batch_size, lr=args.lr, channels=channels,
-                           checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device,
-                           exclude=args.exclude)
+    from flows.run_info import call_flow
+
+    uri = call_flow(prior_train_flow, input=args.input, out=args.out, resolution=args.resolution, steps=args.steps,
+                    batch_size=args.batch_size, lr=args.lr, channels=channels, checkpoint_every=args.checkpoint_every,
+                    seed=args.seed, device=args.device, exclude=args.exclude)
     print(f"prior: {uri}  (inspect with: bfr-curate prior inspect {uri})")
 
 

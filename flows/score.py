@@ -10,6 +10,7 @@ from prefect import flow, get_run_logger
 from bfr_models import manifest, models, storage
 from bfr_models.metrics.niqe import niqe_convention as niqe_convention_name
 from bfr_models.metrics.suite import FULL_REFERENCE, ScoreConfig, conventions, model_cards_needed, parse_metrics
+from flows.run_info import run_name
 from flows.stage import run_stage, skipped_record
 from tasks.rows import content_id
 from tasks.runtime import ensure_gpu_limit, resolve_device
@@ -140,7 +141,7 @@ def _check_first_pair_sizes(items: list[InputItem]) -> None:
                          "reference, or degrade with resize back)")
 
 
-@flow(name="score")
+@flow(name="score", flow_run_name=run_name)
 def score_flow(input: str, out: str, metrics: str = "niqe,psnr,ssim", reference: str | None = None,
                fid_ref: str | None = None, niqe_convention: str = "pyiqa", crop_border: int = 0,
                y_channel: bool = False, lpips_net: str = "vgg", fid_convention: str = "clean",

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from bfr_models import lease, manifest, storage
 from bfr_models.manifest import ManifestWriter, ShardInfo
+from flows.run_info import publish_stage_summary
 from flows.stop import reclaim_sigterm
 from tasks.runtime import result_storage
 from tasks.shards import InputItem, code_version, make_shards, stable_hash
@@ -117,6 +118,7 @@ def run_stage(shard_task, stage: str, config: dict, items: list[InputItem], inpu
         extra = finalize(stage_uri, shards) if finalize is not None else {}
         ManifestWriter(stage_uri).write_index(stage, key, {**config, **extra}, shards,
                                                   input=storage.normalize(input_uri))
+    publish_stage_summary(stage_uri)
     return stage_uri
 
 
