@@ -85,9 +85,8 @@ def cmd_clean(args, run, print_result) -> None:
 
 
 def cmd_schedule(args) -> None:
-    from flows.schedule import recipe_deployment, serve_recipe
+    from flows.schedule import serve_recipe
 
-    recipe_deployment(args.recipe, args.cron, args.interval, args.out, args.device, args.name)  # checks, one line
     serve_recipe(args.recipe, args.cron, args.interval, args.out, args.device, args.name, args.limit)
 
 
@@ -201,9 +200,14 @@ def add_training_parsers(sub, add_common, run, print_result) -> None:
     p.set_defaults(func=lambda args: cmd_clean(args, run, print_result))
 
     p = sub.add_parser("schedule", help="serve a recipe as a Prefect deployment on a cron or interval schedule",
-                       description="Serves the recipe until Ctrl-C. Without PREFECT_API_URL, Prefect's embedded "
-                                   "API runs it from this process; with PREFECT_API_URL set, the deployment and "
-                                   "its runs appear on that Prefect server.")
+                       description="Checks the recipe, the schedule, every path the recipe names and --out, then "
+                                   "serves the recipe as a Prefect deployment until Ctrl-C: this process runs each "
+                                   "scheduled flow run (stages cached, clean incremental: a run processes only new "
+                                   "images). Without PREFECT_API_URL it starts a local Prefect server (`prefect "
+                                   "server start` on 127.0.0.1, a free port), prints its UI address, writes the "
+                                   "server's output to <out>/prefect-server.log and stops it on exit; if the server "
+                                   "dies, the command ends with one line naming that log. With PREFECT_API_URL set, "
+                                   "the deployment and its runs appear on that server instead.")
     p.add_argument("recipe", help="recipe YAML path or name in catalogs/recipes")
     p.add_argument("--cron", default=None, help="cron string, e.g. '0 3 * * *' (03:00 UTC every day)")
     p.add_argument("--interval", type=float, default=None, help="or: every this many seconds")
