@@ -30,6 +30,33 @@ def input_rows(uri: str, exclude: tuple[str, ...] | list[str] = ()) -> tuple[lis
              "stage": "input", "status": "ok"} for i in items], skipped
 
 
+DEFAULT_METRICS = "niqe,psnr,ssim"  # images with a reference: --reference, or a manifest whose rows have parents
+NO_REFERENCE_DEFAULT = ("niqe", "musiq")  # images without one (musiq when its weights are in the model cache)
+
+
+def default_metrics(input: str, reference: str | None) -> tuple[str, str | None]:
+    """The metrics ``score`` computes when none are named, and a line saying so when the images have no
+    reference (a folder, or a manifest without parents), so full-reference metrics cannot apply."""
+    if reference is not None:
+        return DEFAULT_METRICS, None
+    if manifest.is_manifest(input):
+        parents = manifest.read_table(input).column("parent_uri").to_pylist()
+        if any(parents):
+            return DEFAULT_METRICS, None
+    cards = model_cards_needed(ScoreConfig(NO_REFERENCE_DEFAULT))
+    chosen, missing = [], []
+    for metric in NO_REFERENCE_DEFAULT:
+        try:
+            if metric in cards:
+                models.model_path(cards[metric])
+            chosen.append(metric)
+        except models.ModelMissingError:
+            missing.append(f"{metric} (`bfr-curate models pull {cards[metric]}`)")
+    note = (f"score: {input} has no reference images (pass --reference for {','.join(FULL_REFERENCE)}): "
+            f"no-reference metrics {','.join(chosen)}" + (f"; without {', '.join(missing)}" if missing else ""))
+    return ",".join(chosen), note
+
+
 def _reference_lookup(reference: str | None):
     """row -> the URI of its reference image: a manifest (by parent_id), a folder (by file name), or the parent."""
     if reference is None:
@@ -110,7 +137,8 @@ def plan_score(input: str, metrics: str | list[str], reference: str | None, fid_
             ok.append(item)
     if full_ref and ok and not any(i.reference for i in ok):
         raise ValueError(f"metric {','.join(full_ref)} needs a reference: pass --reference <manifest or folder>, "
-                         "or score a manifest whose rows have parents")
+                         f"score a manifest whose rows have parents, or choose no-reference metrics "
+                         f"(--metrics {','.join(NO_REFERENCE_DEFAULT)})")
     if full_ref:
         _check_first_pair_sizes(ok)
     if "fid" in config.metrics and "fid" not in skip:
