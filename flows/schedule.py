@@ -180,6 +180,9 @@ def prefect_api(log: Path, startup_timeout: float | None = None):
     with open(log, "ab") as out:
         server = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                   start_new_session=True)  # Ctrl-C reaches this process only; it stops the server
+    from flows.stop import stop_on_exit
+
+    stop_on_exit(server)
     try:
         _wait_healthy(server, api.url, log, timeout)
         threading.Thread(target=_watch, args=(server, api), daemon=True, name="prefect-server-watch").start()

@@ -205,7 +205,8 @@ def add_training_parsers(sub, add_common, run, print_result) -> None:
                                    "scheduled flow run (stages cached, clean incremental: a run processes only new "
                                    "images). Without PREFECT_API_URL it starts a local Prefect server (`prefect "
                                    "server start` on 127.0.0.1, a free port), prints its UI address, writes the "
-                                   "server's output to <out>/prefect-server.log and stops it on exit; if the server "
+                                   "server's output to <out>/prefect-server.log (./runs/<recipe name>/ for a remote --out) "
+                                   "and stops it on exit; if the server "
                                    "dies, the command ends with one line naming that log. With PREFECT_API_URL set, "
                                    "the deployment and its runs appear on that server instead.")
     p.add_argument("recipe", help="recipe YAML path or name in catalogs/recipes")
