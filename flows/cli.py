@@ -279,12 +279,12 @@ def add_exclude(p) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="bfr-curate", description="Data curation for blind face restoration.",
-                                     epilog=EPILOG)
+    from bfr_models.degradations import list_presets
+
+    parser = Parser(prog="bfr-curate", description="Data curation for blind face restoration.", epilog=EPILOG)
     parser.add_argument("--debug", action="store_true",
                         help="on an error, print the traceback (and Prefect's run errors) before the one-line message")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from bfr_models.degradations import list_presets
 
     p = sub.add_parser("degrade", help="synthesise low-quality inputs with a degradation preset", epilog=EPILOG,
                        description="Degrade every image of --input with a preset, recording every sampled "
