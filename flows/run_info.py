@@ -55,7 +55,8 @@ def call_flow(flow_fn, **params):
 
 
 def summary_rows(df: pd.DataFrame) -> list[dict]:
-    """Per split (and all): rows, ok, error, gate passes where targets are gated, mean of every metric."""
+    """Per split (and all): rows, ok, error, gate passes where targets are gated, images replaced where a set
+    was cleaned, mean of every metric."""
     from bfr_models.report import metric_columns
 
     metrics = metric_columns(df)
@@ -69,6 +70,8 @@ def summary_rows(df: pd.DataFrame) -> list[dict]:
         row = {"split": name, "rows": len(g), "ok": len(ok), "error": len(g) - len(ok)}
         if "gate" in g:
             row["gate_pass"] = int((g["gate"] == "pass").sum())
+        if "replaced" in g:
+            row["replaced"] = int(ok["replaced"].fillna(False).astype(bool).sum())
         for m in metrics:
             values = pd.to_numeric(ok[m], errors="coerce").dropna()
             row[f"mean_{m}"] = round(float(values.mean()), 4) if len(values) else None

@@ -164,8 +164,10 @@ def _run_shards(task, specs: list, limit: int, stage_uri: str, **task_kwargs):
 
 
 def annotate_index(uri: str, **info) -> None:
-    """Add set-level results (FID, conventions, what was not computed, rounds) to a stage's index."""
+    """Add set-level results (FID, conventions, what was not computed, rounds) to a stage's index, and to its
+    summary artifact."""
     index = manifest.read_index(uri)
     index["config"].update(info)
     storage.write_bytes_atomic(storage.join(uri, manifest.INDEX_NAME),
                                json.dumps(index, indent=1, sort_keys=True, default=str).encode())
+    publish_stage_summary(uri)
