@@ -17,6 +17,25 @@ EPILOG = "Outputs go to <out>/<stage>/<key>/ (index.json, shards/*.parquet, imag
 REPORT_NAME = "report.html"  # the file `report --out <folder>` writes
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in its help, unless the help states it already or there is none (a flag, None)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        none = action.default is None or action.default is False or action.default == [] or action.required
+        if "default" in text or none or action.default == argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """The parser of every command and subcommand (subparsers inherit the class): defaults shown in --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 class UserError(Exception):
     """A bad argument, config or missing file: printed as one line, exit code 2."""
 
@@ -55,8 +74,10 @@ def _run(flow_fn, args, **params):
 
     if params.get("out"):
         storage.check_writable(params["out"])  # before any work: one line, never a bucket created
+    from flows.run_info import call_flow
+
     with _executor(args) as runner:
-        return flow_fn.with_options(task_runner=runner)(**params)
+        return call_flow(flow_fn.with_options(task_runner=runner), **params)
 
 
 def _check_input(uri: str) -> None:
@@ -125,7 +146,14 @@ def cmd_score(args):
 
     resolve_device(args.device)
     _check_input(args.input)
-    opts = dict(input=args.input, metrics=args.metrics, reference=args.reference, fid_ref=args.fid_ref,
+    metrics = args.metrics
+    if metrics is None:
+        from flows.score import default_metrics
+
+        metrics, note = default_metrics(args.input, args.reference)
+        if note:
+            print(note)
+    opts = dict(input=args.input, metrics=metrics, reference=args.reference, fid_ref=args.fid_ref,
                 niqe_convention=args.niqe_convention, crop_border=args.crop_border, y_channel=args.y_channel,
                 lpips_net=args.lpips_net, fid_convention=args.fid_convention, skip_missing=args.skip_missing,
                 fid_allow_small=args.fid_allow_small, exclude=args.exclude)
@@ -150,7 +178,9 @@ def cmd_report(args):
     out = args.out
     if out.endswith("/") or storage.isdir(out):
         out = storage.join(out, REPORT_NAME)  # a folder: the report goes inside it
-    print(f"report: {report_flow(input=args.input, out=out, compare=args.compare, n_extremes=args.n)}")
+    from flows.run_info import call_flow
+
+    print(f"report: {call_flow(report_flow, input=args.input, out=out, compare=args.compare, n_extremes=args.n)}")
 
 
 def _print_result(stage: str, uri: str) -> None:
@@ -175,10 +205,14 @@ def _print_result(stage: str, uri: str) -> None:
 def cmd_presets(args):
     from bfr_models.degradations import list_presets, load_preset
 
-    for name in list_presets():
-        desc = load_preset(name).describe()
-        print(f"{name}")
-        print("  " + json.dumps(desc, sort_keys=True, default=str).replace("\n", "\n  "))
+    described = {name: load_preset(name).describe() for name in list_presets()}
+    if args.json:
+        print(json.dumps(described, indent=1, sort_keys=True, default=str))
+        return
+    from flows.readable import presets_table
+
+    print(presets_table(described))
+    print("(ranges as low-high; `bfr-curate presets --json` prints every parameter)")
 
 
 def cmd_manifest_show(args):
@@ -226,7 +260,7 @@ def cmd_gc(args):
 
 
 def _add_common(p, shard_size: int, batch_size: int, gpu_batch_from_memory: bool = False):
-    p.add_argument("--out", required=True, help="output root: a folder or fsspec URL (s3://bucket/run)")
+    p.add_argument("-o", "--out", required=True, help="output root: a folder or fsspec URL (s3://bucket/run)")
     p.add_argument("--device", default="auto", help="cuda, cuda:1, mps, cpu or auto (default: auto)")
     p.add_argument("--shard-size", type=int, default=shard_size, help=f"images per Prefect task (default {shard_size})")
     if gpu_batch_from_memory:  # the flow picks the batch (bfr_models.device.default_batch_size)
@@ -236,7 +270,8 @@ def _add_common(p, shard_size: int, batch_size: int, gpu_batch_from_memory: bool
         p.add_argument("--batch-size", type=int, default=batch_size, help=f"images per device batch (default {batch_size})")
     p.add_argument("--workers", type=int, default=2, help="shard tasks run at once (default 2)")
     p.add_argument("--dask", metavar="ADDRESS", default=None,
-                   help="run shard tasks on a Dask cluster: 'local' starts a LocalCluster, else a scheduler address")
+                   help="run shard tasks on a Dask cluster: 'local' starts a LocalCluster, else a scheduler address "
+                        "(default: a thread pool in this process)")
     add_exclude(p)
 
 
@@ -248,8 +283,9 @@ def add_exclude(p) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bfr-curate", description="Data curation for blind face restoration.",
-                                     epilog=EPILOG)
+    from bfr_models.degradations import list_presets
+
+    parser = Parser(prog="bfr-curate", description="Data curation for blind face restoration.", epilog=EPILOG)
     parser.add_argument("--debug", action="store_true",
                         help="on an error, print the traceback (and Prefect's run errors) before the one-line message")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -257,8 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("degrade", help="synthesise low-quality inputs with a degradation preset", epilog=EPILOG,
                        description="Degrade every image of --input with a preset, recording every sampled "
                                    "parameter and seed. Same input + seed = byte-identical output.")
-    p.add_argument("--input", required=True, help="folder of images, fsspec URL, or a manifest")
-    p.add_argument("--preset", required=True, help="preset name (see `bfr-curate presets`)")
+    p.add_argument("-i", "--input", required=True, help="folder of images, fsspec URL, or a manifest")
+    p.add_argument("--preset", required=True,
+                   help=f"preset name: {', '.join(list_presets())} (ranges: `bfr-curate presets`)")
     p.add_argument("--split", default=None, help="preset split, e.g. mild/medium/severe for dr2")
     p.add_argument("--scale", type=float, default=None, help="preset scale, e.g. 4/8/16 for dr2")
     p.add_argument("--seed", type=int, default=0, help="run seed; each image's seed derives from it (default 0)")
@@ -268,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ingest", help="detect, align and crop faces from photos (FFHQ-style)", epilog=EPILOG,
                        description="Detect faces with MTCNN, align them on five landmarks to the FFHQ template "
                                    "and crop. One manifest row per face; photos without a face become error rows.")
-    p.add_argument("--input", required=True, help="folder of photos, fsspec URL, or a manifest")
+    p.add_argument("-i", "--input", required=True, help="folder of photos, fsspec URL, or a manifest")
     p.add_argument("--size", type=int, default=512, help="crop size in pixels (default 512)")
     p.add_argument("--min-score", type=float, default=0.9, help="minimum detection probability (default 0.9)")
     p.add_argument("--min-size", type=int, default=32, help="minimum face box side in pixels (default 32)")
@@ -280,34 +317,47 @@ def build_parser() -> argparse.ArgumentParser:
                                    "flow. Every stage is cached by its config and inputs: editing one stage's "
                                    "parameters re-runs that stage and the ones after it. Prints the report's path.")
     p.add_argument("recipe", help="recipe YAML path or name (e.g. demo)")
-    p.add_argument("--out", default=None, help="output root (default ./runs/<recipe name>)")
+    p.add_argument("-o", "--out", default=None, help="output root (default ./runs/<recipe name>)")
     p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
     p.add_argument("--workers", type=int, default=2, help="shard tasks run at once (default 2)")
-    p.add_argument("--dask", default=None, help="Dask: 'local' or a scheduler address")
+    p.add_argument("--dask", default=None, help="Dask: 'local' or a scheduler address (default: threads here)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", help="run the demo recipe (catalogs/recipes/demo.yaml) on the packaged photos",
                        description="Same as `bfr-curate run demo`: ingest, degrade, train a small prior, DR2 "
                                    "pseudo targets with --auto, score, report.")
-    p.add_argument("--out", default="./runs/demo", help="output root (default ./runs/demo)")
+    p.add_argument("-o", "--out", default="./runs/demo", help="output root (default ./runs/demo)")
     p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
     p.add_argument("--workers", type=int, default=2, help="shard tasks run at once (default 2)")
-    p.add_argument("--dask", default=None, help="Dask: 'local' or a scheduler address")
+    p.add_argument("--dask", default=None, help="Dask: 'local' or a scheduler address (default: threads here)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("presets", help="list every degradation preset with its parameter ranges")
+    p = sub.add_parser("presets", help="list every degradation preset with its parameter ranges",
+                       description="A table of every degradation preset (catalogs/presets): splits, scale, blur "
+                                   "and noise sigma, JPEG quality ranges and its description.")
+    p.add_argument("--json", action="store_true", help="print every preset's full parameters as JSON instead")
     p.set_defaults(func=cmd_presets)
 
-    p = sub.add_parser("score", help="add NIQE, MUSIQ, LPIPS, PSNR, SSIM columns and FID to a new manifest",
+    from bfr_models.metrics.suite import FULL_REFERENCE, KNOWN_METRICS, NO_REFERENCE, SET_LEVEL
+    from flows.score import DEFAULT_METRICS, NO_REFERENCE_DEFAULT
+
+    p = sub.add_parser("score", help=f"add metric columns ({', '.join(NO_REFERENCE + FULL_REFERENCE)}) and set-level "
+                                     f"{', '.join(SET_LEVEL)} to a new manifest",
                        epilog=EPILOG, description="Score every image of --input (a manifest or a folder). "
                        "Full-reference metrics compare each image with --reference (a manifest, matched by "
                        "parent_id, or a folder, matched by file name) or, by default, with its parent image. "
                        "The input manifest is never modified. Weights come from model cards "
                        "(`bfr-curate models list`); a missing one stops the run before any work unless "
                        "--skip-missing, which records it as not computed.")
-    p.add_argument("--input", required=True, help="manifest, folder or fsspec URL of images")
-    p.add_argument("--metrics", default="niqe,psnr,ssim", help="comma list of niqe,musiq,fid,lpips,psnr,ssim")
-    p.add_argument("--reference", default=None, help="reference images for lpips/psnr/ssim (manifest or folder)")
+    p.add_argument("-i", "--input", required=True, help="manifest, folder or fsspec URL of images")
+    p.add_argument("--metrics", default=None,
+                   help=f"comma list of {','.join(KNOWN_METRICS)} (no-reference: {','.join(NO_REFERENCE)}; "
+                        f"full-reference: {','.join(FULL_REFERENCE)}; set-level: {','.join(SET_LEVEL)}). Default: "
+                        f"{DEFAULT_METRICS} when the images have a reference (--reference, or a manifest whose rows "
+                        f"have parents), else {','.join(NO_REFERENCE_DEFAULT)} (those whose weights are pulled)")
+    p.add_argument("--reference", default=None,
+                   help=f"reference images for {','.join(FULL_REFERENCE)} (manifest or folder; default: each row's "
+                        "parent image)")
     p.add_argument("--fid-ref", default=None, help="FID reference: stats .npz, manifest or folder (>= 2048 images)")
     p.add_argument("--fid-convention", default="clean", choices=["clean", "legacy_pytorch"],
                    help="FID resizing/network convention (default clean, as clean-fid)")
@@ -329,9 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Summary per stage/split, histograms, best and worst images, before/after "
                                    "grids, errors and metric conventions, as one HTML file; also published "
                                    "as Prefect artifacts.")
-    p.add_argument("--input", required=True, help="a scored manifest")
+    p.add_argument("-i", "--input", required=True, help="a scored manifest")
     p.add_argument("--compare", nargs="*", default=[], help="other scored manifests to compare")
-    p.add_argument("--out", required=True,
+    p.add_argument("-o", "--out", required=True,
                    help=f"where to write the HTML (path or fsspec URL); an existing folder gets {REPORT_NAME}")
     p.add_argument("--n", type=int, default=8, help="best/worst images shown per metric (default 8)")
     p.set_defaults(func=cmd_report)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from bfr_models.degradations import load_preset
+from flows.run_info import run_name
 from flows.stage import run_stage, skipped_record
 from tasks.degrade import STAGE, degrade_shard
 from tasks.runtime import ensure_gpu_limit, resolve_device
@@ -17,7 +18,7 @@ def degrade_config(preset: str, split: str | None, scale: float | None, seed: in
     return {"preset": degradation.config, "seed": seed}
 
 
-@flow(name="degrade")
+@flow(name="degrade", flow_run_name=run_name)
 def degrade_flow(input: str, out: str, preset: str = "gfpgan", split: str | None = None,
                  scale: float | None = None, seed: int = 0, shard_size: int = 256, batch_size: int = 8,
                  device: str = "auto", exclude: tuple[str, ...] | list[str] = ()) -> str:

@@ -51,9 +51,9 @@ def add_export_parsers(sub) -> None:
                     f"and <name>.json (ids, params, metrics). folder/paired/basicsr also write {NAMES_FILE} "
                     "(name -> image_id, parent_id). Rows whose target failed the gate are left out unless "
                     "--include-failed.")
-    p.add_argument("--input", required=True, help="a manifest: stage folder, its index.json or a .parquet file")
+    p.add_argument("-i", "--input", required=True, help="a manifest: stage folder, its index.json or a .parquet file")
     p.add_argument("--format", required=True, choices=FORMATS, help="layout to write")
-    p.add_argument("--out", required=True, help="a new or empty folder, or fsspec URL (s3://bucket/export)")
+    p.add_argument("-o", "--out", required=True, help="a new or empty folder, or fsspec URL (s3://bucket/export)")
     p.add_argument("--include-failed", action="store_true", help="also export rows whose gate is not 'pass'")
     p.add_argument("--samples-per-shard", type=int, default=1000,
                    help="webdataset: samples per tar shard (default 1000)")

@@ -27,6 +27,7 @@ from bfr_models.training.codeformer import CodeFormerFinetuneConfig, finetune_co
 from bfr_models.training.data import read_image
 from bfr_models.training.finetune import FinetuneError, Pairs, UriPairs, finetune, load_finetune_config
 from flows.prior import progress, training_images
+from flows.run_info import publish_stage_summary, run_name
 from flows.score import Lineage
 from tasks.rows import ok_row, to_uint8, write_output
 from tasks.runtime import key_parameter, resolve_device, result_storage
@@ -257,7 +258,7 @@ def _validation_rows(net, val: Pairs, ids, writer, lpips_net, dev) -> list[dict]
     return rows
 
 
-@flow(name="finetune")
+@flow(name="finetune", flow_run_name=run_name)
 def finetune_flow(pairs: str, restorer: str, out: str, real: str | None = None, config: str = "auto",
                   iters: int | None = None, batch_size: int | None = None, micro_batch: int | None = None,
                   lr: float | None = None, val_pairs: int | None = None, validate_every: int | None = None,
@@ -292,4 +293,5 @@ def finetune_flow(pairs: str, restorer: str, out: str, real: str | None = None, 
                     "skipped_pairs": skipped, "include_failed": include_failed,
                     **{k: v for k, v in result.items() if k != "shard"}}
     ManifestWriter(where).write_index(STAGE, key, index_config, [ShardInfo(**result["shard"])])
+    publish_stage_summary(where)
     return where

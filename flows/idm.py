@@ -23,6 +23,7 @@ from bfr_models.idm import (AcceptanceConfig, IDMConfig, IDMError, IDMTrainConfi
 from bfr_models.idm.sampler import VARIANCES
 from bfr_models.training.data import UriImages
 from flows.prior import progress, training_images
+from flows.run_info import publish_model_summary, run_name
 from flows.stage import annotate_index, run_stage, skipped_record
 from tasks.clean import STAGE, cached_idm, clean_shard, set_calibration
 from tasks.runtime import ensure_gpu_limit, key_parameter, resolve_device, result_storage
@@ -77,7 +78,7 @@ def plan_idm_train(input: str, resolution: int, crop: int | None, channels, laye
     return model, tcfg, items
 
 
-@flow(name="idm-train")
+@flow(name="idm-train", flow_run_name=run_name)
 def idm_train_flow(input: str, out: str, resolution: int = 512, crop: int | None = None,
                    channels: tuple[int, ...] = DEFAULT_CHANNELS, layers_per_block: int = 2,
                    attention: tuple[int, ...] = (32, 16), norm_groups: int = 32, iters: int = 100_000,
@@ -100,10 +101,13 @@ def idm_train_flow(input: str, out: str, resolution: int = 512, crop: int | None
                        target_version, init_sha, degrade_source, round], length=12)
     where = storage.join(storage.normalize(out), "idm", key)
     get_run_logger().info("idm train round %d: %d images -> %s", round, len(items), where)
-    return idm_train_task.with_options(result_storage=result_storage(where))(
+    uri = idm_train_task.with_options(result_storage=result_storage(where))(
         key=stable_hash([where, CODE_VERSION]), input=input, targets=targets, model=asdict(model), train=asdict(tcfg),
         resolution=resolution, degrade_source=degrade_source, init=init, round=round, out=where, device=str(dev),
         exclude=list(exclude), loader_workers=loader_workers)
+    publish_model_summary("idm", uri, {"input": input, "images": len(items), "round": round,
+                                             "resolution": resolution, **asdict(tcfg)})
+    return uri
 
 
 def _optional_scorer(card: str, wanted: bool | None, not_computed: list, metric: str) -> bool:
@@ -140,7 +144,7 @@ def plan_clean(input: str, model: str, rounds: int, steps: int, variance: str, p
     return load_idm(model)  # missing / corrupt model: one line, before any work
 
 
-@flow(name="clean")
+@flow(name="clean", flow_run_name=run_name)
 def clean_flow(input: str, out: str, model: str, rounds: int = 1, steps: int = 10, variance: str = "posterior",
                passes: int = 1, degrade_source: str = "original", round_iters: int = 50_000,
                round_batch_size: int = 32, round_lr: float = 1e-4, round_warmup: int = 1000,

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
+from flows.run_info import run_name
 from flows.stage import run_stage, skipped_record
 from tasks.ingest import STAGE, ingest_shard
 from tasks.runtime import ensure_gpu_limit, resolve_device
 from tasks.shards import list_inputs
 
 
-@flow(name="ingest")
+@flow(name="ingest", flow_run_name=run_name)
 def ingest_flow(input: str, out: str, size: int = 512, min_score: float = 0.9, min_size: int = 32,
                 shard_size: int = 64, batch_size: int = 4, device: str = "auto",
                 exclude: tuple[str, ...] | list[str] = ()) -> str:

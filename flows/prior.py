@@ -11,6 +11,7 @@ from bfr_models import storage
 from bfr_models.diffusion.prior import save_prior
 from bfr_models.diffusion.train import PriorTrainConfig, train_prior
 from bfr_models.training.data import UriImages
+from flows.run_info import publish_model_summary, run_name
 from tasks.runtime import key_parameter, resolve_device, result_storage
 from tasks.shards import CODE_VERSION, list_inputs, stable_hash
 
@@ -51,7 +52,7 @@ def train_location(items, config: PriorTrainConfig, out: str) -> str:
     return storage.join(storage.normalize(out), STAGE, key)
 
 
-@flow(name="prior-train")
+@flow(name="prior-train", flow_run_name=run_name)
 def prior_train_flow(input: str, out: str, resolution: int = 64, steps: int = 2000, batch_size: int = 16,
                      lr: float = 2e-4, channels: tuple[int, ...] = (32, 64, 64), checkpoint_every: int = 500,
                      seed: int = 0, device: str = "auto", exclude: tuple[str, ...] | list[str] = (),
@@ -68,9 +69,11 @@ def prior_train_flow(input: str, out: str, resolution: int = 64, steps: int = 20
     where = train_location(items, config, out)
     get_run_logger().info("prior train: %d images (%d error rows skipped) -> %s", len(items), skipped, where)
     key = stable_hash([where, asdict(config), CODE_VERSION])
-    return train_task.with_options(result_storage=result_storage(where))(
+    uri = train_task.with_options(result_storage=result_storage(where))(
         key=key, input=input, config=asdict(config), out=where, device=str(dev), exclude=list(exclude),
         loader_workers=loader_workers)
+    publish_model_summary(STAGE, uri, {"input": input, "images": len(items), **asdict(config)})
+    return uri
 
 
 def convert_adm(checkpoint: str, arch: str, out: str) -> str:

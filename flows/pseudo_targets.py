@@ -22,6 +22,7 @@ from bfr_models.gate import GateConfig, load_gate
 from bfr_models.pseudo_targets import (RESIZE_MODES, Candidate, MethodParams, PseudoTargetError, choose, grid,
                                        lowfreq_psnr, method_params, to_resolution, validate,
                                        with_resolution)
+from flows.run_info import run_name
 from flows.stage import run_stage, skipped_record
 from tasks.rows import decode_items, same_size_batches
 from tasks.runtime import ensure_gpu_limit, key_parameter, resolve_device
@@ -167,7 +168,7 @@ def _sample(items, n: int, seed: int):
     return sorted(ranked[:n], key=lambda i: i.uri)
 
 
-@flow(name="pseudo-targets")
+@flow(name="pseudo-targets", flow_run_name=run_name)
 def pseudo_targets_flow(input: str, out: str, prior: str, method: str = "dr2", N: int | None = None,
                         tau: int | None = None, omega: int | None = None, K: int | None = None,
                         L: int | None = None, n2: int | None = None, scale: int | None = None,

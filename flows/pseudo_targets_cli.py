@@ -51,10 +51,11 @@ def cmd_prior_train(args) -> None:
     resolve_device(args.device)
     if not storage.exists(args.input):
         raise FileNotFoundError(f"input not found: {args.input}")
-    uri = prior_train_flow(input=args.input, out=args.out, resolution=args.resolution, steps=args.steps,
-                           batch_size=args.batch_size, lr=args.lr, channels=channels,
-                           checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device,
-                           exclude=args.exclude)
+    from flows.run_info import call_flow
+
+    uri = call_flow(prior_train_flow, input=args.input, out=args.out, resolution=args.resolution, steps=args.steps,
+                    batch_size=args.batch_size, lr=args.lr, channels=channels, checkpoint_every=args.checkpoint_every,
+                    seed=args.seed, device=args.device, exclude=args.exclude)
     print(f"prior: {uri}  (inspect with: bfr-curate prior inspect {uri})")
 
 
@@ -102,6 +103,7 @@ def add_prior_parsers(sub, add_common, run, print_result) -> None:
     from bfr_models.diffusion.schedule import VARIANCE_TYPES
     from bfr_models.pseudo_targets import DEFAULT_RESPACE, METHODS, RESIZE_MODES
     from flows.cli import add_exclude
+    from flows.pseudo_targets import AUTO_METRICS
 
     p = sub.add_parser("prior", help="inspect, convert or train a diffusion prior", description=PRIOR_HELP)
     psub = p.add_subparsers(dest="prior_command", required=True, metavar="SUBCOMMAND")
@@ -116,15 +118,15 @@ def add_prior_parsers(sub, add_common, run, print_result) -> None:
     q.add_argument("--from", dest="source_format", choices=["adm"], default="adm", help="checkpoint format (adm)")
     q.add_argument("--arch", required=True, choices=["ffhq256", "ffhq512"],
                    help="ffhq256: DR2's FFHQ-256 ADM; ffhq512: DifFace's FFHQ-512 iDDPM")
-    q.add_argument("--out", required=True, help="prior folder to write (local or fsspec URL)")
+    q.add_argument("-o", "--out", required=True, help="prior folder to write (local or fsspec URL)")
     q.set_defaults(func=cmd_prior_convert)
 
     q = psub.add_parser("train", help="train a small domain prior on a manifest (progress bar, checkpoints)",
                         description="Trains a small UNet2DModel with DDPM's loss on the images of --input, "
                                     "resized to --resolution. Writes <out>/prior/<key>/ and checkpoints the whole "
                                     "training state there, so rerunning after an interruption resumes.")
-    q.add_argument("--input", required=True, help="manifest or folder of (clean) faces")
-    q.add_argument("--out", required=True, help="output root (local or fsspec URL)")
+    q.add_argument("-i", "--input", required=True, help="manifest or folder of (clean) faces")
+    q.add_argument("-o", "--out", required=True, help="output root (local or fsspec URL)")
     q.add_argument("--resolution", type=int, default=64, help="training resolution in pixels (default 64)")
     q.add_argument("--steps", type=int, default=2000, help="optimisation steps (default 2000)")
     q.add_argument("--batch-size", type=int, default=16, help="batch size (default 16)")
@@ -137,7 +139,7 @@ def add_prior_parsers(sub, add_common, run, print_result) -> None:
     q.set_defaults(func=cmd_prior_train)
 
     p = sub.add_parser(
-        "pseudo-targets", help="clean pseudo targets from LQ faces with a diffusion prior (dr2, lowfreq, polish)",
+        "pseudo-targets", help=f"clean pseudo targets from LQ faces with a diffusion prior ({', '.join(METHODS)})",
         description="dr2: DR2 (diffuse the LQ to omega, low-pass replacement down to tau, one-shot x0). "
                     "lowfreq: the unsupervised-BFR Algorithm 1 (restorer output noised to K, low-pass "
                     "replacement while t > L, free steps below). polish: DiffBFR's truncated TEM (noise to n2, "
@@ -145,14 +147,18 @@ def add_prior_parsers(sub, add_common, run, print_result) -> None:
                     "modules fitted to the LR input while sampling; LR faces of prior resolution / 4 in, prior-resolution targets out). "
                     "Timesteps are on the T=1000 scale. --auto searches N and tau (K for lowfreq) on "
                     "a sample, scoring NIQE (or MUSIQ) under a low-frequency PSNR limit. " + PRIOR_HELP)
-    p.add_argument("--input", required=True, help="manifest or folder of LQ faces")
+    p.add_argument("-i", "--input", required=True, help="manifest or folder of LQ faces")
     p.add_argument("--prior", required=True, help="prior folder / fsspec URL, or a model card name")
-    p.add_argument("--method", default="dr2", choices=METHODS, help="dr2 (default), lowfreq, polish or difbfsr")
-    p.add_argument("--N", type=int, default=None, help="low-pass factor Phi_N (dr2 4, lowfreq 16)")
+    p.add_argument("--method", default="dr2", choices=METHODS, help="pseudo-target method: " + ", ".join(METHODS))
+    # the papers' letters (N, K, L) stay as short and long aliases of the lower-case names
+    p.add_argument("-N", "--n-factor", "--N", dest="N", type=int, default=None,
+                   help="low-pass factor Phi_N (default: dr2 4, lowfreq 16)")
     p.add_argument("--tau", type=int, default=None, help="dr2: output step (default 220)")
     p.add_argument("--omega", type=int, default=None, help="dr2: start step (default tau + 250)")
-    p.add_argument("--K", type=int, default=None, help="lowfreq: start step (default 600)")
-    p.add_argument("--L", type=int, default=None, help="lowfreq: last constrained step (default 360)")
+    p.add_argument("-K", "--k-start", "--K", dest="K", type=int, default=None,
+                   help="lowfreq: start step K (default 600)")
+    p.add_argument("-L", "--l-end", "--L", dest="L", type=int, default=None,
+                   help="lowfreq: last constrained step L (default 360)")
     p.add_argument("--n2", type=int, default=None, help="polish: start step (default 100)")
     p.add_argument("--scale", type=int, default=None, help="difbfsr: super-resolution factor (default 4)")
     p.add_argument("--t-start", type=int, default=None, help="difbfsr: truncated start step (default 401)")
@@ -172,7 +178,7 @@ def add_prior_parsers(sub, add_common, run, print_result) -> None:
                    help="minimum low-frequency PSNR (dB) for --auto and --best-of (default 20)")
     p.add_argument("--auto", action="store_true", help="choose N and tau (K for lowfreq) on a sample of the input")
     p.add_argument("--auto-grid", default=None, help="override the grid, e.g. 'N=4,8,16;tau=100,200,300'")
-    p.add_argument("--auto-metric", default="niqe", choices=["niqe", "musiq"], help="quality score for --auto")
+    p.add_argument("--auto-metric", default="niqe", choices=AUTO_METRICS, help="quality score for --auto")
     p.add_argument("--auto-sample", type=int, default=8, help="images the --auto search runs on (default 8)")
     p.add_argument("--seed", type=int, default=0, help="run seed; each image's seeds derive from it (default 0)")
     add_precision(p)

@@ -74,3 +74,34 @@ def auto_grid(search: dict) -> str:
     return "\n".join([f"auto: {len(grid)} candidates scored with {search.get('metric')}",
                       text_table(["chosen", *varying, *scores], rows),
                       f"auto chose: {choice} ({search.get('reason')})"])
+
+
+def _span(value) -> str | None:
+    """A parameter range as text: [0.1, 10] -> '0.1-10', [800, 800] and 4 -> '800', '4'."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return "-".join(dict.fromkeys(_span(v) for v in value))
+    return f"{value:g}" if isinstance(value, (int, float)) else str(value)
+
+
+def preset_rows(name: str, info: dict) -> list[list]:
+    """A preset's rows for `presets`: one per split, with its key ranges (blur sigma, downscale, noise sigma,
+    JPEG quality; ISO for camera-RAW noise; the number of cases of a protocol)."""
+    splits = info.get("splits") or {info.get("split"): info.get("parameters") or {}}
+    rows = []
+    for i, (split, params) in enumerate(splits.items()):
+        scale = _span((params.get("downsample") or {}).get("scale")) or "/".join(map(str, info.get("scales") or []))
+        other = f"{len(params['cases'])} cases" if params.get("cases") else (
+            f"iso {_span(params['iso'])}" if "iso" in params else None)
+        rows.append([name if i == 0 else "", split, scale or None, _span((params.get("blur") or {}).get("sigma")),
+                     _span((params.get("noise") or {}).get("sigma")), _span((params.get("jpeg") or {}).get("quality")),
+                     other, info["description"] if i == 0 else ""])
+    return rows
+
+
+def presets_table(described: dict[str, dict]) -> str:
+    """Every degradation preset with its splits and key parameter ranges (``presets --json`` has them all)."""
+    rows = [r for name, info in described.items() for r in preset_rows(name, info)]
+    return text_table(["preset", "split", "scale", "blur sigma", "noise sigma", "jpeg q", "other", "description"],
+                      rows, max_width=70)

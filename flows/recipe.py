@@ -24,6 +24,7 @@ takes ``photos`` as aligned faces).
 from __future__ import annotations
 
 import inspect
+from functools import partial
 from pathlib import Path
 
 from prefect import flow
@@ -37,6 +38,7 @@ from flows.ingest import ingest_flow
 from flows.prior import prior_train_flow
 from flows.pseudo_targets import pseudo_targets_flow
 from flows.report import report_flow
+from flows.run_info import call_flow, run_name
 from flows.score import score_flow
 
 STAGE_FLOWS = (ingest_flow, idm_train_flow, clean_flow, degrade_flow, prior_train_flow, pseudo_targets_flow, score_flow,
@@ -120,16 +122,17 @@ def load_recipe(path: str) -> dict:
 
 
 # bounded by default too: a served (scheduled) recipe has no --workers, and every stage inherits this runner
-@flow(name="recipe", task_runner=ThreadPoolTaskRunner(max_workers=2))
+@flow(name="recipe", flow_run_name=run_name, task_runner=ThreadPoolTaskRunner(max_workers=2))
 def recipe_flow(recipe: dict, out: str, device: str = "auto") -> dict[str, str]:
     """Run a validated recipe; returns each stage's output URI (and the report's path).
 
     Every stage runs on this flow's task runner (``--workers``/``--dask``): a subflow otherwise gets its own
-    default runner, a thread pool without a bound, and would run all its shards at once.
+    default runner, a thread pool without a bound, and would run all its shards at once. Each stage run is
+    tagged (:func:`flows.run_info.call_flow`).
     """
     runner = FlowRunContext.get().task_runner
     ingest_flow, idm_train_flow, clean_flow, degrade_flow, prior_train_flow, pseudo_targets_flow, score_flow, \
-        report_flow = (f.with_options(task_runner=runner) for f in STAGE_FLOWS)
+        report_flow = (partial(call_flow, f.with_options(task_runner=runner)) for f in STAGE_FLOWS)
     out = storage.normalize(out)
     photos = recipe["photos"]
     if photos == "demo":

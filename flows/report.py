@@ -8,6 +8,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from bfr_models import manifest, storage
 from bfr_models.report import (ScoredSet, render_report, search_section, summary_markdown, summary_table,
                                write_report)
+from flows.run_info import artifact_key, run_name
+from tasks.shards import stable_hash
 
 
 def load_scored(uri: str) -> ScoredSet:
@@ -65,7 +67,7 @@ def stage_sections(sets: list[ScoredSet], n: int) -> list:
     return out
 
 
-@flow(name="report")
+@flow(name="report", flow_run_name=run_name)
 def report_flow(input: str, out: str, compare: list[str] | None = None, title: str = "bfr-curate quality report",
                 n_extremes: int = 8) -> str:
     """Write the HTML report for a scored manifest (and others to compare); returns its URI."""
@@ -75,8 +77,11 @@ def report_flow(input: str, out: str, compare: list[str] | None = None, title: s
     uri = write_report(render_report(sets, title=title, n_extremes=n_extremes,
                                      extra_sections=[(x.heading, x.html) for x in extra]), out)
     table = summary_table(sets)
-    create_table_artifact(key="quality-summary", table=table.astype(object).where(table.notna(), None)
-                          .to_dict("records"), description=f"{title}: summary per set, stage and split")
-    create_markdown_artifact(key="quality-report", markdown=summary_markdown(sets) + f"\n\nReport: `{uri}`",
-                             description=title)
+    # one pair of cards per report input (its stage key), not two cards all reports overwrite
+    set_key = manifest.read_index(input)["key"] if manifest.index_uri(input) else stable_hash([storage.normalize(input)])
+    create_table_artifact(key=artifact_key("quality-summary", set_key),
+                          table=table.astype(object).where(table.notna(), None).to_dict("records"),
+                          description=f"{title}: summary per set, stage and split")
+    create_markdown_artifact(key=artifact_key("quality-report", set_key),
+                             markdown=summary_markdown(sets) + f"\n\nReport: `{uri}`", description=title)
     return uri

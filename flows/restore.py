@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from bfr_models import storage
+from flows.run_info import run_name
 from flows.stage import run_stage, skipped_record
 from tasks.pseudo_targets import cached_restorer
 from tasks.restore import STAGE, restore_shard
@@ -19,7 +20,7 @@ def plan_restore(input: str, restorer: str, device: str):
     return cached_restorer(restorer, str(resolve_device(device)))
 
 
-@flow(name="restore")
+@flow(name="restore", flow_run_name=run_name)
 def restore_flow(input: str, out: str, restorer: str, shard_size: int = 256, batch_size: int = 8,
                  device: str = "auto", exclude: tuple[str, ...] | list[str] = ()) -> str:
     """Restore every ok row of `input` with `restorer`; returns the manifest URI."""

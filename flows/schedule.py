@@ -1,10 +1,13 @@
 """``bfr-curate schedule``: serve a recipe as a Prefect deployment on a cron or interval schedule.
 
 The deployment runs :func:`flows.recipe.recipe_flow` with the recipe's content, the output root and the
-device as parameters. With ``PREFECT_API_URL`` set, the deployment and its runs live on that server.
-Without it, the command starts a local Prefect server of its own (127.0.0.1, the same SQLite database
-as the embedded API, its UI included) for as long as it serves: Prefect's in-process embedded API runs
-no scheduler service, so nothing would ever be scheduled on it. Every stage of the recipe is cached and
+device as parameters. Before anything starts, the recipe, the schedule, the paths the recipe names and
+the output root are checked (one line on error). With ``PREFECT_API_URL`` set, the deployment and its
+runs live on that server. Without it, the command starts a local Prefect server of its own (``prefect
+server start`` on 127.0.0.1, a free port, the same SQLite database as the embedded API, its UI pointed
+at that port) for as long as it serves, its output in ``<out>/prefect-server.log``: Prefect's
+in-process embedded API runs no scheduler service, so nothing would ever be scheduled on it. If that
+server dies, the command stops with one line naming its log. Every stage of the recipe is cached and
 the clean stage is incremental, so a nightly run processes only images added since the last one.
 """
 
@@ -14,9 +17,11 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -72,53 +77,152 @@ def recipe_deployment(recipe_path: str, cron: str | None = None, interval: float
                                      tags=["bfr-curate", recipe["name"]])
 
 
+SERVER_LOG = "prefect-server.log"  # the local server's output, in the run's folder
+
+
+class ServerStopped(RuntimeError):
+    """The local Prefect server did not start: one line naming its log, exit code 1."""
+
+    exit_code = 1
+
+
+def check_recipe_inputs(recipe: dict) -> None:
+    """Every path the recipe names exists (a prior may also be a model card name): checked once before
+    serving, instead of a FileNotFoundError traceback at every scheduled run."""
+    from bfr_models.models import ModelCardError, get_card
+    from flows.recipe import RecipeError
+
+    paths = [("photos", recipe["photos"] if recipe["photos"] != "demo" else None),
+             ("idm.uri", recipe.get("idm", {}).get("uri")), ("prior.uri", recipe.get("prior", {}).get("uri")),
+             ("clean.model", recipe.get("clean", {}).get("model")),
+             ("pseudo_targets.prior", recipe.get("pseudo_targets", {}).get("prior"))]
+    for field, uri in paths:
+        if uri is None or storage.exists(str(uri)):
+            continue
+        if field.endswith("prior") or field == "prior.uri":
+            try:
+                get_card(str(uri))
+                continue
+            except ModelCardError:
+                pass
+        raise RecipeError(f"recipe {recipe['path']}: {field} {uri} not found (edit the recipe before serving it)")
+
+
+def server_log_path(out: str, recipe_name: str) -> Path:
+    """Where the local server's output goes: the run's folder, or ./runs/<name>/ when the run is not local."""
+    folder = Path(storage.normalize(out)) if storage.is_local(out) else Path("runs", recipe_name).absolute()
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / SERVER_LOG
+
+
+@dataclass
+class PrefectApi:
+    """The API ``schedule`` serves on: its URL, its UI's URL, and for a server started here its log and an
+    event set when this command stops it."""
+
+    url: str
+    ui: str
+    log: Path | None = None
+    stopping: threading.Event = field(default_factory=threading.Event)
+
+
+def local_server_env(port: int) -> dict:
+    """The server's environment: its API and its UI's API URL on the port it serves (the UI otherwise
+    calls 127.0.0.1:4200, where nothing answers)."""
+    url = f"http://127.0.0.1:{port}/api"
+    return {**os.environ, "PREFECT_API_URL": url, "PREFECT_UI_API_URL": url, "PREFECT_UI_URL": url.removesuffix("/api"),
+            "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(port)}
+
+
+def _wait_healthy(server: subprocess.Popen, url: str, log: Path, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if server.poll() is not None or time.time() > deadline:
+            raise ServerStopped(f"the local Prefect server did not start on {url.removesuffix('/api')} "
+                                f"(its log: {log}; or set PREFECT_API_URL to a running server)")
+        time.sleep(0.5)
+
+
+def _watch(server: subprocess.Popen, api: PrefectApi) -> None:
+    """End the command with one line when the server process exits (serving on would only print
+    connection errors)."""
+    code = server.wait()
+    if not api.stopping.is_set():
+        from flows.stop import exit_now
+
+        exit_now(f"bfr-curate: error: the local Prefect server stopped (exit code {code}); its log: {api.log}")
+
+
 @contextmanager
-def prefect_api(startup_timeout: float | None = None):
-    """The Prefect API to serve on: ``PREFECT_API_URL`` when set, else a local server started here (and stopped
-    on exit) whose URL is exported to this process and the flow-run processes it starts."""
+def prefect_api(log: Path, startup_timeout: float | None = None):
+    """The Prefect API to serve on: ``PREFECT_API_URL`` when set, else a local server started here (output to
+    ``log``; stopped on exit) whose URL is exported to this process and the flow-run processes it starts."""
     if os.environ.get("PREFECT_API_URL"):
-        yield os.environ["PREFECT_API_URL"]
+        from prefect.settings import PREFECT_UI_URL
+
+        url = os.environ["PREFECT_API_URL"]
+        yield PrefectApi(url=url, ui=(PREFECT_UI_URL.value() or url.removesuffix("/api")).rstrip("/"))
         return
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/api"
+    env = local_server_env(port)
+    api = PrefectApi(url=env["PREFECT_API_URL"], ui=env["PREFECT_UI_URL"], log=log)
     timeout = startup_timeout or float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 180))
     cmd = [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
            "--analytics-off"]
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(log, "ab") as out:
+        server = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                  start_new_session=True)  # Ctrl-C reaches this process only; it stops the server
+    from flows.stop import stop_on_exit
+
+    stop_on_exit(server)
     try:
-        deadline = time.time() + timeout
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.time() > deadline:
-                raise ScheduleError(f"the local Prefect server did not start on 127.0.0.1:{port} "
-                                    f"(run `prefect server start` to see why, or set PREFECT_API_URL)")
-            time.sleep(0.5)
+        _wait_healthy(server, api.url, log, timeout)
+        threading.Thread(target=_watch, args=(server, api), daemon=True, name="prefect-server-watch").start()
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
-        os.environ["PREFECT_API_URL"] = url
+        os.environ["PREFECT_API_URL"] = api.url
         try:
-            with temporary_settings(updates={PREFECT_API_URL: url}):
-                yield url
+            with temporary_settings(updates={PREFECT_API_URL: api.url}):
+                yield api
         finally:
             os.environ.pop("PREFECT_API_URL", None)
     finally:
+        api.stopping.set()  # from here on its exit is no death to report
         server.terminate()
-        server.wait(30)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def _when(deployment) -> str:
+    schedule = deployment.schedules[0].schedule
+    if getattr(schedule, "cron", None):
+        return f"cron '{schedule.cron}' {schedule.timezone}"
+    return f"every {schedule.interval.total_seconds():g} s"
 
 
 def serve_recipe(recipe_path: str, cron: str | None = None, interval: float | None = None, out: str | None = None,
                  device: str = "auto", name: str | None = None, limit: int = 1) -> None:
-    """Serve the recipe's deployment until interrupted (Ctrl-C)."""
+    """Check the recipe, schedule and input paths, start (or use) the API, serve until Ctrl-C or until the
+    local server dies (one line naming its log)."""
     from prefect import serve
 
-    with prefect_api() as url:
-        print(f"Prefect API: {url} (its UI at {url.removesuffix('/api')})", flush=True)
-        deployment = recipe_deployment(recipe_path, cron, interval, out, device, name)
-        serve(deployment, limit=limit)
+    deployment = recipe_deployment(recipe_path, cron, interval, out, device, name)
+    recipe = deployment.parameters["recipe"]
+    check_recipe_inputs(recipe)
+    storage.check_writable(deployment.parameters["out"])
+    with prefect_api(server_log_path(deployment.parameters["out"], recipe["name"])) as api:
+        print(f"Prefect UI: {api.ui}/  (Deployments -> {deployment.name}; API {api.url}"
+              + (f"; server log {api.log})" if api.log else ")"), flush=True)
+        print(f"serving deployment {deployment.name!r} of flow 'recipe' ({_when(deployment)}); Ctrl-C stops",
+              flush=True)
+        serve(deployment, limit=limit, print_starting_message=False)

@@ -10,6 +10,7 @@ from prefect import flow, get_run_logger
 from bfr_models import manifest, models, storage
 from bfr_models.metrics.niqe import niqe_convention as niqe_convention_name
 from bfr_models.metrics.suite import FULL_REFERENCE, ScoreConfig, conventions, model_cards_needed, parse_metrics
+from flows.run_info import run_name
 from flows.stage import run_stage, skipped_record
 from tasks.rows import content_id
 from tasks.runtime import ensure_gpu_limit, resolve_device
@@ -27,6 +28,33 @@ def input_rows(uri: str, exclude: tuple[str, ...] | list[str] = ()) -> tuple[lis
     return [{"image_id": content_id(i.uri.encode(), i.name), "uri": i.uri, "sha256": None, "version": i.version,
              "name": i.name, "duplicate_of": i.duplicate_of, "source_name": i.source_name,
              "stage": "input", "status": "ok"} for i in items], skipped
+
+
+DEFAULT_METRICS = "niqe,psnr,ssim"  # images with a reference: --reference, or a manifest whose rows have parents
+NO_REFERENCE_DEFAULT = ("niqe", "musiq")  # images without one (musiq when its weights are in the model cache)
+
+
+def default_metrics(input: str, reference: str | None) -> tuple[str, str | None]:
+    """The metrics ``score`` computes when none are named, and a line saying so when the images have no
+    reference (a folder, or a manifest without parents), so full-reference metrics cannot apply."""
+    if reference is not None:
+        return DEFAULT_METRICS, None
+    if manifest.is_manifest(input):
+        parents = manifest.read_table(input).column("parent_uri").to_pylist()
+        if any(parents):
+            return DEFAULT_METRICS, None
+    cards = model_cards_needed(ScoreConfig(NO_REFERENCE_DEFAULT))
+    chosen, missing = [], []
+    for metric in NO_REFERENCE_DEFAULT:
+        try:
+            if metric in cards:
+                models.model_path(cards[metric])
+            chosen.append(metric)
+        except models.ModelMissingError:
+            missing.append(f"{metric} (`bfr-curate models pull {cards[metric]}`)")
+    note = (f"score: {input} has no reference images (pass --reference for {','.join(FULL_REFERENCE)}): "
+            f"no-reference metrics {','.join(chosen)}" + (f"; without {', '.join(missing)}" if missing else ""))
+    return ",".join(chosen), note
 
 
 def _reference_lookup(reference: str | None):
@@ -109,7 +137,8 @@ def plan_score(input: str, metrics: str | list[str], reference: str | None, fid_
             ok.append(item)
     if full_ref and ok and not any(i.reference for i in ok):
         raise ValueError(f"metric {','.join(full_ref)} needs a reference: pass --reference <manifest or folder>, "
-                         "or score a manifest whose rows have parents")
+                         f"score a manifest whose rows have parents, or choose no-reference metrics "
+                         f"(--metrics {','.join(NO_REFERENCE_DEFAULT)})")
     if full_ref:
         _check_first_pair_sizes(ok)
     if "fid" in config.metrics and "fid" not in skip:
@@ -140,7 +169,7 @@ def _check_first_pair_sizes(items: list[InputItem]) -> None:
                          "reference, or degrade with resize back)")
 
 
-@flow(name="score")
+@flow(name="score", flow_run_name=run_name)
 def score_flow(input: str, out: str, metrics: str = "niqe,psnr,ssim", reference: str | None = None,
                fid_ref: str | None = None, niqe_convention: str = "pyiqa", crop_border: int = 0,
                y_channel: bool = False, lpips_net: str = "vgg", fid_convention: str = "clean",

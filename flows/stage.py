@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from bfr_models import lease, manifest, storage
 from bfr_models.manifest import ManifestWriter, ShardInfo
+from flows.run_info import publish_stage_summary
 from flows.stop import reclaim_sigterm
 from tasks.runtime import result_storage
 from tasks.shards import InputItem, code_version, make_shards, stable_hash
@@ -117,6 +118,7 @@ def run_stage(shard_task, stage: str, config: dict, items: list[InputItem], inpu
         extra = finalize(stage_uri, shards) if finalize is not None else {}
         ManifestWriter(stage_uri).write_index(stage, key, {**config, **extra}, shards,
                                                   input=storage.normalize(input_uri))
+    publish_stage_summary(stage_uri)
     return stage_uri
 
 
@@ -162,8 +164,10 @@ def _run_shards(task, specs: list, limit: int, stage_uri: str, **task_kwargs):
 
 
 def annotate_index(uri: str, **info) -> None:
-    """Add set-level results (FID, conventions, what was not computed, rounds) to a stage's index."""
+    """Add set-level results (FID, conventions, what was not computed, rounds) to a stage's index, and to its
+    summary artifact."""
     index = manifest.read_index(uri)
     index["config"].update(info)
     storage.write_bytes_atomic(storage.join(uri, manifest.INDEX_NAME),
                                json.dumps(index, indent=1, sort_keys=True, default=str).encode())
+    publish_stage_summary(uri)

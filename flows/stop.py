@@ -21,6 +21,7 @@ PREFECT_RUN_LOGGERS = ("prefect.task_runs", "prefect.flow_runs", "prefect.engine
 
 _said = threading.Event()  # the one line was printed
 _signalled = threading.Event()
+_children = []  # processes this command started that must not outlive it (schedule's Prefect server)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -37,17 +38,34 @@ def message(name: str) -> str:
 
 def say_stopped(name: str) -> None:
     """Print the one line, once."""
+    _say_once(message(name))
+
+
+def _say_once(text: str) -> None:
     if not _said.is_set():
         _said.set()
-        print(message(name), file=sys.stderr, flush=True)
+        print(text, file=sys.stderr, flush=True)
 
 
 def _exit_now(name: str) -> None:
-    say_stopped(name)
-    try:  # Prefect's temporary API server is a child process: do not orphan it
-        from prefect.server.api.server import SubprocessASGIServer
+    exit_now(message(name))
 
-        for server in list(SubprocessASGIServer._instances.values()):
+
+def stop_on_exit(process) -> None:
+    """Terminate ``process`` (a subprocess.Popen) too when :func:`exit_now` ends this one."""
+    _children.append(process)
+
+
+def exit_now(text: str) -> None:
+    """End the process at once with exit code 1 and one line (unless one was printed already), from any thread."""
+    _say_once(text)
+    for child in _children:
+        child.terminate()
+    # Prefect's temporary API server is a child process: do not orphan it (its module is imported when one
+    # was started; importing it otherwise would take seconds)
+    server_module = sys.modules.get("prefect.server.api.server")
+    try:
+        for server in list(server_module.SubprocessASGIServer._instances.values()) if server_module else []:
             server.stop()
     except Exception:
         pass

@@ -87,9 +87,8 @@ def cmd_clean(args, run, print_result) -> None:
 
 
 def cmd_schedule(args) -> None:
-    from flows.schedule import recipe_deployment, serve_recipe
+    from flows.schedule import serve_recipe
 
-    recipe_deployment(args.recipe, args.cron, args.interval, args.out, args.device, args.name)  # checks, one line
     serve_recipe(args.recipe, args.cron, args.interval, args.out, args.device, args.name, args.limit)
 
 
@@ -106,7 +105,7 @@ def add_training_parsers(sub, add_common, run, print_result) -> None:
                                    "recipe instead (frozen codebook/decoder, feature + 0.5 token loss; "
                                    "catalogs/finetune/codeformer.yaml). Checkpoints go to the output store; "
                                    "rerunning the same command after an interruption resumes.")
-    p.add_argument("--pairs", required=True, help="a pseudo-target manifest (each row's parent is its LQ input)")
+    p.add_argument("-i", "--pairs", required=True, help="a pseudo-target manifest (each row's parent is its LQ input)")
     p.add_argument("--include-failed", action="store_true",
                    help="also train on targets that failed the quality gate (default: gate == pass rows only)")
     p.add_argument("--restorer", required=True,
@@ -114,7 +113,7 @@ def add_training_parsers(sub, add_common, run, print_result) -> None:
                         "any same-resolution architecture spandrel loads")
     p.add_argument("--real", default=None, help="manifest or folder of real HQ faces for the discriminator "
                                                 "(image-level recipe; CodeFormer's code-level recipe has no GAN)")
-    p.add_argument("--out", required=True, help="output root (local or fsspec URL)")
+    p.add_argument("-o", "--out", required=True, help="output root (local or fsspec URL)")
     p.add_argument("--config", default="auto",
                    help="catalogs/finetune/<name>.yaml or a YAML path; auto: codeformer for a CodeFormer "
                         "checkpoint, else unsupervised_bfr")
@@ -135,7 +134,7 @@ def add_training_parsers(sub, add_common, run, print_result) -> None:
     p = sub.add_parser("restore", help="run a restorer over a manifest or folder, batched",
                        description="Restores every image with a built-in restorer, our checkpoint (e.g. a "
                                    "finetune output) or any architecture spandrel can load.")
-    p.add_argument("--input", required=True, help="manifest or folder of images")
+    p.add_argument("-i", "--input", required=True, help="manifest or folder of images")
     p.add_argument("--restorer", required=True, help="none, bicubic, or a checkpoint path / URL")
     add_common(p, shard_size=256, batch_size=8)
     p.set_defaults(func=lambda args: cmd_restore(args, run, print_result))
@@ -148,8 +147,8 @@ def add_training_parsers(sub, add_common, run, print_result) -> None:
                                     "preset (IDM's ranges, GFPGAN's mechanics). Defaults are the paper's scale "
                                     "(512 px, 6 levels, ~119M parameters, 100k iterations); use --channels "
                                     "32,64,64 --attention 16 and a small --resolution on a CPU.")
-    q.add_argument("--input", required=True, help="manifest or folder of HQ faces")
-    q.add_argument("--out", required=True, help="output root (local or fsspec URL)")
+    q.add_argument("-i", "--input", required=True, help="manifest or folder of HQ faces")
+    q.add_argument("-o", "--out", required=True, help="output root (local or fsspec URL)")
     q.add_argument("--resolution", type=int, default=512, help="images are resized to this (default 512)")
     q.add_argument("--crop", type=int, default=None, help="random training crops of this size (default: whole image)")
     q.add_argument("--channels", default=",".join(map(str, (128, 128, 256, 256, 512, 512))),
@@ -177,7 +176,7 @@ def add_training_parsers(sub, add_common, run, print_result) -> None:
                                    "(each when its weights are pulled); otherwise x is kept, with the "
                                    "reason. Between rounds the next model is trained from the last one on "
                                    "(degrade(x), x*). Incremental: a rerun processes only images added since.")
-    p.add_argument("--input", required=True, help="manifest or folder of HQ faces")
+    p.add_argument("-i", "--input", required=True, help="manifest or folder of HQ faces")
     p.add_argument("--model", required=True, help="IDM model folder (bfr-curate idm train)")
     p.add_argument("--rounds", type=int, default=1, help="extrinsic rounds (default 1)")
     p.add_argument("--steps", type=int, default=10, help="sampling steps (default 10, the paper's)")
@@ -203,13 +202,19 @@ def add_training_parsers(sub, add_common, run, print_result) -> None:
     p.set_defaults(func=lambda args: cmd_clean(args, run, print_result))
 
     p = sub.add_parser("schedule", help="serve a recipe as a Prefect deployment on a cron or interval schedule",
-                       description="Serves the recipe until Ctrl-C. Without PREFECT_API_URL, Prefect's embedded "
-                                   "API runs it from this process; with PREFECT_API_URL set, the deployment and "
-                                   "its runs appear on that Prefect server.")
+                       description="Checks the recipe, the schedule, every path the recipe names and --out, then "
+                                   "serves the recipe as a Prefect deployment until Ctrl-C: this process runs each "
+                                   "scheduled flow run (stages cached, clean incremental: a run processes only new "
+                                   "images). Without PREFECT_API_URL it starts a local Prefect server (`prefect "
+                                   "server start` on 127.0.0.1, a free port), prints its UI address, writes the "
+                                   "server's output to <out>/prefect-server.log (./runs/<recipe name>/ for a remote --out) "
+                                   "and stops it on exit; if the server "
+                                   "dies, the command ends with one line naming that log. With PREFECT_API_URL set, "
+                                   "the deployment and its runs appear on that server instead.")
     p.add_argument("recipe", help="recipe YAML path or name in catalogs/recipes")
     p.add_argument("--cron", default=None, help="cron string, e.g. '0 3 * * *' (03:00 UTC every day)")
     p.add_argument("--interval", type=float, default=None, help="or: every this many seconds")
-    p.add_argument("--out", default=None, help="output root (default ./runs/<recipe name>)")
+    p.add_argument("-o", "--out", default=None, help="output root (default ./runs/<recipe name>)")
     p.add_argument("--name", default=None, help="deployment name (default: the recipe's name)")
     p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
     p.add_argument("--limit", type=int, default=1, help="flow runs this process executes at once (default 1)")

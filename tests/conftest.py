@@ -180,7 +180,9 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-component-update", "--disable-sync"]
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: while Playwright's sync API is open its event loop runs in the main thread, so
+# Prefect takes the tests after it for async code (State.result() and the like return coroutines).
+@pytest.fixture(scope="module")
 def browser():
     """Headless Chromium driven by Playwright (its own browser download is never used)."""
     if not Path(CHROMIUM).exists():

@@ -157,3 +157,22 @@ def test_cli_errors_are_one_line_and_manifest_show(image_folder, tmp_path):
     assert shown.returncode == 0 and "rows:     6  ok 6  error 0" in shown.stdout
     listed = _cli("presets")
     assert listed.returncode == 0 and "gfpgan" in listed.stdout and "dr2" in listed.stdout
+
+
+def test_stage_run_is_named_tagged_and_publishes_its_summary(image_folder, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    from flows.run_info import call_flow
+
+    state = call_flow(degrade_flow, input=str(image_folder), out=str(tmp_path / "run"), preset="dr2", split="mild",
+                      scale=4, shard_size=4, device="cpu", return_state=True)
+    index = manifest.read_index(state.result())
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(state.state_details.flow_run_id)
+        artifacts = client.request("POST", "/artifacts/filter", json={
+            "flow_runs": {"id": {"any_": [str(run.id)]}}, "limit": 10, "offset": 0, "sort": "CREATED_DESC"}).json()
+    assert run.name == f"degrade {image_folder.parent.name}/{image_folder.name} (preset dr2, split mild, scale 4)"
+    assert {"stage:degrade", "preset:dr2"} <= set(run.tags)
+    (summary,) = artifacts
+    assert summary["key"] == f"degrade-{index['key']}" and str(image_folder) in summary["description"]
+    assert [(r["rows"], r["ok"], r["error"]) for r in json.loads(summary["data"])] == [(6, 6, 0)]

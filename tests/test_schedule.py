@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -40,7 +42,28 @@ def _clean_rows(run) -> int:
     return manifest.read_index(str(folders[0].parent))["rows"] if folders else 0
 
 
-def test_served_recipe_runs_on_schedule_and_only_new_images_are_cleaned(tmp_path):
+def _server_pid(parent: int) -> int:
+    """The `prefect server start` process `schedule` started (a child of ``parent``)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == parent and b"server" in (stat.parent / "cmdline").read_bytes():
+                return int(stat.parent.name)
+        except (OSError, IndexError, ValueError):
+            continue  # a process that ended meanwhile
+    raise AssertionError(f"no Prefect server process under {parent}")
+
+
+def test_template_recipe_with_missing_paths_fails_before_serving(tmp_path, capsys):
+    from flows.cli import main
+
+    assert main(["schedule", "clean_nightly", "--cron", "0 3 * * *", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bfr-curate: error: recipe ") and "photos" in err and "not found" in err
+    assert "\n" not in err and not (tmp_path / "run" / "prefect-server.log").exists()  # no server was started
+
+
+def test_served_recipe_runs_on_schedule_and_only_new_images_are_cleaned(tmp_path, page):
     faces = tmp_path / "faces"
     faces.mkdir()
     for i in range(12):
@@ -61,6 +84,12 @@ def test_served_recipe_runs_on_schedule_and_only_new_images_are_cleaned(tmp_path
             time.sleep(1)
         assert (run / "report.html").exists(), (tmp_path / "serve.log").read_text()[-3000:]
         assert _clean_rows(run) == 12
+        # the printed UI address shows the deployment (the UI is a JS app talking to the server's API)
+        ui = re.search(r"Prefect UI: (http://127\.0\.0\.1:\d+/)", (tmp_path / "serve.log").read_text()).group(1)
+        page.goto(ui)
+        page.get_by_role("link", name="Deployments").first.click()
+        page.wait_for_selector("text=nightly", timeout=60_000)
+        assert "Can't connect to Server API" not in page.inner_text("body")
         candidates = {p.name for p in run.glob("clean/*/images/*.png")}
         for i in range(12, 15):  # new images arrive; the next scheduled run cleans only them
             write_png(faces / f"f{i:02d}.png", face_like(i, 32))
@@ -70,6 +99,13 @@ def test_served_recipe_runs_on_schedule_and_only_new_images_are_cleaned(tmp_path
         index = manifest.read_index(str(next((run / "clean").glob("*/index.json")).parent))
         assert len(index["shards"]) >= 2  # the earlier shard(s) kept, the new images in new ones
         assert candidates <= {p.name for p in run.glob("clean/*/images/*.png")}
+        # the server dies: the command ends with one line naming the server's log
+        os.kill(_server_pid(proc.pid), signal.SIGKILL)
+        assert proc.wait(60) == 1
+        log_line = (tmp_path / "serve.log").read_text().strip().splitlines()[-1]
+        assert log_line == (f"bfr-curate: error: the local Prefect server stopped (exit code -9); "
+                            f"its log: {run / 'prefect-server.log'}")
+        assert f"dashboard at {ui.rstrip('/')}" in (run / "prefect-server.log").read_text()  # the server's own output
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:

@@ -100,11 +100,22 @@ def test_score_adds_columns_records_conventions_and_caches(weights, degraded_man
     # the same summary is published on the flow run as Prefect artifacts (read back from the API)
     from prefect.client.orchestration import get_client
 
-    run_id = str(report_state.state_details.flow_run_id)
-    with get_client(sync_client=True) as client:
-        artifacts = client.request("POST", "/artifacts/filter", json={
-            "flow_runs": {"id": {"any_": [run_id]}}, "limit": 10, "offset": 0, "sort": "CREATED_DESC"}).json()
-    assert {(a["key"], a["type"]) for a in artifacts} == {("quality-summary", "table"), ("quality-report", "markdown")}
+    def artifacts(state):
+        run_id = str(state.state_details.flow_run_id)
+        with get_client(sync_client=True) as client:
+            return client.request("POST", "/artifacts/filter", json={
+                "flow_runs": {"id": {"any_": [run_id]}}, "limit": 10, "offset": 0, "sort": "CREATED_DESC"}).json()
+
+    key = manifest.read_index(uri)["key"]  # one pair of cards per scored set, not two shared by every report
+    assert {(a["key"], a["type"]) for a in artifacts(report_state)} == {
+        (f"quality-summary-{key}", "table"), (f"quality-report-{key}", "markdown")}
+    # the score stage publishes its own summary: rows, ok/error and each metric's mean
+    (summary,) = artifacts(state)
+    assert summary["key"] == f"score-{key}" and summary["type"] == "table"
+    rows = {r["split"]: r for r in json.loads(summary["data"])}
+    assert [(s, r["rows"], r["ok"], r["error"]) for s, r in rows.items()] == [
+        ("-", 1, 0, 1), ("mild", 3, 3, 0), ("severe", 2, 2, 0), ("all", 6, 5, 1)]
+    assert rows["all"]["mean_psnr"] == pytest.approx(ok["psnr"].mean(), abs=1e-3) and "fid" in summary["description"]
 
 
 def test_bad_score_arguments_fail_before_work(weights, degraded_manifest, tmp_path, monkeypatch):
