@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from bfr_models.report.base import ScoredSet, Section, _all_metrics, _col, _note, esc, metric_direction
+from bfr_models.report.base import ScoredSet, Section, _all_metrics, _col, _missing, _note, esc, metric_direction
 
 PAGE_ROWS = 100
 
@@ -29,31 +29,28 @@ class Column:
     title: str = ""
 
 
-def _encoded(series: pd.Series, column: Column) -> tuple[pd.Series, list[str] | None]:
-    """A column's JSON values: category codes (None for missing) with the category list, numbers, or text."""
-    if column.kind == "cat":
-        values = series.astype(object).where(series.notna(), None).map(lambda v: None if v is None else str(v))
-        cats = sorted({v for v in values if v is not None})
-        code = {v: i for i, v in enumerate(cats)}
-        return values.map(lambda v: None if v is None else code[v]).astype(object), cats
+def _encoded(series: pd.Series, column: Column) -> tuple[list, list[str] | None]:
+    """A column's JSON values: category codes (None for missing) with the category list, numbers (``"inf"``,
+    ``"-inf"`` for infinite ones), or text."""
     if column.kind == "num":
-        v = pd.to_numeric(series, errors="coerce").astype(float)
-        out = v.astype(object).where(v.notna(), None)
-        inf = np.isinf(v.to_numpy())
-        if inf.any():  # JSON has no infinity
-            out[inf] = np.where(v.to_numpy()[inf] > 0, "inf", "-inf")
-        return out, None
-    return series.astype(object).where(series.notna(), None).map(lambda x: None if x is None else str(x)), None
+        v = pd.to_numeric(series, errors="coerce").astype(float).to_numpy()
+        return [None if x != x else ("inf" if x > 0 else "-inf") if np.isinf(x) else x for x in v.tolist()], None
+    text = [None if _missing(x) else str(x) for x in series.tolist()]
+    if column.kind != "cat":
+        return text, None
+    cats = sorted({x for x in text if x is not None})
+    code = {x: i for i, x in enumerate(cats)}
+    return [None if x is None else code[x] for x in text], cats
 
 
 def table_json(frame: pd.DataFrame, columns: list[Column]) -> str:
     """``{"columns": [{name, kind, dir, values}], "rows": [[...], ...]}`` as compact JSON, safe inside <script>."""
     encoded, meta = {}, []
     for i, c in enumerate(columns):
-        encoded[i], cats = _encoded(_col(frame, c.name).reset_index(drop=True), c)
+        encoded[i], cats = _encoded(_col(frame, c.name), c)
         meta.append({"name": c.name, "kind": c.kind, "dir": c.direction, "title": c.title,
                      **({"values": cats} if cats is not None else {})})
-    rows = pd.DataFrame(encoded, index=range(len(frame))).to_json(orient="values", double_precision=6)
+    rows = pd.DataFrame(encoded, index=range(len(frame)), dtype=object).to_json(orient="values", double_precision=6)
     head = json.dumps(meta, separators=(",", ":"))
     return ('{"columns":' + head + ',"rows":' + rows + "}").replace("<", "\\u003c")  # never "</script>"
 
