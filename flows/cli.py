@@ -141,7 +141,6 @@ def cmd_score(args):
 
 def cmd_report(args):
     from bfr_models import manifest, storage
-    from flows.report import report_flow
 
     for uri in [args.input, *args.compare]:
         _check_input(uri)
@@ -158,6 +157,8 @@ def cmd_report(args):
     out = args.out
     if out.endswith("/") or storage.isdir(out):
         out = storage.join(out, REPORT_NAME)  # a folder: the report goes inside it
+    from flows.report import report_flow  # Prefect: only once the arguments are good
+
     print(f"report: {report_flow(input=args.input, out=out, compare=args.compare, n_extremes=args.n, labels=labels)}")
 
 

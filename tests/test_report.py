@@ -423,3 +423,59 @@ def test_full_size_images_beside_a_large_report(tmp_path, monkeypatch):
         target = full[img.attrs["data-full"]]
         assert target.startswith("my%20report_files/")
         assert (out.parent / target.replace("%20", " ")).is_file()
+
+
+def _stage(root, stage, rows, input=None, config=None) -> str:
+    """A complete stage folder written by the real manifest code; ``input``: the stage it read."""
+    w = ManifestWriter(str(root / stage))
+    w.write_index(stage, stage[:4], config or {}, [w.write_shard("s", rows)], input=input)
+    return str(root / stage)
+
+
+def test_report_of_a_lineage_with_labels_and_paired_compare(tmp_path, capsys):
+    """clean (ingest) -> degraded -> pseudo target, each stage reading the one before; the targets and the
+    degraded images scored; the report's sets are named by label, show clean | degraded | target strips and
+    pair each target with its degraded input."""
+    from flows.cli import main
+    from flows.report import load_scored
+
+    def row(stage, i, parent=None, **extra):
+        iid = f"{stage[:3]}{i}"
+        return {"image_id": iid, "uri": _png(tmp_path / stage / "images" / f"{iid}.png", i, size=40),
+                "parent_id": parent and parent["image_id"], "parent_uri": parent and parent["uri"],
+                "source_name": f"face{i}", "stage": stage, "split": "dr2", "status": "ok", **extra}
+
+    clean = [row("ingest", i) for i in range(4)]
+    degraded = [row("degrade", i, c) for i, c in enumerate(clean)]
+    targets = [row("pseudo-targets", i, d, gate="pass" if i else "fail", gate_reason=None if i else "noise: 9 > 8")
+               for i, d in enumerate(degraded)]
+    ingest = _stage(tmp_path, "ingest", clean)
+    degrade = _stage(tmp_path, "degrade", degraded, input=ingest)
+    pt = _stage(tmp_path, "pseudo-targets", targets, input=degrade)
+    scored_t = _stage(tmp_path / "st", "score", [{**r, "niqe": 4.0 + i} for i, r in enumerate(targets)], input=pt,
+                      config={"source": pt})
+    scored_d = _stage(tmp_path / "sd", "score", [{**r, "niqe": 6.0 + (i % 2) * -2.0} for i, r in enumerate(degraded)],
+                      input=degrade, config={"source": degrade})
+    sets = [load_scored(scored_t, "targets"), load_scored(scored_d, "degraded")]
+    assert sorted(sets[0].lineage.index) == sorted([r["image_id"] for r in clean + degraded + targets])
+    root = parse(render_report(sets))
+    (section,) = root.find_all("section", id="sets")
+    assert [tr.find_all("td")[0].all_text() for tr in section.find_all("tr")[1:]] == ["targets", "degraded"]
+    # the targets' strips: clean | degraded | target, read from the manifests up the chain of inputs
+    (lineage,) = root.find_all("section", id="lineage")
+    strips = [d for d in lineage.find_all("div") if d.attrs.get("class") == "pair"]
+    first = [s for s in strips if s.attrs["data-image-id"] == "pse0"][0]
+    assert [f.find_all("i")[0].all_text() for f in first.find_all("figure")] == ["clean", "degraded", "target"]
+    assert [i.attrs["alt"] for i in first.find_all("img")] == ["ing0", "deg0", "pse0"]
+    # paired: every target with its degraded input; degraded - target NIQE = 2, -1, 0, -3 (lower is better)
+    (paired,) = root.find_all("section", id="paired")
+    assert "4 pairs by lineage: the first set's image's parent is the compared image" in paired.all_text()
+    (table,) = [t for t in paired.find_all("table") if t.attrs.get("class") == "paired"]
+    cells = [td.all_text() for td in table.find_all("tr")[1].find_all("td")]
+    assert cells[0] == "niqe ↓" and cells[1] == "4" and cells[6:] == ["50 %", "25 %", "25 %"]
+    # a --label must name one of the report's manifests (refused before any work)
+    assert main(["report", "--input", scored_t, "--label", f"x={scored_d}", "--out", str(tmp_path / "o.html")]) == 2
+    assert "is not --input or one of --compare" in capsys.readouterr().err
+    assert main(["report", "--input", scored_t, "--label", "nameless", "--out", str(tmp_path / "o.html")]) == 2
+    assert "expected NAME=MANIFEST" in capsys.readouterr().err
+    assert not (tmp_path / "o.html").exists()

@@ -2,7 +2,7 @@
 fraction of pairs each metric improved.
 
 Rows are paired by lineage where it links them, else by name: a compared row whose parent is a first-set row
-(a restoration of that degraded image), rows with the same parent (two restorations of one input), the same
+(a restoration of that degraded image) or the other way round, rows with the same parent (two restorations of one input), the same
 ``source_name`` and split, the same ``source_name``, the same image_id. The rule that pairs the most rows is
 used; a key that repeats within a set pairs none of its rows (ambiguous).
 """
@@ -18,6 +18,7 @@ from bfr_models.report.table_view import Column, data_table
 
 # (first set's key columns, compared set's key columns, how the report names the rule)
 PAIRING_RULES = ((("image_id",), ("parent_id",), "lineage: the compared image's parent is the first set's image"),
+                 (("parent_id",), ("image_id",), "lineage: the first set's image's parent is the compared image"),
                  (("parent_id",), ("parent_id",), "lineage: the same parent image"),
                  (("source_name", "split"), ("source_name", "split"), "the same source name and split"),
                  (("source_name",), ("source_name",), "the same source name"),

@@ -69,10 +69,10 @@ def data_table(table_id: str, frame: pd.DataFrame, columns: list[Column], page_r
     return (f'<div class="itable" id="{esc(table_id)}" data-page-rows="{int(page_rows)}">'
             '<div class="controls"><input type="search" class="filter" placeholder="filter (any text column)" '
             f'aria-label="filter rows">{"".join(selects)}<span class="count"></span></div>'
-            f'<div class="scroll"><table class="rows-table"><thead><tr>{heads}</tr></thead><tbody></tbody></table></div>'
             '<div class="pager"><button type="button" class="first">«</button><button type="button" class="prev">‹ prev'
             '</button><span class="pageinfo"></span><button type="button" class="next">next ›</button>'
             '<button type="button" class="last">»</button></div>'
+            f'<div class="scroll"><table class="rows-table"><thead><tr>{heads}</tr></thead><tbody></tbody></table></div>'
             '<noscript><p class="note">This table needs JavaScript.</p></noscript>'
             f'<script type="application/json" class="rows">{table_json(frame, columns)}</script></div>')
 
