@@ -437,7 +437,7 @@ def test_report_of_a_lineage_with_labels_and_paired_compare(tmp_path, capsys):
     degraded images scored; the report's sets are named by label, show clean | degraded | target strips and
     pair each target with its degraded input."""
     from flows.cli import main
-    from flows.report import load_scored
+    from bfr_models.report.load import load_scored
 
     def row(stage, i, parent=None, **extra):
         iid = f"{stage[:3]}{i}"
