@@ -402,6 +402,7 @@ def test_clean_rows_after_scores_cover_accepted_images(tmp_path):
     after = table.set_index("split")["niqe_after_mean"]
     assert after["dr2/severe"] == pytest.approx(3.0)  # accepted only: i0, i2, i4
     assert np.isnan(after["dr2/mild"])  # no accepted candidate: the mild rows keep their originals
+    assert "count only the accepted candidates" in render_report([ScoredSet("c", f)], n_extremes=1)
     html = clean_section("clean [k]", f, {"rounds": []}, Thumbnails(), n=3).html
     assert "nan" not in re.sub(r'"data:[^"]*"', "", html).lower()  # (base64 may spell it)
     assert "NIQE 5 -&gt; 4" in html and "over the 3 accepted candidates" in html

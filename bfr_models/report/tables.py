@@ -149,6 +149,9 @@ def summary_section(sets: list[ScoredSet]) -> Section:
     if not metrics:
         html_ += _note("No metric columns in these manifests (score them with bfr-curate score).")
     html_ += _note("↓ lower is better, ↑ higher is better. Means and medians are over rows with a value.")
+    if any("replaced" in s.frame.columns and (_col(s.frame, "stage") == "clean").any() for s in sets):
+        html_ += _note("Clean rows: *_after scores count only the accepted candidates (the images the cleaned set "
+                       "holds); every candidate's scores are in the cleaning section.")
     return Section("Summary per set, stage and split", html_, "summary")
 
 
