@@ -172,7 +172,7 @@ def kept_scores(frame: pd.DataFrame) -> pd.DataFrame:
     after = [c for c in metric_columns(frame) if c.endswith("_after")]
     if "replaced" not in frame.columns or not after or not (_col(frame, "stage") == "clean").any():
         return frame
-    rejected = (_col(frame, "stage") == "clean") & ~frame["replaced"].fillna(False).astype(bool)
+    rejected = (_col(frame, "stage") == "clean") & ~frame["replaced"].eq(True)
     out = frame.copy()
     out.loc[rejected, after] = np.nan
     return out

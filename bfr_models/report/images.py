@@ -176,7 +176,7 @@ def _spread_over_splits(frame: pd.DataFrame, n: int) -> pd.DataFrame:
 
 
 # what an image is in a lineage strip, by the stage that made it
-LINEAGE_LABELS = {"ingest": "clean", "clean": "clean", "degrade": "degraded", "pseudo-targets": "target",
+LINEAGE_LABELS = {"ingest": "clean", "clean": "cleaned", "degrade": "degraded", "pseudo-targets": "target",
                   "restore": "restored"}
 
 
