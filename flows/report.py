@@ -9,7 +9,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from bfr_models import manifest, storage
 from bfr_models.report import ScoredSet, Thumbnails, build_report, search_section, summary_markdown, summary_table
 from bfr_models.report.load import load_scored
-from bfr_models.report.page import files_dir_for, write_report
+from bfr_models.report.page import MAX_STRIP, files_dir_for, write_report
+
 
 def auto_searches(sets: list[ScoredSet]) -> list[tuple[str, dict]]:
     """The --auto records of the pseudo-target stages whose images these sets hold (from their index)."""
@@ -63,7 +64,7 @@ def report_flow(input: str, out: str, compare: list[str] | None = None, title: s
     sets = [load_scored(u, labels.get(storage.normalize(u))) for u in [input, *(compare or [])]]
     searches = auto_searches(sets)
     thumbs = Thumbnails()
-    extra = ([search_section(searches)] if searches else []) + stage_sections(sets, n_extremes, thumbs)
+    extra = ([search_section(searches)] if searches else []) + stage_sections(sets, min(n_extremes, MAX_STRIP), thumbs)
     report = build_report(sets, title=title, n_extremes=n_extremes, extra_sections=extra, thumbs=thumbs,
                           files_dir=files_dir_for(out))
     uri = write_report(report, out)
