@@ -79,6 +79,13 @@ def test_report_table_sorts_filters_pages_and_images_load(tmp_path, monkeypatch,
     page.locator("#image-table input.filter").fill("face_001")
     page.wait_for_function("JSON.parse(document.querySelector('#image-table').dataset.state).rows < 50")
     assert _column(page, "source_name") == ["face_0010", "face_0015"]  # fails are every 5th row
+    # a condition on a metric, with text
+    page.locator("#image-table select[data-col]").nth(1).select_option(label="all")
+    page.locator("#image-table input.filter").fill("niqe<4 mild")
+    expected = len(frame[(frame["niqe"] < 4) & (frame["split"] == "mild")])
+    assert 0 < expected < 100
+    page.wait_for_function(f"JSON.parse(document.querySelector('#image-table').dataset.state).rows === {expected}")
+    assert all(float(v) < 4 for v in _column(page, "niqe")) and set(_column(page, "split")) == {"mild"}
 
     # every image loads; a thumbnail opens its full-size file from the folder beside the report
     assert page.evaluate("Array.from(document.images).length") > 0

@@ -67,7 +67,7 @@ def data_table(table_id: str, frame: pd.DataFrame, columns: list[Column], page_r
         if j is not None:
             selects.append(f'<label>{esc(name)} <select data-col="{j}"><option value="">all</option></select></label>')
     return (f'<div class="itable" id="{esc(table_id)}" data-page-rows="{int(page_rows)}">'
-            '<div class="controls"><input type="search" class="filter" placeholder="filter (any text column)" '
+            '<div class="controls"><input type="search" class="filter" placeholder="filter: text, or niqe&lt;5 lf_psnr&gt;=27" '
             f'aria-label="filter rows">{"".join(selects)}<span class="count"></span></div>'
             '<div class="pager"><button type="button" class="first">«</button><button type="button" class="prev">‹ prev'
             '</button><span class="pageinfo"></span><button type="button" class="next">next ›</button>'
@@ -97,7 +97,8 @@ def image_table_section(sets: list[ScoredSet], page_rows: int = PAGE_ROWS) -> Se
         columns += [Column("gate", "cat"), Column("gate_reason")]
     columns += [Column(m, "num", metric_direction(m), f"{metric_direction(m)} is better") for m in metrics]
     intro = _note(f"{len(frame)} rows, {page_rows} per page. Click a header to sort (again to reverse; missing "
-                  "values last); the filter matches any text column.")
+                  "values last). The filter keeps rows that match every word: text found in any text column, or a "
+                  "condition on a metric such as niqe<5 or lf_psnr>=27.")
     return Section(f"Images ({len(frame)})", intro + data_table("image-table", frame, columns, page_rows,
                                                                ("set", "split", "status", "gate")), "images")
 
@@ -130,7 +131,7 @@ TABLE_JS = r"""
         return cols[j].kind === "cat" ? cols[j].values[v] : v;
       }).join("\u0001").toLowerCase();
     });
-    var state = {col: -1, dir: 1, page: 0, query: "", cats: {}};
+    var state = {col: -1, dir: 1, page: 0, terms: [], cats: {}};
     var view = rows;
     var tbody = box.querySelector("tbody"), info = box.querySelector(".pageinfo");
     var count = box.querySelector(".count"), heads = box.querySelectorAll("th");
@@ -144,13 +145,29 @@ TABLE_JS = r"""
       }
       sel.addEventListener("change", function () { state.cats[j] = sel.value; state.page = 0; update(); });
     });
+    var numeric = {};
+    cols.forEach(function (c, j) { if (c.kind === "num") numeric[c.name.toLowerCase()] = j; });
+    function parse(query) {  // "niqe<5 severe": a condition on a numeric column, or text to find
+      return query.split(/\s+/).filter(Boolean).map(function (word) {
+        var m = /^([a-z0-9_]+)(<=|>=|<|>|=)(-?[0-9.]+(?:e[-+]?[0-9]+)?)$/.exec(word);
+        if (m && m[1] in numeric) return {col: numeric[m[1]], op: m[2], value: Number(m[3])};
+        return {text: word};
+      });
+    }
+    function holds(v, t) {
+      if (v === null) return false;
+      return t.op === "<" ? v < t.value : t.op === ">" ? v > t.value : t.op === "<=" ? v <= t.value :
+        t.op === ">=" ? v >= t.value : v === t.value;
+    }
     function keep(r) {
       for (var j in state.cats) {
         var want = state.cats[j];
         if (want === "") continue;
         if (want === "none" ? r[j] !== null : r[j] !== Number(want)) return false;
       }
-      return !state.query || text[r.i].indexOf(state.query) >= 0;
+      return state.terms.every(function (t) {
+        return t.text === undefined ? holds(r[t.col], t) : text[r.i].indexOf(t.text) >= 0;
+      });
     }
     function compare(a, b) {
       var j = state.col, c = cols[j], x = a[j], y = b[j];
@@ -198,7 +215,7 @@ TABLE_JS = r"""
     var timer = null;
     box.querySelector("input.filter").addEventListener("input", function (e) {
       clearTimeout(timer);
-      timer = setTimeout(function () { state.query = e.target.value.trim().toLowerCase(); state.page = 0; update(); }, 120);
+      timer = setTimeout(function () { state.terms = parse(e.target.value.toLowerCase()); state.page = 0; update(); }, 120);
     });
     box.querySelector(".first").addEventListener("click", function () { state.page = 0; render(); });
     box.querySelector(".prev").addEventListener("click", function () { state.page -= 1; render(); });
