@@ -133,10 +133,10 @@ class Report:
     files: dict[str, bytes] = field(default_factory=dict)
 
 
-def full_images(thumbs: Thumbnails, files_dir: str) -> tuple[dict[str, str], dict[str, bytes]]:
+def full_images(thumbs: Thumbnails, files_dir: str, embed_all: bool = False) -> tuple[dict[str, str], dict[str, bytes]]:
     """Where each full-size image opens from (key -> data URI, or a relative path under ``files_dir``) and the
-    files to write beside the report; embedded while they total at most ``FULL_EMBED_BYTES``."""
-    if sum(len(data) for data, _ in thumbs.full.values()) <= FULL_EMBED_BYTES:
+    files to write beside the report; embedded while they total at most ``FULL_EMBED_BYTES`` (or always)."""
+    if embed_all or sum(len(data) for data, _ in thumbs.full.values()) <= FULL_EMBED_BYTES:
         return {k: f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
                 for k, (data, mime) in thumbs.full.items()}, {}
     ext = {"image/png": "png", "image/jpeg": "jpg"}
@@ -187,11 +187,11 @@ def report_sections(sets: list[ScoredSet], n_extremes: int = 8, thumbs: Thumbnai
 
 def build_report(sets: list[ScoredSet], title: str = "bfr-curate quality report", n_extremes: int = 8,
                  thumb_size: int = 128, extra_sections: list[Section | tuple[str, str]] = (),
-                 thumbs: Thumbnails | None = None, files_dir: str = "report_files") -> Report:
+                 thumbs: Thumbnails | None = None, files_dir: str = "report_files", embed_all: bool = False) -> Report:
     """The whole report: the HTML and the full-size image files it links to (under ``files_dir``, relative to
     the HTML's folder; none while they fit ``FULL_EMBED_BYTES``). ``extra_sections``: Sections, or
     (heading, trusted html) pairs, appended after the standard sections; ``thumbs``: the Thumbnails the extra
-    sections drew with, so their images open full size too."""
+    sections drew with, so their images open full size too; ``embed_all``: every full-size image embedded."""
     sets = prepared(sets)
     thumbs = thumbs or Thumbnails(thumb_size)
     sections = report_sections(sets, n_extremes, thumbs)
@@ -205,18 +205,15 @@ def build_report(sets: list[ScoredSet], title: str = "bfr-curate quality report"
                  "needs.</div>")
     if not sets:
         intro += _note("No manifests given.")
-    full, files = full_images(thumbs, files_dir)
+    full, files = full_images(thumbs, files_dir, embed_all)
     return Report(render_page(title, sections, intro, full), files)
 
 
 def render_report(sets: list[ScoredSet], title: str = "bfr-curate quality report", n_extremes: int = 8,
                   thumb_size: int = 128, extra_sections: list[Section | tuple[str, str]] = ()) -> str:
-    """The report's HTML alone, every full-size image embedded (for small sets; :func:`build_report` and
-    :func:`write_report` write large ones beside it)."""
-    report = build_report(sets, title, n_extremes, thumb_size, extra_sections)
-    if report.files:
-        raise ValueError(f"the full-size images exceed {FULL_EMBED_BYTES} bytes: use build_report and write_report")
-    return report.html
+    """The report as one HTML string with every full-size image embedded (:func:`build_report` and
+    :func:`write_report` put large ones beside the HTML instead)."""
+    return build_report(sets, title, n_extremes, thumb_size, extra_sections, embed_all=True).html
 
 
 def files_dir_for(out_uri: str) -> str:
