@@ -2,9 +2,9 @@
 fraction of pairs each metric improved.
 
 Rows are paired by lineage where it links them, else by name: a compared row whose parent is a first-set row
-(a restoration of that degraded image) or the other way round, rows with the same parent (two restorations of one input), the same
-``source_name`` and split, the same ``source_name``, the same image_id. The rule that pairs the most rows is
-used; a key that repeats within a set pairs none of its rows (ambiguous).
+(a restoration of that degraded image) or the other way round, rows with the same parent (two restorations of
+one input), the same ``source_name`` and split, the same ``source_name``, the same image_id. The rule that
+pairs the most rows is used; a key that repeats within a set pairs none of its rows (ambiguous).
 """
 
 from __future__ import annotations
