@@ -151,6 +151,8 @@ def test_report_structure_thumbnails_and_order(tmp_path):
     splits = {s.frame.set_index("image_id").loc[p.attrs["data-image-id"], "split"] for p in pairs}
     assert splits == {"dr2/mild", "dr2/severe"}
     assert all(len(p.find_all("img")) == 2 for p in pairs)
+    # a degraded image's parent from an input folder (no manifest) is its clean face
+    assert all([i.all_text() for i in p.find_all("i")] == ["clean", "degraded"] for p in pairs)
     # errors, conventions, set-level metrics
     (errors,) = root.find_all("section", id="errors")
     assert "empty file (0 bytes)" in errors.all_text() and "/data/zero.png" in errors.all_text()
@@ -468,6 +470,7 @@ def test_report_of_a_lineage_with_labels_and_paired_compare(tmp_path, capsys):
     first = [s for s in strips if s.attrs["data-image-id"] == "pse0"][0]
     assert [f.find_all("i")[0].all_text() for f in first.find_all("figure")] == ["clean", "degraded", "target"]
     assert [i.attrs["alt"] for i in first.find_all("img")] == ["ing0", "deg0", "pse0"]
+    assert "gate fail: noise: 9 > 8" in first.all_text() and "face0" in first.all_text()
     # paired: every target with its degraded input; degraded - target NIQE = 2, -1, 0, -3 (lower is better)
     (paired,) = root.find_all("section", id="paired")
     assert "4 pairs by lineage: the first set's image's parent is the compared image" in paired.all_text()

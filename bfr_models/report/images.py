@@ -107,7 +107,7 @@ def _ordered(frame: pd.DataFrame, metric: str, best: bool) -> pd.DataFrame:
 
 
 def _caption(row, metric: str | None = None) -> str:
-    """The metric value (when given), the source name or image_id, and the split."""
+    """The metric value (when given), the source name or image_id, the split and the quality gate's verdict."""
     parts = []
     if metric is not None:
         parts.append(f'<b>{esc(metric)} {esc(fmt(row.get(metric)))}</b>')
@@ -118,6 +118,11 @@ def _caption(row, metric: str | None = None) -> str:
     split = _text(row.get("split"))
     if split:
         parts.append(f'<span class="split">{esc(split)}</span>')
+    gate = _text(row.get("gate"))
+    if gate:
+        reason = _text(row.get("gate_reason"))
+        parts.append(f'<span class="gate {esc(gate)}" title="{esc(reason or "")}">gate {esc(gate)}'
+                     f'{": " + esc(reason) if reason else ""}</span>')
     return "<br>".join(parts)
 
 
@@ -183,15 +188,17 @@ LINEAGE_LABELS = {"ingest": "clean", "clean": "cleaned", "degrade": "degraded", 
 def lineage_chain(row: dict, lineage: pd.DataFrame | None, depth: int = 3) -> list[tuple[str, str | None, str | None]]:
     """``(label, uri, image_id)`` of a row and up to ``depth - 1`` ancestors, oldest first: the parent from the
     row's ``parent_uri``, older ones through ``lineage`` (rows of the manifests the set descends from, indexed by
-    image_id). An ancestor whose stage is unknown is the "original"."""
-    chain = [(LINEAGE_LABELS.get(_text(row.get("stage")) or "", _text(row.get("stage")) or "image"),
-              _text(row.get("uri")), _text(row.get("image_id")))]
+    image_id). An ancestor from no manifest (a file of an input folder) is "clean" when a degrade stage read it,
+    else the "original"."""
+    stage = _text(row.get("stage"))
+    chain = [(LINEAGE_LABELS.get(stage or "", stage or "image"), _text(row.get("uri")), _text(row.get("image_id")))]
     parent_id, parent_uri = _text(row.get("parent_id")), _text(row.get("parent_uri"))
     while parent_uri and len(chain) < depth:
         known = lineage is not None and parent_id is not None and parent_id in lineage.index
         up = lineage.loc[parent_id] if known else {}
-        stage = _text(up.get("stage")) if known else None
-        chain.append((LINEAGE_LABELS.get(stage or "", stage or "original"), parent_uri, parent_id))
+        child, stage = stage, (_text(up.get("stage")) if known else None)
+        label = LINEAGE_LABELS.get(stage or "", stage) or ("clean" if child == "degrade" else "original")
+        chain.append((label, parent_uri, parent_id))
         parent_id, parent_uri = (_text(up.get("parent_id")), _text(up.get("parent_uri"))) if known else (None, None)
     return chain[::-1]
 

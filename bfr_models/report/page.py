@@ -81,6 +81,8 @@ figcaption .split,figcaption .vals{color:var(--muted)}
 table.errors td:last-child,table.nc td{max-width:520px;overflow-wrap:anywhere}
 footer{margin-top:40px;color:var(--muted);font-size:12px}
 figcaption .name{font-weight:600;color:var(--fg)}
+figcaption .gate.pass{color:#166534}
+figcaption .gate.fail{color:#991b1b;font-weight:600}
 img.zoom{cursor:zoom-in}
 .itable .controls{display:flex;flex-wrap:wrap;gap:6px 14px;align-items:center;margin:6px 0;font-size:13px}
 .itable input.filter{width:260px;padding:3px 6px}
