@@ -104,12 +104,21 @@ def clean_section(name: str, frame: pd.DataFrame, info: dict, thumbs: Thumbnails
             parts.append(f'<h3>{metric.upper()} before and after</h3>{svg}<div class="legend">'
                          f'<span class="li">{_swatch(PALETTE[0])}original (mean {fmt(np.nanmean(b))})</span>'
                          f'<span class="li">{_swatch(PALETTE[2])}cleaned dataset (mean {fmt(np.nanmean(kept))})</span></div>')
+        accepted = ok["replaced"].astype(bool).to_numpy()
+        a = pd.to_numeric(ok[after], errors="coerce").to_numpy(float)
+        if accepted.any():  # the replaced images' own scores; a rejected candidate's is not the cleaned set's
+            parts.append(_note(f"{metric}_after over the {int(accepted.sum())} accepted candidates (the images the "
+                               f"cleaned set holds): mean {fmt(np.nanmean(a[accepted]))}, from "
+                               f"{fmt(np.nanmean(b[accepted]))} before; over all {len(a)} candidates, accepted or "
+                               f"not: {fmt(np.nanmean(a))}."))
     grids = []
     for replaced, title in ((True, "replaced"), (False, "kept original (rejected x*)")):
         pick = ok[ok["replaced"].astype(bool) == replaced].head(n)
         pairs = []
         for r in pick.to_dict("records"):
-            caption = esc(r.get("reasons") or f"NIQE {fmt(r.get('niqe_before'))} -> {fmt(r.get('niqe_after'))}")
+            reasons = r.get("reasons")  # None (NaN once read back) for accepted candidates
+            caption = esc(reasons if isinstance(reasons, str) and reasons
+                          else f"NIQE {fmt(r.get('niqe_before'))} -> {fmt(r.get('niqe_after'))}")
             pairs.append(f'<div class="pair">{_figure(thumbs, r.get("source_uri"), r.get("parent_id"), "original x")}'
                          f'{_figure(thumbs, r.get("candidate_uri"), r.get("image_id"), "x* = f(x)<br>" + caption)}</div>')
         if pairs:

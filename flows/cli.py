@@ -169,18 +169,27 @@ def cmd_score(args):
 
 def cmd_report(args):
     from bfr_models import manifest, storage
-    from flows.report import report_flow
 
     for uri in [args.input, *args.compare]:
         _check_input(uri)
         if not manifest.is_manifest(uri):
             raise UserError(f"not a manifest: {uri} (a stage folder with index.json, its index.json, or a .parquet file)")
+    labels = {}
+    for text in args.label:
+        name, sep, uri = text.partition("=")
+        if not sep or not name or not uri:
+            raise UserError(f"--label {text}: expected NAME=MANIFEST")
+        if storage.normalize(uri) not in {storage.normalize(u) for u in [args.input, *args.compare]}:
+            raise UserError(f"--label {text}: {uri} is not --input or one of --compare")
+        labels[uri] = name
     out = args.out
     if out.endswith("/") or storage.isdir(out):
         out = storage.join(out, REPORT_NAME)  # a folder: the report goes inside it
+    from flows.report import report_flow  # Prefect: only once the arguments are good
     from flows.run_info import call_flow
 
-    print(f"report: {call_flow(report_flow, input=args.input, out=out, compare=args.compare, n_extremes=args.n)}")
+    uri = call_flow(report_flow, input=args.input, out=out, compare=args.compare, n_extremes=args.n, labels=labels)
+    print(f"report: {uri}")
 
 
 def _print_result(stage: str, uri: str) -> None:
@@ -376,14 +385,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("report", help="write a self-contained HTML quality report of scored manifests",
-                       description="Summary per stage/split, histograms, best and worst images, before/after "
-                                   "grids, errors and metric conventions, as one HTML file; also published "
-                                   "as Prefect artifacts.")
+                       description="Summary per stage/split, a sortable and filterable per-image table, "
+                                   "histograms, best and worst images, clean | degraded | target strips from the "
+                                   "lineage, with --compare paired per-image deltas and the fraction improved per "
+                                   "metric; errors and metric conventions. One HTML file (full-size images beside "
+                                   "it in <name>_files/ when too large to embed); also published as Prefect "
+                                   "artifacts.")
     p.add_argument("-i", "--input", required=True, help="a scored manifest")
     p.add_argument("--compare", nargs="*", default=[], help="other scored manifests to compare")
     p.add_argument("-o", "--out", required=True,
                    help=f"where to write the HTML (path or fsspec URL); an existing folder gets {REPORT_NAME}")
-    p.add_argument("--n", type=int, default=8, help="best/worst images shown per metric (default 8)")
+    p.add_argument("--n", type=int, default=8, help="best/worst images shown per metric (default 8, at most 32)")
+    p.add_argument("--label", action="append", default=[], metavar="NAME=MANIFEST",
+                   help="name a set in the report (repeatable), e.g. --label dr2=runs/x/score/ab12; "
+                        "default: its splits and stage key")
     p.set_defaults(func=cmd_report)
 
     from flows.export_cli import add_export_parsers

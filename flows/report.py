@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
+import pandas as pd
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from bfr_models import manifest, storage
-from bfr_models.report import (ScoredSet, render_report, search_section, summary_markdown, summary_table,
-                               write_report)
+from bfr_models.report import ScoredSet, Thumbnails, build_report, search_section, summary_markdown, summary_table
+from bfr_models.report.load import load_scored
+from bfr_models.report.page import MAX_STRIP, files_dir_for, write_report
 from flows.run_info import artifact_key, run_name
 from tasks.shards import stable_hash
-
-
-def load_scored(uri: str) -> ScoredSet:
-    index = manifest.read_index(uri) if manifest.index_uri(uri) else {"config": {}}
-    frame = manifest.read_manifest(uri)
-    splits = sorted(frame["split"].dropna().unique()) if len(frame) else []
-    label = ", ".join(splits[:3]) + (" ..." if len(splits) > 3 else "") if splits else index.get("stage", "manifest")
-    name = f"{label} [{index.get('key', uri.rstrip('/').rsplit('/', 1)[-1])}]"
-    return ScoredSet(name=name, frame=frame, info={"source": uri, **index.get("config", {}), "manifest": uri})
 
 
 def auto_searches(sets: list[ScoredSet]) -> list[tuple[str, dict]]:
@@ -39,17 +32,14 @@ def pseudo_target_folders(s: ScoredSet) -> list[str]:
     return sorted({u.rsplit("/images/", 1)[0] for u in uris if "/pseudo-targets/" in u and "/images/" in u})
 
 
-def stage_sections(sets: list[ScoredSet], n: int) -> list:
+def stage_sections(sets: list[ScoredSet], n: int, thumbs: Thumbnails) -> list:
     """A section for each fine-tuning, cleaning or pseudo-target (quality gate) run among the sets (or among
     what they scored)."""
     import io
 
-    import pandas as pd
-
-    from bfr_models.report import Thumbnails
     from bfr_models.report_stages import clean_section, finetune_section, gate_section
 
-    done, out, thumbs = set(), [], Thumbnails()
+    done, out = set(), []
     for s in sets:
         for uri in (s.info.get("manifest"), s.info.get("source"), *pseudo_target_folders(s)):
             if not uri or uri in done or not manifest.index_uri(uri):
@@ -69,13 +59,17 @@ def stage_sections(sets: list[ScoredSet], n: int) -> list:
 
 @flow(name="report", flow_run_name=run_name)
 def report_flow(input: str, out: str, compare: list[str] | None = None, title: str = "bfr-curate quality report",
-                n_extremes: int = 8) -> str:
-    """Write the HTML report for a scored manifest (and others to compare); returns its URI."""
-    sets = [load_scored(u) for u in [input, *(compare or [])]]
+                n_extremes: int = 8, labels: dict[str, str] | None = None) -> str:
+    """Write the HTML report for a scored manifest (and others to compare); returns its URI. ``labels``: a name
+    for a manifest (its URI as given) instead of its splits and stage key."""
+    labels = {storage.normalize(k): v for k, v in (labels or {}).items()}
+    sets = [load_scored(u, labels.get(storage.normalize(u))) for u in [input, *(compare or [])]]
     searches = auto_searches(sets)
-    extra = ([search_section(searches)] if searches else []) + stage_sections(sets, n_extremes)
-    uri = write_report(render_report(sets, title=title, n_extremes=n_extremes,
-                                     extra_sections=[(x.heading, x.html) for x in extra]), out)
+    thumbs = Thumbnails()
+    extra = ([search_section(searches)] if searches else []) + stage_sections(sets, min(n_extremes, MAX_STRIP), thumbs)
+    report = build_report(sets, title=title, n_extremes=n_extremes, extra_sections=extra, thumbs=thumbs,
+                          files_dir=files_dir_for(out))
+    uri = write_report(report, out)
     table = summary_table(sets)
     # one pair of cards per report input (its stage key), not two cards all reports overwrite
     set_key = manifest.read_index(input)["key"] if manifest.index_uri(input) else stable_hash([storage.normalize(input)])

@@ -51,9 +51,10 @@ def test_stage_code_version_covers_only_the_modules_the_stage_runs(tmp_path):
     root = _copy_code(tmp_path / "code")
     files = {p.relative_to(root).as_posix() for p in module_files("tasks.degrade", root)}
     assert {"tasks/degrade.py", "bfr_models/degradations/presets.py", "tasks/rows.py"} <= files
-    assert "bfr_models/report.py" not in files and "tasks/score.py" not in files
+    assert "bfr_models/report/page.py" not in files and "tasks/score.py" not in files
     before = code_version("tasks.degrade", root)
-    (root / "bfr_models" / "report.py").write_text((root / "bfr_models" / "report.py").read_text() + "\n# typo fixed\n")
+    page = root / "bfr_models" / "report" / "page.py"
+    page.write_text(page.read_text() + "\n# typo fixed\n")
     (root / "tasks" / "score.py").write_text((root / "tasks" / "score.py").read_text() + "\n# another stage\n")
     code_version.cache_clear()
     assert code_version("tasks.degrade", root) == before  # editing elsewhere keeps the degrade cache

@@ -95,7 +95,7 @@ def test_score_adds_columns_records_conventions_and_caches(weights, degraded_man
 
     report_state = report_flow(input=uri, out=str(tmp_path / "report.html"), return_state=True)
     html = open(report_state.result()).read()
-    assert html.count("<svg") >= 5 and "data:image/jpeg;base64" in html
+    assert html.count("<svg") >= 5 and "data:image/png;base64" in html
     assert "legacy_pytorch" in html and "empty file (0 bytes)" in html
     # the same summary is published on the flow run as Prefect artifacts (read back from the API)
     from prefect.client.orchestration import get_client
