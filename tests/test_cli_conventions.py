@@ -63,7 +63,7 @@ def test_help_lists_every_method_metric_and_preset(capsys):
     assert all(m in helps["bfr-curate pseudo-targets"] for m in METHODS)
     assert all(m in helps["bfr-curate score"] for m in KNOWN_METRICS)
     assert all(p in helps["bfr-curate degrade"] for p in list_presets())
-    assert "(default: dr2)" in helps["bfr-curate pseudo-targets"] and "(default: fp32)" in helps["bfr-curate clean"]
+    assert "(default: dr2)" in helps["bfr-curate pseudo-targets"] and "(default: bf16 on CUDA, fp32 elsewhere)" in helps["bfr-curate clean"]
 
 
 def test_presets_is_a_table_and_json_on_request(capfd):
