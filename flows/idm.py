@@ -17,9 +17,10 @@ from prefect import flow, get_run_logger, task
 from tqdm.auto import tqdm
 
 from bfr_models import manifest, models, storage
+from bfr_models.choices import IDM_DEGRADE_SOURCES as DEGRADE_SOURCES
+from bfr_models.choices import IDM_VARIANCES as VARIANCES
 from bfr_models.idm import (AcceptanceConfig, IDMConfig, IDMError, IDMTrainConfig, SetCalibration, load_acceptance,
                             load_idm, train_idm)
-from bfr_models.idm.sampler import VARIANCES
 from bfr_models.training.data import UriImages
 from flows.prior import progress, training_images
 from flows.stage import annotate_index, run_stage, skipped_record
@@ -28,7 +29,6 @@ from tasks.pseudo_targets import DTYPES
 from tasks.runtime import ensure_gpu_limit, key_parameter, resolve_device, result_storage
 from tasks.shards import CODE_VERSION, list_inputs, stable_hash
 
-DEGRADE_SOURCES = ("original", "cleaned")
 DEFAULT_CHANNELS = IDMConfig().channels
 
 

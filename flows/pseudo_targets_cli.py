@@ -91,8 +91,9 @@ def cmd_pseudo_targets(args, run, print_result) -> None:
 
 
 def add_prior_parsers(sub, add_common, run, print_result) -> None:
-    from bfr_models.diffusion.schedule import VARIANCE_TYPES
-    from bfr_models.pseudo_targets import DEFAULT_RESPACE, METHODS, RESIZE_MODES
+    from bfr_models.choices import DEFAULT_RESPACE, VARIANCE_TYPES
+    from bfr_models.choices import PSEUDO_TARGET_METHODS as METHODS
+    from bfr_models.choices import PSEUDO_TARGET_RESIZE_MODES as RESIZE_MODES
     from flows.cli import add_exclude
 
     p = sub.add_parser("prior", help="inspect, convert or train a diffusion prior", description=PRIOR_HELP)
