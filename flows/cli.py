@@ -15,6 +15,9 @@ EPILOG = "Outputs go to <out>/<stage>/<key>/ (index.json, shards/*.parquet, imag
 
 
 REPORT_NAME = "report.html"  # the file `report --out <folder>` writes
+# Commands that run Prefect flows: the console command starts the Prefect API as they begin (flows/api_server.py)
+FLOW_COMMANDS = {"degrade", "ingest", "run", "demo", "score", "report", "prior train", "pseudo-targets", "finetune",
+                 "restore", "idm train", "clean"}
 
 
 class UserError(Exception):
@@ -46,16 +49,21 @@ def _executor(args):
 
 
 def local_cluster_kwargs(workers: int) -> dict:
-    """A Dask LocalCluster of worker processes, one thread each (torch uses the cores itself)."""
-    return {"n_workers": workers, "threads_per_worker": 1, "processes": True, "silence_logs": logging.WARNING}
+    """A Dask LocalCluster of worker processes, one task thread each; torch's threads in each by the rule of
+    flows/threads.py (the cores divided among the workers)."""
+    from flows.threads import worker_env
+
+    return {"n_workers": workers, "threads_per_worker": 1, "processes": True, "silence_logs": logging.WARNING,
+            "env": worker_env(workers)}
 
 
 def _run(flow_fn, args, **params):
     from bfr_models import storage
+    from flows.api_server import prefect_api
 
     if params.get("out"):
         storage.check_writable(params["out"])  # before any work: one line, never a bucket created
-    with _executor(args) as runner:
+    with prefect_api(), _executor(args) as runner:
         return flow_fn.with_options(task_runner=runner)(**params)
 
 
@@ -141,6 +149,7 @@ def cmd_score(args):
 
 def cmd_report(args):
     from bfr_models import manifest, storage
+    from flows.api_server import prefect_api
     from flows.report import report_flow
 
     for uri in [args.input, *args.compare]:
@@ -150,7 +159,8 @@ def cmd_report(args):
     out = args.out
     if out.endswith("/") or storage.isdir(out):
         out = storage.join(out, REPORT_NAME)  # a folder: the report goes inside it
-    print(f"report: {report_flow(input=args.input, out=out, compare=args.compare, n_extremes=args.n)}")
+    with prefect_api():
+        print(f"report: {report_flow(input=args.input, out=out, compare=args.compare, n_extremes=args.n)}")
 
 
 def _print_result(stage: str, uri: str) -> None:
@@ -415,8 +425,8 @@ class _NoRunErrors(logging.Filter):
 
 
 def _quiet_prefect_errors() -> None:
-    import prefect  # noqa: F401  (configures Prefect's loggers first, so our filter is not replaced)
-
+    """Filters on Prefect's run loggers; Prefect's logging setup (dictConfig) keeps them, so Prefect need not be
+    imported here: commands that run no flow (manifest show, presets, ...) never load it."""
     from flows.stop import PREFECT_RUN_LOGGERS
 
     for name in PREFECT_RUN_LOGGERS:
@@ -425,12 +435,23 @@ def _quiet_prefect_errors() -> None:
             logger.addFilter(_NoRunErrors())
 
 
+def command_name(args) -> str:
+    """The command as typed: 'degrade', 'prior train', ..."""
+    sub = next((v for k, v in vars(args).items() if k.endswith("_command")), None)
+    return f"{args.command} {sub}" if sub else args.command
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The console command (``argv`` None: this process is the command) or one command called from Python."""
     # Prefect's INFO logs would drown the progress bar; PREFECT_LOGGING_LEVEL overrides this.
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # this tool sends nothing anywhere
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")  # slow, busy machines
     args = build_parser().parse_args(argv)
+    if argv is None and command_name(args) in FLOW_COMMANDS:
+        from flows.api_server import start_early
+
+        start_early()  # starts while the command imports torch and plans its inputs
     from flows.stop import Interrupted, install_stop_handlers, say_stopped
 
     if not args.debug:

@@ -42,6 +42,7 @@ def cmd_prior_convert(args) -> None:
 def cmd_prior_train(args) -> None:
     from bfr_models import storage
     from bfr_models.diffusion.train import PriorTrainConfig
+    from flows.api_server import prefect_api
     from flows.prior import prior_train_flow
     from tasks.runtime import resolve_device
 
@@ -51,10 +52,11 @@ def cmd_prior_train(args) -> None:
     resolve_device(args.device)
     if not storage.exists(args.input):
         raise FileNotFoundError(f"input not found: {args.input}")
-    uri = prior_train_flow(input=args.input, out=args.out, resolution=args.resolution, steps=args.steps,
-                           batch_size=args.batch_size, lr=args.lr, channels=channels,
-                           checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device,
-                           exclude=args.exclude)
+    with prefect_api():
+        uri = prior_train_flow(input=args.input, out=args.out, resolution=args.resolution, steps=args.steps,
+                               batch_size=args.batch_size, lr=args.lr, channels=channels,
+                               checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device,
+                               exclude=args.exclude)
     print(f"prior: {uri}  (inspect with: bfr-curate prior inspect {uri})")
 
 

@@ -44,7 +44,10 @@ def say_stopped(name: str) -> None:
 
 def _exit_now(name: str) -> None:
     say_stopped(name)
-    try:  # Prefect's temporary API server is a child process: do not orphan it
+    from flows.api_server import stop
+
+    stop()  # the command's early API server (flows/api_server.py) is a child process: do not orphan it
+    try:  # nor Prefect's own temporary API server
         from prefect.server.api.server import SubprocessASGIServer
 
         for server in list(SubprocessASGIServer._instances.values()):
