@@ -99,12 +99,14 @@ def prefect_api():
         yield url
 
 
-def stop() -> None:
-    """Stop the early server (at exit, or when a signal stops the command)."""
+def stop(wait: bool = True) -> None:
+    """Stop the early server (at exit; without waiting for it when a signal stops the command)."""
     process = _server.pop("process", None)
     if process is None or process.poll() is not None:
         return
     process.terminate()
+    if not wait:
+        return
     try:
         process.wait(STOP_WAIT_S)
     except subprocess.TimeoutExpired:

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from bfr_models import lease, manifest, storage
 from bfr_models.manifest import ManifestWriter, ShardInfo
-from flows.stop import reclaim_sigterm
+from flows.stop import abandon_on_stop, reclaim_sigterm
 from flows.threads import shard_threads
 from tasks.runtime import result_storage
 from tasks.shards import InputItem, code_version, make_shards, stable_hash
@@ -98,7 +98,7 @@ def run_stage(shard_task, stage: str, config: dict, items: list[InputItem], inpu
     reclaim_sigterm()
     storage.check_writable(out)
     key, stage_uri = stage_location(out, stage, config, input_uri)
-    with lease.hold(stage_uri):
+    with abandon_on_stop(), lease.hold(stage_uri):  # a stop signal: out once the lease is released
         code = code_version(shard_task.fn.__module__)  # only the modules this stage runs
         kept, todo, held = reusable_shards(stage_uri, items, code) if incremental else ([], items, {})
         specs = make_shards(stage, {**config, "code": code}, todo, shard_size)

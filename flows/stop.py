@@ -1,9 +1,11 @@
 """SIGTERM and SIGINT stop a run promptly, with one line and exit code 1.
 
 The first signal raises :class:`Interrupted` in the main thread: nothing more is submitted and the run
-unwinds. Shards in flight may finish; their files are written atomically, so none shows half-written.
-If the process is still alive ``BFR_CURATE_STOP_GRACE`` seconds later (default 10: a shard stuck on a
-hung store), it exits anyway, abandoning them. A second signal exits at once.
+unwinds. Once a stage has released its folder (:func:`abandon_on_stop`) the process exits at once,
+abandoning the shards in flight: their files are written atomically, so none shows half-written, and a
+rerun redoes them (Prefect would otherwise wait for each to finish: a minute or more). If the process is
+still alive ``BFR_CURATE_STOP_GRACE`` seconds after the signal (default 10: a release stuck on a hung
+store), it exits anyway. A second signal exits at once.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+from contextlib import contextmanager
 
 from bfr_models import storage
 
@@ -21,6 +24,7 @@ PREFECT_RUN_LOGGERS = ("prefect.task_runs", "prefect.flow_runs", "prefect.engine
 
 _said = threading.Event()  # the one line was printed
 _signalled = threading.Event()
+_released = threading.Event()  # a stage stopped by the signal released its folder: nothing left to wait for
 
 
 class Interrupted(KeyboardInterrupt):
@@ -46,15 +50,17 @@ def _exit_now(name: str) -> None:
     say_stopped(name)
     from flows.api_server import stop
 
-    stop()  # the command's early API server (flows/api_server.py) is a child process: do not orphan it
-    try:  # nor Prefect's own temporary API server
-        from prefect.server.api.server import SubprocessASGIServer
-
-        for server in list(SubprocessASGIServer._instances.values()):
-            server.stop()
-    except Exception:
-        pass
+    stop(wait=False)  # the Prefect API servers are child processes: do not orphan them (they stop on SIGTERM)
+    prefect_server = sys.modules.get("prefect.server.api.server")  # Prefect's own, if this process started one
+    for server in list(prefect_server.SubprocessASGIServer._instances.values()) if prefect_server else []:
+        if server.server_process is not None and server.server_process.poll() is None:
+            server.server_process.terminate()
     os._exit(1)
+
+
+def _exit_when_released(name: str) -> None:
+    _released.wait(stop_grace())
+    _exit_now(name)
 
 
 def _on_signal(signum, frame) -> None:
@@ -62,10 +68,19 @@ def _on_signal(signum, frame) -> None:
     if _signalled.is_set():
         _exit_now(name)
     _signalled.set()
-    timer = threading.Timer(stop_grace(), _exit_now, args=(name,))
-    timer.daemon = True
-    timer.start()
+    threading.Thread(target=_exit_when_released, args=(name,), daemon=True).start()
     raise Interrupted(name)
+
+
+@contextmanager
+def abandon_on_stop():
+    """Around a stage's lease: when a stop signal unwinds the stage, the command exits as soon as the lease
+    is released, without waiting for the shards in flight."""
+    try:
+        yield
+    except Interrupted:
+        _released.set()
+        raise
 
 
 def _unexplained(record: logging.LogRecord) -> bool:
