@@ -391,8 +391,9 @@ def explain(error: BaseException) -> tuple[int, str]:
 
     from bfr_models.lease import LeaseBusy
     from bfr_models.storage import StoreError
-    from flows.stage import StageError
 
+    stage = sys.modules.get("flows.stage")  # no stage ran if it was never imported (it imports torch and Prefect)
+    stage_error = stage.StageError if stage else ()
     if isinstance(error, (StoreError, LeaseBusy)):  # the run failed; the message says whether a rerun helps
         code, text = 1, str(error)
     elif isinstance(error, (NoCredentialsError, PartialCredentialsError)):
@@ -409,7 +410,7 @@ def explain(error: BaseException) -> tuple[int, str]:
         code, text = 2, str(error)
     elif isinstance(error, OSError):
         code, text = 1, f"store: {type(error).__name__}: {error}"
-    elif isinstance(error, StageError):
+    elif isinstance(error, stage_error):
         code, text = 1, str(error)
     else:  # a bug: say what, and how to see where
         code, text = 1, f"{type(error).__name__}: {error} (bfr-curate --debug ... prints the traceback)"

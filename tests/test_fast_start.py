@@ -46,3 +46,28 @@ def test_help_and_argument_errors_import_no_heavy_library():
     assert codes["degrade"] == 2 and codes["score --workers x"] == 2  # argparse's usage errors
     assert all(code == 0 for argv, code in codes.items() if argv.endswith("--help")), codes
     assert result["heavy"] == []
+
+
+SHOW = """
+import json, sys
+from flows.cli import main
+codes = [main(["manifest", "show", sys.argv[1], "--head", "2"]), main(["manifest", "show", sys.argv[2]])]
+heavy = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "prefect", "diffusers", "pyiqa"})
+print(json.dumps({"codes": codes, "heavy": heavy}))
+"""
+
+
+def test_manifest_show_imports_neither_torch_nor_prefect(tmp_path):
+    from bfr_models.manifest import ManifestWriter
+
+    writer = ManifestWriter(str(tmp_path / "degrade" / "k"))
+    rows = [{"image_id": "a", "uri": None, "stage": "degrade", "status": "error", "error": "probe", "niqe": 1.0}]
+    writer.write_index("degrade", "k", {}, [writer.write_shard("s", rows)])
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", SHOW, writer.stage_uri, str(tmp_path / "missing")],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["codes"] == [0, 2] and "rows:     1  ok 0  error 1" in proc.stdout
+    assert "bfr-curate: error: " in proc.stderr  # the missing manifest, explained in one line
+    assert result["heavy"] == []
