@@ -75,12 +75,12 @@ def _check_input(uri: str) -> None:
 
 
 def cmd_degrade(args):
+    _check_input(args.input)  # before importing the stage (torch, Prefect): a typo is answered at once
     from flows.degrade import degrade_config, degrade_flow
     from tasks.runtime import resolve_device
 
     degrade_config(args.preset, args.split, args.scale, args.seed)
     resolve_device(args.device)
-    _check_input(args.input)
     uri = _run(degrade_flow, args, input=args.input, out=args.out, preset=args.preset, split=args.split,
                scale=args.scale, seed=args.seed, shard_size=args.shard_size, batch_size=args.batch_size,
                device=args.device, exclude=args.exclude)
@@ -88,11 +88,11 @@ def cmd_degrade(args):
 
 
 def cmd_ingest(args):
+    _check_input(args.input)
     from flows.ingest import ingest_flow
     from tasks.runtime import resolve_device
 
     resolve_device(args.device)
-    _check_input(args.input)
     uri = _run(ingest_flow, args, input=args.input, out=args.out, size=args.size, min_score=args.min_score,
                min_size=args.min_size, shard_size=args.shard_size, batch_size=args.batch_size, device=args.device,
                exclude=args.exclude)
@@ -128,11 +128,11 @@ def cmd_run(args):
 
 
 def cmd_score(args):
+    _check_input(args.input)
     from flows.score import plan_score, score_flow
     from tasks.runtime import resolve_device
 
     resolve_device(args.device)
-    _check_input(args.input)
     opts = dict(input=args.input, metrics=args.metrics, reference=args.reference, fid_ref=args.fid_ref,
                 niqe_convention=args.niqe_convention, crop_border=args.crop_border, y_channel=args.y_channel,
                 lpips_net=args.lpips_net, fid_convention=args.fid_convention, skip_missing=args.skip_missing,
