@@ -11,16 +11,15 @@ the clean stage is incremental, so a nightly run processes only images added sin
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
 from bfr_models import storage
+from flows.api_server import free_port, use_api, wait_healthy
+from flows.api_server import startup_timeout as api_startup_timeout
 
 
 class ScheduleError(ValueError):
@@ -79,35 +78,17 @@ def prefect_api(startup_timeout: float | None = None):
     if os.environ.get("PREFECT_API_URL"):
         yield os.environ["PREFECT_API_URL"]
         return
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}/api"
-    timeout = startup_timeout or float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 180))
     cmd = [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
            "--analytics-off"]
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + timeout
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.time() > deadline:
-                raise ScheduleError(f"the local Prefect server did not start on 127.0.0.1:{port} "
-                                    f"(run `prefect server start` to see why, or set PREFECT_API_URL)")
-            time.sleep(0.5)
-        from prefect.settings import PREFECT_API_URL, temporary_settings
-
-        os.environ["PREFECT_API_URL"] = url
-        try:
-            with temporary_settings(updates={PREFECT_API_URL: url}):
-                yield url
-        finally:
-            os.environ.pop("PREFECT_API_URL", None)
+        if not wait_healthy(url, server, startup_timeout or api_startup_timeout()):
+            raise ScheduleError(f"the local Prefect server did not start on 127.0.0.1:{port} "
+                                f"(run `prefect server start` to see why, or set PREFECT_API_URL)")
+        with use_api(url):
+            yield url
     finally:
         server.terminate()
         server.wait(30)

@@ -71,3 +71,22 @@ def test_manifest_show_imports_neither_torch_nor_prefect(tmp_path):
     assert result["codes"] == [0, 2] and "rows:     1  ok 0  error 1" in proc.stdout
     assert "bfr-curate: error: " in proc.stderr  # the missing manifest, explained in one line
     assert result["heavy"] == []
+
+
+def test_flow_commands_are_commands():
+    """The commands the console command starts Prefect's API for early all exist (a stale name would only
+    make that command slower)."""
+    import argparse
+
+    from flows.cli import FLOW_COMMANDS, build_parser
+
+    def names(parser, prefix=""):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield f"{prefix}{name}"
+                    yield from names(sub, f"{prefix}{name} ")
+
+    known = set(names(build_parser()))
+    assert FLOW_COMMANDS <= known, FLOW_COMMANDS - known
+    assert {"manifest show", "presets", "models list", "export", "runs", "gc"}.isdisjoint(FLOW_COMMANDS)
