@@ -99,16 +99,18 @@ def prefect_api():
         yield url
 
 
-def stop(wait: bool = True) -> None:
-    """Stop the early server (at exit; without waiting for it when a signal stops the command)."""
-    process = _server.pop("process", None)
+def stop(wait: float = STOP_WAIT_S) -> None:
+    """Stop the early server (at exit, or sooner when a signal stops the command)."""
+    end_process(_server.pop("process", None), wait)
+
+
+def end_process(process: subprocess.Popen | None, wait: float) -> None:
+    """Terminate a server process, kill it if it is still there ``wait`` seconds later, and reap it."""
     if process is None or process.poll() is not None:
         return
     process.terminate()
-    if not wait:
-        return
     try:
-        process.wait(STOP_WAIT_S)
+        process.wait(wait)
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()

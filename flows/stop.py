@@ -22,6 +22,7 @@ from bfr_models import storage
 PREFECT_RUN_LOGGERS = ("prefect.task_runs", "prefect.flow_runs", "prefect.engine", "prefect.flow_engine",
                        "prefect.task_engine", "prefect.results")
 
+STOP_SERVER_S = 1  # how long a stopped command waits for its API server to stop before killing it
 _said = threading.Event()  # the one line was printed
 _signalled = threading.Event()
 _released = threading.Event()  # a stage stopped by the signal released its folder: nothing left to wait for
@@ -48,13 +49,13 @@ def say_stopped(name: str) -> None:
 
 def _exit_now(name: str) -> None:
     say_stopped(name)
-    from flows.api_server import stop
+    from flows.api_server import end_process, stop
 
-    stop(wait=False)  # the Prefect API servers are child processes: do not orphan them (they stop on SIGTERM)
+    # the Prefect API servers are child processes: do not orphan them, nor wait long for them
+    stop(wait=STOP_SERVER_S)
     prefect_server = sys.modules.get("prefect.server.api.server")  # Prefect's own, if this process started one
     for server in list(prefect_server.SubprocessASGIServer._instances.values()) if prefect_server else []:
-        if server.server_process is not None and server.server_process.poll() is None:
-            server.server_process.terminate()
+        end_process(server.server_process, STOP_SERVER_S)
     os._exit(1)
 
 
