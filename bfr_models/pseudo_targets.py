@@ -30,9 +30,9 @@ from bfr_models.diffusion.lowpass import lowpass
 from bfr_models.diffusion.samplers import dr2_sample, lowfreq_sample, polish_sample
 from bfr_models.diffusion.schedule import DDPMSchedule, respace
 
-METHODS = ("dr2", "lowfreq", "polish", "difbfsr")
-RESIZE_MODES = ("input", "prior", "refuse")
-DEFAULT_RESPACE = {"dr2": 100, "lowfreq": 250, "polish": 1000, "difbfsr": 250}  # polish: no respacing (DiffBFR)
+from bfr_models.choices import DEFAULT_RESPACE
+from bfr_models.choices import PSEUDO_TARGET_METHODS as METHODS
+from bfr_models.choices import PSEUDO_TARGET_RESIZE_MODES as RESIZE_MODES
 # The --auto grids (T=1000 scale): DR2's Table A3 range of N and tau; Algorithm 1's N sweep and K.
 AUTO_GRID = {
     "dr2": {"N": [4, 8, 16], "tau": [100, 200, 300]},

@@ -15,6 +15,9 @@ EPILOG = "Outputs go to <out>/<stage>/<key>/ (index.json, shards/*.parquet, imag
 
 
 REPORT_NAME = "report.html"  # the file `report --out <folder>` writes
+# Commands that run Prefect flows: the console command starts the Prefect API as they begin (flows/api_server.py)
+FLOW_COMMANDS = {"degrade", "ingest", "run", "demo", "score", "report", "prior train", "pseudo-targets", "finetune",
+                 "restore", "idm train", "clean"}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -65,18 +68,24 @@ def _executor(args):
 
 
 def local_cluster_kwargs(workers: int) -> dict:
-    """A Dask LocalCluster of worker processes, one thread each (torch uses the cores itself)."""
-    return {"n_workers": workers, "threads_per_worker": 1, "processes": True, "silence_logs": logging.WARNING}
+    """A Dask LocalCluster of worker processes, one task thread each; torch's threads in each by the rule of
+    flows/threads.py (the cores divided among the workers)."""
+    from flows.threads import worker_env
+
+    return {"n_workers": workers, "threads_per_worker": 1, "processes": True, "silence_logs": logging.WARNING,
+            "env": worker_env(workers)}
 
 
 def _run(flow_fn, args, **params):
     from bfr_models import storage
+    from flows.api_server import prefect_api
+
+    from flows.run_info import call_flow
 
     if params.get("out"):
         storage.check_writable(params["out"])  # before any work: one line, never a bucket created
-    from flows.run_info import call_flow
 
-    with _executor(args) as runner:
+    with prefect_api(), _executor(args) as runner:
         return call_flow(flow_fn.with_options(task_runner=runner), **params)
 
 
@@ -88,12 +97,12 @@ def _check_input(uri: str) -> None:
 
 
 def cmd_degrade(args):
+    _check_input(args.input)  # before importing the stage (torch, Prefect): a typo is answered at once
     from flows.degrade import degrade_config, degrade_flow
     from tasks.runtime import resolve_device
 
     degrade_config(args.preset, args.split, args.scale, args.seed)
     resolve_device(args.device)
-    _check_input(args.input)
     uri = _run(degrade_flow, args, input=args.input, out=args.out, preset=args.preset, split=args.split,
                scale=args.scale, seed=args.seed, shard_size=args.shard_size, batch_size=args.batch_size,
                device=args.device, exclude=args.exclude)
@@ -101,11 +110,11 @@ def cmd_degrade(args):
 
 
 def cmd_ingest(args):
+    _check_input(args.input)
     from flows.ingest import ingest_flow
     from tasks.runtime import resolve_device
 
     resolve_device(args.device)
-    _check_input(args.input)
     uri = _run(ingest_flow, args, input=args.input, out=args.out, size=args.size, min_score=args.min_score,
                min_size=args.min_size, shard_size=args.shard_size, batch_size=args.batch_size, device=args.device,
                exclude=args.exclude)
@@ -141,15 +150,13 @@ def cmd_run(args):
 
 
 def cmd_score(args):
-    from flows.score import plan_score, score_flow
+    _check_input(args.input)
+    from flows.score import default_metrics, plan_score, score_flow
     from tasks.runtime import resolve_device
 
     resolve_device(args.device)
-    _check_input(args.input)
     metrics = args.metrics
     if metrics is None:
-        from flows.score import default_metrics
-
         metrics, note = default_metrics(args.input, args.reference)
         if note:
             print(note)
@@ -185,10 +192,13 @@ def cmd_report(args):
     out = args.out
     if out.endswith("/") or storage.isdir(out):
         out = storage.join(out, REPORT_NAME)  # a folder: the report goes inside it
+    from flows.api_server import prefect_api
     from flows.report import report_flow  # Prefect: only once the arguments are good
     from flows.run_info import call_flow
 
-    uri = call_flow(report_flow, input=args.input, out=out, compare=args.compare, n_extremes=args.n, labels=labels)
+    with prefect_api():
+        uri = call_flow(report_flow, input=args.input, out=out, compare=args.compare, n_extremes=args.n,
+                        labels=labels)
     print(f"report: {uri}")
 
 
@@ -450,8 +460,9 @@ def explain(error: BaseException) -> tuple[int, str]:
 
     from bfr_models.lease import LeaseBusy
     from bfr_models.storage import StoreError
-    from flows.stage import StageError
 
+    stage = sys.modules.get("flows.stage")  # no stage ran if it was never imported (it imports torch and Prefect)
+    stage_error = stage.StageError if stage else ()
     if isinstance(error, (StoreError, LeaseBusy)):  # the run failed; the message says whether a rerun helps
         code, text = 1, str(error)
     elif isinstance(error, (NoCredentialsError, PartialCredentialsError)):
@@ -468,7 +479,7 @@ def explain(error: BaseException) -> tuple[int, str]:
         code, text = 2, str(error)
     elif isinstance(error, OSError):
         code, text = 1, f"store: {type(error).__name__}: {error}"
-    elif isinstance(error, StageError):
+    elif isinstance(error, stage_error):
         code, text = 1, str(error)
     else:  # a bug: say what, and how to see where
         code, text = 1, f"{type(error).__name__}: {error} (bfr-curate --debug ... prints the traceback)"
@@ -484,8 +495,8 @@ class _NoRunErrors(logging.Filter):
 
 
 def _quiet_prefect_errors() -> None:
-    import prefect  # noqa: F401  (configures Prefect's loggers first, so our filter is not replaced)
-
+    """Filters on Prefect's run loggers; Prefect's logging setup (dictConfig) keeps them, so Prefect need not be
+    imported here: commands that run no flow (manifest show, presets, ...) never load it."""
     from flows.stop import PREFECT_RUN_LOGGERS
 
     for name in PREFECT_RUN_LOGGERS:
@@ -494,12 +505,23 @@ def _quiet_prefect_errors() -> None:
             logger.addFilter(_NoRunErrors())
 
 
+def command_name(args) -> str:
+    """The command as typed: 'degrade', 'prior train', ..."""
+    sub = next((v for k, v in vars(args).items() if k.endswith("_command")), None)
+    return f"{args.command} {sub}" if sub else args.command
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The console command (``argv`` None: this process is the command) or one command called from Python."""
     # Prefect's INFO logs would drown the progress bar; PREFECT_LOGGING_LEVEL overrides this.
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # this tool sends nothing anywhere
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")  # slow, busy machines
     args = build_parser().parse_args(argv)
+    if argv is None and command_name(args) in FLOW_COMMANDS:
+        from flows.api_server import start_early
+
+        start_early()  # starts while the command imports torch and plans its inputs
     from flows.stop import Interrupted, install_stop_handlers, say_stopped
 
     if not args.debug:

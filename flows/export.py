@@ -18,18 +18,11 @@ from PIL import Image
 
 from bfr_models import manifest, storage
 from bfr_models.imageio import decode_source, encode_png
+from flows.export_formats import FORMATS, META_INFO, NAMES_FILE, PAIR_DIRECTION
 
-FORMATS = ("folder", "paired", "basicsr", "webdataset")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-NAMES_FILE = "names.csv"  # folder/paired/basicsr: exported name -> row ids, to find a file's lineage again
-META_INFO = "meta_info.txt"  # BasicSR PairedImageDataset's meta_info_file
 SHARD_PATTERN = "shard-%06d.tar"
 GATE_COLUMN = "gate"
-
-# Which image of a row is the low-quality input and which the target, by the stage that made the row:
-# degrade: the row's image is the degraded LQ, its parent the clean face (GT);
-# pseudo-targets: the parent is the LQ input, the row's image the target (GT).
-PAIR_DIRECTION = {"degrade": "row_is_lq", "pseudo-targets": "parent_is_lq"}
 _UNSAFE = re.compile(r"[\s/\\.]+")  # path separators, dots (webdataset splits keys at them), whitespace (meta_info)
 
 

@@ -5,7 +5,7 @@ Wired into the main parser by ``add_export_parsers(subparsers)``.
 
 from __future__ import annotations
 
-from flows.export import FORMATS, META_INFO, NAMES_FILE, PAIR_DIRECTION
+from flows.export_formats import FORMATS, META_INFO, NAMES_FILE, PAIR_DIRECTION
 
 
 def cmd_export(args) -> None:

@@ -18,9 +18,10 @@ from tqdm.auto import tqdm
 
 from bfr_models import manifest, models, storage
 from bfr_models.device import check_compile, default_batch_size, resolve_dtype
+from bfr_models.choices import IDM_DEGRADE_SOURCES as DEGRADE_SOURCES
+from bfr_models.choices import IDM_VARIANCES as VARIANCES
 from bfr_models.idm import (AcceptanceConfig, IDMConfig, IDMError, IDMTrainConfig, SetCalibration, load_acceptance,
                             load_idm, train_idm)
-from bfr_models.idm.sampler import VARIANCES
 from bfr_models.training.data import UriImages
 from flows.prior import progress, training_images
 from flows.run_info import publish_model_summary, run_name
@@ -29,7 +30,6 @@ from tasks.clean import STAGE, cached_idm, clean_shard, set_calibration
 from tasks.runtime import ensure_gpu_limit, key_parameter, resolve_device, result_storage
 from tasks.shards import CODE_VERSION, list_inputs, stable_hash
 
-DEGRADE_SOURCES = ("original", "cleaned")
 DEFAULT_CHANNELS = IDMConfig().channels
 
 

@@ -14,9 +14,9 @@ from dataclasses import asdict
 import numpy as np
 import torch
 from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 
 from bfr_models import manifest, models, storage
+from bfr_models.choices import AUTO_METRICS
 from bfr_models.device import check_compile, default_batch_size, resolve_dtype
 from bfr_models.gate import GateConfig, load_gate
 from bfr_models.pseudo_targets import (RESIZE_MODES, Candidate, MethodParams, PseudoTargetError, choose, grid,
@@ -30,7 +30,6 @@ from tasks.pseudo_targets import (STAGE, cached_prior, cached_restorer, gate_bat
                                   pseudo_target_shard, run_generate, sample_seeds)
 from tasks.shards import CODE_VERSION, InputItem, list_inputs, read_many, stable_hash
 
-AUTO_METRICS = ("niqe", "musiq")
 
 
 def parse_grid(text: str | None) -> dict[str, list[int]] | None:

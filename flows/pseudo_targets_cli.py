@@ -42,6 +42,7 @@ def cmd_prior_convert(args) -> None:
 def cmd_prior_train(args) -> None:
     from bfr_models import storage
     from bfr_models.diffusion.train import PriorTrainConfig
+    from flows.api_server import prefect_api
     from flows.prior import prior_train_flow
     from tasks.runtime import resolve_device
 
@@ -53,9 +54,11 @@ def cmd_prior_train(args) -> None:
         raise FileNotFoundError(f"input not found: {args.input}")
     from flows.run_info import call_flow
 
-    uri = call_flow(prior_train_flow, input=args.input, out=args.out, resolution=args.resolution, steps=args.steps,
-                    batch_size=args.batch_size, lr=args.lr, channels=channels, checkpoint_every=args.checkpoint_every,
-                    seed=args.seed, device=args.device, exclude=args.exclude)
+    with prefect_api():
+        uri = call_flow(prior_train_flow, input=args.input, out=args.out, resolution=args.resolution,
+                        steps=args.steps, batch_size=args.batch_size, lr=args.lr, channels=channels,
+                        checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device,
+                        exclude=args.exclude)
     print(f"prior: {uri}  (inspect with: bfr-curate prior inspect {uri})")
 
 
@@ -100,10 +103,11 @@ def cmd_pseudo_targets(args, run, print_result) -> None:
 
 
 def add_prior_parsers(sub, add_common, run, print_result) -> None:
-    from bfr_models.diffusion.schedule import VARIANCE_TYPES
-    from bfr_models.pseudo_targets import DEFAULT_RESPACE, METHODS, RESIZE_MODES
+    from bfr_models.choices import DEFAULT_RESPACE, VARIANCE_TYPES
+    from bfr_models.choices import PSEUDO_TARGET_METHODS as METHODS
+    from bfr_models.choices import PSEUDO_TARGET_RESIZE_MODES as RESIZE_MODES
     from flows.cli import add_exclude
-    from flows.pseudo_targets import AUTO_METRICS
+    from bfr_models.choices import AUTO_METRICS
 
     p = sub.add_parser("prior", help="inspect, convert or train a diffusion prior", description=PRIOR_HELP)
     psub = p.add_subparsers(dest="prior_command", required=True, metavar="SUBCOMMAND")

@@ -14,18 +14,17 @@ the clean stage is incremental, so a nightly run processes only images added sin
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
-import time
-import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
 from bfr_models import storage
+from flows.api_server import end_process, free_port, use_api, wait_healthy
+from flows.api_server import startup_timeout as api_startup_timeout
 
 
 class ScheduleError(ValueError):
@@ -96,16 +95,16 @@ def check_recipe_inputs(recipe: dict) -> None:
              ("idm.uri", recipe.get("idm", {}).get("uri")), ("prior.uri", recipe.get("prior", {}).get("uri")),
              ("clean.model", recipe.get("clean", {}).get("model")),
              ("pseudo_targets.prior", recipe.get("pseudo_targets", {}).get("prior"))]
-    for field, uri in paths:
+    for name, uri in paths:
         if uri is None or storage.exists(str(uri)):
             continue
-        if field.endswith("prior") or field == "prior.uri":
+        if name.endswith("prior") or name == "prior.uri":
             try:
                 get_card(str(uri))
                 continue
             except ModelCardError:
                 pass
-        raise RecipeError(f"recipe {recipe['path']}: {field} {uri} not found (edit the recipe before serving it)")
+        raise RecipeError(f"recipe {recipe['path']}: {name} {uri} not found (edit the recipe before serving it)")
 
 
 def server_log_path(out: str, recipe_name: str) -> Path:
@@ -134,21 +133,6 @@ def local_server_env(port: int) -> dict:
             "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(port)}
 
 
-def _wait_healthy(server: subprocess.Popen, url: str, log: Path, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        if server.poll() is not None or time.time() > deadline:
-            raise ServerStopped(f"the local Prefect server did not start on {url.removesuffix('/api')} "
-                                f"(its log: {log}; or set PREFECT_API_URL to a running server)")
-        time.sleep(0.5)
-
-
 def _watch(server: subprocess.Popen, api: PrefectApi) -> None:
     """End the command with one line when the server process exits (serving on would only print
     connection errors)."""
@@ -169,12 +153,9 @@ def prefect_api(log: Path, startup_timeout: float | None = None):
         url = os.environ["PREFECT_API_URL"]
         yield PrefectApi(url=url, ui=(PREFECT_UI_URL.value() or url.removesuffix("/api")).rstrip("/"))
         return
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = local_server_env(port)
     api = PrefectApi(url=env["PREFECT_API_URL"], ui=env["PREFECT_UI_URL"], log=log)
-    timeout = startup_timeout or float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 180))
     cmd = [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
            "--analytics-off"]
     with open(log, "ab") as out:
@@ -184,23 +165,15 @@ def prefect_api(log: Path, startup_timeout: float | None = None):
 
     stop_on_exit(server)
     try:
-        _wait_healthy(server, api.url, log, timeout)
+        if not wait_healthy(api.url, server, startup_timeout or api_startup_timeout()):
+            raise ServerStopped(f"the local Prefect server did not start on {api.url.removesuffix('/api')} "
+                                f"(its log: {log}; or set PREFECT_API_URL to a running server)")
         threading.Thread(target=_watch, args=(server, api), daemon=True, name="prefect-server-watch").start()
-        from prefect.settings import PREFECT_API_URL, temporary_settings
-
-        os.environ["PREFECT_API_URL"] = api.url
-        try:
-            with temporary_settings(updates={PREFECT_API_URL: api.url}):
-                yield api
-        finally:
-            os.environ.pop("PREFECT_API_URL", None)
+        with use_api(api.url):
+            yield api
     finally:
         api.stopping.set()  # from here on its exit is no death to report
-        server.terminate()
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        end_process(server, 30)
 
 
 def _when(deployment) -> str:

@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 from bfr_models import lease, manifest, storage
 from bfr_models.manifest import ManifestWriter, ShardInfo
 from flows.run_info import publish_stage_summary
-from flows.stop import reclaim_sigterm
+from flows.stop import abandon_on_stop, reclaim_sigterm
+from flows.threads import shard_threads
 from tasks.runtime import result_storage
 from tasks.shards import InputItem, code_version, make_shards, stable_hash
 
@@ -28,9 +29,13 @@ class StageError(RuntimeError):
 
 def in_flight_limit() -> int:
     """How many shard tasks to keep submitted: the flow's thread pool size, else DEFAULT_IN_FLIGHT."""
-    context = FlowRunContext.get()
-    workers = getattr(context.task_runner, "_max_workers", None) if context else None
+    workers = getattr(_task_runner(), "_max_workers", None)
     return workers if workers and workers < sys.maxsize else DEFAULT_IN_FLIGHT
+
+
+def _task_runner():
+    context = FlowRunContext.get()
+    return context.task_runner if context else None
 
 
 def store_grace() -> float:
@@ -94,16 +99,17 @@ def run_stage(shard_task, stage: str, config: dict, items: list[InputItem], inpu
     reclaim_sigterm()
     storage.check_writable(out)
     key, stage_uri = stage_location(out, stage, config, input_uri)
-    with lease.hold(stage_uri):
+    with abandon_on_stop(), lease.hold(stage_uri):  # a stop signal: out once the lease is released
         code = code_version(shard_task.fn.__module__)  # only the modules this stage runs
         kept, todo, held = reusable_shards(stage_uri, items, code) if incremental else ([], items, {})
         specs = make_shards(stage, {**config, "code": code}, todo, shard_size)
         # JSON results, so a cached record can be checked before it is used (tasks.runtime.shard_cache_key)
         configured = shard_task.with_options(result_storage=result_storage(stage_uri), result_serializer="json")
         shards, failures = list(kept), []
+        limit = max_in_flight or in_flight_limit()
+        threads = shard_threads(_task_runner(), limit)
         with tqdm(total=len(todo), desc=stage, unit="img", dynamic_ncols=True) as bar:
-            for spec, result in _run_shards(configured, specs, max_in_flight or in_flight_limit(),
-                                            stage_uri=stage_uri, **task_kwargs):
+            for spec, result in _run_shards(configured, specs, limit, stage_uri=stage_uri, **task_kwargs):
                 if isinstance(result, Exception):  # report every failed shard, not just the first
                     failures.append(f"shard {spec.key}: {type(result).__name__}: {result}")
                 else:
@@ -116,7 +122,7 @@ def run_stage(shard_task, stage: str, config: dict, items: list[InputItem], inpu
             storage.write_bytes_atomic(storage.join(stage_uri, INPUTS_NAME),
                                        json.dumps({"code": code, "shards": held}).encode())
         extra = finalize(stage_uri, shards) if finalize is not None else {}
-        ManifestWriter(stage_uri).write_index(stage, key, {**config, **extra}, shards,
+        ManifestWriter(stage_uri).write_index(stage, key, {**config, **extra, "threads": threads}, shards,
                                                   input=storage.normalize(input_uri))
     publish_stage_summary(stage_uri)
     return stage_uri

@@ -1,9 +1,11 @@
 """SIGTERM and SIGINT stop a run promptly, with one line and exit code 1.
 
 The first signal raises :class:`Interrupted` in the main thread: nothing more is submitted and the run
-unwinds. Shards in flight may finish; their files are written atomically, so none shows half-written.
-If the process is still alive ``BFR_CURATE_STOP_GRACE`` seconds later (default 10: a shard stuck on a
-hung store), it exits anyway, abandoning them. A second signal exits at once.
+unwinds. Once a stage has released its folder (:func:`abandon_on_stop`) the process exits at once,
+abandoning the shards in flight: their files are written atomically, so none shows half-written, and a
+rerun redoes them (Prefect would otherwise wait for each to finish: a minute or more). If the process is
+still alive ``BFR_CURATE_STOP_GRACE`` seconds after the signal (default 10: a release stuck on a hung
+store), it exits anyway. A second signal exits at once.
 """
 
 from __future__ import annotations
@@ -13,15 +15,18 @@ import os
 import signal
 import sys
 import threading
+from contextlib import contextmanager
 
 from bfr_models import storage
 
 PREFECT_RUN_LOGGERS = ("prefect.task_runs", "prefect.flow_runs", "prefect.engine", "prefect.flow_engine",
                        "prefect.task_engine", "prefect.results")
 
+STOP_SERVER_S = 1  # how long a stopped command waits for its API server to stop before killing it
 _said = threading.Event()  # the one line was printed
 _signalled = threading.Event()
 _children = []  # processes this command started that must not outlive it (schedule's Prefect server)
+_released = threading.Event()  # a stage stopped by the signal released its folder: nothing left to wait for
 
 
 class Interrupted(KeyboardInterrupt):
@@ -59,17 +64,21 @@ def stop_on_exit(process) -> None:
 def exit_now(text: str) -> None:
     """End the process at once with exit code 1 and one line (unless one was printed already), from any thread."""
     _say_once(text)
+    from flows.api_server import end_process, stop
+
+    # the Prefect API servers are child processes: do not orphan them, nor wait long for them
     for child in _children:
-        child.terminate()
-    # Prefect's temporary API server is a child process: do not orphan it (its module is imported when one
-    # was started; importing it otherwise would take seconds)
-    server_module = sys.modules.get("prefect.server.api.server")
-    try:
-        for server in list(server_module.SubprocessASGIServer._instances.values()) if server_module else []:
-            server.stop()
-    except Exception:
-        pass
+        end_process(child, STOP_SERVER_S)
+    stop(wait=STOP_SERVER_S)
+    prefect_server = sys.modules.get("prefect.server.api.server")  # Prefect's own, if this process started one
+    for server in list(prefect_server.SubprocessASGIServer._instances.values()) if prefect_server else []:
+        end_process(server.server_process, STOP_SERVER_S)
     os._exit(1)
+
+
+def _exit_when_released(name: str) -> None:
+    _released.wait(stop_grace())
+    _exit_now(name)
 
 
 def _on_signal(signum, frame) -> None:
@@ -77,10 +86,19 @@ def _on_signal(signum, frame) -> None:
     if _signalled.is_set():
         _exit_now(name)
     _signalled.set()
-    timer = threading.Timer(stop_grace(), _exit_now, args=(name,))
-    timer.daemon = True
-    timer.start()
+    threading.Thread(target=_exit_when_released, args=(name,), daemon=True).start()
     raise Interrupted(name)
+
+
+@contextmanager
+def abandon_on_stop():
+    """Around a stage's lease: when a stop signal unwinds the stage, the command exits as soon as the lease
+    is released, without waiting for the shards in flight."""
+    try:
+        yield
+    except Interrupted:
+        _released.set()
+        raise
 
 
 def _unexplained(record: logging.LogRecord) -> bool:

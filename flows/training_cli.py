@@ -93,9 +93,9 @@ def cmd_schedule(args) -> None:
 
 
 def add_training_parsers(sub, add_common, run, print_result) -> None:
-    from bfr_models.idm.sampler import VARIANCES
+    from bfr_models.choices import IDM_DEGRADE_SOURCES as DEGRADE_SOURCES
+    from bfr_models.choices import IDM_VARIANCES as VARIANCES
     from flows.cli import add_exclude
-    from flows.idm import DEGRADE_SOURCES
 
     p = sub.add_parser("finetune", help="fine-tune a restorer on pseudo-target pairs (L1 + LPIPS + GAN)",
                        description="The unsupervised-BFR objective: L1 + 0.1 LPIPS(VGG) + 0.1 GAN with a U-Net "

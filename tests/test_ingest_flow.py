@@ -10,6 +10,7 @@ from bfr_models.imageio import decode_rgb
 from flows.cli import local_cluster_kwargs
 from flows.demo import write_demo_photos
 from flows.ingest import ingest_flow
+from flows.threads import intra_op_threads
 from tests.conftest import write_png
 
 
@@ -19,6 +20,7 @@ def test_ingest_demo_photos_on_dask(tmp_path):
     runner = DaskTaskRunner(cluster_kwargs=local_cluster_kwargs(2))
     uri = ingest_flow.with_options(task_runner=runner)(input=photos, out=str(tmp_path / "out"), device="cpu",
                                                        shard_size=1)
+    assert manifest.read_index(uri)["config"]["threads"] == intra_op_threads(2)  # the workers' torch threads
     df = manifest.read_manifest(uri)
     ok = df[df["status"] == "ok"]
     per_photo = ok["parent_uri"].map(lambda u: u.rsplit("/", 1)[-1]).value_counts().to_dict()

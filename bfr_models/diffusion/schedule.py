@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
+from bfr_models.choices import VARIANCE_TYPES
 
 
 def _extract(arr: np.ndarray, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

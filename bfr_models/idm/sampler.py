@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from bfr_models.device import randn
+from bfr_models.choices import IDM_VARIANCES as VARIANCES
 from bfr_models.diffusion.schedule import DDPMSchedule
 
-VARIANCES = ("posterior", "large")
 X0Model = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 

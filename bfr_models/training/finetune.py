@@ -28,7 +28,6 @@ from typing import Callable
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from bfr_models import storage

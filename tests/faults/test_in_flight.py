@@ -1,7 +1,12 @@
-"""run_stage keeps at most ``max_in_flight`` shard tasks submitted, even on an unbounded thread pool."""
+"""run_stage keeps at most ``max_in_flight`` shard tasks submitted, even on an unbounded thread pool; a stop
+signal abandons the shards in flight instead of waiting for them."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import asdict
@@ -14,6 +19,7 @@ from flows.stage import run_stage
 from tasks.rows import error_row
 from tasks.runtime import shard_cache_key
 from tasks.shards import InputItem
+from tests.conftest import REPO
 
 _lock = threading.Lock()
 _running = {"now": 0, "peak": 0}
@@ -41,3 +47,57 @@ def test_at_most_max_in_flight_shards_at_once(tmp_path):
     uri = probe_flow(str(tmp_path / "out"), items)
     assert len(read_manifest(uri)) == 24
     assert _running["peak"] == 2  # never more than the bound, and the bound is used
+
+
+# A stage whose shards never finish by themselves, stopped the way the CLI stops (flows.cli.main).
+SLOW_STAGE = """
+import sys, time
+from pathlib import Path
+from prefect import flow, task
+from prefect.task_runners import ThreadPoolTaskRunner
+from flows.stage import run_stage
+from flows.stop import Interrupted, install_stop_handlers, say_stopped
+from tasks.runtime import shard_cache_key
+from tasks.shards import InputItem
+
+@task(cache_key_fn=shard_cache_key, persist_result=True, cache_result_in_memory=False)
+def slow_shard(spec, stage_uri: str) -> dict:
+    Path(sys.argv[2]).touch()  # a shard is in flight
+    time.sleep(600)
+
+@flow(task_runner=ThreadPoolTaskRunner(max_workers=2))
+def slow_flow(out: str) -> str:
+    items = [InputItem(uri=f"/in/{i}.png", version=str(i)) for i in range(4)]
+    return run_stage(slow_shard, "slow", {"v": 1}, items, "slow-input", out, shard_size=1)
+
+install_stop_handlers()
+try:
+    slow_flow(sys.argv[1])
+except Interrupted as e:
+    say_stopped(str(e))
+    sys.exit(1)
+"""
+
+
+def test_sigterm_abandons_the_shards_in_flight(tmp_path):
+    out, marker = tmp_path / "out", tmp_path / "in-flight"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp_path / "prefect"),
+           "BFR_CURATE_STOP_GRACE": "600"}  # the grace is not what ends it
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_STAGE, str(out), str(marker)], env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert marker.exists(), proc.stderr.read() if proc.poll() is not None else "no shard started"
+        os.kill(proc.pid, signal.SIGTERM)
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1 and "stopped by SIGTERM" in err and took < 20, (took, err[-2000:])
+    print(f"FIGURE SIGTERM with shards in flight: exit {took:.1f} s after the signal")
+    assert not list(out.rglob("index.json")) and not list(out.rglob("*.parquet"))  # nothing partial
+    assert not list(out.rglob(".bfr-curate-lease.json"))  # released before the exit: a rerun starts at once

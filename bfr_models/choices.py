@@ -1,0 +1,15 @@
+"""The named options a user picks on the command line, free of torch: the parser lists them without
+importing the models (``bfr-curate --help`` stays fast). The modules that use them import them from here."""
+
+# bfr_models.diffusion.schedule: the reverse step's variance of a prior
+VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
+
+# bfr_models.pseudo_targets: the methods, what to do with off-size inputs, and each method's respaced steps
+PSEUDO_TARGET_METHODS = ("dr2", "lowfreq", "polish", "difbfsr")
+PSEUDO_TARGET_RESIZE_MODES = ("input", "prior", "refuse")
+AUTO_METRICS = ("niqe", "musiq")  # what --auto may rank candidates by
+DEFAULT_RESPACE = {"dr2": 100, "lowfreq": 250, "polish": 1000, "difbfsr": 250}  # polish: no respacing (DiffBFR)
+
+# IDM (bfr_models.idm): the sampler's variance, and which images the training pairs degrade
+IDM_VARIANCES = ("posterior", "large")
+IDM_DEGRADE_SOURCES = ("original", "cleaned")

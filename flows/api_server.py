@@ -1,0 +1,116 @@
+"""The Prefect API a command's flows report to, started while the command is still getting ready.
+
+Without ``PREFECT_API_URL`` Prefect starts a temporary API server on a run's first client call and waits for
+it: a subprocess whose imports and database checks cost 4-5 CPU-seconds before the first task can start.
+The console command starts that same server (Prefect's ephemeral mode, as Prefect runs it: uvicorn, no UI,
+no scheduler, the SQLite database of ``PREFECT_HOME``) the moment it knows it will run a flow
+(:func:`start_early`), then imports torch and plans its inputs while the server starts on another core;
+:func:`prefect_api` waits for it only when the first flow starts. With ``PREFECT_API_URL`` set (a server
+of your own, e.g. ``prefect server start --background``) nothing is started: the runs go there.
+
+Only the console command starts early (``main()`` with no argv): a Python caller that runs several commands
+in one process (the tests) keeps Prefect's own server, one per process.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+
+STOP_WAIT_S = 5  # as Prefect's own temporary server: then it is killed
+
+_server: dict = {}  # the early server: {"process": Popen, "url": str}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def startup_timeout() -> float:
+    return float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 180))
+
+
+def wait_healthy(url: str, process: subprocess.Popen, timeout: float) -> bool:
+    """Poll ``url``/health until it answers 200 (True), or the process ended or ``timeout`` passed (False)."""
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.05)
+    return False
+
+
+def start_early() -> None:
+    """Start Prefect's temporary API server now, without waiting for it, unless the environment names an API."""
+    if _server or os.environ.get("PREFECT_API_URL"):
+        return
+    port = free_port()
+    # the command Prefect's SubprocessASGIServer runs (prefect/server/api/server.py), so the server is the same
+    cmd = [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
+           "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"]
+    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+    _server.update(process=subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL), url=f"http://127.0.0.1:{port}/api")
+    atexit.register(stop)  # registered before Prefect's own exit handlers, so it runs after them (they send logs)
+
+
+@contextmanager
+def use_api(url: str):
+    """Point Prefect in this process (its settings) and the processes it starts (their environment) at ``url``."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    old = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = url
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield url
+    finally:
+        if old is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = old
+
+
+@contextmanager
+def prefect_api():
+    """Around a command's flow: once the early server answers, its runs go there. Without an early server, or
+    if it did not come up, Prefect runs as it would by itself (its own server, or ``PREFECT_API_URL``)."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    process = _server.get("process")
+    if process is not None and (PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value()):
+        stop()  # Prefect's settings (a profile, prefect.toml) name an API, or allow no temporary server
+        process = None
+    if process is None or not wait_healthy(_server["url"], process, startup_timeout()):
+        yield None
+        return
+    with use_api(_server["url"]) as url:
+        yield url
+
+
+def stop(wait: float = STOP_WAIT_S) -> None:
+    """Stop the early server (at exit, or sooner when a signal stops the command)."""
+    end_process(_server.pop("process", None), wait)
+
+
+def end_process(process: subprocess.Popen | None, wait: float) -> None:
+    """Terminate a server process, kill it if it is still there ``wait`` seconds later, and reap it."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(wait)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

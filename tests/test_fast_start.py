@@ -1,0 +1,92 @@
+"""Start-up: help and argument errors never load the heavy libraries (torch, Prefect, diffusers, pandas ...)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+HEAVY = ("torch", "prefect", "diffusers", "pandas", "pyarrow", "pyiqa", "numpy", "fsspec", "s3fs", "dask")
+
+# Runs every command's --help and two argument errors the way the console script does (flows.cli.main),
+# then prints the exit codes and the heavy top-level modules that got imported.
+PROBE = """
+import argparse, json, sys
+from flows.cli import build_parser, main
+
+def commands(parser, prefix=()):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*prefix, name)
+                yield from commands(sub, (*prefix, name))
+
+codes = {}
+for argv in [["--help"], *([*c, "--help"] for c in commands(build_parser())), ["degrade"], ["score", "--workers", "x"]]:
+    try:
+        main(argv)
+    except SystemExit as e:
+        codes[" ".join(argv)] = e.code
+heavy = sorted({m.split(".")[0] for m in sys.modules} & set(sys.argv[1:]))
+print(json.dumps({"codes": codes, "heavy": heavy}))
+"""
+
+
+def test_help_and_argument_errors_import_no_heavy_library():
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", PROBE, *HEAVY], capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    codes = result["codes"]
+    assert {"--help", "degrade --help", "manifest show --help", "prior train --help", "export --help"} <= set(codes)
+    assert codes["degrade"] == 2 and codes["score --workers x"] == 2  # argparse's usage errors
+    assert all(code == 0 for argv, code in codes.items() if argv.endswith("--help")), codes
+    assert result["heavy"] == []
+
+
+SHOW = """
+import json, sys
+from flows.cli import main
+codes = [main(["manifest", "show", sys.argv[1], "--head", "2"]), main(["manifest", "show", sys.argv[2]])]
+heavy = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "prefect", "diffusers", "pyiqa"})
+print(json.dumps({"codes": codes, "heavy": heavy}))
+"""
+
+
+def test_manifest_show_imports_neither_torch_nor_prefect(tmp_path):
+    from bfr_models.manifest import ManifestWriter
+
+    writer = ManifestWriter(str(tmp_path / "degrade" / "k"))
+    rows = [{"image_id": "a", "uri": None, "stage": "degrade", "status": "error", "error": "probe", "niqe": 1.0}]
+    writer.write_index("degrade", "k", {}, [writer.write_shard("s", rows)])
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", SHOW, writer.stage_uri, str(tmp_path / "missing")],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["codes"] == [0, 2] and "rows:     1  ok 0  error 1" in proc.stdout
+    assert "bfr-curate: error: " in proc.stderr  # the missing manifest, explained in one line
+    assert result["heavy"] == []
+
+
+def test_flow_commands_are_commands():
+    """The commands the console command starts Prefect's API for early all exist (a stale name would only
+    make that command slower)."""
+    import argparse
+
+    from flows.cli import FLOW_COMMANDS, build_parser
+
+    def names(parser, prefix=""):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield f"{prefix}{name}"
+                    yield from names(sub, f"{prefix}{name} ")
+
+    known = set(names(build_parser()))
+    assert FLOW_COMMANDS <= known, FLOW_COMMANDS - known
+    assert {"manifest show", "presets", "models list", "export", "runs", "gc"}.isdisjoint(FLOW_COMMANDS)
