@@ -1,6 +1,24 @@
 """The named options a user picks on the command line, free of torch: the parser lists them without
 importing the models (``bfr-curate --help`` stays fast). The modules that use them import them from here."""
 
+import os
+from pathlib import Path
+
+
+def catalogs_dir() -> Path:
+    """The YAML catalogs (model cards, presets, recipes, thresholds): ``BFR_CURATE_CATALOGS`` or the repo's."""
+    env = os.environ.get("BFR_CURATE_CATALOGS")
+    if env:
+        return Path(env).expanduser()
+    return Path(__file__).resolve().parents[1] / "catalogs"
+
+
+def list_presets() -> list[str]:
+    """The degradation presets: one YAML each in ``catalogs/presets``."""
+    folder = catalogs_dir() / "presets"
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
 # bfr_models.diffusion.schedule: the reverse step's variance of a prior
 VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
 

@@ -60,7 +60,7 @@ class GateConfig:
 
 
 def default_gate_path() -> Path:
-    from bfr_models.models import catalogs_dir
+    from bfr_models.choices import catalogs_dir
 
     return catalogs_dir() / "gate" / "pseudo_targets.yaml"
 

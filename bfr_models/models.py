@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Iterable
 
 from bfr_models import storage
+from bfr_models.choices import catalogs_dir
 
 CHUNK = 1 << 20  # bytes per read while downloading / hashing
 
@@ -116,13 +117,6 @@ class ModelCard:
 
 
 # --------------------------------------------------------------------------- cards
-
-
-def catalogs_dir() -> Path:
-    env = os.environ.get("BFR_CURATE_CATALOGS")
-    if env:
-        return Path(env).expanduser()
-    return Path(__file__).resolve().parents[1] / "catalogs"
 
 
 def _card_error(path: Path, field_name: str, problem: str) -> ModelCardError:

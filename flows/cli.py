@@ -302,7 +302,7 @@ def add_exclude(p) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bfr_models.degradations import list_presets
+    from bfr_models.choices import list_presets
 
     parser = Parser(prog="bfr-curate", description="Data curation for blind face restoration.", epilog=EPILOG)
     parser.add_argument("--debug", action="store_true",

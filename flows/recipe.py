@@ -54,7 +54,7 @@ class RecipeError(ValueError):
 
 
 def recipes_dir() -> Path:
-    from bfr_models.models import catalogs_dir
+    from bfr_models.choices import catalogs_dir
 
     return catalogs_dir() / "recipes"
 

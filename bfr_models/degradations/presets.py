@@ -46,7 +46,7 @@ from bfr_models.degradations.ops import (
     shift_colors,
     to_grayscale,
 )
-from bfr_models.models import catalogs_dir
+from bfr_models.choices import catalogs_dir, list_presets
 
 JITTER_NAMES = ("brightness", "contrast", "saturation", "hue")
 _METADATA = ("description", "source", "kind", "splits", "scales", "cases")
@@ -58,11 +58,6 @@ class PresetError(ValueError):
 
 def presets_dir() -> Path:
     return catalogs_dir() / "presets"
-
-
-def list_presets() -> list[str]:
-    folder = presets_dir()
-    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
 
 
 # ------------------------------------------------------------------------- validation

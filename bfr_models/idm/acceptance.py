@@ -65,7 +65,7 @@ class AcceptanceConfig:
 
 
 def default_acceptance_path() -> Path:
-    from bfr_models.models import catalogs_dir
+    from bfr_models.choices import catalogs_dir
 
     return catalogs_dir() / "acceptance" / "idm.yaml"
 

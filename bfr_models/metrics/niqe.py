@@ -62,7 +62,7 @@ _CPU_CHUNK_PIXELS = 1 << 18
 
 
 def pristine_params_path() -> Path:
-    from bfr_models.models import catalogs_dir
+    from bfr_models.choices import catalogs_dir
 
     return catalogs_dir() / "metrics" / PRISTINE_FILE
 

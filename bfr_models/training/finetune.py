@@ -102,7 +102,7 @@ class FinetuneConfig(LoopKnobs):
 
 
 def finetune_configs_dir() -> Path:
-    from bfr_models.models import catalogs_dir
+    from bfr_models.choices import catalogs_dir
 
     return catalogs_dir() / "finetune"
 
