@@ -31,3 +31,11 @@ DEFAULT_RESPACE = {"dr2": 100, "lowfreq": 250, "polish": 1000, "difbfsr": 250}  
 # IDM (bfr_models.idm): the sampler's variance, and which images the training pairs degrade
 IDM_VARIANCES = ("posterior", "large")
 IDM_DEGRADE_SOURCES = ("original", "cleaned")
+
+# bfr_models.metrics.suite: the metrics by what they compare, and score's defaults
+NO_REFERENCE = ("niqe", "musiq", "nrqm", "pi")
+FULL_REFERENCE = ("lpips", "psnr", "ssim")
+SET_LEVEL = ("fid",)
+KNOWN_METRICS = NO_REFERENCE + FULL_REFERENCE + SET_LEVEL
+DEFAULT_METRICS = "niqe,psnr,ssim"  # images with a reference: --reference, or a manifest whose rows have parents
+NO_REFERENCE_DEFAULT = ("niqe", "musiq")  # images without one (musiq when its weights are in the model cache)

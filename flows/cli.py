@@ -357,8 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print every preset's full parameters as JSON instead")
     p.set_defaults(func=cmd_presets)
 
-    from bfr_models.metrics.suite import FULL_REFERENCE, KNOWN_METRICS, NO_REFERENCE, SET_LEVEL
-    from flows.score import DEFAULT_METRICS, NO_REFERENCE_DEFAULT
+    from bfr_models.choices import (DEFAULT_METRICS, FULL_REFERENCE, KNOWN_METRICS, NO_REFERENCE,
+                                    NO_REFERENCE_DEFAULT, SET_LEVEL)
 
     p = sub.add_parser("score", help=f"add metric columns ({', '.join(NO_REFERENCE + FULL_REFERENCE)}) and set-level "
                                      f"{', '.join(SET_LEVEL)} to a new manifest",

@@ -8,6 +8,7 @@ import os
 from prefect import flow, get_run_logger
 
 from bfr_models import manifest, models, storage
+from bfr_models.choices import DEFAULT_METRICS, NO_REFERENCE_DEFAULT
 from bfr_models.metrics.niqe import niqe_convention as niqe_convention_name
 from bfr_models.metrics.suite import FULL_REFERENCE, ScoreConfig, conventions, model_cards_needed, parse_metrics
 from flows.run_info import run_name
@@ -30,8 +31,6 @@ def input_rows(uri: str, exclude: tuple[str, ...] | list[str] = ()) -> tuple[lis
              "stage": "input", "status": "ok"} for i in items], skipped
 
 
-DEFAULT_METRICS = "niqe,psnr,ssim"  # images with a reference: --reference, or a manifest whose rows have parents
-NO_REFERENCE_DEFAULT = ("niqe", "musiq")  # images without one (musiq when its weights are in the model cache)
 
 
 def default_metrics(input: str, reference: str | None) -> tuple[str, str | None]:

@@ -7,10 +7,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-NO_REFERENCE = ("niqe", "musiq", "nrqm", "pi")
-FULL_REFERENCE = ("lpips", "psnr", "ssim")
-SET_LEVEL = ("fid",)
-KNOWN_METRICS = NO_REFERENCE + FULL_REFERENCE + SET_LEVEL
+from bfr_models.choices import FULL_REFERENCE, KNOWN_METRICS, NO_REFERENCE, SET_LEVEL
 
 
 @dataclass(frozen=True)
