@@ -61,7 +61,11 @@ def start_early() -> None:
     cmd = [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
            "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"]
     env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
-    _server.update(process=subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL), url=f"http://127.0.0.1:{port}/api")
+    # its output is not the command's: a server stopped while starting (a command that fails its first check)
+    # prints a traceback; one that does not come up is replaced by Prefect's own (prefect_api), which reports
+    process = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    _server.update(process=process, url=f"http://127.0.0.1:{port}/api")
     atexit.register(stop)  # registered before Prefect's own exit handlers, so it runs after them (they send logs)
 
 
