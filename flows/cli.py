@@ -52,7 +52,10 @@ def local_cluster_kwargs(workers: int) -> dict:
 
 def _run(flow_fn, args, **params):
     from bfr_models import storage
+    from flows.cluster import check_contract, is_remote
 
+    if is_remote(getattr(args, "dask", None)):
+        check_contract(args.dask, params)  # before anything is written: local paths, Prefect server, model cache
     if params.get("out"):
         storage.check_writable(params["out"])  # before any work: one line, never a bucket created
     with _executor(args) as runner:
@@ -67,11 +70,11 @@ def _check_input(uri: str) -> None:
 
 
 def cmd_degrade(args):
+    from flows.cluster import check_device
     from flows.degrade import degrade_config, degrade_flow
-    from tasks.runtime import resolve_device
 
     degrade_config(args.preset, args.split, args.scale, args.seed)
-    resolve_device(args.device)
+    check_device(args.device, args.dask)
     _check_input(args.input)
     uri = _run(degrade_flow, args, input=args.input, out=args.out, preset=args.preset, split=args.split,
                scale=args.scale, seed=args.seed, shard_size=args.shard_size, batch_size=args.batch_size,
@@ -80,10 +83,10 @@ def cmd_degrade(args):
 
 
 def cmd_ingest(args):
+    from flows.cluster import check_device
     from flows.ingest import ingest_flow
-    from tasks.runtime import resolve_device
 
-    resolve_device(args.device)
+    check_device(args.device, args.dask)
     _check_input(args.input)
     uri = _run(ingest_flow, args, input=args.input, out=args.out, size=args.size, min_score=args.min_score,
                min_size=args.min_size, shard_size=args.shard_size, batch_size=args.batch_size, device=args.device,
@@ -98,11 +101,11 @@ def cmd_demo(args):
 
 def cmd_run(args):
     from bfr_models import storage
+    from flows.cluster import check_device
     from flows.recipe import load_recipe, recipe_flow
-    from tasks.runtime import resolve_device
 
     recipe = load_recipe(args.recipe)
-    resolve_device(args.device)
+    check_device(args.device, args.dask)
     out = args.out or f"./runs/{recipe['name']}"
     results = _run(recipe_flow, args, recipe=recipe, out=out, device=args.device)
     report = results.pop("report", None)
@@ -120,10 +123,10 @@ def cmd_run(args):
 
 
 def cmd_score(args):
+    from flows.cluster import check_device
     from flows.score import plan_score, score_flow
-    from tasks.runtime import resolve_device
 
-    resolve_device(args.device)
+    check_device(args.device, args.dask)
     _check_input(args.input)
     opts = dict(input=args.input, metrics=args.metrics, reference=args.reference, fid_ref=args.fid_ref,
                 niqe_convention=args.niqe_convention, crop_border=args.crop_border, y_channel=args.y_channel,

@@ -25,7 +25,7 @@ from flows.prior import progress, training_images
 from flows.stage import annotate_index, run_stage, skipped_record
 from tasks.clean import STAGE, cached_idm, clean_shard, set_calibration
 from tasks.pseudo_targets import DTYPES
-from tasks.runtime import ensure_gpu_limit, key_parameter, resolve_device, result_storage
+from tasks.runtime import ensure_gpu_limit, key_parameter, local_device, resolve_device, result_storage
 from tasks.shards import CODE_VERSION, list_inputs, stable_hash
 
 DEGRADE_SOURCES = ("original", "cleaned")
@@ -156,8 +156,8 @@ def clean_flow(input: str, out: str, model: str, rounds: int = 1, steps: int = 1
     accept = load_acceptance(acceptance, min_lowpass_psnr=min_lowpass_psnr, lowpass_N=lowpass_N, max_lpips=max_lpips,
                              min_identity=min_identity)
     first = plan_clean(input, model, rounds, steps, variance, passes, degrade_source, dtype)
-    dev = resolve_device(device)
-    ensure_gpu_limit(dev)
+    dev = local_device(device)  # calibration and FID run here; shards resolve `device` where they run
+    ensure_gpu_limit(device)
     not_computed: list[dict] = []
     use_musiq = _optional_scorer("musiq_koniq", musiq, not_computed, "musiq")
     use_lpips = _optional_scorer("lpips_vgg16_backbone", lpips, not_computed, "lpips")
@@ -185,7 +185,7 @@ def clean_flow(input: str, out: str, model: str, rounds: int = 1, steps: int = 1
         uri = run_stage(clean_shard, STAGE, config, items, input, out, shard_size, incremental=True,
                         model_uri=model_uri, round=r, steps=steps, variance=variance, passes=passes,
                         acceptance=asdict(accept), calibration=asdict(calibration), musiq=use_musiq, lpips=use_lpips,
-                        identity=use_identity, seed=seed, device=str(dev), dtype=dtype, batch_size=batch_size)
+                        identity=use_identity, seed=seed, device=device, dtype=dtype, batch_size=batch_size)
         frame = manifest.read_manifest(uri)
         ok = frame[frame["status"] == "ok"]
         history.append({"round": r, "model": model_uri, "manifest": uri, "images": int(len(ok)),

@@ -23,7 +23,7 @@ from bfr_models.pseudo_targets import (RESIZE_MODES, Candidate, MethodParams, Ps
                                        with_resolution)
 from flows.stage import run_stage, skipped_record
 from tasks.rows import decode_items, same_size_batches
-from tasks.runtime import ensure_gpu_limit, key_parameter, resolve_device
+from tasks.runtime import ensure_gpu_limit, key_parameter, local_device, resolve_device
 from tasks.pseudo_targets import (DTYPES, STAGE, cached_prior, cached_restorer, gate_batch, niqe_defined,
                                   pseudo_target_shard, run_generate, sample_seeds)
 from tasks.shards import CODE_VERSION, InputItem, list_inputs, read_many, stable_hash
@@ -66,7 +66,7 @@ def plan_pseudo_targets(input: str, prior: str, method: str, params: dict, resto
         raise PseudoTargetError(f"--restorer applies to lowfreq and polish; {method} works on the LQ input itself")
     if not storage.exists(input):
         raise PseudoTargetError(f"input not found: {input}")
-    dev = str(resolve_device(device))
+    dev = str(local_device(device))
     loaded = cached_prior(prior, dev)  # missing prior, bad hash, unknown format: one line, before work
     p = with_resolution(p, loaded.resolution)
     validate(p, loaded.resolution)
@@ -184,8 +184,8 @@ def pseudo_targets_flow(input: str, out: str, prior: str, method: str = "dr2", N
                                                              dtype, device, auto, auto_grid, auto_metric, exclude,
                                                              gate)
     gate_config, gate_record, gate_scorers = plan_gate(gate, input, loaded.resolution, resize, p.upscale)
-    dev = resolve_device(device)
-    ensure_gpu_limit(dev)
+    dev = local_device(device)  # the --auto search runs here; shards resolve `device` where they run
+    ensure_gpu_limit(device)
     logger = get_run_logger()
     logger.info("pseudo-targets: %d images (%d error rows in the input skipped), %s", len(items), skipped, p.as_dict())
     restorer_info = restore.describe() if restore else None
@@ -213,7 +213,7 @@ def pseudo_targets_flow(input: str, out: str, prior: str, method: str = "dr2", N
     uri = run_stage(pseudo_target_shard, STAGE, config, items, input, out, shard_size,
                     finalize=lambda *_: skipped_record(input, skipped, exclude), params=asdict(p),
                     prior_uri=prior, restorer=restorer, resize=resize, best_of=best_of,
-                    fidelity_limit=fidelity_limit, seed=seed, device=str(dev), dtype=dtype,
+                    fidelity_limit=fidelity_limit, seed=seed, device=device, dtype=dtype,
                     batch_size=batch_size, auto=row_auto, gate=asdict(gate_config), **gate_scorers)
     logger.info("pseudo-targets: %s", gate_summary(uri))
     return uri
