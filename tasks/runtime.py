@@ -146,6 +146,8 @@ class ResultFilesystem:
         pass
 
     def __getattr__(self, name: str):
+        if name in ("_uri", "_fs") or name.startswith("__"):  # not set yet: being unpickled on a Dask node
+            raise AttributeError(name)
         error = storage.failed(self._uri)
         if error is not None:
             raise storage.StoreError(str(error))
