@@ -244,3 +244,34 @@ def test_a_local_path_with_a_remote_cluster_fails_before_any_work(tmp_path, caps
     assert code == 2 and len(err.splitlines()) == 1
     assert f"{photos} is a path on this machine" in err and "s3://" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]  # nothing written
+
+
+def test_shared_model_cache_is_pulled_hash_checked(s3_endpoint, tmp_path, monkeypatch):
+    import tempfile
+
+    import s3fs
+
+    from bfr_models import models
+
+    good, bad = b"the weights", b"other bytes"
+    catalog = tmp_path / "catalogs"
+    (catalog / "models").mkdir(parents=True)
+    card = yaml.safe_load((REPO / "catalogs" / "models" / "lpips_alex_backbone.yaml").read_text())
+    (catalog / "models" / "lpips_alex_backbone.yaml").write_text(
+        yaml.safe_dump({**card, "sha256": hashlib.sha256(good).hexdigest()}))
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("bfr-shared-cache")
+    monkeypatch.setenv("BFR_CURATE_CATALOGS", str(catalog))
+    monkeypatch.setenv("BFR_CURATE_MODEL_CACHE", "s3://bfr-shared-cache/models")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "node-tmp"))
+    (tmp_path / "node-tmp").mkdir()
+    with pytest.raises(models.ModelMissingError, match="looked in s3://bfr-shared-cache/models"):
+        models.model_path("lpips_alex_backbone")
+    fs.pipe(f"bfr-shared-cache/models/{card['filename']}", bad)
+    with pytest.raises(models.ModelHashError, match="the shared model cache holds a wrong file"):
+        models.model_path("lpips_alex_backbone")
+    assert _files(tmp_path / "node-tmp") == []  # nothing kept of a wrong file
+    fs.pipe(f"bfr-shared-cache/models/{card['filename']}", good)
+    path = models.model_path("lpips_alex_backbone")
+    assert path.read_bytes() == good and path.is_relative_to(tmp_path / "node-tmp")
