@@ -78,8 +78,12 @@ def _check_workers(address: str) -> None:
     join later, an adaptive cluster's, are not seen here)."""
     from distributed import Client
 
-    with Client(address, timeout=30) as client:
-        answers = client.run(worker_settings)
+    try:
+        with Client(address, timeout=30) as client:
+            answers = client.run(worker_settings)
+    except OSError as e:  # refused, unreachable, timed out
+        raise ClusterContractError(f"--dask {address}: no Dask scheduler answers there ({type(e).__name__}: {e})"
+                                   ) from None
     mine = worker_settings()
     for worker, theirs in sorted(answers.items()):
         for name in SHARED_SETTINGS:

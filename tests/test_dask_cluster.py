@@ -120,8 +120,11 @@ def cluster(s3_endpoint, tmp_path_factory):
         sched = start([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(scheduler_port),
                        "--no-dashboard"], node("scheduler"), "scheduler.log")
         nodes = [node("node-a"), node("node-b")]
+        # node-a advertises a GPU (as `dask worker --resources GPU=1` on a GPU machine); it has none: a stage
+        # with --device auto must go there only and resolve `auto` there (to cpu)
         workers = [start([str(BIN / "dask"), "worker", scheduler, "--nthreads", "1", "--no-nanny", "--no-dashboard",
-                          "--name", f"node-{k}", "--local-directory", str(n["tmp"] / "dask")], n, "worker.log")
+                          "--name", f"node-{k}", "--local-directory", str(n["tmp"] / "dask"),
+                          *(["--resources", "GPU=1"] if k == 0 else [])], n, "worker.log")
                    for k, n in enumerate(nodes)]
         # while they start: the photos, a tiny prior (random weights: its targets are valid images) and the
         # LPIPS backbone in the shared model cache, all on S3
@@ -209,12 +212,21 @@ def test_recipe_on_two_workers_to_s3_rerun_cached_and_survives_a_killed_worker(c
     assert again.returncode == 0, again.stderr[-3000:]
     assert _objects(fs, f"{BUCKET}/run") == before  # every shard a cache hit: nothing rewritten
 
+    # a stage that may use a GPU asks for one: every shard on the node advertising it, `auto` resolved there
+    driver = cluster["driver"]
+    gpu = subprocess.run([str(BIN / "bfr-curate"), "degrade", "--input", f"s3://{BUCKET}/photos", "--out",
+                          f"s3://{BUCKET}/gpu", "--preset", "gfpgan", "--shard-size", "1", "--dask", cluster["scheduler"]],
+                         cwd=driver["cwd"], env=driver["env"], capture_output=True, text=True, timeout=400)
+    assert gpu.returncode == 0, gpu.stderr[-3000:]
+    rows = _manifests(fs, f"s3://{BUCKET}/gpu")["degrade"]
+    assert len(rows) == N_PHOTOS and set(rows["worker"].str.rsplit(":", n=1).str[1]) == {str(cluster["workers"][0].pid)}
+    assert set(rows["device"]) == {"cpu"}
+
     # a node dies while the pseudo-targets stage runs: the other finishes its shards, each input exactly once
     recipe = cluster["root"] / "kill-recipe.yaml"
     short = {k: v for k, v in RECIPE.items() if k not in ("score", "report")}  # the stages that matter here
     recipe.write_text(yaml.safe_dump({**short, "photos": f"s3://{BUCKET}/more"}))
     out2 = f"s3://{BUCKET}/run2"
-    driver = cluster["driver"]
     proc = subprocess.Popen([str(BIN / "bfr-curate"), "run", str(recipe), "--out", out2, "--dask",
                              cluster["scheduler"], "--device", "cpu"], cwd=driver["cwd"], env=driver["env"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -246,6 +258,10 @@ def test_a_local_path_with_a_remote_cluster_fails_before_any_work(tmp_path, caps
     assert code == 2 and len(err.splitlines()) == 1
     assert f"{photos} is a path on this machine" in err and "s3://" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]  # nothing written
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    assert main(["run", "demo", "--out", "s3://nowhere/run", "--dask", "tcp://127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "PREFECT_API_URL is not set" in err
 
 
 def test_shared_model_cache_is_pulled_hash_checked(s3_endpoint, tmp_path, monkeypatch):
