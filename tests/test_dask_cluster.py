@@ -56,7 +56,8 @@ def _lpips_backbone() -> bytes:
     import torchvision
 
     torch.manual_seed(0)
-    state = {k: v for k, v in torchvision.models.alexnet(weights=None).state_dict().items() if k.startswith("features.")}
+    net = torchvision.models.alexnet(weights=None)
+    state = {k: v for k, v in net.state_dict().items() if k.startswith("features.")}
     buf = io.BytesIO()
     torch.save(state, buf)
     return buf.getvalue()
@@ -149,7 +150,7 @@ def cluster(s3_endpoint, tmp_path_factory):
         recipe = root / "driver-recipe.yaml"  # read by the command only (the test's own temp folder)
         recipe.write_text(yaml.safe_dump(RECIPE))
         yield {"root": root, "fs": fs, "scheduler": scheduler, "driver": driver, "nodes": nodes, "workers": workers,
-               "recipe": recipe, "env": shared}
+               "recipe": recipe}
     finally:
         for proc in reversed(procs):
             if proc.poll() is None:
@@ -161,9 +162,9 @@ def cluster(s3_endpoint, tmp_path_factory):
                 proc.kill()
 
 
-def _run(cluster, out: str, recipe: Path | None = None) -> subprocess.CompletedProcess:
+def _run(cluster, out: str) -> subprocess.CompletedProcess:
     driver = cluster["driver"]
-    return subprocess.run([str(BIN / "bfr-curate"), "run", str(recipe or cluster["recipe"]), "--out", out, "--dask",
+    return subprocess.run([str(BIN / "bfr-curate"), "run", str(cluster["recipe"]), "--out", out, "--dask",
                            cluster["scheduler"], "--device", "cpu"], cwd=driver["cwd"], env=driver["env"],
                           capture_output=True, text=True, timeout=400)
 
@@ -215,7 +216,8 @@ def test_recipe_on_two_workers_to_s3_rerun_cached_and_survives_a_killed_worker(c
     # a stage that may use a GPU asks for one: every shard on the node advertising it, `auto` resolved there
     driver = cluster["driver"]
     gpu = subprocess.run([str(BIN / "bfr-curate"), "degrade", "--input", f"s3://{BUCKET}/photos", "--out",
-                          f"s3://{BUCKET}/gpu", "--preset", "gfpgan", "--shard-size", "1", "--dask", cluster["scheduler"]],
+                          f"s3://{BUCKET}/gpu", "--preset", "gfpgan", "--shard-size", "1",
+                          "--dask", cluster["scheduler"]],
                          cwd=driver["cwd"], env=driver["env"], capture_output=True, text=True, timeout=400)
     assert gpu.returncode == 0, gpu.stderr[-3000:]
     rows = _manifests(fs, f"s3://{BUCKET}/gpu")["degrade"]
