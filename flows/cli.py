@@ -41,8 +41,24 @@ def _executor(args):
         return
     from distributed import LocalCluster
 
-    with LocalCluster(**local_cluster_kwargs(workers)) as cluster:
+    with LocalCluster(**local_cluster_kwargs(workers), env=local_api_env()) as cluster:
         yield DaskTaskRunner(address=cluster.scheduler_address)
+
+
+def local_api_env() -> dict:
+    """``PREFECT_API_URL`` for LocalCluster workers: the server this command reports to. Without one, this
+    process's embedded API is started now and shared with them: each worker process would otherwise start an
+    embedded API of its own (tens of seconds each on its first shard)."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        server = SubprocessASGIServer()  # the instance Prefect's own client starts and uses in this process
+        server.start()
+        url = server.api_url
+    return {"PREFECT_API_URL": url}
 
 
 def local_cluster_kwargs(workers: int) -> dict:
