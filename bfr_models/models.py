@@ -29,6 +29,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -234,9 +235,29 @@ def get_card(name: str, cards: dict[str, ModelCard] | None = None) -> ModelCard:
 # --------------------------------------------------------------------------- cache
 
 
-def model_cache_dir() -> Path:
+def shared_cache() -> str | None:
+    """The model cache's URL when ``BFR_CURATE_MODEL_CACHE`` names a store (``s3://bucket/models``): one cache
+    every node of a cluster reaches. Each process pulls the files it needs from it into a local temp folder
+    (:func:`model_cache_dir`), checking each against its card's sha256. None for a local cache folder."""
     env = os.environ.get("BFR_CURATE_MODEL_CACHE")
+    return env.rstrip("/") if env and not storage.is_local(env) else None
+
+
+def model_cache_dir() -> Path:
+    """The local cache folder: ``BFR_CURATE_MODEL_CACHE``, ``~/.cache/bfr-curate/models`` by default, or with a
+    :func:`shared_cache`, a temp folder of this machine holding what was pulled from it."""
+    env = os.environ.get("BFR_CURATE_MODEL_CACHE")
+    shared = shared_cache()
+    if shared:
+        return Path(tempfile.gettempdir()) / f"bfr-curate-models-{hashlib.sha256(shared.encode()).hexdigest()[:12]}"
     return Path(env).expanduser() if env else Path.home() / ".cache" / "bfr-curate" / "models"
+
+
+def _shared_copy(card: ModelCard) -> str | None:
+    """The card's file in the shared cache, if there is one and it holds the file."""
+    shared = shared_cache()
+    return storage.join(shared, card.filename) if shared and storage.exists(storage.join(shared, card.filename)) \
+        else None
 
 
 def cached_path(card: ModelCard) -> Path:
@@ -304,7 +325,7 @@ def state(card: ModelCard) -> str:
     (present, not hashed yet) or 'missing'. Never hashes."""
     path = cached_path(card)
     if not path.is_file():
-        return "missing"
+        return "unverified" if _shared_copy(card) else "missing"
     digest = _recorded_digest(path)
     if digest is None or not card.matches(digest):
         return "unverified"
@@ -326,7 +347,13 @@ def check_cached(card: ModelCard) -> Path:
     """The cached file, hashed once if it has no valid record. Raises ModelMissingError / ModelHashError."""
     path = cached_path(card)
     if not path.is_file():
-        raise _missing_error([card])
+        source = _shared_copy(card)
+        if source is None:
+            raise _missing_error([card])
+        try:
+            path = _copy_verified(card, source, progress=False)  # checked against the card while copied
+        except ModelHashError as e:
+            raise ModelHashError(f"the shared model cache holds a wrong file: {e}") from None
     digest = _recorded_digest(path)
     if digest is None or not card.matches(digest):
         try:
@@ -341,7 +368,7 @@ def check_cached(card: ModelCard) -> Path:
 
 
 def _missing_error(missing: list[ModelCard]) -> ModelMissingError:
-    cache = model_cache_dir()
+    cache = shared_cache() or model_cache_dir()
     where = f"looked in {cache} (set BFR_CURATE_MODEL_CACHE to look elsewhere)"
     if len(missing) == 1:
         c = missing[0]
@@ -439,6 +466,15 @@ def _copy_verified(card: ModelCard, source: str, progress: bool) -> Path:
     return dest
 
 
+def _publish(card: ModelCard, path: Path) -> Path:
+    """With a :func:`shared_cache`, upload a verified file there too, so every node finds it."""
+    shared = shared_cache()
+    if shared:
+        fs, remote = storage.filesystem(storage.join(shared, card.filename))
+        fs.put_file(str(path), remote)
+    return path
+
+
 def _reason(e: BaseException, url: str) -> str:
     """The useful part of a download failure: fsspec often raises FileNotFoundError(url) around the real cause."""
     chain, c = [], e
@@ -471,7 +507,7 @@ def pull(name: str, source: str | None = None, *, progress: bool = True, force: 
     failures = []
     for url in ([source] if source else card.urls):
         try:
-            return _copy_verified(card, url, progress)
+            return _publish(card, _copy_verified(card, url, progress))
         except ModelHashError:
             raise
         except Exception as e:  # network, 404, credentials: try the next mirror
@@ -491,7 +527,7 @@ def add(name: str, from_path: str | Path, *, progress: bool = True) -> Path:
     if fs.isdir(path):
         raise FileNotFoundError(f"cannot add model '{name}': {src} is a folder; give the file {card.filename}")
     try:
-        return _copy_verified(card, src, progress)
+        return _publish(card, _copy_verified(card, src, progress))
     except ModelHashError:
         raise
     except FileNotFoundError:

@@ -63,8 +63,24 @@ def _executor(args):
         return
     from distributed import LocalCluster
 
-    with LocalCluster(**local_cluster_kwargs(workers)) as cluster:
+    with LocalCluster(**local_cluster_kwargs(workers), env=local_api_env()) as cluster:
         yield DaskTaskRunner(address=cluster.scheduler_address)
+
+
+def local_api_env() -> dict:
+    """``PREFECT_API_URL`` for LocalCluster workers: the server this command reports to. Without one, this
+    process's embedded API is started now and shared with them: each worker process would otherwise start an
+    embedded API of its own (tens of seconds each on its first shard)."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        server = SubprocessASGIServer()  # the instance Prefect's own client starts and uses in this process
+        server.start()
+        url = server.api_url
+    return {"PREFECT_API_URL": url}
 
 
 def local_cluster_kwargs(workers: int) -> dict:
@@ -79,9 +95,11 @@ def local_cluster_kwargs(workers: int) -> dict:
 def _run(flow_fn, args, **params):
     from bfr_models import storage
     from flows.api_server import prefect_api
-
+    from flows.cluster import check_contract, is_remote
     from flows.run_info import call_flow
 
+    if is_remote(getattr(args, "dask", None)):
+        check_contract(args.dask, params)  # before anything is written: local paths, Prefect server, model cache
     if params.get("out"):
         storage.check_writable(params["out"])  # before any work: one line, never a bucket created
 
@@ -98,11 +116,11 @@ def _check_input(uri: str) -> None:
 
 def cmd_degrade(args):
     _check_input(args.input)  # before importing the stage (torch, Prefect): a typo is answered at once
+    from flows.cluster import check_device
     from flows.degrade import degrade_config, degrade_flow
-    from tasks.runtime import resolve_device
 
     degrade_config(args.preset, args.split, args.scale, args.seed)
-    resolve_device(args.device)
+    check_device(args.device, args.dask)
     uri = _run(degrade_flow, args, input=args.input, out=args.out, preset=args.preset, split=args.split,
                scale=args.scale, seed=args.seed, shard_size=args.shard_size, batch_size=args.batch_size,
                device=args.device, exclude=args.exclude)
@@ -111,10 +129,10 @@ def cmd_degrade(args):
 
 def cmd_ingest(args):
     _check_input(args.input)
+    from flows.cluster import check_device
     from flows.ingest import ingest_flow
-    from tasks.runtime import resolve_device
 
-    resolve_device(args.device)
+    check_device(args.device, args.dask)
     uri = _run(ingest_flow, args, input=args.input, out=args.out, size=args.size, min_score=args.min_score,
                min_size=args.min_size, shard_size=args.shard_size, batch_size=args.batch_size, device=args.device,
                exclude=args.exclude)
@@ -128,11 +146,11 @@ def cmd_demo(args):
 
 def cmd_run(args):
     from bfr_models import storage
+    from flows.cluster import check_device
     from flows.recipe import load_recipe, recipe_flow
-    from tasks.runtime import resolve_device
 
     recipe = load_recipe(args.recipe)
-    resolve_device(args.device)
+    check_device(args.device, args.dask)
     out = args.out or f"./runs/{recipe['name']}"
     results = _run(recipe_flow, args, recipe=recipe, out=out, device=args.device)
     report = results.pop("report", None)
@@ -151,10 +169,10 @@ def cmd_run(args):
 
 def cmd_score(args):
     _check_input(args.input)
+    from flows.cluster import check_device
     from flows.score import default_metrics, plan_score, score_flow
-    from tasks.runtime import resolve_device
 
-    resolve_device(args.device)
+    check_device(args.device, args.dask)
     metrics = args.metrics
     if metrics is None:
         metrics, note = default_metrics(args.input, args.reference)

@@ -27,7 +27,7 @@ from flows.prior import progress, training_images
 from flows.run_info import publish_model_summary, run_name
 from flows.stage import annotate_index, run_stage, skipped_record
 from tasks.clean import STAGE, cached_idm, clean_shard, set_calibration
-from tasks.runtime import ensure_gpu_limit, key_parameter, resolve_device, result_storage
+from tasks.runtime import ensure_gpu_limit, key_parameter, local_device, result_storage
 from tasks.shards import CODE_VERSION, list_inputs, stable_hash
 
 DEFAULT_CHANNELS = IDMConfig().channels
@@ -94,7 +94,7 @@ def idm_train_flow(input: str, out: str, resolution: int = 512, crop: int | None
                  preset=preset, checkpoint_every=checkpoint_every, seed=seed)
     model, tcfg, items = plan_idm_train(input, resolution, crop, channels, layers_per_block, attention,
                                         norm_groups, train, exclude)
-    dev = resolve_device(device)
+    dev = local_device(device)
     init_sha = load_idm(init).sha256 if init else None
     target_version = manifest.read_index(targets)["key"] if targets else None
     key = stable_hash(["idm", asdict(model), asdict(tcfg), resolution, [(i.uri, i.version) for i in items],
@@ -136,7 +136,7 @@ def plan_clean(input: str, model: str, rounds: int, steps: int, variance: str, p
         raise IDMError(f"clean: --variance must be one of {', '.join(VARIANCES)}, got {variance!r}")
     if degrade_source not in DEGRADE_SOURCES:
         raise IDMError(f"clean: degrade_source must be one of {', '.join(DEGRADE_SOURCES)}")
-    dev = resolve_device(device)
+    dev = local_device(device)
     resolve_dtype(dtype, dev)
     check_compile(compile, dev)
     if not storage.exists(input):
@@ -162,9 +162,9 @@ def clean_flow(input: str, out: str, model: str, rounds: int = 1, steps: int = 1
     accept = load_acceptance(acceptance, min_lowpass_psnr=min_lowpass_psnr, lowpass_N=lowpass_N, max_lpips=max_lpips,
                              min_identity=min_identity)
     first = plan_clean(input, model, rounds, steps, variance, passes, degrade_source, dtype, device, compile)
-    dev = resolve_device(device)
+    dev = local_device(device)  # calibration and FID run here; shards resolve `device` where they run
     dtype = resolve_dtype(dtype, dev)
-    ensure_gpu_limit(dev)
+    ensure_gpu_limit(device)
     not_computed: list[dict] = []
     use_musiq = _optional_scorer("musiq_koniq", musiq, not_computed, "musiq")
     use_lpips = _optional_scorer("lpips_vgg16_backbone", lpips, not_computed, "lpips")
@@ -194,7 +194,7 @@ def clean_flow(input: str, out: str, model: str, rounds: int = 1, steps: int = 1
         uri = run_stage(clean_shard, STAGE, config, items, input, out, shard_size, incremental=True,
                         model_uri=model_uri, round=r, steps=steps, variance=variance, passes=passes,
                         acceptance=asdict(accept), calibration=asdict(calibration), musiq=use_musiq, lpips=use_lpips,
-                        identity=use_identity, seed=seed, device=str(dev), dtype=dtype, batch_size=batch_size,
+                        identity=use_identity, seed=seed, device=device, dtype=dtype, batch_size=batch_size,
                         compile=compile)
         frame = manifest.read_manifest(uri)
         ok = frame[frame["status"] == "ok"]

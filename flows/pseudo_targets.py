@@ -25,7 +25,7 @@ from bfr_models.pseudo_targets import (RESIZE_MODES, Candidate, MethodParams, Ps
 from flows.run_info import run_name
 from flows.stage import run_stage, skipped_record
 from tasks.rows import decode_items, same_size_batches
-from tasks.runtime import ensure_gpu_limit, key_parameter, resolve_device
+from tasks.runtime import ensure_gpu_limit, key_parameter, local_device
 from tasks.pseudo_targets import (STAGE, cached_prior, cached_restorer, gate_batch, niqe_defined,
                                   pseudo_target_shard, run_generate, sample_seeds)
 from tasks.shards import CODE_VERSION, InputItem, list_inputs, read_many, stable_hash
@@ -62,7 +62,7 @@ def plan_pseudo_targets(input: str, prior: str, method: str, params: dict, resto
         raise PseudoTargetError(f"--resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
     if best_of < 1:
         raise PseudoTargetError(f"--best-of must be >= 1, got {best_of}")
-    dev = str(resolve_device(device))
+    dev = str(local_device(device))
     resolve_dtype(dtype, torch.device(dev))
     check_compile(compile, torch.device(dev))
     if restorer and method in ("dr2", "difbfsr"):
@@ -117,7 +117,7 @@ def auto_search(key: str, sample_uris: list[str], sample_ids: list[str], candida
                 restorer: str | None, resize: str, fidelity_limit: float, fidelity_N: int, metric: str, seed: int,
                 device: str, dtype: str, batch_size: int, gate: dict, gate_musiq: bool, gate_identity: bool) -> dict:
     """Run every candidate on the sample; score quality (NIQE/MUSIQ), low-frequency fidelity and the gate."""
-    dev = resolve_device(device)
+    dev = local_device(device)
     prior = cached_prior(prior_uri, str(dev))
     restore = cached_restorer(restorer, str(dev)) if restorer else None
     decoded, _ = decode_items(STAGE, [InputItem(u, "-", parent_id=i) for u, i in zip(sample_uris, sample_ids)], read_many(sample_uris))
@@ -187,10 +187,10 @@ def pseudo_targets_flow(input: str, out: str, prior: str, method: str = "dr2", N
                                                              dtype, device, auto, auto_grid, auto_metric, exclude,
                                                              gate, compile)
     gate_config, gate_record, gate_scorers = plan_gate(gate, input, loaded.resolution, resize, p.upscale)
-    dev = resolve_device(device)
+    dev = local_device(device)  # the --auto search runs here; shards resolve `device` where they run
     dtype = resolve_dtype(dtype, dev)
     batch_size = batch_size or default_batch_size(dev, loaded.resolution, dtype, cpu_default=8)
-    ensure_gpu_limit(dev)
+    ensure_gpu_limit(device)
     logger = get_run_logger()
     logger.info("pseudo-targets: %d images (%d error rows in the input skipped), %s", len(items), skipped, p.as_dict())
     restorer_info = restore.describe() if restore else None
@@ -218,7 +218,7 @@ def pseudo_targets_flow(input: str, out: str, prior: str, method: str = "dr2", N
     uri = run_stage(pseudo_target_shard, STAGE, config, items, input, out, shard_size,
                     finalize=lambda *_: skipped_record(input, skipped, exclude), params=asdict(p),
                     prior_uri=prior, restorer=restorer, resize=resize, best_of=best_of,
-                    fidelity_limit=fidelity_limit, seed=seed, device=str(dev), dtype=dtype,
+                    fidelity_limit=fidelity_limit, seed=seed, device=device, dtype=dtype,
                     batch_size=batch_size, auto=row_auto, gate=asdict(gate_config), compile=compile, **gate_scorers)
     logger.info("pseudo-targets: %s", gate_summary(uri))
     return uri

@@ -9,7 +9,7 @@ from flows.run_info import run_name
 from flows.stage import run_stage, skipped_record
 from tasks.pseudo_targets import cached_restorer
 from tasks.restore import STAGE, restore_shard
-from tasks.runtime import ensure_gpu_limit, resolve_device
+from tasks.runtime import ensure_gpu_limit, local_device
 from tasks.shards import list_inputs
 
 
@@ -17,7 +17,7 @@ def plan_restore(input: str, restorer: str, device: str):
     """Before any work: the input exists and the restorer loads (RestorerError says what spandrel can load)."""
     if not storage.exists(input):
         raise FileNotFoundError(f"input not found: {input}")
-    return cached_restorer(restorer, str(resolve_device(device)))
+    return cached_restorer(restorer, str(local_device(device)))
 
 
 @flow(name="restore", flow_run_name=run_name)
@@ -25,11 +25,10 @@ def restore_flow(input: str, out: str, restorer: str, shard_size: int = 256, bat
                  device: str = "auto", exclude: tuple[str, ...] | list[str] = ()) -> str:
     """Restore every ok row of `input` with `restorer`; returns the manifest URI."""
     model = plan_restore(input, restorer, device)
-    dev = resolve_device(device)
-    ensure_gpu_limit(dev)
+    ensure_gpu_limit(device)
     items, skipped = list_inputs(input, exclude)
     get_run_logger().info("restore: %d inputs (%d skipped) with %s", len(items), skipped, model)
     config = {"restorer": model.describe()}
     return run_stage(restore_shard, STAGE, config, items, input, out, shard_size,
                      finalize=lambda *_: skipped_record(input, skipped, exclude), restorer=restorer,
-                     device=str(dev), batch_size=batch_size)
+                     device=device, batch_size=batch_size)

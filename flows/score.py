@@ -14,7 +14,7 @@ from bfr_models.metrics.suite import FULL_REFERENCE, ScoreConfig, conventions, m
 from flows.run_info import run_name
 from flows.stage import run_stage, skipped_record
 from tasks.rows import content_id
-from tasks.runtime import ensure_gpu_limit, resolve_device
+from tasks.runtime import ensure_gpu_limit, local_device
 from tasks.score import STAGE, score_shard
 from tasks.shards import InputItem, list_inputs
 
@@ -179,8 +179,8 @@ def score_flow(input: str, out: str, metrics: str = "niqe,psnr,ssim", reference:
     config, items, skip, not_computed = plan_score(input, metrics, reference, fid_ref, niqe_convention, crop_border,
                                                    y_channel, lpips_net, fid_convention, skip_missing,
                                                    fid_allow_small, rows=rows)
-    dev = resolve_device(device)
-    ensure_gpu_limit(dev)
+    dev = local_device(device)  # the set-level FID runs here; shards resolve `device` where they run
+    ensure_gpu_limit(device)
     logger = get_run_logger()
     for r in not_computed:
         logger.warning("%s not computed: needs %s (%s)", r["metric"], r["needs"], r["command"])
@@ -196,7 +196,7 @@ def score_flow(input: str, out: str, metrics: str = "niqe,psnr,ssim", reference:
                 "source": input, **skipped_record(input, skipped, exclude)}
 
     return run_stage(score_shard, STAGE, stage_config, items, input, out, shard_size, finalize=set_level,
-                     score_config=config.as_dict(), skip=skip, device=str(dev), batch_size=batch_size)
+                     score_config=config.as_dict(), skip=skip, device=device, batch_size=batch_size)
 
 
 def _fid(stage_uri: str, shards, config: ScoreConfig, fid_ref: str, allow_small: bool, fid_cache: str, dev) -> dict:

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from queue import Empty, Queue
 
 from prefect.context import FlowRunContext
@@ -16,11 +17,11 @@ from bfr_models.manifest import ManifestWriter, ShardInfo
 from flows.run_info import publish_stage_summary
 from flows.stop import abandon_on_stop, reclaim_sigterm
 from flows.threads import shard_threads
-from tasks.runtime import result_storage
+from tasks.runtime import result_storage, uses_dask
 from tasks.shards import InputItem, code_version, make_shards, stable_hash
 
 INPUTS_NAME = "inputs.json"  # incremental stages: which inputs each shard holds
-DEFAULT_IN_FLIGHT = 8  # shards in flight when the task runner sets no bound (Dask, an unbounded thread pool)
+DEFAULT_IN_FLIGHT = 8  # shards in flight when the task runner sets no bound (an unbounded thread pool)
 
 
 class StageError(RuntimeError):
@@ -28,8 +29,13 @@ class StageError(RuntimeError):
 
 
 def in_flight_limit() -> int:
-    """How many shard tasks to keep submitted: the flow's thread pool size, else DEFAULT_IN_FLIGHT."""
-    workers = getattr(_task_runner(), "_max_workers", None)
+    """How many shard tasks to keep submitted: the flow's thread pool size; on Dask, two per worker thread of
+    the cluster (one running, one queued, so no worker waits on the flow); else DEFAULT_IN_FLIGHT."""
+    runner = _task_runner()
+    if runner is not None and uses_dask():
+        workers = runner.client.scheduler_info(n_workers=-1)["workers"].values()
+        return max(DEFAULT_IN_FLIGHT, 2 * sum(w.get("nthreads", 1) for w in workers))
+    workers = getattr(runner, "_max_workers", None)
     return workers if workers and workers < sys.maxsize else DEFAULT_IN_FLIGHT
 
 
@@ -109,7 +115,8 @@ def run_stage(shard_task, stage: str, config: dict, items: list[InputItem], inpu
         limit = max_in_flight or in_flight_limit()
         threads = shard_threads(_task_runner(), limit)
         with tqdm(total=len(todo), desc=stage, unit="img", dynamic_ncols=True) as bar:
-            for spec, result in _run_shards(configured, specs, limit, stage_uri=stage_uri, **task_kwargs):
+            for spec, result in _run_shards(configured, specs, limit, stage_uri=stage_uri,
+                                            resources=gpu_request(task_kwargs.get("device")), **task_kwargs):
                 if isinstance(result, Exception):  # report every failed shard, not just the first
                     failures.append(f"shard {spec.key}: {type(result).__name__}: {result}")
                 else:
@@ -136,7 +143,32 @@ def skipped_record(input_uri: str, skipped: int, exclude) -> dict:
     return {"skipped_inputs": skipped, "exclude": list(exclude)}
 
 
-def _run_shards(task, specs: list, limit: int, stage_uri: str, **task_kwargs):
+def gpu_request(device: str | None) -> dict | None:
+    """``{"GPU": 1}`` for each shard task of a stage that may use a GPU (``device`` not cpu) when the flow runs
+    on a Dask cluster whose workers advertise GPU resources (``dask worker --resources GPU=1``, one worker per
+    GPU): Dask then runs one shard per GPU at a time. None otherwise (asking a cluster without them would wait
+    forever)."""
+    if device in (None, "cpu") or not uses_dask():
+        return None
+    info = FlowRunContext.get().task_runner.client.scheduler_info(n_workers=-1)
+    if any(w.get("resources", {}).get("GPU") for w in info["workers"].values()):
+        return {"GPU": 1}
+    return None
+
+
+@contextmanager
+def task_resources(resources: dict | None):
+    """Tasks submitted inside ask the Dask cluster for ``resources`` (None: nothing asked)."""
+    if resources is None:
+        yield
+        return
+    import dask
+
+    with dask.annotate(resources=resources):
+        yield
+
+
+def _run_shards(task, specs: list, limit: int, stage_uri: str, resources: dict | None, **task_kwargs):
     """Yield ``(spec, result or exception)`` per shard, with at most ``limit`` tasks submitted at a time.
 
     After the first store failure nothing more is submitted; the shards in flight get
@@ -147,7 +179,8 @@ def _run_shards(task, specs: list, limit: int, stage_uri: str, **task_kwargs):
     while in_flight or (queue and fault is None):
         while queue and fault is None and len(in_flight) < limit:
             spec = queue.pop()
-            future = task.submit(spec=spec, stage_uri=stage_uri, **task_kwargs)
+            with task_resources(resources):
+                future = task.submit(spec=spec, stage_uri=stage_uri, **task_kwargs)
             in_flight[future] = spec
             future.add_done_callback(finished.put)
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())

@@ -23,7 +23,7 @@ from bfr_models.imageio import encode_png
 from bfr_models.manifest import ManifestWriter
 from bfr_models.metrics.niqe import niqe
 from tasks.pseudo_targets import niqe_defined
-from tasks.rows import decode_items, ok_row, same_size_batches, to_uint8, with_fields, write_output
+from tasks.rows import decode_items, ok_row, same_size_batches, stamp, to_uint8, write_output
 from tasks.runtime import device_slot, load_once, resolve_device, shard_cache_key
 from tasks.shards import ShardSpec, derived_seed, read_many
 
@@ -102,23 +102,23 @@ def clean_shard(spec: ShardSpec, stage_uri: str, model_uri: str, round: int, ste
     decoded, rows = decode_items(STAGE, spec.items, fetched)
     common = {"model": model.describe(), "round": round, "steps": steps, "variance": variance, "passes": passes,
               "acceptance": acceptance, "calibration": calibration, "seed": seed}
-    for batch in same_size_batches(decoded, batch_size):
-        x = _batch_tensor(batch, dev)
-        seeds = [derived_seed(seed, STAGE, str(round), parent_id) for _, parent_id, _, _ in batch]
-        with device_slot(dev):
+    with device_slot(dev):  # once per shard (one API round trip), not per batch
+        for batch in same_size_batches(decoded, batch_size):
+            x = _batch_tensor(batch, dev)
+            seeds = [derived_seed(seed, STAGE, str(round), parent_id) for _, parent_id, _, _ in batch]
             x_star = clean_batch(model, x, seeds, steps, variance, passes, dtype, compile)
             h, w = x.shape[-2:]
             records = judge(x, x_star, accept, cal, niqe=niqe if niqe_defined(h, w) else None, musiq=musiq_fn,
                             lpips=lpips_fn, identity=identity_fn)
-        for (item, parent_id, rgb, _), out, rec, s in zip(batch, x_star, records, seeds):
-            rgb_star = to_uint8(out)
-            candidate = encode_png(rgb_star)
-            candidate_uri = write_output(writer, candidate, parent_id)
-            fields = dict(split=item.split, seed=s, params=common, round=round, replaced=rec.pop("accepted"),
-                          reasons=rec.pop("reasons"), candidate_uri=candidate_uri, source_uri=item.uri,
-                          source_sha256=storage.sha256_hex(fetched[item.uri]), **rec)
-            if fields["replaced"]:
-                rows.append(ok_row(STAGE, item, parent_id, candidate_uri, candidate, rgb_star, **fields))
-            else:  # the cleaned dataset keeps the original image, with the reason
-                rows.append(ok_row(STAGE, item, parent_id, item.uri, fetched[item.uri], rgb, **fields))
-    return asdict(writer.write_shard(spec.key, with_fields(rows, dtype=dtype)))
+            for (item, parent_id, rgb, _), out, rec, s in zip(batch, x_star, records, seeds):
+                rgb_star = to_uint8(out)
+                candidate = encode_png(rgb_star)
+                candidate_uri = write_output(writer, candidate, parent_id)
+                fields = dict(split=item.split, seed=s, params=common, round=round, replaced=rec.pop("accepted"),
+                              reasons=rec.pop("reasons"), candidate_uri=candidate_uri, source_uri=item.uri,
+                              source_sha256=storage.sha256_hex(fetched[item.uri]), **rec)
+                if fields["replaced"]:
+                    rows.append(ok_row(STAGE, item, parent_id, candidate_uri, candidate, rgb_star, **fields))
+                else:  # the cleaned dataset keeps the original image, with the reason
+                    rows.append(ok_row(STAGE, item, parent_id, item.uri, fetched[item.uri], rgb, **fields))
+    return asdict(writer.write_shard(spec.key, stamp(rows, dev, dtype=dtype)))

@@ -11,7 +11,7 @@ from prefect import task
 from bfr_models.degradations import load_preset
 from bfr_models.imageio import encode_png
 from bfr_models.manifest import ManifestWriter
-from tasks.rows import decoded_batches, error_row, ok_row, to_uint8, write_output
+from tasks.rows import decoded_batches, error_row, ok_row, stamp, to_uint8, write_output
 from tasks.runtime import device_slot, resolve_device, shard_cache_key
 from tasks.shards import ShardSpec, derived_seed
 
@@ -35,21 +35,21 @@ def degrade_shard(spec: ShardSpec, preset: str, split: str | None, scale: float 
     writer = ManifestWriter(stage_uri)
     rows = []
     label = degradation.name if split is None else f"{degradation.name}/{split}"
-    for batch in decoded_batches(STAGE, spec.items, batch_size, rows):
-        seeds = [degradation_seed(seed, degradation.name, split, scale, parent_id) for _, parent_id, _, _ in batch]
-        params = [degradation.sample(s) for s in seeds]
-        images = torch.from_numpy(np.stack([rgb for _, _, rgb, _ in batch])).permute(0, 3, 1, 2)
-        try:
-            with device_slot(dev):
+    with device_slot(dev):  # once per shard (one API round trip), not per batch
+        for batch in decoded_batches(STAGE, spec.items, batch_size, rows):
+            seeds = [degradation_seed(seed, degradation.name, split, scale, parent_id) for _, parent_id, _, _ in batch]
+            params = [degradation.sample(s) for s in seeds]
+            images = torch.from_numpy(np.stack([rgb for _, _, rgb, _ in batch])).permute(0, 3, 1, 2)
+            try:
                 outs = degradation.apply(images.to(dev, torch.float32) / 255.0, params)
-        except Exception as e:  # a bad batch becomes error rows, the run goes on
-            rows += [error_row(STAGE, item, f"degradation failed: {e}") for item, _, _, _ in batch]
-            continue
-        for (item, parent_id, _, source), p, s, out in zip(batch, params, seeds, outs):
-            rgb = to_uint8(out)
-            png = encode_png(rgb)
-            uri = write_output(writer, png, parent_id)
-            case = f"/case{p['case']}" if "case" in p else ""  # presets with cases: one group per case
-            rows.append(ok_row(STAGE, item, parent_id, uri, png, rgb, params={**p, **source},
-                               seed=s, split=label + case))
-    return asdict(writer.write_shard(spec.key, rows))
+            except Exception as e:  # a bad batch becomes error rows, the run goes on
+                rows += [error_row(STAGE, item, f"degradation failed: {e}") for item, _, _, _ in batch]
+                continue
+            for (item, parent_id, _, source), p, s, out in zip(batch, params, seeds, outs):
+                rgb = to_uint8(out)
+                png = encode_png(rgb)
+                uri = write_output(writer, png, parent_id)
+                case = f"/case{p['case']}" if "case" in p else ""  # presets with cases: one group per case
+                rows.append(ok_row(STAGE, item, parent_id, uri, png, rgb, params={**p, **source},
+                                   seed=s, split=label + case))
+    return asdict(writer.write_shard(spec.key, stamp(rows, dev)))

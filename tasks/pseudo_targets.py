@@ -16,7 +16,7 @@ from bfr_models.imageio import encode_png
 from bfr_models.manifest import ManifestWriter
 from bfr_models.metrics.niqe import BLOCK, niqe
 from bfr_models.pseudo_targets import MethodParams, PseudoTargetError, Targets, difbfsr_config, generate
-from tasks.rows import decode_items, error_row, ok_row, same_size_batches, to_uint8, with_fields, write_output
+from tasks.rows import decode_items, error_row, ok_row, same_size_batches, stamp, to_uint8, write_output
 from tasks.runtime import device_slot, load_once, resolve_device, shard_cache_key
 from tasks.shards import ShardSpec, derived_seed, read_many
 
@@ -88,28 +88,29 @@ def pseudo_target_shard(spec: ShardSpec, stage_uri: str, params: dict, prior_uri
     knobs = {"difbfsr": difbfsr_config(p).as_dict()} if p.method == "difbfsr" else {}  # every default, recorded
     common = {**p.as_dict(), **knobs, "prior": prior.describe(), "restorer": restore.describe() if restore else None,
               "fidelity_limit": fidelity_limit, **({"auto": auto} if auto else {})}
-    for batch in same_size_batches(decoded, batch_size):
-        images = torch.from_numpy(np.stack([rgb for _, _, rgb, _ in batch])).permute(0, 3, 1, 2).float() / 255.0
-        seeds = [sample_seeds(seed, parent_id, best_of) for _, parent_id, _, _ in batch]
-        try:
-            with device_slot(dev):
+    with device_slot(dev):  # once per shard (one API round trip), not per batch
+        for batch in same_size_batches(decoded, batch_size):
+            images = torch.from_numpy(np.stack([rgb for _, _, rgb, _ in batch])).permute(0, 3, 1, 2).float() / 255.0
+            seeds = [sample_seeds(seed, parent_id, best_of) for _, parent_id, _, _ in batch]
+            try:
                 result = run_generate(p, images, prior, seeds, restore, resize, fidelity_limit, dtype, compile)
                 gates = gate_batch(p, images, result, prior.resolution, gate_config, gate_musiq, gate_identity,
                                    str(dev))
-        except PseudoTargetError as e:  # e.g. a size the user refused to resize: a row per image says so
-            rows += [error_row(STAGE, item, f"pseudo-targets: {e}") for item, _, _, _ in batch]
-            continue
-        for (item, parent_id, _, source), out, rec, measured in zip(batch, result.images, result.records, gates):
-            finite, error = rec.pop("finite"), rec.pop("error")
-            if error or not finite:  # this image failed, the batch goes on
-                rows.append(error_row(STAGE, item, f"pseudo-targets: {error or 'the sampler produced non-finite values'}"))
+            except PseudoTargetError as e:  # e.g. a size the user refused to resize: a row per image says so
+                rows += [error_row(STAGE, item, f"pseudo-targets: {e}") for item, _, _, _ in batch]
                 continue
-            rgb = to_uint8(out)
-            png = encode_png(rgb)
-            uri = write_output(writer, png, parent_id)
-            lf = rec.pop("lf_psnr")
-            for measured_here in ("noise_sigma", "input_noise_sigma"):  # columns via the gate's record
-                rec.pop(measured_here)
-            rows.append(ok_row(STAGE, item, parent_id, uri, png, rgb, seed=rec["seed"], split=item.split,
-                               params={**common, **rec, **source}, lf_psnr=lf, **measured))
-    return asdict(writer.write_shard(spec.key, with_fields(rows, dtype=dtype)))
+            for (item, parent_id, _, source), out, rec, measured in zip(batch, result.images, result.records, gates):
+                finite, error = rec.pop("finite"), rec.pop("error")
+                if error or not finite:  # this image failed, the batch goes on
+                    reason = error or "the sampler produced non-finite values"
+                    rows.append(error_row(STAGE, item, f"pseudo-targets: {reason}"))
+                    continue
+                rgb = to_uint8(out)
+                png = encode_png(rgb)
+                uri = write_output(writer, png, parent_id)
+                lf = rec.pop("lf_psnr")
+                for measured_here in ("noise_sigma", "input_noise_sigma"):  # columns via the gate's record
+                    rec.pop(measured_here)
+                rows.append(ok_row(STAGE, item, parent_id, uri, png, rgb, seed=rec["seed"], split=item.split,
+                                   params={**common, **rec, **source}, lf_psnr=lf, **measured))
+    return asdict(writer.write_shard(spec.key, stamp(rows, dev, dtype=dtype)))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 from itertools import groupby
 
 import numpy as np
@@ -47,6 +49,12 @@ def error_row(stage: str, item: InputItem, reason: str, data: bytes | None = Non
         "status": "error",
         "error": reason,
     }
+
+
+def stamp(rows: list[dict], device, **fields) -> list[dict]:
+    """Record on every row where it was made: ``worker`` (host:pid of the process that ran the shard, a Dask
+    worker or this one) and ``device``, so a bad row can be traced to a node and a GPU; and ``fields``."""
+    return with_fields(rows, worker=f"{socket.gethostname()}:{os.getpid()}", device=str(device), **fields)
 
 
 def write_output(writer, png: bytes, parent_id: str) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import socket
+import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import fields
@@ -145,6 +147,8 @@ class ResultFilesystem:
         pass
 
     def __getattr__(self, name: str):
+        if name in ("_uri", "_fs") or name.startswith("__"):  # not set yet: being unpickled on a Dask node
+            raise AttributeError(name)
         error = storage.failed(self._uri)
         if error is not None:
             raise storage.StoreError(str(error))
@@ -166,25 +170,63 @@ def resolve_device(device: str) -> torch.device:
     return configure_backends(dev)
 
 
+def on_dask_worker() -> bool:
+    """True inside a Dask worker: the cluster bounds GPU work itself (GPU resources), no Prefect limit."""
+    if "distributed" not in sys.modules:  # never imported: not a worker (and no import cost here)
+        return False
+    from distributed import get_worker
+
+    try:
+        get_worker()
+        return True
+    except ValueError:
+        return False
+
+
 def gpu_limit_name(device: torch.device) -> str:
-    return f"{GPU_LIMIT_PREFIX}-{device.type}{device.index or 0}"
+    """One limit per host and device: two GPUs, or two hosts sharing a Prefect server, never share a slot."""
+    return f"{GPU_LIMIT_PREFIX}-{socket.gethostname()}-{device.type}{device.index or 0}"
 
 
 @contextmanager
 def device_slot(device: torch.device):
-    """Hold one slot of the device's Prefect concurrency limit while computing on a GPU."""
-    if device.type == "cpu":
+    """Hold one slot of this host's device limit for a shard's GPU work (entered once per shard, not per
+    batch: one API round trip per shard). Nothing on the CPU or on a Dask worker (GPU resources do it)."""
+    if device.type == "cpu" or on_dask_worker():
         yield
         return
     with concurrency(gpu_limit_name(device), occupy=1):
         yield
 
 
-def ensure_gpu_limit(device: torch.device, slots: int = 1) -> None:
-    """Create (or resize) the device's global concurrency limit so one GPU is not oversubscribed."""
-    if device.type == "cpu":
+def ensure_gpu_limit(device: str) -> None:
+    """Create this host's limit for ``device`` (one slot) so one GPU is not oversubscribed. Not on a Dask
+    runner: its workers resolve the device themselves and the cluster's GPU resources bound them."""
+    if uses_dask():
+        return
+    dev = resolve_device(device)
+    if dev.type == "cpu":
         return
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
-        client.upsert_global_concurrency_limit_by_name(gpu_limit_name(device), slots)
+        client.upsert_global_concurrency_limit_by_name(gpu_limit_name(dev), 1)
+
+
+def uses_dask() -> bool:
+    """True when the current flow submits its tasks to a Dask cluster."""
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    return context is not None and type(context.task_runner).__name__ == "DaskTaskRunner"
+
+
+def local_device(device: str) -> torch.device:
+    """The device for the work a flow does itself (checks, set-level FID). On Dask the shard tasks resolve
+    ``device`` on their worker; a driver without that device works on the CPU."""
+    try:
+        return resolve_device(device)
+    except ValueError:
+        if uses_dask():
+            return torch.device("cpu")
+        raise

@@ -14,7 +14,7 @@ from bfr_models import storage
 from bfr_models.imageio import ImageError, decode_source
 from bfr_models.manifest import ManifestWriter
 from bfr_models.metrics.suite import MetricSuite, ScoreConfig
-from tasks.rows import content_id
+from tasks.rows import content_id, stamp
 from tasks.runtime import device_slot, load_once, resolve_device, shard_cache_key
 from tasks.shards import ShardSpec, read_many
 
@@ -58,19 +58,19 @@ def score_shard(spec: ShardSpec, stage_uri: str, score_config: dict, skip: list[
     rows = [json.loads(item.row) for item in spec.items]
     todo = [(k, item) for k, item in enumerate(spec.items) if rows[k]["status"] == "ok"]
     keys, feats = [], []
-    for start in range(0, len(todo), batch_size):
-        ready = _fetch_and_decode(suite, rows, todo[start : start + batch_size])
-        for _, group in groupby(sorted(ready, key=lambda r: r[1].shape), key=lambda r: r[1].shape):
-            _score(suite, dev, rows, list(group))
-        scored = [(k, img) for k, img, _ in ready if rows[k]["status"] == "ok"]
-        if fid is not None and scored:
-            with device_slot(dev):
+    with device_slot(dev):  # once per shard (one API round trip), not per batch
+        for start in range(0, len(todo), batch_size):
+            ready = _fetch_and_decode(suite, rows, todo[start : start + batch_size])
+            for _, group in groupby(sorted(ready, key=lambda r: r[1].shape), key=lambda r: r[1].shape):
+                _score(suite, dev, rows, list(group))
+            scored = [(k, img) for k, img, _ in ready if rows[k]["status"] == "ok"]
+            if fid is not None and scored:
                 feats.append(fid([img for _, img in scored]))
-            keys += [rows[k]["sha256"] for k, _ in scored]
+                keys += [rows[k]["sha256"] for k, _ in scored]
     if fid is not None:
         write_shard_features(shard_features_uri(stage_uri, spec.key), fid.fingerprint, keys,
                              np.concatenate(feats) if feats else np.zeros((0, 2048)))
-    return asdict(ManifestWriter(stage_uri).write_shard(spec.key, rows))
+    return asdict(ManifestWriter(stage_uri).write_shard(spec.key, stamp(rows, dev)))
 
 
 def _fetch_and_decode(suite: MetricSuite, rows: list[dict], todo: list) -> list[tuple[int, np.ndarray, np.ndarray | None]]:
@@ -102,8 +102,7 @@ def _fetch_and_decode(suite: MetricSuite, rows: list[dict], todo: list) -> list[
 def _score(suite: MetricSuite, dev: torch.device, rows: list[dict], batch: list) -> None:
     """Metric columns of one same-size batch; a metric an image cannot have is NaN with a note in ``score_notes``."""
     refs = _tensor([r for _, _, r in batch]) if suite.needs_reference else None
-    with device_slot(dev):
-        scores, notes = suite(_tensor([img for _, img, _ in batch]), refs)
+    scores, notes = suite(_tensor([img for _, img, _ in batch]), refs)
     for j, (k, _, _) in enumerate(batch):
         rows[k].update({m: float(v[j]) for m, v in scores.items()})
         if notes[j]:

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from bfr_models.choices import FULL_REFERENCE, KNOWN_METRICS, NO_REFERENCE, SET_LEVEL
+from bfr_models.choices import FULL_REFERENCE, KNOWN_METRICS, SET_LEVEL
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,110 @@
+"""Degrade and score on a Dask LocalCluster of 1 vs 2 worker processes: speed-up, and the Prefect/Dask overhead
+per shard (issue 15).
+
+    python benchmarks/dask.py [--n 1000] [--px 64] [--shard-size 256] [--workers 1,2]
+
+Writes ``--n`` distinct synthetic faces, then for each worker count starts a LocalCluster (worker processes,
+one thread each, as ``--dask local`` does), imports the stage modules on every worker (start-up is not what is
+measured) and runs degrade (dr2 mild, x4) and score (psnr, ssim against the faces) into a fresh output folder.
+Per stage it reports the wall time, images/s and the overhead per shard: the workers' time not spent inside a
+shard task run, ``(wall x workers - sum of the task runs' run time) / shards`` (scheduling, submission, result
+records, the flow's planning and index; a lower bound on what a shard costs beyond its own work when shards
+outnumber workers). The speed-up is the 1-worker wall time over the 2-worker one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# run as a script, this file's folder comes first on sys.path, where this file would shadow the dask package
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+
+def write_faces(folder: Path, n: int, px: int) -> None:
+    from tests.conftest import face_like, write_png
+
+    folder.mkdir(parents=True)
+    for i in range(n):
+        write_png(folder / f"face_{i:05d}.png", face_like(i, size=px))
+
+
+def _warm() -> None:
+    import tasks.degrade  # noqa: F401
+    import tasks.score  # noqa: F401
+
+
+def task_run_seconds(flow_run_id) -> list[float]:
+    """The run time of every task run of a flow run, from the Prefect API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                                     sort=TaskRunSort.EXPECTED_START_TIME_DESC, limit=200)
+    return [r.total_run_time.total_seconds() for r in runs]
+
+
+def timed(flow_fn, runner, **params) -> tuple[str, float, list[float]]:
+    start = time.perf_counter()
+    state = flow_fn.with_options(task_runner=runner)(**params, return_state=True)
+    wall = time.perf_counter() - start
+    return state.result(), wall, task_run_seconds(state.state_details.flow_run_id)
+
+
+def run(workers: int, faces: Path, out: Path, shard_size: int) -> dict:
+    from distributed import Client, LocalCluster
+    from prefect_dask import DaskTaskRunner
+
+    from flows.cli import local_api_env, local_cluster_kwargs
+    from flows.degrade import degrade_flow
+    from flows.score import score_flow
+
+    with LocalCluster(**local_cluster_kwargs(workers), env=local_api_env()) as cluster, Client(cluster) as client:
+        client.run(_warm)
+        runner = DaskTaskRunner(address=cluster.scheduler_address)
+        degraded, wall_d, tasks_d = timed(degrade_flow, runner, input=str(faces), out=str(out), preset="dr2",
+                                          split="mild", scale=4, shard_size=shard_size, device="cpu")
+        _, wall_s, tasks_s = timed(score_flow, runner, input=degraded, out=str(out), metrics="psnr,ssim",
+                                   reference=str(faces), shard_size=shard_size, device="cpu")
+    return {"degrade": (wall_d, tasks_d), "score": (wall_s, tasks_s)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--px", type=int, default=64)
+    parser.add_argument("--shard-size", type=int, default=256)
+    parser.add_argument("--workers", default="1,2")
+    args = parser.parse_args()
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # one core per worker process, as a cluster slot
+    with tempfile.TemporaryDirectory(prefix="bfr-dask-bench-") as tmp:
+        faces = Path(tmp) / "faces"
+        write_faces(faces, args.n, args.px)
+        results = {w: run(w, faces, Path(tmp) / f"out-{w}", args.shard_size)
+                   for w in (int(v) for v in args.workers.split(","))}
+    print(f"{args.n} images of {args.px} px, shards of {args.shard_size}, cpu count {os.cpu_count()}")
+    print(f"{'stage':8} {'workers':>7} {'wall s':>8} {'img/s':>8} {'shards':>6} {'task s':>8} "
+          f"{'overhead/shard s':>16} {'% of shard':>10}")
+    for workers, stages in results.items():
+        for stage, (wall, tasks) in stages.items():
+            overhead = max(0.0, wall * workers - sum(tasks)) / max(1, len(tasks))
+            shard = sum(tasks) / max(1, len(tasks))
+            print(f"{stage:8} {workers:>7} {wall:8.1f} {args.n / wall:8.1f} {len(tasks):>6} {sum(tasks):8.1f} "
+                  f"{overhead:16.2f} {100 * overhead / shard:9.1f}%")
+    counts = sorted(results)
+    if len(counts) >= 2:
+        for stage in ("degrade", "score"):
+            print(f"speed-up {stage} {counts[0]} -> {counts[-1]} workers: "
+                  f"{results[counts[0]][stage][0] / results[counts[-1]][stage][0]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
