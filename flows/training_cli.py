@@ -6,6 +6,8 @@ subclasses with one-line messages (printed by flows/cli.py, exit 2), raised befo
 
 from __future__ import annotations
 
+import sys
+
 
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(",") if v.strip())
@@ -17,21 +19,39 @@ def cmd_finetune(args, run) -> None:
     knobs = dict(iters=args.iters, batch_size=args.batch_size, micro_batch=args.micro_batch, lr=args.lr,
                  val_pairs=args.val_pairs, validate_every=args.validate_every, checkpoint_every=args.checkpoint_every,
                  precision=args.precision, seed=args.seed)
-    plan_finetune(args.pairs, args.restorer, args.real, args.config, knobs, args.exclude,
-                  include_failed=args.include_failed)
+    cfg = plan_finetune(args.pairs, args.restorer, args.real, args.config, knobs, args.exclude,
+                        include_failed=args.include_failed, no_lpips=args.no_lpips)[-1]
+    if args.no_lpips and hasattr(cfg, "lpips_weight"):
+        print("finetune: warning: --no-lpips: the LPIPS term is dropped (lpips_weight 0; L1 and GAN only), so the "
+              "restorer is trained without the recipe's perceptual loss", file=sys.stderr)
     uri = run(finetune_flow, args, pairs=args.pairs, restorer=args.restorer, real=args.real, out=args.out,
               config=args.config, device=args.device, exclude=args.exclude, include_failed=args.include_failed,
-              **knobs)
+              no_lpips=args.no_lpips, **knobs)
     from bfr_models import manifest, storage
 
     index = manifest.read_index(uri)["config"]
     print(f"finetune: {index['train_pairs']} training pairs, {index['val_pairs']} held out "
           f"({index['skipped_pairs']} error or gate-failed rows skipped)")
-    print(f"  restorer: {index['restorer_uri']}")
+    print(f"  restorer: {index['restorer_uri']}  (trained at {index['resolution']} px: `restore` applies it at "
+          f"that size)")
     print(f"  log:      {index['log_uri']}")
     print(f"  manifest: {storage.join(uri, manifest.INDEX_NAME)}")
     for k, v in sorted(index["final_validation"].items()):
         print(f"  {k}: {v:.4f}")
+
+
+def resized_note(uri: str, model: str) -> str | None:
+    """The console line saying how many rows a model trained at one size was applied to by resizing (columns
+    ``model_px`` and ``resized``); None when none was."""
+    from bfr_models import manifest
+
+    frame = manifest.read_manifest(uri)
+    resized = frame[frame["resized"].fillna(False).astype(bool)] if "resized" in frame else frame.iloc[:0]
+    if resized.empty:
+        return None
+    px = int(resized["model_px"].iloc[0])
+    return (f"  note:     the {model} was trained at {px}x{px} px: {len(resized)} of {len(frame)} images of other "
+            f"sizes were resized to {px} px for it and back (MATLAB bicubic; columns model_px, resized)")
 
 
 def cmd_restore(args, run, print_result) -> None:
@@ -41,6 +61,9 @@ def cmd_restore(args, run, print_result) -> None:
     uri = run(restore_flow, args, input=args.input, restorer=args.restorer, out=args.out, shard_size=args.shard_size,
               batch_size=args.batch_size, device=args.device, exclude=args.exclude)
     print_result("restore", uri)
+    note = resized_note(uri, "restorer")
+    if note:
+        print(note)
 
 
 def _idm_train_options(args) -> dict:
@@ -60,7 +83,12 @@ def cmd_idm_train(args, run) -> None:
                    o["norm_groups"], train, args.exclude)
     resolve_device(args.device)
     uri = run(idm_train_flow, args, input=args.input, out=args.out, device=args.device, exclude=args.exclude, **o)
-    print(f"idm model: {uri}  (clean with: bfr-curate clean --input {args.input} --model {uri} --out {args.out})")
+    px = o["resolution"]
+    print(f"idm model: {uri}  (trained at {px}x{px} px)")
+    print(f"  clean an HQ face dataset with it: bfr-curate clean --input <faces, ideally {px}x{px}> --model {uri} "
+          f"--out {args.out}")
+    print(f"  (images of other sizes are resized to {px} px for the model and back; the acceptance judges every "
+          f"cleaned image against its original)")
 
 
 def cmd_clean(args, run, print_result) -> None:
@@ -79,9 +107,17 @@ def cmd_clean(args, run, print_result) -> None:
               acceptance=args.acceptance, exclude=args.exclude, **acceptance)
     print_result("clean", uri)
     from bfr_models import manifest
+    from flows.check_summary import not_checked_text, rejected_text
 
-    for r in manifest.read_index(uri)["config"]["rounds"]:
+    config = manifest.read_index(uri)["config"]
+    for r in config["rounds"]:
         print(f"  round {r['round']}: {r['replaced']} of {r['images']} images replaced (model {r['model']})")
+        print(f"    {rejected_text(r.get('rejected_by') or {})}")
+        if r.get("resized"):
+            px = r["model_px"]
+            print(f"    {r['resized']} images resized to the model's {px}x{px} px and back (columns model_px, resized)")
+    if config.get("not_computed"):
+        print(f"  {not_checked_text(config['not_computed'])}")
 
 
 def cmd_schedule(args) -> None:
@@ -105,6 +141,9 @@ def add_training_parsers(sub, add_common, run, print_result) -> None:
                                    "catalogs/finetune/codeformer.yaml). Checkpoints go to the output store; "
                                    "rerunning the same command after an interruption resumes.")
     p.add_argument("--pairs", required=True, help="a pseudo-target manifest (each row's parent is its LQ input)")
+    p.add_argument("--no-lpips", action="store_true",
+                   help="drop the LPIPS term (lpips_weight 0: L1 + GAN only), e.g. offline without the LPIPS "
+                        "backbone (bfr-curate models pull lpips_vgg16_backbone); prints a warning")
     p.add_argument("--include-failed", action="store_true",
                    help="also train on targets that failed the quality gate (default: gate == pass rows only)")
     p.add_argument("--restorer", required=True,

@@ -87,7 +87,7 @@ def pseudo_target_shard(spec: ShardSpec, stage_uri: str, params: dict, prior_uri
     knobs = {"difbfsr": difbfsr_config(p).as_dict()} if p.method == "difbfsr" else {}  # every default, recorded
     common = {**p.as_dict(), **knobs, "prior": prior.describe(), "restorer": restore.describe() if restore else None,
               "fidelity_limit": fidelity_limit, **({"auto": auto} if auto else {})}
-    for batch in same_size_batches(decoded, batch_size):
+    for batch in same_size_batches(decoded, batch_size, shard=spec.key):
         images = torch.from_numpy(np.stack([rgb for _, _, rgb, _ in batch])).permute(0, 3, 1, 2).float() / 255.0
         seeds = [sample_seeds(seed, parent_id, best_of) for _, parent_id, _, _ in batch]
         try:
