@@ -24,9 +24,9 @@ def rejected_text(rejected: dict[str, int]) -> str:
     return "rejected by: " + (", ".join(f"{k} {v}" for k, v in rejected.items()) if rejected else "no check")
 
 
-def not_checked_text(not_checked: list[dict]) -> str:
+def not_checked_text(not_checked: list[dict], label: str = "not checked") -> str:
     """``not checked: musiq (weights missing: bfr-curate models pull musiq_koniq), ...``."""
-    return "not checked: " + ", ".join(f"{r['metric']} ({_why(r)})" for r in not_checked)
+    return f"{label}: " + ", ".join(f"{r['metric']} ({_why(r)})" for r in not_checked)
 
 
 def checks_line(rejected: dict[str, int], not_checked: list[dict]) -> str:

@@ -117,7 +117,7 @@ def cmd_clean(args, run, print_result) -> None:
             px = r["model_px"]
             print(f"    {r['resized']} images resized to the model's {px}x{px} px and back (columns model_px, resized)")
     if config.get("not_computed"):
-        print(f"  {not_checked_text(config['not_computed'])}")
+        print(f"  {not_checked_text(config['not_computed'], 'not computed (their checks skipped)')}")
 
 
 def cmd_schedule(args) -> None:

@@ -142,3 +142,29 @@ def test_clean_cli_bad_inputs_fail_in_one_line(tmp_path):
     rc, err = run("idm", "train", "--input", str(folder), "--out", str(tmp_path / "o"), "--resolution", "64",
                   "--channels", "16,32", "--attention", "8", "--norm-groups", "8")
     assert rc == 2 and "attention resolutions" in err and len(err.splitlines()) == 1
+
+
+def test_clean_runs_a_model_at_its_resolution_and_says_what_each_check_rejected(tmp_path, capsys):
+    """A model trained at 32 px cleans 192-px faces at 32 px (resized in and back, recorded per row); the console
+    says how many rows each check rejected, that the images were resized, and which checks were skipped for
+    want of their weights (MUSIQ, LPIPS, FaceNet are not in the test's model cache)."""
+    from flows.cli import main
+
+    hq = mildly_noisy_faces(tmp_path / "hq", 2, 192)
+    model = save_idm(idm_unet(IDMConfig(**TINY)), IDMConfig(**TINY), str(tmp_path / "model"),
+                     source={"resolution": 32})  # untrained: its outputs fail some checks
+    assert load_idm(model).resolution == 32
+    capsys.readouterr()
+    assert main(["clean", "--input", str(hq), "--model", model, "--out", str(tmp_path / "run"), "--steps", "2",
+                 "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    uri = out.split("manifest: ")[1].split()[0].rsplit("/", 1)[0]
+    frame = manifest.read_manifest(uri)
+    assert (frame["model_px"] == 32).all() and frame["resized"].all() and (frame["width"] == 192).all()
+    rounds = manifest.read_index(uri)["config"]["rounds"]
+    rejected = frame["rejected_by"].dropna().str.split(",").explode().value_counts().to_dict()
+    assert rounds[0]["rejected_by"] == rejected and rounds[0]["resized"] == 2
+    assert "rejected by: " + (", ".join(f"{k} {v}" for k, v in rounds[0]["rejected_by"].items()) or "no check") in out
+    assert "2 images resized to the model's 32x32 px and back" in out
+    assert "not computed (their checks skipped): musiq (weights missing: bfr-curate models pull musiq_koniq)" in out
+    assert "lpips (weights missing" in out and "identity_cos (weights missing" in out
