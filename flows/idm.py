@@ -147,6 +147,7 @@ def clean_flow(input: str, out: str, model: str, rounds: int = 1, steps: int = 1
                round_batch_size: int = 32, round_lr: float = 1e-4, round_warmup: int = 1000,
                round_checkpoint_every: int = 5000, acceptance: str | None = None, min_lowpass_psnr: float | None = None,
                lowpass_N: int | None = None, max_lpips: float | None = None, min_identity: float | None = None,
+               max_chroma_shift: float | None = None,
                musiq: bool | None = None, lpips: bool | None = None, identity: bool | None = None,
                fid: bool | None = None, seed: int = 0,
                shard_size: int = 64, batch_size: int = 8, device: str = "auto", dtype: str = "fp32",
@@ -156,7 +157,7 @@ def clean_flow(input: str, out: str, model: str, rounds: int = 1, steps: int = 1
     `acceptance`: a thresholds YAML (default catalogs/acceptance/idm.yaml); the other acceptance
     arguments override single values of it when given."""
     accept = load_acceptance(acceptance, min_lowpass_psnr=min_lowpass_psnr, lowpass_N=lowpass_N, max_lpips=max_lpips,
-                             min_identity=min_identity)
+                             min_identity=min_identity, max_chroma_shift=max_chroma_shift)
     first = plan_clean(input, model, rounds, steps, variance, passes, degrade_source, dtype)
     dev = resolve_device(device)
     ensure_gpu_limit(dev)

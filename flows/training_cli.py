@@ -40,20 +40,6 @@ def cmd_finetune(args, run) -> None:
         print(f"  {k}: {v:.4f}")
 
 
-def resized_note(uri: str, model: str) -> str | None:
-    """The console line saying how many rows a model trained at one size was applied to by resizing (columns
-    ``model_px`` and ``resized``); None when none was."""
-    from bfr_models import manifest
-
-    frame = manifest.read_manifest(uri)
-    resized = frame[frame["resized"].fillna(False).astype(bool)] if "resized" in frame else frame.iloc[:0]
-    if resized.empty:
-        return None
-    px = int(resized["model_px"].iloc[0])
-    return (f"  note:     the {model} was trained at {px}x{px} px: {len(resized)} of {len(frame)} images of other "
-            f"sizes were resized to {px} px for it and back (MATLAB bicubic; columns model_px, resized)")
-
-
 def cmd_restore(args, run, print_result) -> None:
     from flows.restore import plan_restore, restore_flow
 
@@ -61,6 +47,8 @@ def cmd_restore(args, run, print_result) -> None:
     uri = run(restore_flow, args, input=args.input, restorer=args.restorer, out=args.out, shard_size=args.shard_size,
               batch_size=args.batch_size, device=args.device, exclude=args.exclude)
     print_result("restore", uri)
+    from flows.check_summary import resized_note
+
     note = resized_note(uri, "restorer")
     if note:
         print(note)
@@ -96,7 +84,7 @@ def cmd_clean(args, run, print_result) -> None:
     from flows.idm import clean_flow, plan_clean
 
     acceptance = dict(lowpass_N=args.lowpass_n, min_lowpass_psnr=args.min_lowpass_psnr, max_lpips=args.max_lpips,
-                      min_identity=args.min_identity)
+                      min_identity=args.min_identity, max_chroma_shift=args.max_chroma_shift)
     load_acceptance(args.acceptance, **acceptance)  # a bad thresholds file or value: one line, before any work
     plan_clean(args.input, args.model, args.rounds, args.steps, args.variance, args.passes, args.degrade_source,
                args.dtype)
@@ -139,7 +127,8 @@ def add_training_parsers(sub, add_common, run, print_result) -> None:
                                    "unsupervised_bfr.yaml). A CodeFormer checkpoint gets CodeFormer's code-level "
                                    "recipe instead (frozen codebook/decoder, feature + 0.5 token loss; "
                                    "catalogs/finetune/codeformer.yaml). Checkpoints go to the output store; "
-                                   "rerunning the same command after an interruption resumes.")
+                                   "rerunning the same command after an interruption resumes (it prints the step). "
+                                   "Without the LPIPS backbone (offline), --no-lpips trains without that term.")
     p.add_argument("--pairs", required=True, help="a pseudo-target manifest (each row's parent is its LQ input)")
     p.add_argument("--no-lpips", action="store_true",
                    help="drop the LPIPS term (lpips_weight 0: L1 + GAN only), e.g. offline without the LPIPS "
@@ -171,7 +160,9 @@ def add_training_parsers(sub, add_common, run, print_result) -> None:
 
     p = sub.add_parser("restore", help="run a restorer over a manifest or folder, batched",
                        description="Restores every image with a built-in restorer, our checkpoint (e.g. a "
-                                   "finetune output) or any architecture spandrel can load.")
+                                   "finetune output) or any architecture spandrel can load. A restorer whose file "
+                                   "records its training resolution (finetune writes it) runs at that size: images "
+                                   "of other sizes are resized in and back (rows record model_px, resized).")
     p.add_argument("--input", required=True, help="manifest or folder of images")
     p.add_argument("--restorer", required=True, help="none, bicubic, or a checkpoint path / URL")
     add_common(p, shard_size=256, batch_size=8)
@@ -210,10 +201,15 @@ def add_training_parsers(sub, add_common, run, print_result) -> None:
                                    "on x); x* replaces x only if it passes spec §9.4's checks (thresholds in "
                                    "--acceptance): NIQE/MUSIQ not worse, the set's worst 15% by MUSIQ (NIQE "
                                    "without MUSIQ) improved and the rest nearly unchanged (LPIPS), the x1/8 copies "
-                                   "within --min-lowpass-psnr, LPIPS and FaceNet identity within their limits "
+                                   "within --min-lowpass-psnr and their colour (mean Lab chroma) within "
+                                   "max_chroma_shift, LPIPS and FaceNet identity within their limits "
                                    "(each when its weights are pulled); otherwise x is kept, with the "
-                                   "reason. Between rounds the next model is trained from the last one on "
-                                   "(degrade(x), x*). Incremental: a rerun processes only images added since.")
+                                   "reason. The model runs at its training resolution (idm train --resolution): "
+                                   "images of other sizes are resized in and back (rows record model_px, resized). "
+                                   "The console says how many rows each check rejected and which checks were "
+                                   "skipped for missing weights. Between rounds the next model is trained from the "
+                                   "last one on (degrade(x), x*). Incremental: a rerun processes only images added "
+                                   "since.")
     p.add_argument("--input", required=True, help="manifest or folder of HQ faces")
     p.add_argument("--model", required=True, help="IDM model folder (bfr-curate idm train)")
     p.add_argument("--rounds", type=int, default=1, help="extrinsic rounds (default 1)")
@@ -231,6 +227,8 @@ def add_training_parsers(sub, add_common, run, print_result) -> None:
     p.add_argument("--min-lowpass-psnr", type=float, default=None, help="PSNR limit of the x1/N copies in dB (30)")
     p.add_argument("--lowpass-n", type=int, default=None, help="downscale factor N of the content check (8)")
     p.add_argument("--max-lpips", type=float, default=None, help="LPIPS(x, x*) limit on the full image (0.15)")
+    p.add_argument("--max-chroma-shift", type=float, default=None,
+                   help="colour limit: shift of the mean (a*, b*) in Lab of the x1/N copies (3.0)")
     p.add_argument("--min-identity", type=float, default=None,
                    help="FaceNet cosine limit, when facenet_vggface2 is pulled (default: calibrated on the set as "
                         "the 1st percentile of cosine(x, JPEG_75(x)))")

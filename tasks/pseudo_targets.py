@@ -110,5 +110,6 @@ def pseudo_target_shard(spec: ShardSpec, stage_uri: str, params: dict, prior_uri
             for measured_here in ("noise_sigma", "input_noise_sigma"):  # columns via the gate's record
                 rec.pop(measured_here)
             rows.append(ok_row(STAGE, item, parent_id, uri, png, rgb, seed=rec["seed"], split=item.split,
-                               params={**common, **rec, **source}, lf_psnr=lf, **measured))
+                               params={**common, **rec, **source}, lf_psnr=lf, model_px=prior.resolution,
+                               resized=rec["resize"] is not None, **measured))
     return asdict(writer.write_shard(spec.key, rows))

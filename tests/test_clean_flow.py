@@ -11,6 +11,7 @@ import pytest
 from bfr_models import manifest
 from bfr_models.idm import IDMConfig, idm_unet, load_idm, save_idm
 from tests.conftest import BIN, face_like, write_png
+from tests.test_fid import inception_cache, inception_files  # noqa: F401 (fixtures)
 
 TINY = dict(crop=32, channels=(16, 32, 32), layers_per_block=1, attention=(8,), norm_groups=8)
 
@@ -168,3 +169,28 @@ def test_clean_runs_a_model_at_its_resolution_and_says_what_each_check_rejected(
     assert "2 images resized to the model's 32x32 px and back" in out
     assert "not computed (their checks skipped): musiq (weights missing: bfr-curate models pull musiq_koniq)" in out
     assert "lpips (weights missing" in out and "identity_cos (weights missing" in out
+
+
+def test_clean_fid_comes_from_the_shards_feature_files(tmp_path, inception_cache):
+    """With the Inception weights cached, each clean shard writes the FID features of its cleaned and original
+    images; the flow sums them once into the index's FID. A missing feature file is extracted again from the
+    shard's images and gives the same FID."""
+    from bfr_models.manifest import ShardInfo
+    from flows.idm import _fid_cleaned_vs_original, clean_flow
+
+    folder = tmp_path / "hq"
+    for i in range(4):
+        write_png(folder / f"img{i}.png", face_like(i, 32))
+    model = save_idm(idm_unet(IDMConfig(**TINY)), IDMConfig(**TINY), str(tmp_path / "model"))
+    uri = clean_flow(input=str(folder), out=str(tmp_path / "run"), model=model, steps=1, shard_size=2, batch_size=2,
+                     device="cpu")
+    index = manifest.read_index(uri)
+    record = index["config"]["set_metrics"]["fid_cleaned_vs_original"]
+    files = sorted((tmp_path / "run" / uri.split("/run/")[1] / "fid").glob("*.npz"))
+    assert len(index["shards"]) == 2 and len(files) == 4  # cleaned and original per shard
+    assert record["fid_n"] == 4 and record["fid"] >= 0
+    for f in files:
+        f.unlink()
+    again = _fid_cleaned_vs_original(uri, [ShardInfo(**s) for s in index["shards"]], "cpu")
+    assert again["fid_cleaned_vs_original"]["fid"] == pytest.approx(record["fid"], rel=1e-6, abs=1e-6)
+    assert len(list((tmp_path / "run" / uri.split("/run/")[1] / "fid").glob("*.npz"))) == 4
