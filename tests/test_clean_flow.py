@@ -187,10 +187,13 @@ def test_clean_fid_comes_from_the_shards_feature_files(tmp_path, inception_cache
     index = manifest.read_index(uri)
     record = index["config"]["set_metrics"]["fid_cleaned_vs_original"]
     files = sorted((tmp_path / "run" / uri.split("/run/")[1] / "fid").glob("*.npz"))
-    assert len(index["shards"]) == 2 and len(files) == 4  # cleaned and original per shard
-    assert record["fid_n"] == 4 and record["fid"] >= 0
+    assert len(index["shards"]) >= 2 and len(files) == 2 * len(index["shards"])  # cleaned and original per shard
+    # 32-px faces have no quality score (NIQE needs 96-px blocks, no MUSIQ here): every x* is rejected, so the
+    # cleaned set is the original set and their FID is 0 (to rounding)
+    assert not manifest.read_manifest(uri)["replaced"].any()
+    assert record["fid_n"] == 4 and record["fid"] == pytest.approx(0, abs=1e-3)
     for f in files:
         f.unlink()
     again = _fid_cleaned_vs_original(uri, [ShardInfo(**s) for s in index["shards"]], "cpu")
     assert again["fid_cleaned_vs_original"]["fid"] == pytest.approx(record["fid"], rel=1e-6, abs=1e-6)
-    assert len(list((tmp_path / "run" / uri.split("/run/")[1] / "fid").glob("*.npz"))) == 4
+    assert len(list((tmp_path / "run" / uri.split("/run/")[1] / "fid").glob("*.npz"))) == len(files)
