@@ -82,6 +82,12 @@ def rgb_to_lab(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])], 1)
 
 
+def chroma_shift(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per image, the distance between the mean (a*, b*) of two batches in CIE Lab: a colour cast or a
+    desaturation of the whole image (the colour check of the gate and of the clean stage's acceptance)."""
+    return (rgb_to_lab(a)[:, 1:].flatten(2).mean(2) - rgb_to_lab(b)[:, 1:].flatten(2).mean(2)).norm(dim=1)
+
+
 def lowres_pair(target: torch.Tensor, inputs: torch.Tensor, N: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The x1/N copies (MATLAB bicubic, antialiased, downscaled only) of two same-size batches."""
     size = (max(1, round(target.shape[-2] / N)), max(1, round(target.shape[-1] / N)))
@@ -102,9 +108,8 @@ def measure(target: torch.Tensor, inputs: torch.Tensor, N: float, *, noise_targe
                          f"got {tuple(target.shape)} and {tuple(inputs.shape)}")
     small_t, small_i = lowres_pair(target, inputs, N)
     mse = ((small_t - small_i) ** 2).flatten(1).mean(1)
-    ab_t, ab_i = rgb_to_lab(small_t)[:, 1:].flatten(2).mean(2), rgb_to_lab(small_i)[:, 1:].flatten(2).mean(2)
     cols = {"lowres_psnr": (10.0 * torch.log10(1.0 / mse)).tolist(),
-            "chroma_shift": (ab_t - ab_i).norm(dim=1).tolist(),
+            "chroma_shift": chroma_shift(small_t, small_i).tolist(),
             "noise_sigma": (noise_target if noise_target is not None else noise_sigma(target)).tolist(),
             "input_noise_sigma": (noise_input if noise_input is not None else noise_sigma(inputs)).tolist()}
     if niqe is not None:

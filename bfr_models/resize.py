@@ -80,3 +80,20 @@ def matlab_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     # bmm: one same-shape product per plane, so a plane's result does not depend on how many
     # planes are in the batch (torch.matmul would fold the batch into one GEMM of batch-dependent size)
     return torch.bmm(torch.bmm(rows, planes), cols).reshape(*lead, h, w)
+
+
+def at_resolution(fn, x: torch.Tensor, resolution: int | None) -> torch.Tensor:
+    """``fn(x)`` for a model trained at ``resolution`` x ``resolution`` pixels, applied at that size: a batch
+    (B, 3, H, W) in [0, 1] of another size is resized in and the output back to (H, W) (MATLAB bicubic, clamped
+    to [0, 1]). A model run at a size it never saw sees faces of another scale (and its self-attention costs
+    grow with the area); ``resolution`` None (not recorded) or the same size: ``fn(x)`` as it is."""
+    size = tuple(x.shape[-2:])
+    if resolution is None or size == (resolution, resolution):
+        return fn(x)
+    out = fn(matlab_resize(x, (resolution, resolution)).clamp(0, 1))
+    return matlab_resize(out, size).clamp(0, 1)
+
+
+def is_resized(size: tuple[int, int], resolution: int | None) -> bool:
+    """Whether :func:`at_resolution` resizes images of ``size`` (H, W) for a model of ``resolution``."""
+    return resolution is not None and tuple(size) != (resolution, resolution)

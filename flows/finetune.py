@@ -10,7 +10,8 @@ by the final model. Everything is checked before training starts.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
+from functools import partial
 
 import torch
 from prefect import flow, get_run_logger, task
@@ -21,7 +22,7 @@ from bfr_models.imageio import encode_png
 from bfr_models.manifest import ManifestWriter, ShardInfo
 from bfr_models.metrics.fullref import psnr, ssim
 from bfr_models.restorers import CheckpointModel, RestorerError, SpandrelModel, load_restorer, save_restorer
-from bfr_models.restorers.checkpoint import ARCHS
+from bfr_models.restorers.checkpoint import ARCHS, resolution_metadata
 from bfr_models.restorers.codeformer import CodeFormerRestorer
 from bfr_models.training.codeformer import CodeFormerFinetuneConfig, finetune_codeformer
 from bfr_models.training.data import read_image
@@ -36,12 +37,14 @@ from tasks.shards import CODE_VERSION, InputItem, list_inputs, stable_hash
 STAGE = "finetune"
 
 
-def save_state_dict(model: torch.nn.Module, uri: str) -> None:
-    """A spandrel architecture's weights as a plain safetensors state dict (spandrel detects it again)."""
+def save_state_dict(model: torch.nn.Module, uri: str, resolution: int | None = None) -> None:
+    """A spandrel architecture's weights as a plain safetensors state dict (spandrel detects it again), with the
+    training ``resolution`` in its metadata."""
     from safetensors.torch import save
 
     net = model.net if isinstance(model, CodeFormerRestorer) else model  # the adapter holds no weights of its own
-    storage.write_bytes_atomic(uri, save({k: v.detach().cpu().float().contiguous() for k, v in net.state_dict().items()}))
+    storage.write_bytes_atomic(uri, save({k: v.detach().cpu().float().contiguous() for k, v in net.state_dict().items()},
+                                         metadata=resolution_metadata(resolution)))
 
 
 def trainable_restorer(spec: str) -> tuple[torch.nn.Module, object, dict]:
@@ -142,12 +145,15 @@ def split(plan: PairPlan, val_pairs: int) -> tuple[UriPairs, Pairs | None]:
     return train, Pairs(lq=stack(plan.lq), target=stack(plan.target), gt=stack(plan.gt) if plan.gt else None)
 
 
-def finetune_config(config: str, restorer_net: torch.nn.Module, **overrides):
+def finetune_config(config: str, restorer_net: torch.nn.Module, no_lpips: bool = False, **overrides):
     """The config to train ``restorer_net`` with: ``auto`` picks the CodeFormer recipe for CodeFormer, else the
-    image-level one; a mismatch is refused (the code-level recipe is specific to CodeFormer, spec §2.3)."""
+    image-level one; a mismatch is refused (the code-level recipe is specific to CodeFormer, spec §2.3).
+    ``no_lpips``: the recipe's LPIPS term dropped (``lpips_weight`` 0), for a machine without its backbone."""
     is_codeformer = isinstance(restorer_net, CodeFormerRestorer)
     name = ("codeformer" if is_codeformer else "unsupervised_bfr") if config == "auto" else config
     cfg = load_finetune_config(name, **overrides)
+    if no_lpips and "lpips_weight" in {f.name for f in fields(cfg)}:
+        cfg = replace(cfg, lpips_weight=0.0)
     if is_codeformer != isinstance(cfg, CodeFormerFinetuneConfig):
         raise FinetuneError(f"finetune config {name} is the {'codeformer' if not is_codeformer else 'image'}-level "
                             f"recipe, but the restorer is {'' if is_codeformer else 'not '}a CodeFormer "
@@ -157,13 +163,15 @@ def finetune_config(config: str, restorer_net: torch.nn.Module, **overrides):
 
 def plan_finetune(pairs: str, restorer: str, real: str | None, config: str, overrides: dict,
                   exclude: tuple[str, ...] | list[str] = (), plan: PairPlan | None = None,
-                  include_failed: bool = False):
+                  include_failed: bool = False, no_lpips: bool = False):
     """Everything checked before any work. Returns (pair plan, network, save, info, reals, config).
 
-    ``plan``: the pairs listed already (by the flow, for its task): they are not listed again."""
+    ``plan``: the pairs listed already (by the flow, for its task): they are not listed again. The save
+    function records the pairs' size in the restorer file: ``restore`` applies it at that size."""
     plan = load_pairs(pairs, include_failed) if plan is None else plan
     net, save, info = trainable_restorer(restorer)
-    cfg = finetune_config(config, net, **overrides)
+    save = partial(save, resolution=plan.size[0])
+    cfg = finetune_config(config, net, no_lpips, **overrides)
     height, size = plan.size
     multiple = getattr(net, "pad_multiple", 1)
     if height % multiple or size % multiple:
@@ -176,9 +184,13 @@ def plan_finetune(pairs: str, restorer: str, real: str | None, config: str, over
                             f"(real faces are resized to the pair size)")
     if getattr(cfg, "lpips_weight", 0) > 0:
         from bfr_models.metrics.lpips_metric import BACKBONE_CARDS
-        from bfr_models.models import model_path
+        from bfr_models.models import ModelMissingError, model_path
 
-        model_path(BACKBONE_CARDS[cfg.lpips_net])  # ModelMissingError names the file and the pull command
+        try:
+            model_path(BACKBONE_CARDS[cfg.lpips_net])
+        except ModelMissingError as e:  # names the file and the pull command; offline, the flag goes on without
+            raise ModelMissingError(f"{e}; or train without the LPIPS term: finetune --no-lpips", e.missing,
+                                    e.looked_in) from None
     reals = None
     if getattr(cfg, "gan_weight", 0) > 0:
         if not real:
@@ -195,9 +207,10 @@ def plan_finetune(pairs: str, restorer: str, real: str | None, config: str, over
 @task(name="finetune-train", cache_key_fn=key_parameter, persist_result=True,
       result_serializer="json")  # a checkable record, never a pickle (tasks.runtime.key_parameter)
 def finetune_task(key: str, pairs: str, restorer: str, real: str | None, config: str, overrides: dict, out: str,
-                  device: str, exclude: list[str], plan: dict, loader_workers: int | None = None) -> dict:
+                  device: str, exclude: list[str], plan: dict, loader_workers: int | None = None,
+                  no_lpips: bool = False) -> dict:
     plan, net, save, info, reals, cfg = plan_finetune(pairs, restorer, real, config, overrides, exclude,
-                                                      PairPlan(**plan))
+                                                      PairPlan(**plan), no_lpips=no_lpips)
     train, val = split(plan, cfg.val_pairs)
     ids = list(zip(plan.ids, plan.lq))
     dev = resolve_device(device)
@@ -223,7 +236,7 @@ def finetune_task(key: str, pairs: str, restorer: str, real: str | None, config:
     final = {k: float(v) for k, v in last.iloc[0].items() if str(k).startswith("val_")} if len(last) else {}
     return {"shard": asdict(shard), "restorer_uri": storage.join(out, "restorer.safetensors"),
             "log_uri": storage.join(out, "log.parquet"), "final_validation": final, "restorer": info,
-            "train_pairs": len(train), "val_pairs": len(val) if val is not None else 0}
+            "train_pairs": len(train), "val_pairs": len(val) if val is not None else 0, "resolution": plan.size[0]}
 
 
 def _lpips(cfg, dev):
@@ -264,8 +277,9 @@ def finetune_flow(pairs: str, restorer: str, out: str, real: str | None = None, 
                   lr: float | None = None, val_pairs: int | None = None, validate_every: int | None = None,
                   checkpoint_every: int | None = None, precision: str | None = None, seed: int | None = None,
                   device: str = "auto", exclude: tuple[str, ...] | list[str] = (),
-                  loader_workers: int | None = None, include_failed: bool = False) -> str:
+                  loader_workers: int | None = None, include_failed: bool = False, no_lpips: bool = False) -> str:
     """Fine-tune `restorer` on the pairs; returns the stage folder (restorer, log, validation manifest).
+    `no_lpips`: without the recipe's LPIPS term (L1 + GAN), where the LPIPS backbone is not available.
 
     Pairs are read by `loader_workers` DataLoader processes as batches need them (None: from the cores).
 
@@ -275,7 +289,7 @@ def finetune_flow(pairs: str, restorer: str, out: str, real: str | None = None, 
     overrides = dict(iters=iters, batch_size=batch_size, micro_batch=micro_batch, lr=lr, val_pairs=val_pairs,
                      validate_every=validate_every, checkpoint_every=checkpoint_every, precision=precision, seed=seed)
     plan, _, _, info, reals, cfg = plan_finetune(pairs, restorer, real, config, overrides, exclude,
-                                                 include_failed=include_failed)
+                                                 include_failed=include_failed, no_lpips=no_lpips)
     skipped = plan.skipped
     dev = resolve_device(device)
     get_run_logger().info("finetune: %d pairs (%d error rows skipped), %s real faces, %s, %s", len(plan), skipped,
@@ -288,9 +302,9 @@ def finetune_flow(pairs: str, restorer: str, out: str, real: str | None = None, 
     result = finetune_task.with_options(result_storage=result_storage(where))(
         key=stable_hash([where, CODE_VERSION]), pairs=pairs, restorer=restorer, real=real, config=config,
         overrides=overrides, out=where, device=str(dev), exclude=list(exclude), plan=asdict(plan),
-        loader_workers=loader_workers)
+        loader_workers=loader_workers, no_lpips=no_lpips)
     index_config = {"finetune": asdict(cfg), "recipe": type(cfg).__name__, "pairs": pairs, "real": real,
-                    "skipped_pairs": skipped, "include_failed": include_failed,
+                    "skipped_pairs": skipped, "include_failed": include_failed, "no_lpips": no_lpips,
                     **{k: v for k, v in result.items() if k != "shard"}}
     ManifestWriter(where).write_index(STAGE, key, index_config, [ShardInfo(**result["shard"])])
     publish_stage_summary(where)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 
+import pandas as pd
 from prefect import flow, get_run_logger, task
 from tqdm.auto import tqdm
 
@@ -24,8 +25,9 @@ from bfr_models.idm import (AcceptanceConfig, IDMConfig, IDMError, IDMTrainConfi
                             load_idm, train_idm)
 from bfr_models.training.data import UriImages
 from flows.prior import progress, training_images
+from flows.check_summary import count_checks
 from flows.run_info import publish_model_summary, run_name
-from flows.stage import annotate_index, run_stage, skipped_record
+from flows.stage import run_stage, skipped_record
 from tasks.clean import STAGE, cached_idm, clean_shard, set_calibration
 from tasks.runtime import ensure_gpu_limit, key_parameter, local_device, result_storage
 from tasks.shards import CODE_VERSION, list_inputs, stable_hash
@@ -150,6 +152,7 @@ def clean_flow(input: str, out: str, model: str, rounds: int = 1, steps: int = 1
                round_batch_size: int = 32, round_lr: float = 1e-4, round_warmup: int = 1000,
                round_checkpoint_every: int = 5000, acceptance: str | None = None, min_lowpass_psnr: float | None = None,
                lowpass_N: int | None = None, max_lpips: float | None = None, min_identity: float | None = None,
+               max_chroma_shift: float | None = None,
                musiq: bool | None = None, lpips: bool | None = None, identity: bool | None = None,
                fid: bool | None = None, seed: int = 0,
                shard_size: int = 64, batch_size: int | None = None, device: str = "auto", dtype: str | None = None,
@@ -160,7 +163,7 @@ def clean_flow(input: str, out: str, model: str, rounds: int = 1, steps: int = 1
     arguments override single values of it when given. ``dtype`` None: bf16 on CUDA, else fp32;
     ``batch_size`` None: from free device memory on CUDA, else 8 (:mod:`bfr_models.device`)."""
     accept = load_acceptance(acceptance, min_lowpass_psnr=min_lowpass_psnr, lowpass_N=lowpass_N, max_lpips=max_lpips,
-                             min_identity=min_identity)
+                             min_identity=min_identity, max_chroma_shift=max_chroma_shift)
     first = plan_clean(input, model, rounds, steps, variance, passes, degrade_source, dtype, device, compile)
     dev = local_device(device)  # calibration and FID run here; shards resolve `device` where they run
     dtype = resolve_dtype(dtype, dev)
@@ -174,7 +177,7 @@ def clean_flow(input: str, out: str, model: str, rounds: int = 1, steps: int = 1
     logger = get_run_logger()
     logger.info("clean: %d inputs (%d skipped), %d round(s)", len(items), skipped, rounds)
     model_uri, history, uri = storage.normalize(model), [], None
-    resolution = first.meta.get("source", {}).get("resolution", first.config.crop)
+    resolution = first.resolution
     batch_size = batch_size or default_batch_size(dev, resolution, dtype, cpu_default=8)
     calibration = _frozen_calibration(input, out, items, accept, use_musiq, use_identity, str(dev), batch_size)
     logger.info("clean: %s", calibration)
@@ -191,20 +194,36 @@ def clean_flow(input: str, out: str, model: str, rounds: int = 1, steps: int = 1
                   "passes": passes, "acceptance": asdict(accept), "calibration": asdict(calibration),
                   "musiq": use_musiq, "lpips": use_lpips, "identity": use_identity, "seed": seed, "dtype": dtype,
                   **({"compile": True} if compile else {})}
+        last = r == rounds
+
+        def set_level(stage_uri: str, shards, r=r, model_uri=model_uri, last=last) -> dict:
+            """The index's record of this round and the rounds before it (the last round's index is the
+            cleaned dataset's: it also holds the FID of cleaned vs original)."""
+            history.append(round_record(stage_uri, shards, r, model_uri))
+            set_metrics = _fid_cleaned_vs_original(stage_uri, shards, dev) if use_fid and last else {}
+            return {"rounds": list(history), "not_computed": not_computed, "set_metrics": set_metrics,
+                    "source": input, **skipped_record(input, skipped, exclude)}
+
         uri = run_stage(clean_shard, STAGE, config, items, input, out, shard_size, incremental=True,
-                        model_uri=model_uri, round=r, steps=steps, variance=variance, passes=passes,
-                        acceptance=asdict(accept), calibration=asdict(calibration), musiq=use_musiq, lpips=use_lpips,
-                        identity=use_identity, seed=seed, device=device, dtype=dtype, batch_size=batch_size,
-                        compile=compile)
-        frame = manifest.read_manifest(uri)
-        ok = frame[frame["status"] == "ok"]
-        history.append({"round": r, "model": model_uri, "manifest": uri, "images": int(len(ok)),
-                        "replaced": int(ok["replaced"].sum()) if len(ok) else 0, "errors": int(len(frame) - len(ok))})
-        logger.info("clean round %d: %d of %d images replaced", r, history[-1]["replaced"], len(ok))
-    set_metrics = _fid_cleaned_vs_original(uri, out, dev) if use_fid else {}
-    annotate_index(uri, rounds=history, not_computed=not_computed, set_metrics=set_metrics, source=input,
-                   **skipped_record(input, skipped, exclude))
+                        finalize=set_level, model_uri=model_uri, round=r, steps=steps, variance=variance,
+                        passes=passes, acceptance=asdict(accept), calibration=asdict(calibration), musiq=use_musiq,
+                        lpips=use_lpips, identity=use_identity, fid=use_fid and last, seed=seed, device=device,
+                        dtype=dtype, batch_size=batch_size, compile=compile)
+        logger.info("clean round %d: %d of %d images replaced", r, history[-1]["replaced"], history[-1]["images"])
     return uri
+
+
+def round_record(stage_uri: str, shards, r: int, model_uri: str) -> dict:
+    """One clean round in numbers, from its shards: images, replaced, errors, rows each check rejected, rows
+    resized to the model's resolution."""
+    frame = pd.concat([manifest.read_manifest(storage.join(stage_uri, s.path)) for s in shards], ignore_index=True)
+    ok = frame[frame["status"] == "ok"] if len(frame) else frame
+    column = ok.get("rejected_by", pd.Series(dtype=object)).dropna()
+    return {"round": r, "model": model_uri, "manifest": stage_uri, "images": int(len(ok)),
+            "replaced": int(ok["replaced"].sum()) if len(ok) else 0, "errors": int(len(frame) - len(ok)),
+            "rejected_by": count_checks(text.split(",") for text in column),
+            "resized": int(ok["resized"].sum()) if "resized" in ok else 0,
+            "model_px": int(ok["model_px"].iloc[0]) if len(ok) and "model_px" in ok else None}
 
 
 def _frozen_calibration(input: str, out: str, items: list, accept: AcceptanceConfig, musiq: bool, identity: bool,
@@ -223,18 +242,33 @@ def _frozen_calibration(input: str, out: str, items: list, accept: AcceptanceCon
     return calibration
 
 
-def _fid_cleaned_vs_original(uri: str, out: str, dev) -> dict:
-    """FID between the cleaned dataset and the originals (same images before cleaning), clean-fid convention."""
-    from bfr_models.metrics.fid import FeatureCache, FIDStats, ImageRef, InceptionFeatures, extract_features, fid_from_stats
+def _fid_cleaned_vs_original(stage_uri: str, shards, dev) -> dict:
+    """FID between the cleaned dataset and the originals (same images before cleaning), clean-fid convention,
+    from the feature files each shard wrote (a missing one, e.g. of a shard kept from a run without FID, is
+    extracted again from the shard's images)."""
+    from bfr_models.metrics.fid import (FeatureSums, FIDStats, ImageRef, extract_features, fid_from_stats,
+                                        read_shard_features, write_shard_features)
+    from tasks.clean import FID_CONVENTION, fid_features_uri
+    from tasks.score import extractor
 
-    extractor = InceptionFeatures(convention="clean", device=dev)
-    cache = FeatureCache(storage.join(storage.normalize(out), "fid-cache"), extractor.fingerprint)
-    ok = manifest.read_manifest(uri)
-    ok = ok[ok["status"] == "ok"]
+    inception = extractor(FID_CONVENTION, str(dev))
+    sums = {"cleaned": FeatureSums(), "original": FeatureSums()}
+    for shard in shards:
+        rows = None
+        for name, (uri_column, sha_column) in (("cleaned", ("uri", "sha256")),
+                                               ("original", ("source_uri", "source_sha256"))):
+            where = fid_features_uri(stage_uri, shard.name, name)
+            try:
+                sums[name].add(read_shard_features(where, inception.fingerprint))
+            except FileNotFoundError:
+                if rows is None:
+                    rows = [r for r in manifest.read_table(storage.join(stage_uri, shard.path)).to_pylist()
+                            if r["status"] == "ok"]
+                feats = extract_features([ImageRef(r[uri_column], r[sha_column]) for r in rows], inception)
+                write_shard_features(where, inception.fingerprint, feats.keys, feats.feats)
+                sums[name].add(feats.feats)
     stats = {}
-    for name, uris, shas in (("cleaned", ok["uri"], ok["sha256"]), ("original", ok["source_uri"], ok["source_sha256"])):
-        refs = [ImageRef(str(u), str(s)) for u, s in zip(uris, shas)]
-        stats[name] = FIDStats.from_features(extract_features(refs, extractor, cache).feats, "clean", name,
-                                             extractor.network)
-    record = fid_from_stats(stats["cleaned"], stats["original"]).as_record()
-    return {"fid_cleaned_vs_original": record}
+    for name, part in sums.items():
+        mu, sigma = part.stats()
+        stats[name] = FIDStats(mu, sigma, part.n, FID_CONVENTION, f"{stage_uri} ({name})", inception.network)
+    return {"fid_cleaned_vs_original": fid_from_stats(stats["cleaned"], stats["original"]).as_record()}

@@ -22,6 +22,7 @@ from bfr_models.gate import GateConfig, load_gate
 from bfr_models.pseudo_targets import (RESIZE_MODES, Candidate, MethodParams, PseudoTargetError, choose, grid,
                                        lowfreq_psnr, method_params, to_resolution, validate,
                                        with_resolution)
+from flows.check_summary import checks_line, count_checks
 from flows.run_info import run_name
 from flows.stage import run_stage, skipped_record
 from tasks.rows import decode_items, same_size_batches
@@ -242,24 +243,16 @@ def plan_gate(path: str | None, input: str, resolution: int, resize: str, up: in
 
 
 def gate_summary(uri: str) -> str:
-    """One line: how many targets passed the gate, the commonest failed checks, the checks not made."""
+    """One line: how many targets passed the gate, how many each check failed, the checks not made and why."""
     frame = manifest.read_manifest(uri)
     ok = frame[frame["status"] == "ok"]
     gates = ok["gate"] if "gate" in ok else ok["status"].iloc[:0]  # no ok row: no gate column
     passed = int((gates == "pass").sum())
-    checks = {}
-    for text in ok.loc[gates == "fail", "gate_reason"].dropna() if len(gates) else []:
-        for part in text.split("; "):
-            name = part.split(":")[0]
-            checks[name] = checks.get(name, 0) + 1
+    reasons = ok.loc[gates == "fail", "gate_reason"].dropna() if len(gates) else []
+    checks = count_checks([part.split(":")[0] for part in text.split("; ")] for text in reasons)
     index = manifest.read_index(uri)
-    skipped = [r["metric"] for r in ((index.get("config") or {}).get("gate") or {}).get("not_checked", [])]
-    line = f"{passed} of {len(ok)} targets passed the quality gate"
-    if checks:
-        line += " (failed: " + ", ".join(f"{k} {v}" for k, v in sorted(checks.items(), key=lambda kv: -kv[1])) + ")"
-    if skipped:
-        line += f"; not checked: {', '.join(skipped)} (weights missing or images too small)"
-    return line
+    skipped = ((index.get("config") or {}).get("gate") or {}).get("not_checked", [])
+    return f"{passed} of {len(ok)} targets passed the quality gate; {checks_line(checks, skipped)}"
 
 
 def _auto_storage(out: str):

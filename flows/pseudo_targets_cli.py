@@ -100,6 +100,11 @@ def cmd_pseudo_targets(args, run, print_result) -> None:
         if search:
             print(auto_grid(search))
     print(gate_summary(uri))
+    from flows.check_summary import resized_note
+
+    note = resized_note(uri, "prior", "(antialiased bicubic; params.resize records the sizes)")
+    if note:
+        print(note)
 
 
 def add_prior_parsers(sub, add_common, run, print_result) -> None:

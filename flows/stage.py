@@ -17,11 +17,12 @@ from bfr_models.manifest import ManifestWriter, ShardInfo
 from flows.run_info import publish_stage_summary
 from flows.stop import abandon_on_stop, reclaim_sigterm
 from flows.threads import shard_threads
-from tasks.runtime import result_storage, uses_dask
+from tasks.runtime import result_storage, uses_dask, watch_images
 from tasks.shards import InputItem, code_version, make_shards, stable_hash
 
 INPUTS_NAME = "inputs.json"  # incremental stages: which inputs each shard holds
 DEFAULT_IN_FLIGHT = 8  # shards in flight when the task runner sets no bound (an unbounded thread pool)
+PROGRESS_POLL = 0.5  # seconds between reads of the in-flight shards' per-batch progress
 
 
 class StageError(RuntimeError):
@@ -114,14 +115,25 @@ def run_stage(shard_task, stage: str, config: dict, items: list[InputItem], inpu
         shards, failures = list(kept), []
         limit = max_in_flight or in_flight_limit()
         threads = shard_threads(_task_runner(), limit)
-        with tqdm(total=len(todo), desc=stage, unit="img", dynamic_ncols=True) as bar:
-            for spec, result in _run_shards(configured, specs, limit, stage_uri=stage_uri,
+        with tqdm(total=len(todo), desc=stage, unit="img", dynamic_ncols=True) as bar, \
+                watch_images([s.key for s in specs]) as images_done:
+            shown: dict[str, int] = {}  # shard key -> images on the bar
+
+            def show(key: str, done: int) -> None:
+                bar.update(done - shown.get(key, 0))
+                shown[key] = done
+
+            def on_wait(keys: list[str]) -> None:  # shards in flight: the batches they reported done
+                for key in keys:
+                    show(key, images_done(key))
+
+            for spec, result in _run_shards(configured, specs, limit, stage_uri=stage_uri, on_wait=on_wait,
                                             resources=gpu_request(task_kwargs.get("device")), **task_kwargs):
                 if isinstance(result, Exception):  # report every failed shard, not just the first
                     failures.append(f"shard {spec.key}: {type(result).__name__}: {result}")
                 else:
                     shards.append(ShardInfo(**result))
-                bar.update(len(spec.items))
+                show(spec.key, len(spec.items))
         if failures:
             raise StageError(f"{len(failures)} of {len(specs)} shards failed (the others are kept). First: {failures[0]}")
         if incremental:
@@ -168,8 +180,10 @@ def task_resources(resources: dict | None):
         yield
 
 
-def _run_shards(task, specs: list, limit: int, stage_uri: str, resources: dict | None, **task_kwargs):
+def _run_shards(task, specs: list, limit: int, stage_uri: str, resources: dict | None = None, on_wait=None,
+                **task_kwargs):
     """Yield ``(spec, result or exception)`` per shard, with at most ``limit`` tasks submitted at a time.
+    ``on_wait(keys)`` is called every :data:`PROGRESS_POLL` seconds no shard finished, with the in-flight keys.
 
     After the first store failure nothing more is submitted; the shards in flight get
     :func:`store_grace` seconds, then one :class:`storage.StoreError` naming the store and cause is raised.
@@ -183,11 +197,15 @@ def _run_shards(task, specs: list, limit: int, stage_uri: str, resources: dict |
                 future = task.submit(spec=spec, stage_uri=stage_uri, **task_kwargs)
             in_flight[future] = spec
             future.add_done_callback(finished.put)
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        left = None if deadline is None else deadline - time.monotonic()
         try:
-            future = finished.get(timeout=timeout)
+            future = finished.get(timeout=PROGRESS_POLL if left is None else max(0.0, min(left, PROGRESS_POLL)))
         except Empty:
-            break  # in-flight shards abandoned: their files are written atomically, nothing partial shows
+            if left is not None and left <= PROGRESS_POLL:
+                break  # in-flight shards abandoned: their files are written atomically, nothing partial shows
+            if on_wait is not None:
+                on_wait([s.key for s in in_flight.values()])
+            continue
         spec = in_flight.pop(future)
         try:
             result = future.result()
@@ -200,13 +218,3 @@ def _run_shards(task, specs: list, limit: int, stage_uri: str, resources: dict |
         done = len(specs) - len(queue) - len(in_flight)
         raise storage.StoreError(f"{storage.store_error(stage_uri, fault)} ({done} of {len(specs)} shards finished; "
                                  "rerun to resume once the store answers)") from fault
-
-
-def annotate_index(uri: str, **info) -> None:
-    """Add set-level results (FID, conventions, what was not computed, rounds) to a stage's index, and to its
-    summary artifact."""
-    index = manifest.read_index(uri)
-    index["config"].update(info)
-    storage.write_bytes_atomic(storage.join(uri, manifest.INDEX_NAME),
-                               json.dumps(index, indent=1, sort_keys=True, default=str).encode())
-    publish_stage_summary(uri)

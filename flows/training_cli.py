@@ -6,6 +6,8 @@ subclasses with one-line messages (printed by flows/cli.py, exit 2), raised befo
 
 from __future__ import annotations
 
+import sys
+
 from flows.pseudo_targets_cli import add_precision
 
 
@@ -19,17 +21,21 @@ def cmd_finetune(args, run) -> None:
     knobs = dict(iters=args.iters, batch_size=args.batch_size, micro_batch=args.micro_batch, lr=args.lr,
                  val_pairs=args.val_pairs, validate_every=args.validate_every, checkpoint_every=args.checkpoint_every,
                  precision=args.precision, seed=args.seed)
-    plan_finetune(args.pairs, args.restorer, args.real, args.config, knobs, args.exclude,
-                  include_failed=args.include_failed)
+    cfg = plan_finetune(args.pairs, args.restorer, args.real, args.config, knobs, args.exclude,
+                        include_failed=args.include_failed, no_lpips=args.no_lpips)[-1]
+    if args.no_lpips and hasattr(cfg, "lpips_weight"):
+        print("finetune: warning: --no-lpips: the LPIPS term is dropped (lpips_weight 0; L1 and GAN only), so the "
+              "restorer is trained without the recipe's perceptual loss", file=sys.stderr)
     uri = run(finetune_flow, args, pairs=args.pairs, restorer=args.restorer, real=args.real, out=args.out,
               config=args.config, device=args.device, exclude=args.exclude, include_failed=args.include_failed,
-              **knobs)
+              no_lpips=args.no_lpips, **knobs)
     from bfr_models import manifest, storage
 
     index = manifest.read_index(uri)["config"]
     print(f"finetune: {index['train_pairs']} training pairs, {index['val_pairs']} held out "
           f"({index['skipped_pairs']} error or gate-failed rows skipped)")
-    print(f"  restorer: {index['restorer_uri']}")
+    print(f"  restorer: {index['restorer_uri']}  (trained at {index['resolution']} px: `restore` applies it at "
+          f"that size)")
     print(f"  log:      {index['log_uri']}")
     print(f"  manifest: {storage.join(uri, manifest.INDEX_NAME)}")
     for k, v in sorted(index["final_validation"].items()):
@@ -43,6 +49,11 @@ def cmd_restore(args, run, print_result) -> None:
     uri = run(restore_flow, args, input=args.input, restorer=args.restorer, out=args.out, shard_size=args.shard_size,
               batch_size=args.batch_size, device=args.device, exclude=args.exclude)
     print_result("restore", uri)
+    from flows.check_summary import resized_note
+
+    note = resized_note(uri, "restorer")
+    if note:
+        print(note)
 
 
 def _idm_train_options(args) -> dict:
@@ -62,7 +73,12 @@ def cmd_idm_train(args, run) -> None:
                    o["norm_groups"], train, args.exclude)
     resolve_device(args.device)
     uri = run(idm_train_flow, args, input=args.input, out=args.out, device=args.device, exclude=args.exclude, **o)
-    print(f"idm model: {uri}  (clean with: bfr-curate clean --input {args.input} --model {uri} --out {args.out})")
+    px = o["resolution"]
+    print(f"idm model: {uri}  (trained at {px}x{px} px)")
+    print(f"  clean an HQ face dataset with it: bfr-curate clean --input <faces, ideally {px}x{px}> --model {uri} "
+          f"--out {args.out}")
+    print(f"  (images of other sizes are resized to {px} px for the model and back; the acceptance judges every "
+          f"cleaned image against its original)")
 
 
 def cmd_clean(args, run, print_result) -> None:
@@ -70,7 +86,7 @@ def cmd_clean(args, run, print_result) -> None:
     from flows.idm import clean_flow, plan_clean
 
     acceptance = dict(lowpass_N=args.lowpass_n, min_lowpass_psnr=args.min_lowpass_psnr, max_lpips=args.max_lpips,
-                      min_identity=args.min_identity)
+                      min_identity=args.min_identity, max_chroma_shift=args.max_chroma_shift)
     load_acceptance(args.acceptance, **acceptance)  # a bad thresholds file or value: one line, before any work
     plan_clean(args.input, args.model, args.rounds, args.steps, args.variance, args.passes, args.degrade_source,
                args.dtype, args.device, args.compile)
@@ -81,9 +97,17 @@ def cmd_clean(args, run, print_result) -> None:
               compile=args.compile, acceptance=args.acceptance, exclude=args.exclude, **acceptance)
     print_result("clean", uri)
     from bfr_models import manifest
+    from flows.check_summary import not_checked_text, rejected_text
 
-    for r in manifest.read_index(uri)["config"]["rounds"]:
+    config = manifest.read_index(uri)["config"]
+    for r in config["rounds"]:
         print(f"  round {r['round']}: {r['replaced']} of {r['images']} images replaced (model {r['model']})")
+        print(f"    {rejected_text(r.get('rejected_by') or {})}")
+        if r.get("resized"):
+            px = r["model_px"]
+            print(f"    {r['resized']} images resized to the model's {px}x{px} px and back (columns model_px, resized)")
+    if config.get("not_computed"):
+        print(f"  {not_checked_text(config['not_computed'], 'not computed (their checks skipped)')}")
 
 
 def cmd_schedule(args) -> None:
@@ -104,8 +128,12 @@ def add_training_parsers(sub, add_common, run, print_result) -> None:
                                    "unsupervised_bfr.yaml). A CodeFormer checkpoint gets CodeFormer's code-level "
                                    "recipe instead (frozen codebook/decoder, feature + 0.5 token loss; "
                                    "catalogs/finetune/codeformer.yaml). Checkpoints go to the output store; "
-                                   "rerunning the same command after an interruption resumes.")
+                                   "rerunning the same command after an interruption resumes (it prints the step). "
+                                   "Without the LPIPS backbone (offline), --no-lpips trains without that term.")
     p.add_argument("-i", "--pairs", required=True, help="a pseudo-target manifest (each row's parent is its LQ input)")
+    p.add_argument("--no-lpips", action="store_true",
+                   help="drop the LPIPS term (lpips_weight 0: L1 + GAN only), e.g. offline without the LPIPS "
+                        "backbone (bfr-curate models pull lpips_vgg16_backbone); prints a warning")
     p.add_argument("--include-failed", action="store_true",
                    help="also train on targets that failed the quality gate (default: gate == pass rows only)")
     p.add_argument("--restorer", required=True,
@@ -133,7 +161,9 @@ def add_training_parsers(sub, add_common, run, print_result) -> None:
 
     p = sub.add_parser("restore", help="run a restorer over a manifest or folder, batched",
                        description="Restores every image with a built-in restorer, our checkpoint (e.g. a "
-                                   "finetune output) or any architecture spandrel can load.")
+                                   "finetune output) or any architecture spandrel can load. A restorer whose file "
+                                   "records its training resolution (finetune writes it) runs at that size: images "
+                                   "of other sizes are resized in and back (rows record model_px, resized).")
     p.add_argument("-i", "--input", required=True, help="manifest or folder of images")
     p.add_argument("--restorer", required=True, help="none, bicubic, or a checkpoint path / URL")
     add_common(p, shard_size=256, batch_size=8)
@@ -172,10 +202,15 @@ def add_training_parsers(sub, add_common, run, print_result) -> None:
                                    "on x); x* replaces x only if it passes spec §9.4's checks (thresholds in "
                                    "--acceptance): NIQE/MUSIQ not worse, the set's worst 15% by MUSIQ (NIQE "
                                    "without MUSIQ) improved and the rest nearly unchanged (LPIPS), the x1/8 copies "
-                                   "within --min-lowpass-psnr, LPIPS and FaceNet identity within their limits "
+                                   "within --min-lowpass-psnr and their colour (mean Lab chroma) within "
+                                   "max_chroma_shift, LPIPS and FaceNet identity within their limits "
                                    "(each when its weights are pulled); otherwise x is kept, with the "
-                                   "reason. Between rounds the next model is trained from the last one on "
-                                   "(degrade(x), x*). Incremental: a rerun processes only images added since.")
+                                   "reason. The model runs at its training resolution (idm train --resolution): "
+                                   "images of other sizes are resized in and back (rows record model_px, resized). "
+                                   "The console says how many rows each check rejected and which checks were "
+                                   "skipped for missing weights. Between rounds the next model is trained from the "
+                                   "last one on (degrade(x), x*). Incremental: a rerun processes only images added "
+                                   "since.")
     p.add_argument("-i", "--input", required=True, help="manifest or folder of HQ faces")
     p.add_argument("--model", required=True, help="IDM model folder (bfr-curate idm train)")
     p.add_argument("--rounds", type=int, default=1, help="extrinsic rounds (default 1)")
@@ -193,6 +228,8 @@ def add_training_parsers(sub, add_common, run, print_result) -> None:
     p.add_argument("--min-lowpass-psnr", type=float, default=None, help="PSNR limit of the x1/N copies in dB (30)")
     p.add_argument("--lowpass-n", type=int, default=None, help="downscale factor N of the content check (8)")
     p.add_argument("--max-lpips", type=float, default=None, help="LPIPS(x, x*) limit on the full image (0.15)")
+    p.add_argument("--max-chroma-shift", type=float, default=None,
+                   help="colour limit: shift of the mean (a*, b*) in Lab of the x1/N copies (3.0)")
     p.add_argument("--min-identity", type=float, default=None,
                    help="FaceNet cosine limit, when facenet_vggface2 is pulled (default: calibrated on the set as "
                         "the 1st percentile of cosine(x, JPEG_75(x)))")

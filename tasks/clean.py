@@ -20,14 +20,19 @@ from bfr_models.degradations.ops import jpeg
 from bfr_models.device import autocast_dtype, generators
 from bfr_models.idm import AcceptanceConfig, IDMModel, SetCalibration, calibrate, idm_sample, judge, load_idm
 from bfr_models.imageio import encode_png
+from bfr_models.metrics.fid import FEATURE_DIM, shard_features_uri, write_shard_features
 from bfr_models.manifest import ManifestWriter
+from bfr_models.resize import at_resolution, is_resized
 from bfr_models.metrics.niqe import niqe
 from tasks.pseudo_targets import niqe_defined
 from tasks.rows import decode_items, ok_row, same_size_batches, stamp, to_uint8, write_output
 from tasks.runtime import device_slot, load_once, resolve_device, shard_cache_key
+from tasks.score import extractor
 from tasks.shards import ShardSpec, derived_seed, read_many
 
 STAGE = "clean"
+FID_CONVENTION = "clean"  # clean-fid's: the FID of the cleaned dataset against the originals
+FID_SETS = ("cleaned", "original")
 
 
 @load_once(maxsize=2)
@@ -76,24 +81,33 @@ def set_calibration(items: list, config: AcceptanceConfig, musiq: bool, identity
 
 def clean_batch(model: IDMModel, images: torch.Tensor, seeds: list[int], steps: int, variance: str, passes: int,
                 dtype: str = "fp32", compile: bool = False) -> torch.Tensor:
-    """x* = f(...f(x)) (``passes`` times, Eq. 3) for a (B, 3, H, W) batch in [0, 1]; padded to the
-    network's multiple (replicate) and cropped back."""
-    h, w = images.shape[-2:]
-    m = model.config.multiple
-    x = F.pad(images, (0, (-w) % m, 0, (-h) % m), mode="replicate") * 2 - 1
-    call = model.x0_model(autocast_dtype(dtype), compile)
-    schedule = model.config.schedule()
-    for k in range(passes):
-        gens = generators([derived_seed(s, str(k)) for s in seeds], images.device)
-        x = idm_sample(call, x, schedule, gens, steps=steps, variance=variance)
-    return ((x[..., :h, :w] + 1) / 2).clamp(0, 1)
+    """x* = f(...f(x)) (``passes`` times, Eq. 3) for a (B, 3, H, W) batch in [0, 1], at the model's training
+    resolution (another size is resized in and back, :func:`at_resolution`); padded to the network's multiple
+    (replicate) and cropped back."""
+
+    def sample(images: torch.Tensor) -> torch.Tensor:
+        h, w = images.shape[-2:]
+        m = model.config.multiple
+        x = F.pad(images, (0, (-w) % m, 0, (-h) % m), mode="replicate") * 2 - 1
+        call = model.x0_model(autocast_dtype(dtype), compile)
+        schedule = model.config.schedule()
+        for k in range(passes):
+            gens = generators([derived_seed(s, str(k)) for s in seeds], images.device)
+            x = idm_sample(call, x, schedule, gens, steps=steps, variance=variance)
+        return ((x[..., :h, :w] + 1) / 2).clamp(0, 1)
+
+    return at_resolution(sample, images, model.resolution)
 
 
 @task(name="clean-shard", cache_key_fn=shard_cache_key, persist_result=True, cache_result_in_memory=False)
 def clean_shard(spec: ShardSpec, stage_uri: str, model_uri: str, round: int, steps: int, variance: str, passes: int,
                 acceptance: dict, calibration: dict, musiq: bool, lpips: bool, identity: bool, seed: int, device: str,
-                dtype: str, batch_size: int, compile: bool = False) -> dict:
+                dtype: str, batch_size: int, compile: bool = False, fid: bool = False) -> dict:
+    """With ``fid``, also the FID features of the cleaned dataset's images and of the originals, one file each
+    (:func:`fid_features_uri`), from the images decoded here; the flow sums them for its FID."""
     dev = resolve_device(device)
+    inception = extractor(FID_CONVENTION, str(dev)) if fid else None
+    features: dict[str, list] = {name: [] for name in FID_SETS}
     model = cached_idm(model_uri, str(dev))
     musiq_fn, lpips_fn, identity_fn = cached_scorers(musiq, lpips, identity, str(dev))
     accept, cal = AcceptanceConfig(**acceptance), SetCalibration(**calibration)
@@ -103,22 +117,39 @@ def clean_shard(spec: ShardSpec, stage_uri: str, model_uri: str, round: int, ste
     common = {"model": model.describe(), "round": round, "steps": steps, "variance": variance, "passes": passes,
               "acceptance": acceptance, "calibration": calibration, "seed": seed}
     with device_slot(dev):  # once per shard (one API round trip), not per batch
-        for batch in same_size_batches(decoded, batch_size):
+        for batch in same_size_batches(decoded, batch_size, shard=spec.key):
             x = _batch_tensor(batch, dev)
             seeds = [derived_seed(seed, STAGE, str(round), parent_id) for _, parent_id, _, _ in batch]
             x_star = clean_batch(model, x, seeds, steps, variance, passes, dtype, compile)
             h, w = x.shape[-2:]
             records = judge(x, x_star, accept, cal, niqe=niqe if niqe_defined(h, w) else None, musiq=musiq_fn,
                             lpips=lpips_fn, identity=identity_fn)
+            kept = []  # the cleaned dataset's images of this batch (x* or x), for FID
             for (item, parent_id, rgb, _), out, rec, s in zip(batch, x_star, records, seeds):
                 rgb_star = to_uint8(out)
                 candidate = encode_png(rgb_star)
                 candidate_uri = write_output(writer, candidate, parent_id)
                 fields = dict(split=item.split, seed=s, params=common, round=round, replaced=rec.pop("accepted"),
                               reasons=rec.pop("reasons"), candidate_uri=candidate_uri, source_uri=item.uri,
-                              source_sha256=storage.sha256_hex(fetched[item.uri]), **rec)
+                              source_sha256=storage.sha256_hex(fetched[item.uri]), model_px=model.resolution,
+                              resized=is_resized((h, w), model.resolution), **rec)
                 if fields["replaced"]:
                     rows.append(ok_row(STAGE, item, parent_id, candidate_uri, candidate, rgb_star, **fields))
                 else:  # the cleaned dataset keeps the original image, with the reason
                     rows.append(ok_row(STAGE, item, parent_id, item.uri, fetched[item.uri], rgb, **fields))
+                kept.append(rgb_star if fields["replaced"] else rgb)
+            if inception is not None:
+                features["cleaned"].append(inception(kept))
+                features["original"].append(inception([rgb for _, _, rgb, _ in batch]))
+    if inception is not None:
+        ok = [r for r in rows if r["status"] == "ok"]
+        for name, key in (("cleaned", "sha256"), ("original", "source_sha256")):
+            write_shard_features(fid_features_uri(stage_uri, spec.key, name), inception.fingerprint,
+                                 [r[key] for r in ok], np.concatenate(features[name]) if features[name]
+                                 else np.zeros((0, FEATURE_DIM)))
     return asdict(writer.write_shard(spec.key, stamp(rows, dev, dtype=dtype)))
+
+
+def fid_features_uri(stage_uri: str, shard: str, name: str) -> str:
+    """A clean shard's FID features of one of :data:`FID_SETS`."""
+    return shard_features_uri(stage_uri, f"{shard}.{name}")

@@ -89,7 +89,7 @@ def pseudo_target_shard(spec: ShardSpec, stage_uri: str, params: dict, prior_uri
     common = {**p.as_dict(), **knobs, "prior": prior.describe(), "restorer": restore.describe() if restore else None,
               "fidelity_limit": fidelity_limit, **({"auto": auto} if auto else {})}
     with device_slot(dev):  # once per shard (one API round trip), not per batch
-        for batch in same_size_batches(decoded, batch_size):
+        for batch in same_size_batches(decoded, batch_size, shard=spec.key):
             images = torch.from_numpy(np.stack([rgb for _, _, rgb, _ in batch])).permute(0, 3, 1, 2).float() / 255.0
             seeds = [sample_seeds(seed, parent_id, best_of) for _, parent_id, _, _ in batch]
             try:
@@ -112,5 +112,6 @@ def pseudo_target_shard(spec: ShardSpec, stage_uri: str, params: dict, prior_uri
                 for measured_here in ("noise_sigma", "input_noise_sigma"):  # columns via the gate's record
                     rec.pop(measured_here)
                 rows.append(ok_row(STAGE, item, parent_id, uri, png, rgb, seed=rec["seed"], split=item.split,
-                                   params={**common, **rec, **source}, lf_psnr=lf, **measured))
+                                   params={**common, **rec, **source}, lf_psnr=lf, model_px=prior.resolution,
+                                   resized=rec["resize"] is not None, **measured))
     return asdict(writer.write_shard(spec.key, stamp(rows, dev, dtype=dtype)))

@@ -10,6 +10,7 @@ from prefect import task
 
 from bfr_models.imageio import encode_png
 from bfr_models.manifest import ManifestWriter
+from bfr_models.resize import is_resized
 from tasks.pseudo_targets import cached_restorer
 from tasks.rows import decode_items, ok_row, same_size_batches, stamp, to_uint8, write_output
 from tasks.runtime import device_slot, resolve_device, shard_cache_key
@@ -26,12 +27,14 @@ def restore_shard(spec: ShardSpec, stage_uri: str, restorer: str, device: str, b
     decoded, rows = decode_items(STAGE, spec.items, read_many([i.uri for i in spec.items]))
     params = {"restorer": model.describe()}
     with device_slot(dev):  # once per shard (one API round trip), not per batch
-        for batch in same_size_batches(decoded, batch_size):
+        for batch in same_size_batches(decoded, batch_size, shard=spec.key):
             images = torch.from_numpy(np.stack([rgb for _, _, rgb, _ in batch])).permute(0, 3, 1, 2).float() / 255.0
             restored = model(images.to(dev)).cpu()
+            resized = is_resized(images.shape[-2:], model.resolution)  # applied at its training size, and back
             for (item, parent_id, _, source), out in zip(batch, restored):
                 rgb = to_uint8(out)
                 png = encode_png(rgb)
                 rows.append(ok_row(STAGE, item, parent_id, write_output(writer, png, parent_id), png, rgb,
-                                   split=item.split, params={**params, **source}))
+                                   split=item.split, params={**params, **source}, model_px=model.resolution,
+                                   resized=resized))
     return asdict(writer.write_shard(spec.key, stamp(rows, dev)))

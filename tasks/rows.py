@@ -12,6 +12,7 @@ import torch
 
 from bfr_models import storage
 from bfr_models.imageio import ImageError, decode_source
+from tasks.runtime import report_images
 from tasks.shards import InputItem, read_many
 
 
@@ -108,13 +109,16 @@ def decode_items(stage: str, items, fetched: dict) -> tuple[list[tuple[InputItem
     return good, errors
 
 
-def same_size_batches(decoded, batch_size: int):
-    """Consecutive batches of same-size decoded images (a batch is one tensor)."""
+def same_size_batches(decoded, batch_size: int, shard: str | None = None):
+    """Consecutive batches of same-size decoded images (a batch is one tensor). With ``shard`` (the shard's
+    key), each batch is reported done (:func:`tasks.runtime.report_images`) when the caller asks for the next,
+    so the stage's progress bar moves per batch, not per finished shard."""
     by_size = sorted(decoded, key=lambda d: d[2].shape)
     for _, group in groupby(by_size, key=lambda d: d[2].shape):
         group = list(group)
         for i in range(0, len(group), batch_size):
             yield group[i : i + batch_size]
+            report_images(shard, len(group[i : i + batch_size]))
 
 
 def decoded_batches(stage: str, items, batch_size: int, errors: list[dict]):

@@ -31,6 +31,31 @@ log = get_logger("bfr_curate")
 _LOADING = threading.RLock()  # reentrant: a loader may call another loader
 
 
+_images_done: dict[str, int] = {}  # shard key -> images done so far, for the shards a driver here watches
+_images_lock = threading.Lock()
+
+
+def report_images(shard_key: str | None, n: int) -> None:
+    """A shard task's progress inside its shard (``n`` more images done), for the progress bar of a driver in
+    the same process (the thread runner); a no-op for a shard nobody here watches (e.g. on a Dask worker)."""
+    with _images_lock:
+        if shard_key in _images_done:
+            _images_done[shard_key] += n
+
+
+@contextmanager
+def watch_images(keys: list[str]):
+    """While open, :func:`report_images` counts for these shard keys; yields a function key -> images done."""
+    with _images_lock:
+        _images_done.update({k: 0 for k in keys})
+    try:
+        yield lambda key: _images_done.get(key, 0)
+    finally:
+        with _images_lock:
+            for k in keys:
+                _images_done.pop(k, None)
+
+
 def load_once(maxsize: int):
     """``lru_cache`` for model loads, behind one lock: shard tasks run in threads, and threads that miss the
     cache together would each load their own copy (several copies of a large prior on one GPU)."""

@@ -15,7 +15,7 @@ from bfr_models.imageio import ImageError, decode_source
 from bfr_models.manifest import ManifestWriter
 from bfr_models.metrics.suite import MetricSuite, ScoreConfig
 from tasks.rows import content_id, stamp
-from tasks.runtime import device_slot, load_once, resolve_device, shard_cache_key
+from tasks.runtime import device_slot, load_once, report_images, resolve_device, shard_cache_key
 from tasks.shards import ShardSpec, read_many
 
 STAGE = "score"
@@ -67,6 +67,7 @@ def score_shard(spec: ShardSpec, stage_uri: str, score_config: dict, skip: list[
             if fid is not None and scored:
                 feats.append(fid([img for _, img in scored]))
                 keys += [rows[k]["sha256"] for k, _ in scored]
+            report_images(spec.key, len(todo[start : start + batch_size]))  # the stage's bar moves per batch
     if fid is not None:
         write_shard_features(shard_features_uri(stage_uri, spec.key), fid.fingerprint, keys,
                              np.concatenate(feats) if feats else np.zeros((0, 2048)))

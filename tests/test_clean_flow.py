@@ -11,6 +11,7 @@ import pytest
 from bfr_models import manifest
 from bfr_models.idm import IDMConfig, idm_unet, load_idm, save_idm
 from tests.conftest import BIN, face_like, write_png
+from tests.test_fid import inception_cache, inception_files  # noqa: F401 (fixtures)
 
 TINY = dict(crop=32, channels=(16, 32, 32), layers_per_block=1, attention=(8,), norm_groups=8)
 
@@ -154,3 +155,57 @@ def test_clean_cli_bad_inputs_fail_in_one_line(tmp_path):
     rc, err = run("idm", "train", "--input", str(folder), "--out", str(tmp_path / "o"), "--resolution", "64",
                   "--channels", "16,32", "--attention", "8", "--norm-groups", "8")
     assert rc == 2 and "attention resolutions" in err and len(err.splitlines()) == 1
+
+
+def test_clean_runs_a_model_at_its_resolution_and_says_what_each_check_rejected(tmp_path, capsys):
+    """A model trained at 32 px cleans 192-px faces at 32 px (resized in and back, recorded per row); the console
+    says how many rows each check rejected, that the images were resized, and which checks were skipped for
+    want of their weights (MUSIQ, LPIPS, FaceNet are not in the test's model cache)."""
+    from flows.cli import main
+
+    hq = mildly_noisy_faces(tmp_path / "hq", 2, 192)
+    model = save_idm(idm_unet(IDMConfig(**TINY)), IDMConfig(**TINY), str(tmp_path / "model"),
+                     source={"resolution": 32})  # untrained: its outputs fail some checks
+    assert load_idm(model).resolution == 32
+    capsys.readouterr()
+    assert main(["clean", "--input", str(hq), "--model", model, "--out", str(tmp_path / "run"), "--steps", "2",
+                 "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    uri = out.split("manifest: ")[1].split()[0].rsplit("/", 1)[0]
+    frame = manifest.read_manifest(uri)
+    assert (frame["model_px"] == 32).all() and frame["resized"].all() and (frame["width"] == 192).all()
+    rounds = manifest.read_index(uri)["config"]["rounds"]
+    rejected = frame["rejected_by"].dropna().str.split(",").explode().value_counts().to_dict()
+    assert rounds[0]["rejected_by"] == rejected and rounds[0]["resized"] == 2
+    assert "rejected by: " + (", ".join(f"{k} {v}" for k, v in rounds[0]["rejected_by"].items()) or "no check") in out
+    assert "2 images resized to the model's 32x32 px and back" in out
+    assert "not computed (their checks skipped): musiq (weights missing: bfr-curate models pull musiq_koniq)" in out
+    assert "lpips (weights missing" in out and "identity_cos (weights missing" in out
+
+
+def test_clean_fid_comes_from_the_shards_feature_files(tmp_path, inception_cache):
+    """With the Inception weights cached, each clean shard writes the FID features of its cleaned and original
+    images; the flow sums them once into the index's FID. A missing feature file is extracted again from the
+    shard's images and gives the same FID."""
+    from bfr_models.manifest import ShardInfo
+    from flows.idm import _fid_cleaned_vs_original, clean_flow
+
+    folder = tmp_path / "hq"
+    for i in range(4):
+        write_png(folder / f"img{i}.png", face_like(i, 32))
+    model = save_idm(idm_unet(IDMConfig(**TINY)), IDMConfig(**TINY), str(tmp_path / "model"))
+    uri = clean_flow(input=str(folder), out=str(tmp_path / "run"), model=model, steps=1, shard_size=2, batch_size=2,
+                     device="cpu")
+    index = manifest.read_index(uri)
+    record = index["config"]["set_metrics"]["fid_cleaned_vs_original"]
+    files = sorted((tmp_path / "run" / uri.split("/run/")[1] / "fid").glob("*.npz"))
+    assert len(index["shards"]) >= 2 and len(files) == 2 * len(index["shards"])  # cleaned and original per shard
+    # 32-px faces have no quality score (NIQE needs 96-px blocks, no MUSIQ here): every x* is rejected, so the
+    # cleaned set is the original set and their FID is 0 (to rounding)
+    assert not manifest.read_manifest(uri)["replaced"].any()
+    assert record["fid_n"] == 4 and record["fid"] == pytest.approx(0, abs=1e-3)
+    for f in files:
+        f.unlink()
+    again = _fid_cleaned_vs_original(uri, [ShardInfo(**s) for s in index["shards"]], "cpu")
+    assert again["fid_cleaned_vs_original"]["fid"] == pytest.approx(record["fid"], rel=1e-6, abs=1e-6)
+    assert len(list((tmp_path / "run" / uri.split("/run/")[1] / "fid").glob("*.npz"))) == len(files)

@@ -112,7 +112,7 @@ def alex_backbone(tmp_path):
     return str(path)
 
 
-def test_killed_training_resumes_and_its_loss_curve_continues(tmp_path, alex_backbone):
+def test_killed_training_resumes_and_its_loss_curve_continues(tmp_path, alex_backbone, capfd):
     reference = full_objective_run(str(tmp_path / "straight"), alex_backbone)
     assert {"l1", "lpips", "gan", "d_loss", "val_lpips", "val_ssim_gt"} <= set(reference.columns)
     out = tmp_path / "killed"
@@ -129,6 +129,8 @@ def test_killed_training_resumes_and_its_loss_curve_continues(tmp_path, alex_bac
     proc.wait()
     stopped_at = int(pd.read_parquet(out / "log.parquet")["step"].max())
     assert 12 <= stopped_at < 24
+    capfd.readouterr()
     resumed = full_objective_run(str(out), alex_backbone)
+    assert f"finetune: resuming from step {stopped_at} (" in capfd.readouterr().err  # it says so, once
     assert resumed["step"].tolist() == reference["step"].tolist()  # no step lost, none repeated
     pd.testing.assert_frame_equal(resumed, reference, check_exact=False, rtol=1e-5)

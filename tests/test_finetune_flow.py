@@ -113,3 +113,32 @@ def test_finetune_bad_input_is_one_line_before_work(tmp_path, lpips_alex, capsys
     err = capsys.readouterr().err.strip()
     assert match in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "o").exists()  # nothing was written: it failed before any work
+
+
+def test_finetune_offline_without_lpips_then_restore_runs_it_at_its_resolution(tmp_path, capsys):
+    """No LPIPS backbone in the model cache: finetune refuses in one line naming --no-lpips; with the flag it warns
+    and trains L1 + GAN. The restorer file records its 32-px training size; `restore` on 48-px faces applies it at
+    32 px and back, says so, and each row records model_px and resized."""
+    pairs, faces = pairs_manifest(tmp_path)
+    out = str(tmp_path / "run")
+    args = ["finetune", "--pairs", pairs, "--restorer", "small", "--real", faces, "--out", out, "--device", "cpu",
+            "--config", config_file(tmp_path, iters=2, checkpoint_every=2, validate_every=2)]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "lpips_alex_backbone" in err and "finetune --no-lpips" in err and len(err.splitlines()) == 1
+    assert main(args + ["--no-lpips"]) == 0
+    captured = capsys.readouterr()
+    assert "warning: --no-lpips: the LPIPS term is dropped" in captured.err
+    assert "(trained at 32 px" in captured.out
+    index = manifest.read_index(captured.out.split("manifest: ")[1].split()[0].rsplit("/", 1)[0])["config"]
+    assert index["finetune"]["lpips_weight"] == 0 and index["no_lpips"] and index["resolution"] == 32
+    big = tmp_path / "big"
+    for i in range(2):
+        write_png(big / f"b{i}.png", face_like(i, 48))
+    assert main(["restore", "--input", str(big), "--restorer", index["restorer_uri"], "--out", out,
+                 "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "trained at 32x32 px: 2 of 2 images of other sizes were resized to 32 px for it and back" in text
+    frame = manifest.read_manifest(text.split("manifest: ")[1].split()[0].rsplit("/", 1)[0])
+    assert (frame["model_px"] == 32).all() and frame["resized"].all() and (frame["width"] == 48).all()

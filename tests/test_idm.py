@@ -165,9 +165,27 @@ def test_acceptance_each_rule_alone():
             assert rec["accepted"] and rec["reasons"] is None, (k, rec)
         else:
             assert not rec["accepted"] and rec["reasons"].startswith(want) and ";" not in rec["reasons"], (k, rec)
+    assert [r["rejected_by"] for r in recs] == [None, "niqe", "musiq", "near_identity", "improvement", None, None,
+                                                "lpips", "identity", "lf_psnr"]  # the console counts these
     assert [r["degraded"] for r in recs] == [False] * 4 + [True] * 4 + [False] * 2
     assert recs[0]["lowpass_psnr"] is None and recs[9]["lowpass_psnr"] < 30  # None: identical (infinite PSNR)
     assert {"lpips", "identity_cos", "niqe_before", "musiq_after", "lowpass_psnr"} <= set(recs[0])
+
+
+def test_acceptance_rejects_a_colour_shift_the_low_pass_psnr_lets_through():
+    """A face desaturated to 60% (the issue's washed-out cleaned faces) keeps its x1/8 copy above 30 dB, but its
+    mean chroma in Lab moves by more than max_chroma_shift (3): rejected for colour alone; 80% stays within."""
+    from tests.conftest import face_like
+
+    face = torch.from_numpy(face_like(0, 64).copy()).permute(2, 0, 1)[None].float() / 255
+    grey = face.mean(1, keepdim=True)
+    cal = SetCalibration()
+    washed, mild = (judge(face, grey + k * (face - grey), AcceptanceConfig(), cal, niqe=_fixed([5.0], [4.0], face))[0]
+                    for k in (0.6, 0.8))
+    assert washed["lowpass_psnr"] > 30 and washed["chroma_shift"] > 3
+    assert not washed["accepted"] and washed["rejected_by"] == "colour"
+    assert washed["reasons"].startswith("colour: chroma shift")
+    assert mild["accepted"] and 0 < mild["chroma_shift"] < 3
 
 
 def test_acceptance_without_scorers_and_without_quality():

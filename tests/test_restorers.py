@@ -106,9 +106,25 @@ def test_save_load_round_trip_same_outputs_and_sha256(tmp_path):
 
     d = restorer.describe()
     assert d == {"name": "small.safetensors", "arch": "small", "sha256": _sha(path), "scale": 1, "uri": str(path),
-                 "resize_back": None, "config": {"channels": 8, "blocks": 2}}
+                 "resize_back": None, "config": {"channels": 8, "blocks": 2}, "resolution": None}
     assert restorer.sha256 == _sha(path) and restorer.name == "small.safetensors" and restorer.scale == 1
     json.dumps(d)
+
+
+def test_a_restorer_trained_at_one_size_runs_at_that_size(tmp_path):
+    """finetune records the training resolution in the file; the restorer then works at that size: a 32-px image
+    goes through a 16-px restorer resized in and back (the identity network then blurs it), a 16-px one as is."""
+    from bfr_models.resize import matlab_resize
+
+    path = tmp_path / "at16.safetensors"
+    save_restorer(SmallRestorer(channels=8, blocks=2), str(path), resolution=16)  # untrained: the identity
+    restorer = load_restorer(str(path))
+    assert restorer.resolution == 16 and restorer.describe()["resolution"] == 16
+    x, small = _images(2, 32, 32), _images(2, 16, 16)
+    expected = matlab_resize(matlab_resize(x, (16, 16)).clamp(0, 1), (32, 32)).clamp(0, 1)
+    assert restorer(x).shape == x.shape and torch.allclose(restorer(x), expected, atol=1e-5)
+    assert not torch.allclose(restorer(x), x, atol=1e-2)  # it really went through 16 px
+    assert torch.equal(restorer(small), small)
 
 
 def test_round_trip_through_fsspec_uri():

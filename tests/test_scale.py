@@ -91,3 +91,46 @@ def test_shards_are_balanced_and_adding_images_changes_few(tmp_path):
     fresh = [s for s in grown if s.key not in {x.key for x in shards}]
     ripple = [s for s in fresh if not added & {i.uri for i in s.items}]
     assert len(ripple) <= 3
+
+
+def _slow_shard(spec, stage_uri: str, batch_size: int) -> dict:
+    """A shard task that takes 0.7 s per batch of images and reports each batch (as the image stages do)."""
+    import time
+    from dataclasses import asdict
+
+    from bfr_models.imageio import encode_png
+    from bfr_models.manifest import ManifestWriter
+    from tasks.rows import decode_items, ok_row, same_size_batches, write_output
+    from tasks.shards import read_many
+
+    writer = ManifestWriter(stage_uri)
+    decoded, rows = decode_items("slow", spec.items, read_many([i.uri for i in spec.items]))
+    for batch in same_size_batches(decoded, batch_size, shard=spec.key):
+        time.sleep(0.7)
+        for item, parent_id, rgb, _ in batch:
+            png = encode_png(rgb)
+            rows.append(ok_row("slow", item, parent_id, write_output(writer, png, parent_id), png, rgb))
+    return asdict(writer.write_shard(spec.key, rows))
+
+
+def test_the_progress_bar_moves_per_batch_inside_a_shard(image_folder, tmp_path, capsys):
+    """One shard of 6 images in batches of 2: the bar shows 2/6 and 4/6 while the shard runs, not only 6/6."""
+    import re
+
+    from prefect import flow, task
+
+    from flows.stage import run_stage
+    from tasks.runtime import shard_cache_key
+    from tasks.shards import list_inputs
+
+    slow = task(name="slow-shard", cache_key_fn=shard_cache_key, persist_result=True)(_slow_shard)
+
+    @flow(name="slow-stage")
+    def slow_stage() -> str:
+        items, _ = list_inputs(str(image_folder))
+        return run_stage(slow, "slow", {}, items, str(image_folder), str(tmp_path / "run"), shard_size=100,
+                         batch_size=2)
+
+    slow_stage()
+    shown = {int(n) for n in re.findall(r"slow:[^\r\n]*?\| (\d)/6 ", capsys.readouterr().err)}
+    assert {2, 4, 6} <= shown, shown

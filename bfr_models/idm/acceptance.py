@@ -7,13 +7,17 @@ index. Each measure is a column, each failed check a reason:
 - A1 identity: FaceNet cosine(x, x*) >= ``min_identity``; when that is None, the threshold is calibrated on
   the set (:func:`calibrate`): the 1st percentile of cosine(x, JPEG_75(x)) over the originals;
 - A2 content: (a) LPIPS-VGG(x, x*) on the full images <= ``max_lpips``; (b) PSNR of bicubic x1/8 copies
-  of x and x* (downsampled only) >= ``min_lowpass_psnr``;
+  of x and x* (downsampled only) >= ``min_lowpass_psnr``; (c) colour: the shift of the mean (a*, b*) in CIE
+  Lab of the x1/N copies (MATLAB bicubic, the quality gate's measure) <= ``max_chroma_shift`` -- a cast or
+  desaturation that the PSNR lets through;
 - A3 quality not worse: NIQE(x*) - NIQE(x) <= ``max_niqe_increase`` and MUSIQ(x*) - MUSIQ(x) >=
   ``min_musiq_change``;
 - A4 an image in the worst ``degraded_fraction`` of the set by MUSIQ (by NIQE without MUSIQ) is
   ``degraded`` and must improve: dMUSIQ >= ``degraded_min_musiq_gain`` or dNIQE <= -``degraded_min_niqe_drop``;
   any other image is clean and must pass through nearly unchanged: LPIPS(x, x*) <= ``clean_max_lpips``.
 
+Each failed check also has a short name (``identity``, ``lpips``, ``lf_psnr``, ``colour``, ``niqe``, ``musiq``,
+``improvement``, ``near_identity``, ``no_quality``, ``finite``), listed in ``rejected_by`` for the console summary.
 A check whose scorer is absent is not made (the flow records the metric as not computed). An image with
 no quality score at all (NIQE needs two 96-px blocks, MUSIQ not given) cannot show A3/A4 and is rejected.
 """
@@ -30,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from bfr_models.config_files import load_dataclass_yaml
+from bfr_models.gate import chroma_shift, lowres_pair
 
 Scorer = Callable[[torch.Tensor], torch.Tensor]
 PairScorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -43,6 +48,7 @@ class AcceptanceConfig:
     max_lpips: float = 0.15                # A2(a)
     lowpass_N: int = 8                     # A2(b): x1/N copies
     min_lowpass_psnr: float = 30.0         # A2(b)
+    max_chroma_shift: float = 3.0          # A2(c): mean (a*, b*) shift of the x1/N copies
     min_identity: float | None = None      # A1; None: calibrated on the set
     identity_percentile: float = 1.0       # A1 calibration: this percentile of cosine(x, JPEG_q(x))
     identity_jpeg_quality: int = 75
@@ -148,7 +154,8 @@ def judge(x: torch.Tensor, x_star: torch.Tensor, config: AcceptanceConfig, calib
                          f"got {tuple(x.shape)} and {tuple(x_star.shape)}")
     finite = torch.isfinite(x_star).flatten(1).all(1).tolist()
     x_star = torch.nan_to_num(x_star).clamp(0, 1)
-    cols: dict[str, list] = {"lowpass_psnr": downscaled_psnr(x_star, x, config.lowpass_N).tolist()}
+    cols: dict[str, list] = {"lowpass_psnr": downscaled_psnr(x_star, x, config.lowpass_N).tolist(),
+                             "chroma_shift": chroma_shift(*lowres_pair(x_star, x, config.lowpass_N)).tolist()}
     if niqe is not None:
         cols["niqe_before"], cols["niqe_after"] = niqe(x).tolist(), niqe(x_star).tolist()
     if musiq is not None:
@@ -161,50 +168,57 @@ def judge(x: torch.Tensor, x_star: torch.Tensor, config: AcceptanceConfig, calib
     for b in range(x.shape[0]):
         rec = {k: _num(v[b]) for k, v in cols.items()}
         rec["degraded"] = is_degraded(rec.get(f"{calibration.degraded_metric}_before"), calibration)
-        reasons = [] if finite[b] else ["x* has non-finite values"]
-        reasons += _content_reasons(rec, config, calibration)
-        reasons += _quality_reasons(rec, config, niqe is not None, musiq is not None)
-        rec["accepted"] = not reasons
-        rec["reasons"] = "; ".join(reasons) or None
+        failed = [] if finite[b] else [("finite", "x* has non-finite values")]
+        failed += _content_reasons(rec, config, calibration)
+        failed += _quality_reasons(rec, config, niqe is not None, musiq is not None)
+        rec["accepted"] = not failed
+        rec["reasons"] = "; ".join(text for _, text in failed) or None
+        rec["rejected_by"] = ",".join(check for check, _ in failed) or None
         records.append(rec)
     return records
 
 
-def _content_reasons(rec: dict, config: AcceptanceConfig, calibration: SetCalibration) -> list[str]:
-    """A1 and A2: identity and content kept."""
+def _content_reasons(rec: dict, config: AcceptanceConfig, calibration: SetCalibration) -> list[tuple[str, str]]:
+    """A1 and A2: identity and content kept, as (check, reason) pairs."""
     reasons = []
     if "identity_cos" in rec and calibration.min_identity is not None and \
             (rec["identity_cos"] is None or rec["identity_cos"] < calibration.min_identity):
-        reasons.append(f"identity similarity {_fmt(rec['identity_cos'])} < {calibration.min_identity:.3f}")
+        reasons.append(("identity", f"identity similarity {_fmt(rec['identity_cos'])} < {calibration.min_identity:.3f}"))
     if "lpips" in rec and (rec["lpips"] is None or rec["lpips"] > config.max_lpips):
-        reasons.append(f"LPIPS {_fmt(rec['lpips'])} > {config.max_lpips:g}")
+        reasons.append(("lpips", f"LPIPS {_fmt(rec['lpips'])} > {config.max_lpips:g}"))
     lp = rec["lowpass_psnr"]
     if lp is not None and lp < config.min_lowpass_psnr:  # None: identical x1/N copies (infinite PSNR)
-        reasons.append(f"low-pass PSNR {lp:.2f} dB < {config.min_lowpass_psnr:g}")
+        reasons.append(("lf_psnr", f"low-pass PSNR {lp:.2f} dB < {config.min_lowpass_psnr:g}"))
+    shift = rec["chroma_shift"]
+    if shift is None or shift > config.max_chroma_shift:
+        reasons.append(("colour", f"colour: chroma shift {_fmt(shift)} > {config.max_chroma_shift:g} "
+                                  f"(mean a*b* of the x1/{config.lowpass_N} copies)"))
     return reasons
 
 
-def _quality_reasons(rec: dict, config: AcceptanceConfig, has_niqe: bool, has_musiq: bool) -> list[str]:
-    """A3 (not worse) and A4 (degraded: improved; clean: near-identity)."""
+def _quality_reasons(rec: dict, config: AcceptanceConfig, has_niqe: bool, has_musiq: bool) -> list[tuple[str, str]]:
+    """A3 (not worse) and A4 (degraded: improved; clean: near-identity), as (check, reason) pairs."""
     if not has_niqe and not has_musiq:
-        return ["no quality score (NIQE needs two 96-px blocks, MUSIQ not computed): A3/A4 cannot be checked"]
+        return [("no_quality", "no quality score (NIQE needs two 96-px blocks, MUSIQ not computed): A3/A4 cannot "
+                               "be checked")]
     reasons = []
     d_niqe, d_musiq = _delta(rec, "niqe"), _delta(rec, "musiq")
     if has_niqe and (d_niqe is None or d_niqe > config.max_niqe_increase):
-        reasons.append(f"NIQE worse ({_fmt(rec['niqe_before'])} -> {_fmt(rec['niqe_after'])}, "
-                       f"limit +{config.max_niqe_increase:g})")
+        reasons.append(("niqe", f"NIQE worse ({_fmt(rec['niqe_before'])} -> {_fmt(rec['niqe_after'])}, "
+                                f"limit +{config.max_niqe_increase:g})"))
     if has_musiq and (d_musiq is None or d_musiq < config.min_musiq_change):
-        reasons.append(f"MUSIQ worse ({_fmt(rec['musiq_before'])} -> {_fmt(rec['musiq_after'])}, "
-                       f"limit {config.min_musiq_change:+g})")
+        reasons.append(("musiq", f"MUSIQ worse ({_fmt(rec['musiq_before'])} -> {_fmt(rec['musiq_after'])}, "
+                                 f"limit {config.min_musiq_change:+g})"))
     if rec["degraded"]:
         improved = (d_musiq is not None and d_musiq >= config.degraded_min_musiq_gain) or \
                    (d_niqe is not None and d_niqe <= -config.degraded_min_niqe_drop)
         if not improved:
             measured = ([f"dMUSIQ {_fmt(d_musiq)} < +{config.degraded_min_musiq_gain:g}"] if has_musiq else []) + \
                        ([f"dNIQE {_fmt(d_niqe)} > -{config.degraded_min_niqe_drop:g}"] if has_niqe else [])
-            reasons.append(f"degraded image not improved ({' and '.join(measured)})")
+            reasons.append(("improvement", f"degraded image not improved ({' and '.join(measured)})"))
     elif "lpips" in rec and rec["lpips"] is not None and rec["lpips"] > config.clean_max_lpips:
-        reasons.append(f"clean image changed: LPIPS {_fmt(rec['lpips'])} > {config.clean_max_lpips:g} (near-identity)")
+        reasons.append(("near_identity", f"clean image changed: LPIPS {_fmt(rec['lpips'])} > "
+                                         f"{config.clean_max_lpips:g} (near-identity)"))
     return reasons
 
 

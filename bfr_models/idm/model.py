@@ -101,9 +101,15 @@ class IDMModel:
         unet = compiled(self.unet) if compile else self.unet
         return lambda x_t, cond, t: unet_call(unet, dtype, torch.cat([x_t, cond], dim=1), t)
 
+    @property
+    def resolution(self) -> int:
+        """The size (px, square) it was trained at: its training images were resized to this (``idm train
+        --resolution``; the crop size for a folder that does not record it). ``clean`` applies it at this size."""
+        return int(self.meta.get("source", {}).get("resolution") or self.config.crop)
+
     def describe(self) -> dict:
         return {"uri": self.uri, "sha256": self.sha256, "config": asdict(self.config),
-                "round": self.meta.get("source", {}).get("round")}
+                "round": self.meta.get("source", {}).get("round"), "resolution": self.resolution}
 
 
 def save_idm(unet: torch.nn.Module, config: IDMConfig, out: str, source: dict | None = None) -> str:

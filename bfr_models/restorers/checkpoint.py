@@ -5,7 +5,9 @@ The file holds the module's float32 state dict; its safetensors metadata (string
 
     {"format": "bfr-curate-restorer", "version": "1", "arch": "small", "config": "{\"blocks\": 4, \"channels\": 32}"}
 
-``config`` is the JSON of the constructor kwargs. The file's sha256 is the restorer's identity in
+``config`` is the JSON of the constructor kwargs; ``resolution`` (optional) the square size in pixels the
+restorer was fine-tuned at, which ``restore`` applies it at (:func:`trained_resolution`; the finetune stage
+writes it into the plain state dicts it saves for spandrel architectures too). The file's sha256 is the restorer's identity in
 manifests. Any other file (a safetensors file without this metadata, a ``.pth``) is not ours and is
 left to spandrel by :func:`bfr_models.restorers.load_restorer`.
 """
@@ -23,6 +25,7 @@ from bfr_models.restorers import small, swinir
 
 FORMAT = "bfr-curate-restorer"
 VERSION = "1"
+RESOLUTION_KEY = "resolution"
 ARCHS = {small.ARCH: small.SmallRestorer, swinir.ARCH: swinir.SwinIRRestorer}
 
 
@@ -33,20 +36,34 @@ def arch_of(model: torch.nn.Module) -> str:
     raise TypeError(f"not a restorer of our checkpoint format: {type(model).__name__} (known: {', '.join(ARCHS)})")
 
 
-def restorer_bytes(model: torch.nn.Module) -> bytes:
-    """The checkpoint file's bytes for ``model`` (weights moved to the CPU as float32)."""
+def restorer_bytes(model: torch.nn.Module, resolution: int | None = None) -> bytes:
+    """The checkpoint file's bytes for ``model`` (weights moved to the CPU as float32); ``resolution``: the size
+    it was trained at, recorded."""
     from safetensors.torch import save
 
     arch = arch_of(model)
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-    meta = {"format": FORMAT, "version": VERSION, "arch": arch, "config": json.dumps(model.config, sort_keys=True)}
+    meta = {"format": FORMAT, "version": VERSION, "arch": arch, "config": json.dumps(model.config, sort_keys=True),
+            **resolution_metadata(resolution)}
     return save(state, metadata=meta)
 
 
-def save_restorer(model: torch.nn.Module, path_or_uri: str) -> str:
-    """Write ``model`` as one safetensors file (atomically) to a local path or fsspec URI; return its URI."""
+def resolution_metadata(resolution: int | None) -> dict:
+    """The safetensors metadata entry recording a training resolution (none when unknown)."""
+    return {RESOLUTION_KEY: str(int(resolution))} if resolution else {}
+
+
+def trained_resolution(data: bytes) -> int | None:
+    """The training resolution a safetensors file records (None: not recorded, or not safetensors)."""
+    value = (safetensors_metadata(data) or {}).get(RESOLUTION_KEY)
+    return int(value) if value and value.isdigit() else None
+
+
+def save_restorer(model: torch.nn.Module, path_or_uri: str, resolution: int | None = None) -> str:
+    """Write ``model`` as one safetensors file (atomically) to a local path or fsspec URI; return its URI.
+    ``resolution``: the size it was trained at, recorded in the file."""
     uri = storage.normalize(str(path_or_uri))
-    storage.write_bytes_atomic(uri, restorer_bytes(model))
+    storage.write_bytes_atomic(uri, restorer_bytes(model, resolution))
     return uri
 
 

@@ -15,7 +15,9 @@ A :class:`Restorer` maps a float batch (B, 3, H, W) in [0, 1] to float32 (B, 3, 
 under ``torch.no_grad``, on the model's device; the result goes back to the input's device. Every image is
 processed independently (none of the models normalise over the batch), so an image gives the same y0
 alone or inside a batch. A spandrel model with scale != 1 (a super-resolution model) gives a larger image,
-which is resized back to the input size with antialiased bicubic; ``describe()`` records that.
+which is resized back to the input size with antialiased bicubic; ``describe()`` records that. A restorer
+whose file records the resolution it was trained at (``finetune`` writes it) runs at that size: images of
+another size are resized in and back (MATLAB bicubic, :func:`bfr_models.resize.at_resolution`).
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ import torch.nn.functional as F
 
 from bfr_models import storage
 from bfr_models.models import torch_load_weights
+from bfr_models.resize import at_resolution
 from bfr_models.restorers.checkpoint import (FORMAT, arch_of, is_restorer_checkpoint, read_checkpoint, safetensors_metadata,
-                                             restorer_from_bytes)
+                                             restorer_from_bytes, trained_resolution)
 from bfr_models.restorers.codeformer import ARCH as CODEFORMER
 from bfr_models.restorers.codeformer import CodeFormerRestorer
 from bfr_models.restorers.errors import RestorerError
@@ -78,7 +81,8 @@ class Restorer:
     """A loaded restorer: ``restorer(batch) -> batch``, plus what a manifest records about it."""
 
     def __init__(self, name: str, arch: str, *, device: str | torch.device = "cpu", sha256: str | None = None,
-                 scale: int = 1, uri: str | None = None, config: dict | None = None, model: torch.nn.Module | None = None):
+                 scale: int = 1, uri: str | None = None, config: dict | None = None, model: torch.nn.Module | None = None,
+                 resolution: int | None = None):
         self.name = name
         self.arch = arch
         self.device = torch.device(device)
@@ -87,6 +91,7 @@ class Restorer:
         self.uri = uri
         self.config = config
         self.model = model
+        self.resolution = resolution  # the size (px, square) it was trained at, when its file records it
 
     @property
     def resize_back(self) -> str | None:
@@ -96,7 +101,8 @@ class Restorer:
     def describe(self) -> dict:
         """What goes into the manifest params (JSON-ready)."""
         return {"name": self.name, "arch": self.arch, "sha256": self.sha256, "scale": self.scale,
-                "uri": self.uri, "resize_back": self.resize_back, "config": self.config}
+                "uri": self.uri, "resize_back": self.resize_back, "config": self.config,
+                "resolution": self.resolution}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, arch={self.arch!r}, scale={self.scale}, device={str(self.device)!r})"
@@ -110,12 +116,15 @@ class Restorer:
             raise RestorerError(f"restorer {self.name}: expected a (B, 3, H, W) batch, got {shape}")
         if not batch.is_floating_point():
             raise RestorerError(f"restorer {self.name}: expected float images in [0, 1], got {batch.dtype}")
-        h, w = batch.shape[-2:]
-        with torch.no_grad():
-            out = self._forward(batch.to(self.device, torch.float32))
-            if tuple(out.shape[-2:]) != (h, w):
-                out = F.interpolate(out, size=(h, w), mode="bicubic", antialias=True, align_corners=False)
-            out = out.float().clamp(0, 1)
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            out = self._forward(x)
+            if out.shape[-2:] != x.shape[-2:]:
+                out = F.interpolate(out, size=tuple(x.shape[-2:]), mode="bicubic", antialias=True, align_corners=False)
+            return out.float().clamp(0, 1)
+
+        with torch.no_grad():  # at the size it was trained at (resized in and back), when its file says
+            out = at_resolution(run, batch.to(self.device, torch.float32), self.resolution)
         return out.to(batch.device)
 
 
@@ -164,20 +173,21 @@ def load_restorer(spec: str, device: str | torch.device = "cpu") -> Restorer:
     data = read_checkpoint(uri)
     digest = storage.sha256_hex(data)
     name = uri.rstrip("/").rsplit("/", 1)[-1]
+    resolution = trained_resolution(data)
     if is_restorer_checkpoint(data):
         net = restorer_from_bytes(data, uri).to(device).eval()
         return CheckpointModel(name, arch_of(net), device=device, sha256=digest, scale=1, uri=uri,
-                               config=net.config, model=net)
+                               config=net.config, model=net, resolution=resolution)
     descriptor = _spandrel_load(data, uri)
     descriptor = descriptor.to(torch.device(device)).float().eval()
     if descriptor.architecture.name == CODEFORMER:  # [-1, 1] inside, any multiple of 32: our adapter
         net = CodeFormerRestorer(descriptor.model).eval()
         return CheckpointModel(name, CODEFORMER, device=device, sha256=digest, scale=1, uri=uri,
-                               config={"loader": "spandrel", **net.config}, model=net)
+                               config={"loader": "spandrel", **net.config}, model=net, resolution=resolution)
     config = {"loader": "spandrel", "arch_name": descriptor.architecture.name, "purpose": descriptor.purpose,
               "tags": list(descriptor.tags)}
     return SpandrelModel(descriptor, name=name, arch=str(descriptor.architecture.id), device=device, sha256=digest,
-                         scale=descriptor.scale, uri=uri, config=config)
+                         scale=descriptor.scale, uri=uri, config=config, resolution=resolution)
 
 
 def _read_state_dict(data: bytes, uri: str) -> dict:

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import collections
 import json
+import sys
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
+from tqdm.auto import tqdm
 
 from bfr_models import storage
 from bfr_models.models import safetensors_metadata
@@ -98,7 +100,8 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step:
 def resume(uri: str, config, objects: dict, what: str, error: type[Exception] = ValueError) -> dict | None:
     """Load the state saved at ``uri`` into ``objects`` (name -> module, optimizer, scheduler or torch.Generator,
     each restored from the entry of that name); None when there is none. A state written with another
-    ``config`` is refused: resuming it would silently mix two runs. Every refusal is one ``error`` line."""
+    ``config`` is refused: resuming it would silently mix two runs. Every refusal is one ``error`` line.
+    A resumed run says so on stderr ("<what>: resuming from step N"), above any progress bar."""
     try:
         state = load_state(uri)
     except StateError as e:
@@ -110,4 +113,5 @@ def resume(uri: str, config, objects: dict, what: str, error: type[Exception] = 
     for name, obj in objects.items():
         if obj is not None and state.get(name) is not None:
             (obj.set_state if isinstance(obj, torch.Generator) else obj.load_state_dict)(state[name])
+    tqdm.write(f"{what}: resuming from step {state.get('step')} ({uri})", file=sys.stderr)
     return state
