@@ -18,11 +18,11 @@ from prefect import task
 from bfr_models import storage
 from bfr_models.degradations.ops import jpeg
 from bfr_models.idm import AcceptanceConfig, IDMModel, SetCalibration, calibrate, idm_sample, judge, load_idm
-from bfr_models.imageio import encode_png
 from bfr_models.manifest import ManifestWriter
 from bfr_models.metrics.niqe import niqe
 from tasks.pseudo_targets import DTYPES, niqe_defined
-from tasks.rows import decode_items, ok_row, same_size_batches, to_uint8, write_output
+from tasks.pipeline import ShardPipeline, host_batch, host_uint8
+from tasks.rows import decode_items, ok_row, same_size_batches
 from tasks.runtime import device_slot, load_once, resolve_device, shard_cache_key
 from tasks.shards import ShardSpec, derived_seed, read_many
 
@@ -97,27 +97,30 @@ def clean_shard(spec: ShardSpec, stage_uri: str, model_uri: str, round: int, ste
     musiq_fn, lpips_fn, identity_fn = cached_scorers(musiq, lpips, identity, str(dev))
     accept, cal = AcceptanceConfig(**acceptance), SetCalibration(**calibration)
     writer = ManifestWriter(stage_uri)
-    fetched = read_many([i.uri for i in spec.items])
-    decoded, rows = decode_items(STAGE, spec.items, fetched)
     common = {"model": model.describe(), "round": round, "steps": steps, "variance": variance, "passes": passes,
               "acceptance": acceptance, "calibration": calibration, "seed": seed}
-    for batch in same_size_batches(decoded, batch_size):
-        x = _batch_tensor(batch, dev)
-        seeds = [derived_seed(seed, STAGE, str(round), parent_id) for _, parent_id, _, _ in batch]
-        with device_slot(dev):
-            x_star = clean_batch(model, x, seeds, steps, variance, passes, dtype)
-            h, w = x.shape[-2:]
-            records = judge(x, x_star, accept, cal, niqe=niqe if niqe_defined(h, w) else None, musiq=musiq_fn,
-                            lpips=lpips_fn, identity=identity_fn)
-        for (item, parent_id, rgb, _), out, rec, s in zip(batch, x_star, records, seeds):
-            rgb_star = to_uint8(out)
-            candidate = encode_png(rgb_star)
-            candidate_uri = write_output(writer, candidate, parent_id)
-            fields = dict(split=item.split, seed=s, params=common, round=round, replaced=rec.pop("accepted"),
-                          reasons=rec.pop("reasons"), candidate_uri=candidate_uri, source_uri=item.uri,
-                          source_sha256=storage.sha256_hex(fetched[item.uri]), **rec)
-            if fields["replaced"]:
-                rows.append(ok_row(STAGE, item, parent_id, candidate_uri, candidate, rgb_star, **fields))
-            else:  # the cleaned dataset keeps the original image, with the reason
-                rows.append(ok_row(STAGE, item, parent_id, item.uri, fetched[item.uri], rgb, **fields))
+    with ShardPipeline(STAGE, spec.items, batch_size, per_chunk=False) as shard:
+        for batch in shard.batches():
+            seeds = [derived_seed(seed, STAGE, str(round), d.parent_id) for d in batch]
+            with device_slot(dev):
+                x = host_batch(batch, dev).float() / 255.0
+                x_star = clean_batch(model, x, seeds, steps, variance, passes, dtype)
+                h, w = x.shape[-2:]
+                records = judge(x, x_star, accept, cal, niqe=niqe if niqe_defined(h, w) else None, musiq=musiq_fn,
+                                lpips=lpips_fn, identity=identity_fn)
+                rgbs_star = host_uint8(x_star)
+            for d, rgb_star, rec, s in zip(batch, rgbs_star, records, seeds):
+                shard.write(d, writer, rgb_star, lambda uri, png, d=d, rgb_star=rgb_star, rec=rec, s=s: _clean_row(
+                    d, uri, png, rgb_star, rec, split=d.item.split, seed=s, params=common, round=round))
+        rows = shard.rows()
     return asdict(writer.write_shard(spec.key, rows))
+
+
+def _clean_row(d, candidate_uri: str, candidate: bytes, rgb_star, rec: dict, **fields) -> dict:
+    """The cleaned dataset's row: the candidate x* when accepted, else the original image (its own URI, no
+    copy), with the reasons."""
+    fields.update(replaced=rec.pop("accepted"), reasons=rec.pop("reasons"), candidate_uri=candidate_uri,
+                  source_uri=d.item.uri, source_sha256=storage.sha256_hex(d.data), **rec)
+    if fields["replaced"]:
+        return ok_row(STAGE, d.item, d.parent_id, candidate_uri, candidate, rgb_star, **fields)
+    return ok_row(STAGE, d.item, d.parent_id, d.item.uri, d.data, d.rgb, **fields)

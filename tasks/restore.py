@@ -4,16 +4,14 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-import numpy as np
-import torch
 from prefect import task
 
-from bfr_models.imageio import encode_png
 from bfr_models.manifest import ManifestWriter
 from tasks.pseudo_targets import cached_restorer
-from tasks.rows import decode_items, ok_row, same_size_batches, to_uint8, write_output
+from tasks.pipeline import ShardPipeline, host_batch, host_uint8
+from tasks.rows import ok_row
 from tasks.runtime import device_slot, resolve_device, shard_cache_key
-from tasks.shards import ShardSpec, read_many
+from tasks.shards import ShardSpec
 
 STAGE = "restore"
 
@@ -23,15 +21,13 @@ def restore_shard(spec: ShardSpec, stage_uri: str, restorer: str, device: str, b
     dev = resolve_device(device)
     model = cached_restorer(restorer, str(dev))
     writer = ManifestWriter(stage_uri)
-    decoded, rows = decode_items(STAGE, spec.items, read_many([i.uri for i in spec.items]))
     params = {"restorer": model.describe()}
-    for batch in same_size_batches(decoded, batch_size):
-        images = torch.from_numpy(np.stack([rgb for _, _, rgb, _ in batch])).permute(0, 3, 1, 2).float() / 255.0
-        with device_slot(dev):
-            restored = model(images.to(dev)).cpu()
-        for (item, parent_id, _, source), out in zip(batch, restored):
-            rgb = to_uint8(out)
-            png = encode_png(rgb)
-            rows.append(ok_row(STAGE, item, parent_id, write_output(writer, png, parent_id), png, rgb,
-                               split=item.split, params={**params, **source}))
+    with ShardPipeline(STAGE, spec.items, batch_size, per_chunk=False) as shard:
+        for batch in shard.batches():
+            with device_slot(dev):
+                restored = host_uint8(model(host_batch(batch, dev).float() / 255.0))
+            for d, rgb in zip(batch, restored):
+                shard.write(d, writer, rgb, lambda uri, png, d=d, rgb=rgb: ok_row(
+                    STAGE, d.item, d.parent_id, uri, png, rgb, split=d.item.split, params={**params, **d.source}))
+        rows = shard.rows()
     return asdict(writer.write_shard(spec.key, rows))
