@@ -121,16 +121,24 @@ def _encode_and_write(writer, rgb: np.ndarray, parent_id: str) -> tuple[str, byt
     return write_output(writer, png, parent_id), png
 
 
-def host_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [0, 1] on any device -> (B, H, W, 3) uint8 on the host, in one copy: converted on the
-    device first (a quarter of the bytes of float32); on CUDA into pinned memory, waited for here."""
-    u8 = (images.clamp(0, 1) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1)
-    if u8.device.type != "cuda":
-        return u8.cpu().numpy()
-    host = torch.empty(u8.shape, dtype=torch.uint8, pin_memory=True)
-    host.copy_(u8, non_blocking=True)
-    torch.cuda.current_stream(u8.device).synchronize()
-    return host.numpy()
+def host_uint8(images: torch.Tensor | list[torch.Tensor]) -> list[np.ndarray]:
+    """A batch (B, 3, H, W), or B images (3, h, w) of any sizes, in [0, 1] on any device -> B (h, w, 3) uint8
+    arrays on the host. Converted on the device first (a quarter of float32's bytes); on CUDA the batch comes
+    back in one copy, into pinned memory."""
+    batches = [images] if isinstance(images, torch.Tensor) else [im.unsqueeze(0) for im in images]
+    parts = [(x.clamp(0, 1) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1) for x in batches]
+    if not parts or parts[0].device.type != "cuda":
+        return [img.numpy() for part in parts for img in part.cpu()]
+    flat = torch.cat([part.reshape(-1) for part in parts])
+    host = torch.empty(flat.shape, dtype=torch.uint8, pin_memory=True)
+    host.copy_(flat, non_blocking=True)
+    torch.cuda.current_stream(flat.device).synchronize()
+    out, start = [], 0
+    for part in parts:
+        for shape in [part.shape[1:]] * part.shape[0]:
+            out.append(host[start : start + shape.numel()].view(shape).numpy())
+            start += shape.numel()
+    return out
 
 
 def host_batch(batch: list[Decoded], device: torch.device) -> torch.Tensor:
