@@ -4,7 +4,7 @@ the model: fetch, decode, the sampler's own arithmetic (noise, the low-pass cons
 quality gate's or acceptance rules' measures, PNG encode, writes, the manifest. On the CPU: the rate one GPU
 can be fed at, whatever its network speed.
 
-    python benchmarks/null_feed.py [--n 120] [--size 256] [--stages pseudo-targets,clean] [--batch-size 8]
+    python benchmarks/null_feed.py [--n 60] [--size 256] [--stages pseudo-targets,clean] [--batch-size 8]
 
 The stages run as flows in this process (the same code as `bfr-curate pseudo-targets` / `clean`); a warm-up
 run on two images first starts Prefect and fills the caches, so the figure is the steady rate. The networks
@@ -90,18 +90,41 @@ def run_stage(stage: str, folder: Path, out: Path, prior: str, idm: str, batch_s
     return time.perf_counter() - start
 
 
+def feed_only(folder: Path, out: Path, batch_size: int) -> float:
+    """The shard pipeline with nothing between decode and encode: fetch, decode, one copy back, PNG encode,
+    write, rows, the shard's Parquet file (what a GPU stage's host side does besides the sampler)."""
+    from bfr_models.manifest import ManifestWriter
+    from tasks.pipeline import ShardPipeline, host_batch, host_uint8
+    from tasks.rows import ok_row
+    from tasks.shards import list_inputs
+
+    start = time.perf_counter()
+    items, _ = list_inputs(str(folder))
+    writer = ManifestWriter(str(out))
+    with ShardPipeline("feed", items, batch_size, per_chunk=False) as shard:
+        for batch in shard.batches():
+            for d, rgb in zip(batch, host_uint8(host_batch(batch, torch.device("cpu")).float() / 255.0)):
+                shard.write(d, writer, rgb, lambda uri, png, d=d: ok_row("feed", d.item, d.parent_id, uri, png, d.rgb))
+        writer.write_shard("feed", shard.rows())
+    return time.perf_counter() - start
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--n", type=int, default=120, help="faces (default 120)")
+    ap.add_argument("--n", type=int, default=60, help="faces (default 60)")
     ap.add_argument("--size", type=int, default=256, help="face size in pixels (default 256)")
     ap.add_argument("--stages", default="pseudo-targets,clean")
     ap.add_argument("--batch-size", type=int, default=8)
     args = ap.parse_args()
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")  # as the CLI: busy machines
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         faces, warm, prior, idm = prepare(root, args.n, args.size)
         nullify(prior, idm)
+        feed_only(warm, root / "warm-out" / "feed", args.batch_size)
+        rows.append(("shard I/O only: fetch, decode, encode, write, manifest (no sampler)",
+                     feed_only(faces, root / "out" / "feed", args.batch_size)))
         for stage in args.stages.split(","):
             run_stage(stage, warm, root / "warm-out" / stage, prior, idm, args.batch_size)
             rows.append((stage, run_stage(stage, faces, root / "out" / stage, prior, idm, args.batch_size)))
