@@ -1,4 +1,5 @@
-"""Images per second of batched IDM sampling against the same sampler one image at a time, same model, same
+"""Kernel only (tensors in memory; see benchmarks/e2e.py and null_feed.py for the stage end to end):
+images per second of batched IDM sampling against the same sampler one image at a time, same model, same
 steps (10, the paper's), same process.
 
     python benchmarks/clean.py [--n 16] [--batch 8] [--device all|cpu|cuda]
@@ -55,7 +56,7 @@ def main() -> None:
     args = ap.parse_args()
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    print(f"Kernel only: torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     print("| device | model | size | dtype | batch | one-at-a-time img/s | batched img/s | ratio |")
     print("|---|---|---|---|---|---|---|---|")
     for device in devices:

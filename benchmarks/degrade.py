@@ -1,4 +1,5 @@
-"""Images per second of the GFPGAN degradation at 512x512: our batched torch preset against
+"""Kernel only (decoded images in memory in, arrays out; see benchmarks/e2e.py for the stage end to end):
+images per second of the GFPGAN degradation at 512x512: our batched torch preset against
 BasicSR's own per-image functions, on the same images, in the same process.
 
     python benchmarks/degrade.py [--n 64] [--batch-size 8] [--device all|cpu|cuda|mps] [--repeats 3]
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     baseline = rows[0][3]
 
     gpu = f", {torch.cuda.get_device_name(0)}" if "cuda" in devices else ""
-    print(f"GFPGAN degradation, {args.n} images of 512x512; {platform.processor() or platform.machine()}, "
+    print(f"Kernel only: GFPGAN degradation, {args.n} images of 512x512; {platform.processor() or platform.machine()}, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), OpenCV {cv2.__version__} "
           f"({cv2.getNumThreads()} threads){gpu}; best of {args.repeats} rounds\n")
     print("| implementation | device | batch | seconds | images/s | vs BasicSR |")

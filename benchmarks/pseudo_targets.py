@@ -1,4 +1,5 @@
-"""Images per second of batched pseudo-target sampling against the same sampler one image at a time
+"""Kernel only (tensors in memory; see benchmarks/e2e.py and null_feed.py for the stage end to end):
+images per second of batched pseudo-target sampling against the same sampler one image at a time
 (as DR2's and the unsupervised-BFR paper's released code run), same prior, same steps, same process.
 
     python benchmarks/pseudo_targets.py [--n 8] [--device all|cpu|cuda] [--methods dr2,lowfreq,difbfsr]
@@ -77,7 +78,7 @@ def main() -> None:
     args = ap.parse_args()
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    print(f"Kernel only: torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     print("| device | prior | method | dtype | batch | batched img/s | one-at-a-time img/s | ratio |")
     print("|---|---|---|---|---|---|---|---|")
     for device in devices:

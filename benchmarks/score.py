@@ -1,4 +1,5 @@
-"""Images per second of NIQE and MUSIQ at 512x512: ours (batched) against pyiqa's own metrics
+"""Kernel only (tensors in memory; see benchmarks/e2e.py for the stage end to end):
+images per second of NIQE and MUSIQ at 512x512: ours (batched) against pyiqa's own metrics
 (one image per call, as `pyiqa` scripts score a folder), on the same images, in the same process.
 
     python benchmarks/score.py [--n 16] [--batch-size 8] [--device all|cpu|cuda]
@@ -89,7 +90,7 @@ def main() -> None:
     p.add_argument("--device", default="all", help="all (cpu, and cuda when present), cpu or cuda")
     args = p.parse_args()
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.device == "all" else [args.device]
-    print(f"# score benchmark: {args.n} images 512x512, batch {args.batch_size}, torch {torch.__version__}, "
+    print(f"# score benchmark, kernel only: {args.n} images 512x512, batch {args.batch_size}, torch {torch.__version__}, "
           f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     print("| metric | device | pyiqa per image (img/s) | ours batched (img/s) | ratio |")
     print("|---|---|---:|---:|---:|")

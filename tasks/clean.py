@@ -19,13 +19,13 @@ from bfr_models import storage
 from bfr_models.degradations.ops import jpeg
 from bfr_models.device import autocast_dtype, generators
 from bfr_models.idm import AcceptanceConfig, IDMModel, SetCalibration, calibrate, idm_sample, judge, load_idm
-from bfr_models.imageio import encode_png
 from bfr_models.metrics.fid import FEATURE_DIM, shard_features_uri, write_shard_features
 from bfr_models.manifest import ManifestWriter
 from bfr_models.resize import at_resolution, is_resized
 from bfr_models.metrics.niqe import niqe
+from tasks.pipeline import ShardPipeline, host_batch, host_uint8
 from tasks.pseudo_targets import niqe_defined
-from tasks.rows import decode_items, ok_row, same_size_batches, stamp, to_uint8, write_output
+from tasks.rows import decode_items, ok_row, same_size_batches, stamp
 from tasks.runtime import device_slot, load_once, resolve_device, shard_cache_key
 from tasks.score import extractor
 from tasks.shards import ShardSpec, derived_seed, read_many
@@ -107,49 +107,53 @@ def clean_shard(spec: ShardSpec, stage_uri: str, model_uri: str, round: int, ste
     (:func:`fid_features_uri`), from the images decoded here; the flow sums them for its FID."""
     dev = resolve_device(device)
     inception = extractor(FID_CONVENTION, str(dev)) if fid else None
-    features: dict[str, list] = {name: [] for name in FID_SETS}
+    features: dict[str, tuple] = {}  # source URI -> FID features of (its cleaned image, the original)
     model = cached_idm(model_uri, str(dev))
     musiq_fn, lpips_fn, identity_fn = cached_scorers(musiq, lpips, identity, str(dev))
     accept, cal = AcceptanceConfig(**acceptance), SetCalibration(**calibration)
     writer = ManifestWriter(stage_uri)
-    fetched = read_many([i.uri for i in spec.items])
-    decoded, rows = decode_items(STAGE, spec.items, fetched)
     common = {"model": model.describe(), "round": round, "steps": steps, "variance": variance, "passes": passes,
               "acceptance": acceptance, "calibration": calibration, "seed": seed}
-    with device_slot(dev):  # once per shard (one API round trip), not per batch
-        for batch in same_size_batches(decoded, batch_size, shard=spec.key):
-            x = _batch_tensor(batch, dev)
-            seeds = [derived_seed(seed, STAGE, str(round), parent_id) for _, parent_id, _, _ in batch]
+    with ShardPipeline(STAGE, spec.items, batch_size, per_chunk=False, shard=spec.key) as shard, \
+            device_slot(dev):  # once per shard (one API round trip); decode and writes run in other threads
+        for batch in shard.batches():
+            seeds = [derived_seed(seed, STAGE, str(round), d.parent_id) for d in batch]
+            x = host_batch(batch, dev).float() / 255.0
             x_star = clean_batch(model, x, seeds, steps, variance, passes, dtype, compile)
             h, w = x.shape[-2:]
             records = judge(x, x_star, accept, cal, niqe=niqe if niqe_defined(h, w) else None, musiq=musiq_fn,
                             lpips=lpips_fn, identity=identity_fn)
-            kept = []  # the cleaned dataset's images of this batch (x* or x), for FID
-            for (item, parent_id, rgb, _), out, rec, s in zip(batch, x_star, records, seeds):
-                rgb_star = to_uint8(out)
-                candidate = encode_png(rgb_star)
-                candidate_uri = write_output(writer, candidate, parent_id)
-                fields = dict(split=item.split, seed=s, params=common, round=round, replaced=rec.pop("accepted"),
-                              reasons=rec.pop("reasons"), candidate_uri=candidate_uri, source_uri=item.uri,
-                              source_sha256=storage.sha256_hex(fetched[item.uri]), model_px=model.resolution,
-                              resized=is_resized((h, w), model.resolution), **rec)
-                if fields["replaced"]:
-                    rows.append(ok_row(STAGE, item, parent_id, candidate_uri, candidate, rgb_star, **fields))
-                else:  # the cleaned dataset keeps the original image, with the reason
-                    rows.append(ok_row(STAGE, item, parent_id, item.uri, fetched[item.uri], rgb, **fields))
-                kept.append(rgb_star if fields["replaced"] else rgb)
-            if inception is not None:
-                features["cleaned"].append(inception(kept))
-                features["original"].append(inception([rgb for _, _, rgb, _ in batch]))
+            rgbs_star = host_uint8(x_star)
+            resized = is_resized((h, w), model.resolution)
+            accepted = [rec["accepted"] for rec in records]  # read before the writes (their rows pop it)
+            for d, rgb_star, rec, s in zip(batch, rgbs_star, records, seeds):
+                shard.write(d, writer, rgb_star, lambda uri, png, d=d, rgb_star=rgb_star, rec=rec, s=s: _clean_row(
+                    d, uri, png, rgb_star, rec, split=d.item.split, seed=s, params=common, round=round,
+                    model_px=model.resolution, resized=resized))
+            if inception is not None:  # the cleaned dataset's image (x* or x) and the original, per source file
+                kept = [rgb_star if ok else d.rgb for d, rgb_star, ok in zip(batch, rgbs_star, accepted)]
+                pairs = zip(inception(kept), inception([d.rgb for d in batch]))
+                features.update({d.item.uri: pair for d, pair in zip(batch, pairs)})
+        rows = shard.rows()
     if inception is not None:
         ok = [r for r in rows if r["status"] == "ok"]
-        for name, key in (("cleaned", "sha256"), ("original", "source_sha256")):
+        for k, (name, key) in enumerate((("cleaned", "sha256"), ("original", "source_sha256"))):
+            vectors = [features[r["source_uri"]][k] for r in ok]
             write_shard_features(fid_features_uri(stage_uri, spec.key, name), inception.fingerprint,
-                                 [r[key] for r in ok], np.concatenate(features[name]) if features[name]
-                                 else np.zeros((0, FEATURE_DIM)))
+                                 [r[key] for r in ok], np.stack(vectors) if vectors else np.zeros((0, FEATURE_DIM)))
     return asdict(writer.write_shard(spec.key, stamp(rows, dev, dtype=dtype)))
 
 
 def fid_features_uri(stage_uri: str, shard: str, name: str) -> str:
     """A clean shard's FID features of one of :data:`FID_SETS`."""
     return shard_features_uri(stage_uri, f"{shard}.{name}")
+
+
+def _clean_row(d, candidate_uri: str, candidate: bytes, rgb_star, rec: dict, **fields) -> dict:
+    """The cleaned dataset's row: the candidate x* when accepted, else the original image (its own URI, no
+    copy), with the reasons."""
+    fields.update(replaced=rec.pop("accepted"), reasons=rec.pop("reasons"), candidate_uri=candidate_uri,
+                  source_uri=d.item.uri, source_sha256=storage.sha256_hex(d.data), **rec)
+    if fields["replaced"]:
+        return ok_row(STAGE, d.item, d.parent_id, candidate_uri, candidate, rgb_star, **fields)
+    return ok_row(STAGE, d.item, d.parent_id, d.item.uri, d.data, d.rgb, **fields)

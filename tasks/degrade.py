@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-import numpy as np
 import torch
 from prefect import task
 
 from bfr_models.degradations import load_preset
-from bfr_models.imageio import encode_png
 from bfr_models.manifest import ManifestWriter
-from tasks.rows import decoded_batches, error_row, ok_row, stamp, to_uint8, write_output
+from tasks.pipeline import ShardPipeline, host_batch, host_uint8
+from tasks.rows import ok_row, stamp
 from tasks.runtime import device_slot, resolve_device, shard_cache_key
 from tasks.shards import ShardSpec, derived_seed
 
@@ -33,23 +32,21 @@ def degrade_shard(spec: ShardSpec, preset: str, split: str | None, scale: float 
     degradation = load_preset(preset, split=split, scale=scale)
     dev = resolve_device(device)
     writer = ManifestWriter(stage_uri)
-    rows = []
     label = degradation.name if split is None else f"{degradation.name}/{split}"
-    with device_slot(dev):  # once per shard (one API round trip), not per batch
-        for batch in decoded_batches(STAGE, spec.items, batch_size, rows):
-            seeds = [degradation_seed(seed, degradation.name, split, scale, parent_id) for _, parent_id, _, _ in batch]
+    with ShardPipeline(STAGE, spec.items, batch_size, per_chunk=True, shard=spec.key) as shard, \
+            device_slot(dev):  # once per shard (one API round trip); decode and writes run in other threads
+        for batch in shard.batches():
+            seeds = [degradation_seed(seed, degradation.name, split, scale, d.parent_id) for d in batch]
             params = [degradation.sample(s) for s in seeds]
-            images = torch.from_numpy(np.stack([rgb for _, _, rgb, _ in batch])).permute(0, 3, 1, 2)
             try:
-                outs = degradation.apply(images.to(dev, torch.float32) / 255.0, params)
+                images = host_batch(batch, dev)
+                outs = host_uint8(degradation.apply(images.to(torch.float32) / 255.0, params))
             except Exception as e:  # a bad batch becomes error rows, the run goes on
-                rows += [error_row(STAGE, item, f"degradation failed: {e}") for item, _, _, _ in batch]
+                shard.error(batch, f"degradation failed: {e}")
                 continue
-            for (item, parent_id, _, source), p, s, out in zip(batch, params, seeds, outs):
-                rgb = to_uint8(out)
-                png = encode_png(rgb)
-                uri = write_output(writer, png, parent_id)
+            for d, p, s, rgb in zip(batch, params, seeds, outs):
                 case = f"/case{p['case']}" if "case" in p else ""  # presets with cases: one group per case
-                rows.append(ok_row(STAGE, item, parent_id, uri, png, rgb, params={**p, **source},
-                                   seed=s, split=label + case))
+                shard.write(d, writer, rgb, lambda uri, png, d=d, p=p, s=s, rgb=rgb, case=case: ok_row(
+                    STAGE, d.item, d.parent_id, uri, png, rgb, params={**p, **d.source}, seed=s, split=label + case))
+        rows = shard.rows()
     return asdict(writer.write_shard(spec.key, stamp(rows, dev)))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-import numpy as np
 import torch
 from prefect import task
 
@@ -12,13 +11,13 @@ from bfr_models.device import autocast_dtype
 from bfr_models.diffusion.lowpass import matlab_resize
 from bfr_models.diffusion.prior import Prior, load_prior
 from bfr_models.gate import GateConfig, judge
-from bfr_models.imageio import encode_png
 from bfr_models.manifest import ManifestWriter
 from bfr_models.metrics.niqe import BLOCK, niqe
 from bfr_models.pseudo_targets import MethodParams, PseudoTargetError, Targets, difbfsr_config, generate
-from tasks.rows import decode_items, error_row, ok_row, same_size_batches, stamp, to_uint8, write_output
+from tasks.pipeline import ShardPipeline, host_batch, host_uint8
+from tasks.rows import error_row, ok_row, stamp
 from tasks.runtime import device_slot, load_once, resolve_device, shard_cache_key
-from tasks.shards import ShardSpec, derived_seed, read_many
+from tasks.shards import ShardSpec, derived_seed
 
 STAGE = "pseudo-targets"
 
@@ -84,34 +83,33 @@ def pseudo_target_shard(spec: ShardSpec, stage_uri: str, params: dict, prior_uri
     prior = cached_prior(prior_uri, str(dev))
     restore = cached_restorer(restorer, str(dev)) if restorer else None
     writer = ManifestWriter(stage_uri)
-    decoded, rows = decode_items(STAGE, spec.items, read_many([i.uri for i in spec.items]))
     knobs = {"difbfsr": difbfsr_config(p).as_dict()} if p.method == "difbfsr" else {}  # every default, recorded
     common = {**p.as_dict(), **knobs, "prior": prior.describe(), "restorer": restore.describe() if restore else None,
               "fidelity_limit": fidelity_limit, **({"auto": auto} if auto else {})}
-    with device_slot(dev):  # once per shard (one API round trip), not per batch
-        for batch in same_size_batches(decoded, batch_size, shard=spec.key):
-            images = torch.from_numpy(np.stack([rgb for _, _, rgb, _ in batch])).permute(0, 3, 1, 2).float() / 255.0
-            seeds = [sample_seeds(seed, parent_id, best_of) for _, parent_id, _, _ in batch]
+    with ShardPipeline(STAGE, spec.items, batch_size, per_chunk=False, shard=spec.key) as shard, \
+            device_slot(dev):  # once per shard (one API round trip); decode and writes run in other threads
+        for batch in shard.batches():
+            images = host_batch(batch, torch.device("cpu")).float() / 255.0
+            seeds = [sample_seeds(seed, d.parent_id, best_of) for d in batch]
             try:
                 result = run_generate(p, images, prior, seeds, restore, resize, fidelity_limit, dtype, compile)
                 gates = gate_batch(p, images, result, prior.resolution, gate_config, gate_musiq, gate_identity,
                                    str(dev))
             except PseudoTargetError as e:  # e.g. a size the user refused to resize: a row per image says so
-                rows += [error_row(STAGE, item, f"pseudo-targets: {e}") for item, _, _, _ in batch]
+                shard.error(batch, f"pseudo-targets: {e}")
                 continue
-            for (item, parent_id, _, source), out, rec, measured in zip(batch, result.images, result.records, gates):
+            for d, rgb, rec, measured in zip(batch, host_uint8(result.images), result.records, gates):
                 finite, error = rec.pop("finite"), rec.pop("error")
                 if error or not finite:  # this image failed, the batch goes on
                     reason = error or "the sampler produced non-finite values"
-                    rows.append(error_row(STAGE, item, f"pseudo-targets: {reason}"))
+                    shard.add_row(d, error_row(STAGE, d.item, f"pseudo-targets: {reason}"))
                     continue
-                rgb = to_uint8(out)
-                png = encode_png(rgb)
-                uri = write_output(writer, png, parent_id)
                 lf = rec.pop("lf_psnr")
                 for measured_here in ("noise_sigma", "input_noise_sigma"):  # columns via the gate's record
                     rec.pop(measured_here)
-                rows.append(ok_row(STAGE, item, parent_id, uri, png, rgb, seed=rec["seed"], split=item.split,
-                                   params={**common, **rec, **source}, lf_psnr=lf, model_px=prior.resolution,
-                                   resized=rec["resize"] is not None, **measured))
+                shard.write(d, writer, rgb, lambda uri, png, d=d, rgb=rgb, rec=rec, lf=lf, measured=measured: ok_row(
+                    STAGE, d.item, d.parent_id, uri, png, rgb, seed=rec["seed"], split=d.item.split,
+                    params={**common, **rec, **d.source}, lf_psnr=lf, model_px=prior.resolution,
+                    resized=rec["resize"] is not None, **measured))
+        rows = shard.rows()
     return asdict(writer.write_shard(spec.key, stamp(rows, dev, dtype=dtype)))

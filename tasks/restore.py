@@ -4,17 +4,15 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-import numpy as np
-import torch
 from prefect import task
 
-from bfr_models.imageio import encode_png
 from bfr_models.manifest import ManifestWriter
 from bfr_models.resize import is_resized
 from tasks.pseudo_targets import cached_restorer
-from tasks.rows import decode_items, ok_row, same_size_batches, stamp, to_uint8, write_output
+from tasks.pipeline import ShardPipeline, host_batch, host_uint8
+from tasks.rows import ok_row, stamp
 from tasks.runtime import device_slot, resolve_device, shard_cache_key
-from tasks.shards import ShardSpec, read_many
+from tasks.shards import ShardSpec
 
 STAGE = "restore"
 
@@ -24,17 +22,15 @@ def restore_shard(spec: ShardSpec, stage_uri: str, restorer: str, device: str, b
     dev = resolve_device(device)
     model = cached_restorer(restorer, str(dev))
     writer = ManifestWriter(stage_uri)
-    decoded, rows = decode_items(STAGE, spec.items, read_many([i.uri for i in spec.items]))
     params = {"restorer": model.describe()}
-    with device_slot(dev):  # once per shard (one API round trip), not per batch
-        for batch in same_size_batches(decoded, batch_size, shard=spec.key):
-            images = torch.from_numpy(np.stack([rgb for _, _, rgb, _ in batch])).permute(0, 3, 1, 2).float() / 255.0
-            restored = model(images.to(dev)).cpu()
-            resized = is_resized(images.shape[-2:], model.resolution)  # applied at its training size, and back
-            for (item, parent_id, _, source), out in zip(batch, restored):
-                rgb = to_uint8(out)
-                png = encode_png(rgb)
-                rows.append(ok_row(STAGE, item, parent_id, write_output(writer, png, parent_id), png, rgb,
-                                   split=item.split, params={**params, **source}, model_px=model.resolution,
-                                   resized=resized))
+    with ShardPipeline(STAGE, spec.items, batch_size, per_chunk=False, shard=spec.key) as shard, \
+            device_slot(dev):  # once per shard (one API round trip); decode and writes run in other threads
+        for batch in shard.batches():
+            restored = host_uint8(model(host_batch(batch, dev).float() / 255.0))
+            resized = is_resized(batch[0].rgb.shape[:2], model.resolution)  # applied at its training size, and back
+            for d, rgb in zip(batch, restored):
+                shard.write(d, writer, rgb, lambda uri, png, d=d, rgb=rgb, resized=resized: ok_row(
+                    STAGE, d.item, d.parent_id, uri, png, rgb, split=d.item.split, params={**params, **d.source},
+                    model_px=model.resolution, resized=resized))
+        rows = shard.rows()
     return asdict(writer.write_shard(spec.key, stamp(rows, dev)))

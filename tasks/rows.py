@@ -13,7 +13,7 @@ import torch
 from bfr_models import storage
 from bfr_models.imageio import ImageError, decode_source
 from tasks.runtime import report_images
-from tasks.shards import InputItem, read_many
+from tasks.shards import InputItem
 
 
 def content_id(data: bytes, source: str) -> str:
@@ -119,16 +119,6 @@ def same_size_batches(decoded, batch_size: int, shard: str | None = None):
         for i in range(0, len(group), batch_size):
             yield group[i : i + batch_size]
             report_images(shard, len(group[i : i + batch_size]))
-
-
-def decoded_batches(stage: str, items, batch_size: int, errors: list[dict]):
-    """Fetch and decode ``batch_size`` items at a time and yield their same-size batches, so a shard holds one
-    batch of images in memory, not all of them; error rows are appended to ``errors``."""
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        decoded, bad = decode_items(stage, chunk, read_many([i.uri for i in chunk]))
-        errors += bad
-        yield from same_size_batches(decoded, batch_size)
 
 
 def to_uint8(img: torch.Tensor) -> np.ndarray:

@@ -1,0 +1,69 @@
+"""The pipelined shard loop gives the serial loop's batches, rows and row order, and the same bytes."""
+
+import numpy as np
+import pytest
+import torch
+
+from bfr_models import storage
+from bfr_models.imageio import encode_png
+from bfr_models.manifest import ManifestWriter
+from tasks.pipeline import ShardPipeline, host_uint8
+from tasks.rows import decode_items, ok_row, same_size_batches, to_uint8, write_output
+from tasks.shards import list_inputs, read_many
+from tests.conftest import face_like, write_png
+
+
+@pytest.fixture
+def mixed_folder(tmp_path):
+    """Two sizes interleaved and two unreadable files, so batches and rows could come out in another order."""
+    folder = tmp_path / "mixed"
+    for i in range(11):
+        write_png(folder / f"f{i:02d}.png", face_like(i, size=32 if i % 3 else 48))
+    (folder / "f04b.png").write_bytes(b"not an image")
+    (folder / "f09b.png").write_bytes(b"")
+    return folder
+
+
+def serial_rows(items, batch_size: int, per_chunk: bool, out: str) -> tuple[list[list[str]], list[dict]]:
+    """The loop the stages ran before the pipeline: decode, batch by size, encode and write one at a time."""
+    writer, batches, rows = ManifestWriter(out), [], []
+    chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)] if per_chunk else [items]
+    for chunk in chunks:
+        decoded, errors = decode_items("test", chunk, read_many([i.uri for i in chunk]))
+        rows += errors
+        for batch in same_size_batches(decoded, batch_size):
+            batches.append([item.uri for item, _, _, _ in batch])
+            for item, parent_id, rgb, _ in batch:
+                png = encode_png(255 - rgb)
+                rows.append(ok_row("test", item, parent_id, write_output(writer, png, parent_id), png, rgb))
+    return batches, rows
+
+
+@pytest.mark.parametrize("per_chunk", [True, False])
+def test_pipeline_matches_the_serial_loop(mixed_folder, tmp_path, per_chunk):
+    items, _ = list_inputs(str(mixed_folder))
+    want_batches, want_rows = serial_rows(items, 3, per_chunk, str(tmp_path / "serial"))
+    writer, got_batches = ManifestWriter(str(tmp_path / "piped")), []
+    with ShardPipeline("test", items, 3, per_chunk=per_chunk) as shard:
+        for batch in shard.batches():
+            got_batches.append([d.item.uri for d in batch])
+            inverted = torch.from_numpy(np.stack([255 - d.rgb for d in batch])).permute(0, 3, 1, 2) / 255.0
+            for d, rgb in zip(batch, host_uint8(inverted)):  # as a stage's device output comes back
+                shard.write(d, writer, rgb, lambda uri, png, d=d: ok_row("test", d.item, d.parent_id, uri, png, d.rgb))
+        got_rows = shard.rows()
+    assert sorted(map(sorted, got_batches)) == sorted(map(sorted, want_batches))
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "uri"} for r in rows]  # noqa: E731
+    assert strip(got_rows) == strip(want_rows) and sum(r["status"] == "error" for r in got_rows) == 2
+    for r in got_rows:  # the written files are the serial loop's bytes
+        if r["uri"]:
+            assert storage.sha256_hex(storage.read_bytes(r["uri"])) == r["sha256"]
+
+
+def test_host_uint8_is_to_uint8_batched():
+    x = torch.rand(3, 3, 17, 19, generator=torch.Generator().manual_seed(0))
+    assert all(np.array_equal(a, to_uint8(b)) for a, b in zip(host_uint8(x), x))
+    sizes = [torch.rand(3, 5, 7), torch.rand(3, 9, 4)]  # degradations may return images of different sizes
+    assert [a.shape for a in host_uint8(sizes)] == [(5, 7, 3), (9, 4, 3)]
+    devices = ["cuda"] if torch.cuda.is_available() else []
+    for dev in devices:  # one pinned, non-blocking copy back: the same bytes as the CPU
+        assert all(np.array_equal(a, to_uint8(b)) for a, b in zip(host_uint8(x.to(dev)), x))
