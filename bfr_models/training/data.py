@@ -65,7 +65,7 @@ def read_image(uri: str, resolution: int | None = None) -> torch.Tensor:
         rgb, _ = decode_rgb(storage.read_bytes(uri))
     except (OSError, ImageError) as e:
         raise TrainingDataError(f"training image {uri} cannot be used: {e}") from None
-    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float() / 255.0
+    x = torch.from_numpy(np.array(rgb)).permute(2, 0, 1).float() / 255.0  # a writable copy: decoders may share
     return to_resolution(x[None], resolution)[0] if resolution else x
 
 
