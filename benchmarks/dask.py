@@ -66,7 +66,7 @@ def run(workers: int, faces: Path, out: Path, shard_size: int) -> dict:
     from flows.degrade import degrade_flow
     from flows.score import score_flow
 
-    with LocalCluster(**local_cluster_kwargs(workers), env=local_api_env()) as cluster, Client(cluster) as client:
+    with LocalCluster(**local_cluster_kwargs(workers, local_api_env())) as cluster, Client(cluster) as client:
         client.run(_warm)
         runner = DaskTaskRunner(address=cluster.scheduler_address)
         degraded, wall_d, tasks_d = timed(degrade_flow, runner, input=str(faces), out=str(out), preset="dr2",

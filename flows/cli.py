@@ -63,7 +63,7 @@ def _executor(args):
         return
     from distributed import LocalCluster
 
-    with LocalCluster(**local_cluster_kwargs(workers), env=local_api_env()) as cluster:
+    with LocalCluster(**local_cluster_kwargs(workers, local_api_env())) as cluster:
         yield DaskTaskRunner(address=cluster.scheduler_address)
 
 
@@ -83,13 +83,13 @@ def local_api_env() -> dict:
     return {"PREFECT_API_URL": url}
 
 
-def local_cluster_kwargs(workers: int) -> dict:
+def local_cluster_kwargs(workers: int, env: dict | None = None) -> dict:
     """A Dask LocalCluster of worker processes, one task thread each; torch's threads in each by the rule of
-    flows/threads.py (the cores divided among the workers)."""
+    flows/threads.py (the cores divided among the workers), and ``env`` (e.g. :func:`local_api_env`)."""
     from flows.threads import worker_env
 
     return {"n_workers": workers, "threads_per_worker": 1, "processes": True, "silence_logs": logging.WARNING,
-            "env": worker_env(workers)}
+            "env": {**worker_env(workers), **(env or {})}}
 
 
 def _run(flow_fn, args, **params):

@@ -176,3 +176,18 @@ def test_stage_run_is_named_tagged_and_publishes_its_summary(image_folder, tmp_p
     (summary,) = artifacts
     assert summary["key"] == f"degrade-{index['key']}" and str(image_folder) in summary["description"]
     assert [(r["rows"], r["ok"], r["error"]) for r in json.loads(summary["data"])] == [(6, 6, 0)]
+
+
+def test_dask_local_runs_the_shards_in_worker_processes(image_folder, tmp_path):
+    """`--dask local` from the console: a LocalCluster of worker processes (sharing the command's Prefect API)
+    runs every shard; each row names the worker process that made it, never the command's own."""
+    proc = subprocess.Popen([str(BIN / "bfr-curate"), "degrade", "-i", str(image_folder), "--preset", "gfpgan",
+                             "-o", str(tmp_path / "o"), "--device", "cpu", "--dask", "local", "--workers", "2",
+                             "--shard-size", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    index = next((tmp_path / "o").rglob("index.json"))
+    frame = manifest.read_manifest(str(index.parent))
+    assert len(frame) == 6 and (frame["status"] == "ok").all()
+    pids = {worker.rsplit(":", 1)[1] for worker in frame["worker"]}
+    assert pids and str(proc.pid) not in pids and set(frame["device"]) == {"cpu"}
