@@ -16,8 +16,10 @@ def load_scored(uri: str, label: str | None = None) -> ScoredSet:
     index = manifest.read_index(uri) if manifest.index_uri(uri) else {"config": {}}
     frame = manifest.read_manifest(uri)
     splits = sorted(frame["split"].dropna().unique()) if len(frame) else []
-    if label is None:
+    if label is None:  # e.g. "pseudo-targets dr2/medium [2848b1149145]": the stage that made the rows, splits, key
+        stages = sorted(frame["stage"].dropna().unique()) if len(frame) and "stage" in frame else []
         text = ", ".join(splits[:3]) + (" ..." if len(splits) > 3 else "") if splits else index.get("stage", "manifest")
+        text = f"{stages[0]} {text}" if len(stages) == 1 and stages[0] not in text else text
         label = f"{text} [{index.get('key', uri.rstrip('/').rsplit('/', 1)[-1])}]"
     return ScoredSet(name=label, frame=frame, info={"source": uri, **index.get("config", {}), "manifest": uri},
                      lineage=lineage_rows(index))
