@@ -12,14 +12,12 @@ sides (speed does not depend on the weights; no download). Prints a markdown tab
 from __future__ import annotations
 
 import argparse
-import io
 import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

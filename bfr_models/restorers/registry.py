@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from bfr_models import storage
 from bfr_models.models import torch_load_weights
 from bfr_models.resize import at_resolution
-from bfr_models.restorers.checkpoint import (FORMAT, arch_of, is_restorer_checkpoint, read_checkpoint, safetensors_metadata,
-                                             restorer_from_bytes, trained_resolution)
+from bfr_models.restorers.checkpoint import (arch_of, is_restorer_checkpoint, read_checkpoint, restorer_from_bytes,
+                                             safetensors_metadata, trained_resolution)
 from bfr_models.restorers.codeformer import ARCH as CODEFORMER
 from bfr_models.restorers.codeformer import CodeFormerRestorer
 from bfr_models.restorers.errors import RestorerError
