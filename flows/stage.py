@@ -32,17 +32,23 @@ class StageError(RuntimeError):
 def in_flight_limit() -> int:
     """How many shard tasks to keep submitted: the flow's thread pool size; on Dask, two per worker thread of
     the cluster (one running, one queued, so no worker waits on the flow); else DEFAULT_IN_FLIGHT."""
-    runner = _task_runner()
-    if runner is not None and uses_dask():
-        workers = runner.client.scheduler_info(n_workers=-1)["workers"].values()
+    workers = _dask_workers()
+    if workers is not None:
         return max(DEFAULT_IN_FLIGHT, 2 * sum(w.get("nthreads", 1) for w in workers))
-    workers = getattr(runner, "_max_workers", None)
+    workers = getattr(_task_runner(), "_max_workers", None)
     return workers if workers and workers < sys.maxsize else DEFAULT_IN_FLIGHT
 
 
 def _task_runner():
     context = FlowRunContext.get()
     return context.task_runner if context else None
+
+
+def _dask_workers() -> list[dict] | None:
+    """The Dask cluster's workers (the scheduler's info on each) when the flow runs on Dask, else None."""
+    if not uses_dask():
+        return None
+    return list(_task_runner().client.scheduler_info(n_workers=-1)["workers"].values())
 
 
 def store_grace() -> float:
@@ -160,10 +166,8 @@ def gpu_request(device: str | None) -> dict | None:
     on a Dask cluster whose workers advertise GPU resources (``dask worker --resources GPU=1``, one worker per
     GPU): Dask then runs one shard per GPU at a time. None otherwise (asking a cluster without them would wait
     forever)."""
-    if device in (None, "cpu") or not uses_dask():
-        return None
-    info = FlowRunContext.get().task_runner.client.scheduler_info(n_workers=-1)
-    if any(w.get("resources", {}).get("GPU") for w in info["workers"].values()):
+    workers = _dask_workers() if device not in (None, "cpu") else None
+    if workers and any(w.get("resources", {}).get("GPU") for w in workers):
         return {"GPU": 1}
     return None
 

@@ -55,7 +55,10 @@ def error_row(stage: str, item: InputItem, reason: str, data: bytes | None = Non
 def stamp(rows: list[dict], device, **fields) -> list[dict]:
     """Record on every row where it was made: ``worker`` (host:pid of the process that ran the shard, a Dask
     worker or this one) and ``device``, so a bad row can be traced to a node and a GPU; and ``fields``."""
-    return with_fields(rows, worker=f"{socket.gethostname()}:{os.getpid()}", device=str(device), **fields)
+    where = {"worker": f"{socket.gethostname()}:{os.getpid()}", "device": str(device), **fields}
+    for row in rows:
+        row.update(where)
+    return rows
 
 
 def write_output(writer, png: bytes, parent_id: str) -> str:
@@ -80,13 +83,6 @@ def ok_row(stage: str, item: InputItem, parent_id: str, uri: str, png: bytes, rg
         "params": json.dumps(params, sort_keys=True) if params is not None else None,
         **fields,
     }
-
-
-def with_fields(rows: list[dict], **fields) -> list[dict]:
-    """The same columns on every row of a shard, error rows included (e.g. the precision that made it)."""
-    for row in rows:
-        row.update(fields)
-    return rows
 
 
 def decode_items(stage: str, items, fetched: dict) -> tuple[list[tuple[InputItem, str, np.ndarray, dict]], list[dict]]:
