@@ -6,10 +6,19 @@ per shard (issue 15).
 Writes ``--n`` distinct synthetic faces, then for each worker count starts a LocalCluster (worker processes,
 one thread each, as ``--dask local`` does), imports the stage modules on every worker (start-up is not what is
 measured) and runs degrade (dr2 mild, x4) and score (psnr, ssim against the faces) into a fresh output folder.
-Per stage it reports the wall time, images/s and the overhead per shard: the workers' time not spent inside a
-shard task run, ``(wall x workers - sum of the task runs' run time) / shards`` (scheduling, submission, result
-records, the flow's planning and index; a lower bound on what a shard costs beyond its own work when shards
-outnumber workers). The speed-up is the 1-worker wall time over the 2-worker one.
+
+Per stage it reports the wall time, images/s and, from the Prefect API's record of the flow run and its shard
+task runs (start and end of each Running state):
+
+- the mean shard time (a task run's Running state: the shard's own work and its result record);
+- the overhead per shard with one worker: the mean gap between one shard task run ending and the next
+  starting on the worker (the next shards are already queued there, so the gap is what each shard costs
+  beyond its work: Dask handing over the task, Prefect's task engine building its context, API client and
+  task-run record, the cache-key check), and that gap as a share of the mean shard time;
+- the flow's fixed cost, paid once per stage whatever the shard count: flow start to the first shard
+  (planning: listing inputs, cutting shards) plus the last shard's end to the flow's end (the index).
+
+The speed-up is the 1-worker wall time over the 2-worker one.
 """
 
 from __future__ import annotations
@@ -39,23 +48,32 @@ def _warm() -> None:
     import tasks.score  # noqa: F401
 
 
-def task_run_seconds(flow_run_id) -> list[float]:
-    """The run time of every task run of a flow run, from the Prefect API."""
+def shard_timing(flow_run_id) -> dict:
+    """Seconds of a flow run's shard task runs, from the Prefect API: ``shard`` (mean Running time), ``gap``
+    (mean time between one shard's end and the next one's start, in start order: with one worker, the
+    per-shard overhead) and ``fixed`` (flow start to the first shard plus the last shard to the flow's end)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.client.schemas.sorting import TaskRunSort
 
+    runs = []
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
-                                     sort=TaskRunSort.EXPECTED_START_TIME_DESC, limit=200)
-    return [r.total_run_time.total_seconds() for r in runs]
+        while page := client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                                            sort=TaskRunSort.EXPECTED_START_TIME_DESC, limit=200, offset=len(runs)):
+            runs += page  # the API returns at most 200 a call
+        flow = client.read_flow_run(flow_run_id)
+    runs.sort(key=lambda r: r.start_time)
+    gaps = [(b.start_time - a.end_time).total_seconds() for a, b in zip(runs, runs[1:])]
+    fixed = (runs[0].start_time - flow.start_time) + (flow.end_time - max(r.end_time for r in runs))
+    return {"shards": len(runs), "shard": sum(r.total_run_time.total_seconds() for r in runs) / len(runs),
+            "gap": sum(gaps) / max(1, len(gaps)), "fixed": fixed.total_seconds()}
 
 
-def timed(flow_fn, runner, **params) -> tuple[str, float, list[float]]:
+def timed(flow_fn, runner, **params) -> tuple[str, float, dict]:
     start = time.perf_counter()
     state = flow_fn.with_options(task_runner=runner)(**params, return_state=True)
     wall = time.perf_counter() - start
-    return state.result(), wall, task_run_seconds(state.state_details.flow_run_id)
+    return state.result(), wall, shard_timing(state.state_details.flow_run_id)
 
 
 def run(workers: int, faces: Path, out: Path, shard_size: int) -> dict:
@@ -91,14 +109,15 @@ def main() -> None:
         results = {w: run(w, faces, Path(tmp) / f"out-{w}", args.shard_size)
                    for w in (int(v) for v in args.workers.split(","))}
     print(f"{args.n} images of {args.px} px, shards of {args.shard_size}, cpu count {os.cpu_count()}")
-    print(f"{'stage':8} {'workers':>7} {'wall s':>8} {'img/s':>8} {'shards':>6} {'task s':>8} "
-          f"{'overhead/shard s':>16} {'% of shard':>10}")
+    print("| stage | workers | wall s | images/s | shards | mean shard s | overhead per shard s | of a shard's time "
+          "| flow fixed s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for workers, stages in results.items():
-        for stage, (wall, tasks) in stages.items():
-            overhead = max(0.0, wall * workers - sum(tasks)) / max(1, len(tasks))
-            shard = sum(tasks) / max(1, len(tasks))
-            print(f"{stage:8} {workers:>7} {wall:8.1f} {args.n / wall:8.1f} {len(tasks):>6} {sum(tasks):8.1f} "
-                  f"{overhead:16.2f} {100 * overhead / shard:9.1f}%")
+        for stage, (wall, t) in stages.items():
+            # with more workers than one, gaps in start order interleave workers: not a per-shard overhead
+            gap = f"{t['gap']:.3f} | {100 * t['gap'] / t['shard']:.1f} %" if workers == 1 else "- | -"
+            print(f"| {stage} | {workers} | {wall:.1f} | {args.n / wall:.1f} | {t['shards']} | {t['shard']:.2f} "
+                  f"| {gap} | {t['fixed']:.2f} |")
     counts = sorted(results)
     if len(counts) >= 2:
         for stage in ("degrade", "score"):

@@ -365,6 +365,28 @@ def test_reference_stats_are_cached_by_content_and_record_convention(inception_c
         F.reference_stats(tmp_path / "cache" / "fid-stats" / cached[0].name, F.InceptionFeatures("clean"))
 
 
+def test_reference_stats_stream_in_chunks(inception_cache, tmp_path, monkeypatch):
+    """A reference is featurised and summed a chunk at a time (memory: one chunk, whatever its size), with the
+    statistics of all its features at once; a second run reads the cached features, one chunk at a time too."""
+    from bfr_models.metrics import fid_features
+
+    ext = F.InceptionFeatures("legacy_pytorch", batch_size=4)
+    ref_dir = tmp_path / "ref"
+    paths = _write_pngs(ref_dir, _faces(7, seed=31))
+    whole = F.extract_features([F.ImageRef(str(p)) for p in paths], ext)
+    chunks, extract = [], fid_features.extract_features
+    monkeypatch.setattr(fid_features, "REFERENCE_CHUNK", 3)
+    monkeypatch.setattr(fid_features, "extract_features", lambda refs, *a, **k: chunks.append(len(refs)) or extract(refs, *a, **k))
+    for cache_root in (tmp_path / "cache", tmp_path / "cache"):  # the second run: from the feature cache
+        for stats_file in (tmp_path / "cache" / "fid-stats").glob("*.npz"):
+            stats_file.unlink()  # not from the cached statistics
+        chunks.clear()
+        stats = F.reference_stats(F.plan_reference(ref_dir, "legacy_pytorch", allow_small=True), ext, cache_root)
+        assert chunks == [3, 3, 1] and stats.n == 7
+        np.testing.assert_allclose(stats.mu, whole.feats.mean(axis=0), rtol=0, atol=1e-9)
+        np.testing.assert_allclose(stats.sigma, np.cov(whole.feats, rowvar=False), rtol=0, atol=1e-9)
+
+
 def test_reference_from_manifest_on_s3_reuses_features_by_content(inception_cache, tmp_path, s3_endpoint, monkeypatch):
     """A manifest reference on S3: its rows' sha256 key the cache, so images already featurised anywhere
     (here: the same pixels in a local folder) are not run again; error rows are not part of the reference."""

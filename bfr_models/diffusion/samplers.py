@@ -69,11 +69,13 @@ def _q(x0, i, schedule, generators):
 
 
 def _replace_low(x, ref, i_prev, schedule, N, generators):
-    """Eq. 10 / Algorithm 1: ``x - Φ_N(x) + Φ_N(y_{i_prev})`` with a fresh noising of ``ref``."""
+    """Eq. 10 / Algorithm 1: ``x - Φ_N(x) + Φ_N(y_{i_prev})`` with a fresh noising of ``ref``, computed as
+    ``x + Φ_N(y_{i_prev} - x)``: Φ_N is linear (two resizes, each a matrix product), so one low-pass instead
+    of two (the same value up to float rounding; the low-pass was a third of a sampling step's CPU time)."""
     y_prev = _q(ref, i_prev, schedule, generators)
     if N == 1:
         return y_prev  # Φ_1 = I (DR2 code: the sample is simply replaced)
-    return x - lowpass(x, N) + lowpass(y_prev, N)
+    return x + lowpass(y_prev - x, N)
 
 
 @torch.no_grad()

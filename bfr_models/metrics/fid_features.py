@@ -13,11 +13,15 @@ import numpy as np
 
 from bfr_models import storage
 from bfr_models.metrics.fid_network import InceptionFeatures
-from bfr_models.metrics.fid_stats import FEATURE_DIM, FIDConvention, FIDError, FIDStats, check_convention, check_reference_size
+from bfr_models.metrics.fid_stats import (FEATURE_DIM, FeatureSums, FIDConvention, FIDError, FIDStats, check_convention,
+                                         check_reference_size)
 
 # --------------------------------------------------------------------------------------------
 # Feature cache: per image content hash, in .npz shards
 # --------------------------------------------------------------------------------------------
+
+
+REFERENCE_CHUNK = 1024  # reference images featurised (or read from the cache) and summed at a time
 
 
 def _short_hash(text: str, n: int = 16) -> str:
@@ -29,13 +33,15 @@ class FeatureCache:
 
     A shard holds ``keys`` and float32 ``feats`` (the network's own precision) and is named by the
     hash of its keys, so writing it twice is harmless and a crashed write leaves nothing behind.
+    Only an index (key -> shard file) stays in memory; features are read from their shard when asked
+    for, so a cache of a 70k-image reference does not sit in memory.
     """
 
     def __init__(self, root: str | Path, fingerprint: str):
         self.root = str(root)
         self.fingerprint = fingerprint
         self.uri = storage.join(self.root, "fid-features", _short_hash(fingerprint))
-        self._mem: dict[str, np.ndarray] | None = None
+        self._where: dict[str, str] | None = None  # key -> shard URI
         self._seen: set[str] = set()
 
     def _shards(self) -> list[str]:
@@ -45,28 +51,46 @@ class FeatureCache:
         found = fs.glob(path.rstrip("/") + "/*.npz")
         return sorted(storage.normalize(fs.unstrip_protocol(p)) for p in found)
 
-    def _refresh(self, relist: bool = True) -> dict[str, np.ndarray]:
-        if self._mem is None:
-            self._mem = {}
+    @staticmethod
+    def _read(shard: str) -> tuple[list[str], np.ndarray] | None:
+        try:
+            npz = np.load(io.BytesIO(storage.read_bytes(shard)), allow_pickle=False)
+            return [str(k) for k in npz["keys"].tolist()], npz["feats"]
+        except Exception:  # noqa: BLE001 - an unreadable shard is recomputed, never trusted
+            return None
+
+    def _refresh(self, relist: bool = True) -> dict[str, str]:
+        if self._where is None:
+            self._where = {}
         elif not relist:
-            return self._mem
+            return self._where
         for shard in self._shards():
             if shard in self._seen:
                 continue
-            try:
-                npz = np.load(io.BytesIO(storage.read_bytes(shard)), allow_pickle=False)
-                keys, feats = npz["keys"], npz["feats"]
-            except Exception:  # noqa: BLE001 - an unreadable shard is recomputed, never trusted
-                continue
-            for k, f in zip(keys.tolist(), feats):
-                self._mem[str(k)] = f
+            read = self._read(shard)
+            if read is not None:
+                self._where.update(dict.fromkeys(read[0], shard))
             self._seen.add(shard)
-        return self._mem
+        return self._where
+
+    def __contains__(self, key: str) -> bool:
+        """Whether ``key`` is in the shards already listed (no listing, no read)."""
+        return key in self._refresh(relist=False)
 
     def get(self, keys: Iterable[str], relist: bool = True) -> dict[str, np.ndarray]:
-        """Cached features of ``keys``; ``relist=False`` answers from the shards already read (no listing)."""
-        mem = self._refresh(relist)
-        return {k: mem[k] for k in keys if k in mem}
+        """Cached features of ``keys`` (each shard holding some is read once per call); ``relist=False``
+        answers from the shards already listed."""
+        where = self._refresh(relist)
+        wanted: dict[str, set[str]] = {}
+        for k in keys:
+            if k in where:
+                wanted.setdefault(where[k], set()).add(k)
+        found = {}
+        for shard, ks in wanted.items():
+            read = self._read(shard)
+            if read is not None:
+                found.update((k, f) for k, f in zip(*read) if k in ks)
+        return found
 
     def put(self, keys: Sequence[str], feats: np.ndarray) -> None:
         if len(keys) == 0:
@@ -77,9 +101,9 @@ class FeatureCache:
         np.savez(buf, keys=np.array(list(keys), dtype=np.str_), feats=feats)
         uri = storage.join(self.uri, name)
         storage.write_bytes_atomic(uri, buf.getvalue())
-        if self._mem is not None:
-            for k, f in zip(keys, feats):
-                self._mem[k] = f
+        if self._where is not None:
+            self._where.update(dict.fromkeys(keys, uri))
+            self._seen.add(uri)
 
 
 @dataclass(frozen=True)
@@ -123,6 +147,7 @@ def extract_features(refs: Sequence[ImageRef], extractor: InceptionFeatures, cac
     pending_imgs: list[np.ndarray] = []
     new_keys: list[str] = []
     new_feats: list[np.ndarray] = []
+    cached: list[str] = []  # keys found in the cache once their image was read (refs without a known hash)
     extracted = 0
 
     def run_batch():
@@ -157,11 +182,9 @@ def extract_features(refs: Sequence[ImageRef], extractor: InceptionFeatures, cac
         keys[i] = key
         if key in feats or key in pending_keys:
             continue
-        if cache is not None and ref.sha256 is None:
-            hit = cache.get([key], relist=False)
-            if hit:
-                feats.update(hit)
-                continue
+        if cache is not None and ref.sha256 is None and key in cache:
+            cached.append(key)  # read with the others from its cache shard below
+            continue
         try:
             pending_imgs.append(_load_rgb(data))
         except ValueError as e:
@@ -175,6 +198,8 @@ def extract_features(refs: Sequence[ImageRef], extractor: InceptionFeatures, cac
             flush()
     run_batch()
     flush()
+    if cached:
+        feats.update(cache.get(cached, relist=False))
     ok = [k for k in keys if k is not None and k in feats]
     arr = np.stack([np.asarray(feats[k], dtype=np.float64) for k in ok]) if ok else np.zeros((0, FEATURE_DIM))
     return FeatureSet(arr, ok, errors, extracted)
@@ -247,12 +272,17 @@ def reference_stats(reference: Reference | str | Path, extractor: InceptionFeatu
             except FIDError:
                 pass  # unreadable cache entry: recompute
     cache = FeatureCache(cache_root, extractor.fingerprint) if cache_root is not None else None
-    fs = extract_features(ref.refs, extractor, cache)
-    if fs.errors:
-        warnings.warn(f"FID reference {ref.uri}: {len(fs.errors)} unreadable images left out "
-                      f"(first: {fs.errors[0][0]}: {fs.errors[0][1]})", stacklevel=2)
-    check_reference_size(len(fs.keys), allow_small)
-    stats = FIDStats.from_features(fs.feats, extractor.convention, ref.uri, extractor.network)
+    # in chunks, summed as they come: memory stays one chunk's features whatever the reference's size
+    sums, errors = FeatureSums(), []
+    for start in range(0, len(ref.refs), REFERENCE_CHUNK):
+        fs = extract_features(ref.refs[start : start + REFERENCE_CHUNK], extractor, cache)
+        sums.add(fs.feats)
+        errors += fs.errors
+    if errors:
+        warnings.warn(f"FID reference {ref.uri}: {len(errors)} unreadable images left out "
+                      f"(first: {errors[0][0]}: {errors[0][1]})", stacklevel=2)
+    check_reference_size(sums.n, allow_small)
+    stats = FIDStats(*sums.stats(), sums.n, extractor.convention, ref.uri, extractor.network)
     if stats_uri is not None:
         stats.save(stats_uri)
     return stats

