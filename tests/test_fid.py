@@ -7,13 +7,11 @@ the model card's file name in a temporary model cache with a temporary card carr
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 from bfr_models.metrics import fid as F
