@@ -25,7 +25,7 @@ from bfr_models.restorers import CheckpointModel, RestorerError, SpandrelModel, 
 from bfr_models.restorers.checkpoint import ARCHS, resolution_metadata
 from bfr_models.restorers.codeformer import CodeFormerRestorer
 from bfr_models.training.codeformer import CodeFormerFinetuneConfig, finetune_codeformer
-from bfr_models.training.data import read_image
+from bfr_models.training.data import UriImages, read_image
 from bfr_models.training.finetune import FinetuneError, Pairs, UriPairs, finetune, load_finetune_config
 from flows.prior import progress, training_images
 from flows.run_info import publish_stage_summary, run_name
@@ -163,10 +163,11 @@ def finetune_config(config: str, restorer_net: torch.nn.Module, no_lpips: bool =
 
 def plan_finetune(pairs: str, restorer: str, real: str | None, config: str, overrides: dict,
                   exclude: tuple[str, ...] | list[str] = (), plan: PairPlan | None = None,
-                  include_failed: bool = False, no_lpips: bool = False):
+                  include_failed: bool = False, no_lpips: bool = False, real_uris: list[str] | None = None):
     """Everything checked before any work. Returns (pair plan, network, save, info, reals, config).
 
-    ``plan``: the pairs listed already (by the flow, for its task): they are not listed again. The save
+    ``plan`` and ``real_uris``: the pairs and real faces listed already (by the flow, for its task): they are
+    not listed again (listing a folder reads every file once, to find duplicates). The save
     function records the pairs' size in the restorer file: ``restore`` applies it at that size."""
     plan = load_pairs(pairs, include_failed) if plan is None else plan
     net, save, info = trainable_restorer(restorer)
@@ -197,7 +198,7 @@ def plan_finetune(pairs: str, restorer: str, real: str | None, config: str, over
             raise FinetuneError("--real (HQ faces for the discriminator) is required by the image-level recipe")
         if not storage.exists(real):
             raise FileNotFoundError(f"--real not found: {real}")
-        reals = training_images(real, size, exclude)
+        reals = training_images(real, size, exclude) if real_uris is None else UriImages(real_uris, size)
         if len(reals) < cfg.batch_size:
             raise FinetuneError(f"--real has {len(reals)} images, fewer than the batch ({cfg.batch_size}); "
                                 f"the discriminator needs at least a batch of real faces")
@@ -208,9 +209,9 @@ def plan_finetune(pairs: str, restorer: str, real: str | None, config: str, over
       result_serializer="json")  # a checkable record, never a pickle (tasks.runtime.key_parameter)
 def finetune_task(key: str, pairs: str, restorer: str, real: str | None, config: str, overrides: dict, out: str,
                   device: str, exclude: list[str], plan: dict, loader_workers: int | None = None,
-                  no_lpips: bool = False) -> dict:
+                  no_lpips: bool = False, real_uris: list[str] | None = None) -> dict:
     plan, net, save, info, reals, cfg = plan_finetune(pairs, restorer, real, config, overrides, exclude,
-                                                      PairPlan(**plan), no_lpips=no_lpips)
+                                                      PairPlan(**plan), no_lpips=no_lpips, real_uris=real_uris)
     train, val = split(plan, cfg.val_pairs)
     ids = list(zip(plan.ids, plan.lq))
     dev = resolve_device(device)
@@ -288,21 +289,23 @@ def finetune_flow(pairs: str, restorer: str, out: str, real: str | None = None, 
     """
     overrides = dict(iters=iters, batch_size=batch_size, micro_batch=micro_batch, lr=lr, val_pairs=val_pairs,
                      validate_every=validate_every, checkpoint_every=checkpoint_every, precision=precision, seed=seed)
+    # the real faces listed once, here, and handed to the plan and the task
+    real_items = list_inputs(real, exclude)[0] if real and storage.exists(real) else None
+    real_uris = [i.uri for i in real_items] if real_items is not None else None
     plan, _, _, info, reals, cfg = plan_finetune(pairs, restorer, real, config, overrides, exclude,
-                                                 include_failed=include_failed, no_lpips=no_lpips)
+                                                 include_failed=include_failed, no_lpips=no_lpips, real_uris=real_uris)
     skipped = plan.skipped
     dev = resolve_device(device)
     get_run_logger().info("finetune: %d pairs (%d error rows skipped), %s real faces, %s, %s", len(plan), skipped,
                           "no" if reals is None else len(reals), info["arch"], type(cfg).__name__)
-    real_items = list_inputs(real, exclude)[0] if reals is not None else []
     key = stable_hash([STAGE, type(cfg).__name__, asdict(cfg), manifest.read_index(pairs)["key"],
-                       [(i.uri, i.version) for i in real_items], info.get("sha256") or info.get("name"),
+                       [(i.uri, i.version) for i in real_items] if reals is not None else [], info.get("sha256") or info.get("name"),
                        include_failed], length=12)
     where = storage.join(storage.normalize(out), STAGE, key)
     result = finetune_task.with_options(result_storage=result_storage(where))(
         key=stable_hash([where, CODE_VERSION]), pairs=pairs, restorer=restorer, real=real, config=config,
         overrides=overrides, out=where, device=str(dev), exclude=list(exclude), plan=asdict(plan),
-        loader_workers=loader_workers, no_lpips=no_lpips)
+        loader_workers=loader_workers, no_lpips=no_lpips, real_uris=real_uris if reals is not None else None)
     index_config = {"finetune": asdict(cfg), "recipe": type(cfg).__name__, "pairs": pairs, "real": real,
                     "skipped_pairs": skipped, "include_failed": include_failed, "no_lpips": no_lpips,
                     **{k: v for k, v in result.items() if k != "shard"}}
