@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 STOP_WAIT_S = 5  # as Prefect's own temporary server: then it is killed
 
@@ -89,17 +89,24 @@ def use_api(url: str):
 @contextmanager
 def prefect_api():
     """Around a command's flow: once the early server answers, its runs go there. Without an early server, or
-    if it did not come up, Prefect runs as it would by itself (its own server, or ``PREFECT_API_URL``)."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+    if it did not come up, Prefect runs as it would by itself (its own server, or ``PREFECT_API_URL``).
+
+    Flow-run heartbeats are off unless ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` is set (in the environment, a
+    profile or prefect.toml): they only serve a server automation that marks silent runs as crashed, and
+    each flow run pays for them at its end (Prefect's heartbeat thread sleeps in 1-s steps and the run joins
+    it: 0.5 s on average, per stage of a recipe)."""
+    from prefect.settings import (PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED, get_current_settings,
+                                  temporary_settings)
 
     process = _server.get("process")
     if process is not None and (PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value()):
         stop()  # Prefect's settings (a profile, prefect.toml) name an API, or allow no temporary server
         process = None
-    if process is None or not wait_healthy(_server["url"], process, startup_timeout()):
-        yield None
-        return
-    with use_api(_server["url"]) as url:
+    up = process is not None and wait_healthy(_server["url"], process, startup_timeout())
+    with ExitStack() as stack:
+        url = stack.enter_context(use_api(_server["url"])) if up else None
+        if "heartbeat_frequency" not in get_current_settings().flows.model_fields_set:
+            stack.enter_context(temporary_settings(updates={"flows.heartbeat_frequency": None}))
         yield url
 
 

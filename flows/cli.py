@@ -533,7 +533,10 @@ def main(argv: list[str] | None = None) -> int:
     """The console command (``argv`` None: this process is the command) or one command called from Python."""
     # Prefect's INFO logs would drown the progress bar; PREFECT_LOGGING_LEVEL overrides this.
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # this tool sends nothing anywhere
+    # this tool sends nothing anywhere: neither Prefect's server analytics nor its SDK telemetry (on by default
+    # in an interactive terminal: prefect/_internal/analytics)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")  # slow, busy machines
     args = build_parser().parse_args(argv)
     if argv is None and command_name(args) in FLOW_COMMANDS:

@@ -306,3 +306,34 @@ def test_bicubic_matlab_resize_is_matlab_imresize_borders_included():
     torchs = ops.resize(x, (16, 16), "bicubic")[0]
     assert (torchs - reference).abs()[:, 0].max() > 1e-3  # the border is where the two conventions part
     assert load_preset("difbfsr-gaussian8").config["downsample"]["mode"] == "bicubic_matlab"
+
+
+def test_color_adjustments_by_hand():
+    red, gray = torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1), torch.full((3, 1, 1), 0.4)
+    # a third of a turn moves pure red onto pure green, and back again; gray has no hue to turn
+    assert torch.equal(ops.adjust_hue(red, 1 / 3), torch.tensor([0.0, 1.0, 0.0]).view(3, 1, 1))
+    assert torch.allclose(ops.adjust_hue(ops.adjust_hue(red, 1 / 3), -1 / 3), red, atol=1e-6)
+    assert torch.equal(ops.adjust_hue(gray, 0.25), gray)
+    assert torch.equal(ops.adjust_brightness(torch.full((3, 1, 1), 0.8), 0.5), gray)
+    assert torch.equal(ops.adjust_brightness(gray, 4.0), torch.ones(3, 1, 1))  # clipped
+    # saturation 0 leaves the gray 0.2989 r + 0.587 g + 0.114 b; contrast 0 leaves that gray's mean everywhere
+    assert torch.allclose(ops.adjust_saturation(red, 0.0), torch.full((3, 1, 1), 0.2989))
+    two = torch.cat([red, torch.tensor([0.0, 0.0, 1.0]).view(3, 1, 1)], dim=2)
+    assert torch.allclose(ops.adjust_contrast(two, 0.0), torch.full((3, 1, 2), (0.2989 + 0.114) / 2))
+
+
+@pytest.mark.parametrize("name,low,high", [("brightness", 0.5, 1.5), ("contrast", 0.5, 1.5),
+                                           ("saturation", 0.0, 1.5), ("hue", -0.5, 0.5)])
+def test_color_adjustments_equal_torchvision(name, low, high):
+    """GFPGAN's colour jitter is torchvision's functions; ours are the same operations without its import.
+    Contrast takes its mean in float64 (one summation order on any CPU), so it may differ in the last bit."""
+    from torchvision.transforms import functional as TF
+
+    g = torch.Generator().manual_seed(7)
+    for trial in range(8):
+        image = torch.rand(3, 24, 40, generator=g)
+        image[:, :4] = image[:1, :4]  # gray pixels
+        image[:, 4:8] = (image[:, 4:8] * 4).round() / 4  # ties between channels
+        factor = low + (high - low) * trial / 7
+        ours, theirs = ops.COLOR_ADJUSTMENTS[name](image, factor), getattr(TF, f"adjust_{name}")(image, factor)
+        assert (ours - theirs).abs().max() <= 1e-6, (name, factor)

@@ -90,3 +90,41 @@ def test_flow_commands_are_commands():
     known = set(names(build_parser()))
     assert FLOW_COMMANDS <= known, FLOW_COMMANDS - known
     assert {"manifest show", "presets", "models list", "export", "runs", "gc"}.isdisjoint(FLOW_COMMANDS)
+
+
+JITTER = """
+import json, sys
+import torch
+from bfr_models.degradations import load_preset
+preset = load_preset("gfpgan")
+params = [{**preset.sample(s), "color_jitter": {"order": ["hue", "contrast", "brightness", "saturation"],
+           "brightness": 1.2, "contrast": 0.8, "saturation": 1.1, "hue": 0.05}} for s in range(2)]
+preset.apply(torch.rand(2, 3, 32, 32), params)
+print(json.dumps(sorted({m.split(".")[0] for m in sys.modules} & {"torchvision"})))
+"""
+
+
+def test_gfpgan_colour_jitter_does_not_import_torchvision():
+    """torchvision's import costs ~0.8 s (torch._dynamo, through torchvision.ops): the gfpgan preset's colour
+    jitter has the same operations without it."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", JITTER], capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+
+
+def test_flow_runs_send_heartbeats_only_when_asked(monkeypatch):
+    """Prefect's flow-run heartbeat thread sleeps in 1-s steps and each flow run joins it at its end (~0.5 s
+    per run, per stage of a recipe); they serve only a server automation on missing heartbeats, so they are
+    off unless a frequency is set."""
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    from flows.api_server import prefect_api
+
+    with temporary_settings(restore_defaults={PREFECT_API_URL}), prefect_api() as url:
+        assert url is None and get_current_settings().flows.heartbeat_frequency is None
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}), prefect_api():
+        assert get_current_settings().flows.heartbeat_frequency is None
+    with temporary_settings(updates={"flows.heartbeat_frequency": 60}), prefect_api():
+        assert get_current_settings().flows.heartbeat_frequency == 60

@@ -253,15 +253,75 @@ def to_grayscale(images: torch.Tensor) -> torch.Tensor:
     return weighted_channels(images, LUMA_WEIGHTS, 1).expand_as(images).contiguous()
 
 
-def jitter_colors(image: torch.Tensor, order: Sequence[str], factors: dict) -> torch.Tensor:
-    """GFPGAN's torch colour jitter on one (3, H, W) image: torchvision's adjust_brightness /
-    contrast / saturation / hue, applied in ``order`` with ``factors[name]``."""
-    from torchvision.transforms import functional as TF
+# torchvision's rgb_to_grayscale weights (ITU-R 601-2, as PIL's convert("L")): GFPGAN's colour jitter uses them.
+JITTER_GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
 
-    adjust = {"brightness": TF.adjust_brightness, "contrast": TF.adjust_contrast,
-              "saturation": TF.adjust_saturation, "hue": TF.adjust_hue}
+
+def _blend(image: torch.Tensor, other: torch.Tensor | float, factor: float) -> torch.Tensor:
+    return (factor * image + (1.0 - factor) * other).clamp(0.0, 1.0)
+
+
+def adjust_brightness(image: torch.Tensor, factor: float) -> torch.Tensor:
+    """torchvision's adjust_brightness on a float image: ``factor * x``, clipped."""
+    return _blend(image, 0.0, factor)
+
+
+def adjust_contrast(image: torch.Tensor, factor: float) -> torch.Tensor:
+    """torchvision's adjust_contrast: blend with the mean of the image's gray (its weights). The mean is a
+    float64 numpy sum (one fixed order on any CPU; torch's float32 mean splits per thread)."""
+    gray = weighted_channels(image, JITTER_GRAY_WEIGHTS, -3)
+    mean = float(np.mean(gray.detach().cpu().numpy(), dtype=np.float64))
+    return _blend(image, mean, factor)
+
+
+def adjust_saturation(image: torch.Tensor, factor: float) -> torch.Tensor:
+    """torchvision's adjust_saturation: blend with the image's gray."""
+    return _blend(image, weighted_channels(image, JITTER_GRAY_WEIGHTS, -3), factor)
+
+
+def rgb_to_hsv(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(h, s, v) planes of a (3, H, W) RGB image in [0, 1], h in [0, 1): the hexcone model (Python's colorsys),
+    on whole planes. A gray pixel has h = s = 0."""
+    r, g, b = image.unbind(-3)
+    v = torch.maximum(torch.maximum(r, g), b)
+    chroma = v - torch.minimum(torch.minimum(r, g), b)
+    gray = chroma == 0
+    s = chroma / torch.where(gray, 1.0, v)
+    d = torch.where(gray, 1.0, chroma)
+    rc, gc, bc = (v - r) / d, (v - g) / d, (v - b) / d
+    h = torch.where(v == r, bc - gc, torch.where(v == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    return torch.fmod(h / 6.0 + 1.0, 1.0), s, v
+
+
+def hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`rgb_to_hsv`: a (3, H, W) image."""
+    sector = torch.floor(h * 6.0)
+    f = h * 6.0 - sector
+    p = (v * (1.0 - s)).clamp(0.0, 1.0)
+    q = (v * (1.0 - s * f)).clamp(0.0, 1.0)
+    t = (v * (1.0 - s * (1.0 - f))).clamp(0.0, 1.0)
+    # (r, g, b) of each of the six 60-degree sectors, picked per pixel
+    channels = [torch.stack(c) for c in ((v, q, p, p, t, v), (t, v, v, q, p, p), (p, p, t, v, v, q))]
+    index = (sector.to(torch.int64) % 6).unsqueeze(-3)
+    return torch.cat([c.gather(-3, index) for c in channels], dim=-3)
+
+
+def adjust_hue(image: torch.Tensor, factor: float) -> torch.Tensor:
+    """torchvision's adjust_hue on a float image: rotate the hue by ``factor`` turns (in [-0.5, 0.5])."""
+    h, s, v = rgb_to_hsv(image)
+    return hsv_to_rgb((h + factor) % 1.0, s, v)
+
+
+COLOR_ADJUSTMENTS = {"brightness": adjust_brightness, "contrast": adjust_contrast,
+                     "saturation": adjust_saturation, "hue": adjust_hue}
+
+
+def jitter_colors(image: torch.Tensor, order: Sequence[str], factors: dict) -> torch.Tensor:
+    """GFPGAN's torch colour jitter on one (3, H, W) image: torchvision's adjust_brightness / contrast /
+    saturation / hue (the same operations, here without importing torchvision: +0.8 s of start-up, most of
+    it torch._dynamo), applied in ``order`` with ``factors[name]``."""
     for name in order:
-        image = adjust[name](image, factors[name])
+        image = COLOR_ADJUSTMENTS[name](image, factors[name])
     return image
 
 
