@@ -49,8 +49,6 @@ def score_shard(spec: ShardSpec, stage_uri: str, score_config: dict, skip: list[
                 batch_size: int) -> dict:
     """Scores a shard batch by batch (fetch, decode, score: memory bounded by the batch, not the shard);
     with FID, also the shard's Inception features from the same decoded images, in one file."""
-    from bfr_models.metrics.fid import shard_features_uri, write_shard_features
-
     cfg = ScoreConfig(**{**score_config, "metrics": tuple(score_config["metrics"])})
     dev = resolve_device(device)
     suite = _suite(cfg, str(dev), tuple(skip))
@@ -69,6 +67,8 @@ def score_shard(spec: ShardSpec, stage_uri: str, score_config: dict, skip: list[
                 keys += [rows[k]["sha256"] for k, _ in scored]
             report_images(spec.key, len(todo[start : start + batch_size]))  # the stage's bar moves per batch
     if fid is not None:
+        from bfr_models.metrics.fid import shard_features_uri, write_shard_features  # torchvision: only for FID
+
         write_shard_features(shard_features_uri(stage_uri, spec.key), fid.fingerprint, keys,
                              np.concatenate(feats) if feats else np.zeros((0, 2048)))
     return asdict(ManifestWriter(stage_uri).write_shard(spec.key, stamp(rows, dev)))

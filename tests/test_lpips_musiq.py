@@ -7,13 +7,11 @@ card carrying their sha256. Each metric is compared with pyiqa computing the sam
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
-import yaml
 
 from bfr_models.metrics import lpips_metric as L
 from bfr_models.metrics import musiq as M

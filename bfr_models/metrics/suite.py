@@ -33,7 +33,7 @@ def parse_metrics(text: str | list[str]) -> tuple[str, ...]:
 
 def model_cards_needed(config: ScoreConfig) -> dict[str, str]:
     """metric -> the model card whose weights it needs."""
-    from bfr_models.metrics.fid import INCEPTION_CARDS
+    from bfr_models.metrics.fid_stats import INCEPTION_CARDS
     from bfr_models.metrics.lpips_metric import BACKBONE_CARDS
     from bfr_models.metrics.ma import NRQM_CARD
 
