@@ -3,6 +3,7 @@ manifest out, process start included) against the loop a user would write otherw
 `python` process over the same files, in the same run.
 
     python benchmarks/e2e.py [--n 60] [--size 256] [--stages degrade,niqe,pseudo-targets,clean] [--device cpu]
+                             [--server]
 
 Peers (one image at a time: read -> compute -> write):
 - degrade: BasicSR's GFPGAN functions (``benchmarks.degrade.basicsr_degrade``), ``cv2.imwrite`` per image;
@@ -13,6 +14,10 @@ Peers (one image at a time: read -> compute -> write):
 - clean: a per-image IDM loop: the same small random-weight IDM network, 10 steps, ``clean_batch`` per image.
 Our stages do more per image than their peers (the manifest, sha256 ids, the quality gate's or the acceptance
 rules' NIQE): that work is inside our figures.
+
+With ``--server`` each of our stages also runs against a Prefect server that outlives the command (started
+once by the benchmark as a user would: ``prefect server start``, then ``PREFECT_API_URL``): the command then
+skips the start of its temporary API server.
 
 "start" is the time from launching the process to its first output file (score writes none before the end:
 its start is the same command on one image). "steady img/s" counts the images after the first one over the
@@ -30,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,7 +168,7 @@ def our_command(stage: str, faces: Path, out: Path, assets: Path, device: str) -
     }[stage] + common
 
 
-def timed(cmd: list[str], out: Path, watch: str = "*.png") -> tuple[float, float | None]:
+def timed(cmd: list[str], out: Path, watch: str = "*.png", env: dict | None = None) -> tuple[float, float | None]:
     """(seconds the process took, seconds until its first output file appeared)."""
     out.mkdir(parents=True, exist_ok=True)
     first: list[float] = []
@@ -178,7 +184,7 @@ def timed(cmd: list[str], out: Path, watch: str = "*.png") -> tuple[float, float
 
     watcher = threading.Thread(target=poll, daemon=True)
     watcher.start()
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {**os.environ, **(env or {}), "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     total = time.perf_counter() - start
     done.set()
@@ -188,24 +194,59 @@ def timed(cmd: list[str], out: Path, watch: str = "*.png") -> tuple[float, float
     return total, (first[0] if first else None)
 
 
-def measure(stage: str, faces: Path, root: Path, assets: Path, device: str, n: int) -> dict:
-    ours_total, ours_first = timed(our_command(stage, faces, root / "ours" / stage, assets, device),
-                                   root / "ours" / stage)
+def measure_ours(stage: str, faces: Path, root: Path, assets: Path, device: str, env: dict | None = None,
+                 label: str = "") -> tuple[float, float | None]:
+    """(total, start) of our command; ``env``: e.g. the PREFECT_API_URL of a running server."""
+    name = f"{stage}{label}"
+    total, first = timed(our_command(stage, faces, root / "ours" / name, assets, device), root / "ours" / name,
+                         env=env)
     if stage == "niqe":  # writes no file before the end: its start is the same command on one image
         one = root / "one"
         if not one.exists():
             one.mkdir()
             first_face = sorted(faces.iterdir())[0]
             (one / first_face.name).write_bytes(first_face.read_bytes())
-        ours_first, _ = timed(our_command(stage, one, root / "ours-one" / stage, assets, device), root / "ours-one")
+        first, _ = timed(our_command(stage, one, root / "ours-one" / name, assets, device), root / "ours-one",
+                         env=env)
+    return total, first
+
+
+def measure(stage: str, faces: Path, root: Path, assets: Path, device: str, n: int,
+            server_url: str | None = None) -> dict:
+    ours_total, ours_first = measure_ours(stage, faces, root, assets, device)
     peer_out = root / "peer" / stage
     peer_total, peer_first = timed([sys.executable, __file__, "--peer", stage, "--input", str(faces),
                                     "--out", str(peer_out), "--assets", str(assets)], peer_out,
                                    "*.csv" if stage == "niqe" else "*.png")
     if stage == "niqe":
         peer_first = None  # its CSV is written from the first row on
-    return dict(stage=stage, n=n, ours_total=ours_total, ours_start=ours_first, peer_total=peer_total,
-                peer_start=peer_first)
+    row = dict(stage=stage, n=n, ours_total=ours_total, ours_start=ours_first, peer_total=peer_total,
+               peer_start=peer_first)
+    if server_url:
+        row["server_total"], row["server_start"] = measure_ours(stage, faces, root, assets, device,
+                                                                {"PREFECT_API_URL": server_url}, "-server")
+    return row
+
+
+@contextmanager
+def running_server(root: Path):
+    """A Prefect API server that outlives our commands, as `prefect server start` gives a user (its own
+    PREFECT_HOME); yields its PREFECT_API_URL."""
+    from flows.api_server import end_process, free_port, wait_healthy
+
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(root / "prefect-server-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    prefect = Path(sys.executable).parent / "prefect"
+    proc = subprocess.Popen([str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        if not wait_healthy(url, proc, 180):
+            raise SystemExit("the Prefect server did not start")
+        time.sleep(5)  # let its services finish their first loop
+        yield url
+    finally:
+        end_process(proc, 10)
 
 
 def steady(total: float, first: float | None, n: int) -> str:
@@ -221,17 +262,21 @@ def print_table(rows: list[dict], args) -> None:
     print(f"\nEnd to end, {args.n} faces {args.size}x{args.size} PNG, device {args.device}; "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"OpenCV {cv2.__version__}; one run\n")
-    print("| stage | ours: command total s | ours: start s | ours img/s | ours steady img/s | peer loop | "
-          "peer total s | peer img/s | peer steady img/s | ratio (img/s) |")
-    print("|---|---:|---:|---:|---:|---|---:|---:|---:|---:|")
+    print("| stage | Prefect API | ours: command total s | ours: start s | ours img/s | ours steady img/s | "
+          "peer loop | peer total s | peer img/s | peer steady img/s | ratio (img/s) |")
+    print("|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|")
     for r in rows:
-        n = r["n"]
-        ours, peer = n / r["ours_total"], n / r["peer_total"]
-        start = f"{r['ours_start']:.1f}" if r["ours_start"] is not None else "-"
-        ours_steady = steady(r["ours_total"], r["ours_start"], n) if r["stage"] != "niqe" else "-"
-        print(f"| {r['stage']} | {r['ours_total']:.1f} | {start} | {ours:.1f} | {ours_steady} | "
-              f"{PEER_NAMES[r['stage']]} | {r['peer_total']:.1f} | {peer:.1f} | "
-              f"{steady(r['peer_total'], r['peer_start'], n)} | {ours / peer:.2f}x |", flush=True)
+        n, peer = r["n"], r["n"] / r["peer_total"]
+        variants = [("temporary (default)", r["ours_total"], r["ours_start"])]
+        if "server_total" in r:
+            variants.append(("server running", r["server_total"], r["server_start"]))
+        for api, total, first in variants:
+            ours = n / total
+            start = f"{first:.1f}" if first is not None else "-"
+            ours_steady = steady(total, first, n) if r["stage"] != "niqe" else "-"
+            print(f"| {r['stage']} | {api} | {total:.1f} | {start} | {ours:.1f} | {ours_steady} | "
+                  f"{PEER_NAMES[r['stage']]} | {r['peer_total']:.1f} | {peer:.1f} | "
+                  f"{steady(r['peer_total'], r['peer_start'], n)} | {ours / peer:.2f}x |", flush=True)
 
 
 def main() -> None:
@@ -241,6 +286,8 @@ def main() -> None:
     ap.add_argument("--stages", default=",".join(STAGES), help="comma list of " + ",".join(STAGES))
     ap.add_argument("--device", default="cpu", help="our stages' --device (the peers run on the CPU)")
     ap.add_argument("--keep", help="work in this folder and keep it (default: a temporary one)")
+    ap.add_argument("--server", action="store_true",
+                    help="also run our stages against a running Prefect server (prefect server start)")
     ap.add_argument("--peer", choices=STAGES, help=argparse.SUPPRESS)  # run one peer loop (a child process)
     ap.add_argument("--input", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -255,9 +302,10 @@ def main() -> None:
         root.mkdir(parents=True, exist_ok=True)
         faces = prepare(root, args.n, args.size)
         rows = []
-        for stage in stages:
-            rows.append(measure(stage, faces, root, root / "assets", args.device, args.n))
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        with (running_server(root) if args.server else nullcontext()) as server_url:
+            for stage in stages:
+                rows.append(measure(stage, faces, root, root / "assets", args.device, args.n, server_url))
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         print_table(rows, args)
 
 

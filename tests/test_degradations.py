@@ -174,6 +174,22 @@ def test_bilinear_resize_equals_cv2_inter_linear(size):
     np.testing.assert_allclose(ours, ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+def test_resize_gives_the_same_bits_whatever_the_thread_count(mode):
+    """The thread rule gives a shard 1 thread or all the cores, by --workers and the machine: the bytes of a
+    degraded image must not depend on it (torch's upsample_bilinear2d rounded differently per thread split)."""
+    img = torch.rand(2, 3, 61, 64, generator=torch.Generator().manual_seed(3))
+    threads = torch.get_num_threads()
+    try:
+        out = {}
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            out[n] = [ops.resize(img, size, mode) for size in ((256, 250), (31, 17))]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for n in (2, 3) for a, b in zip(out[1], out[n]))
+
+
 def test_bicubic_resize_is_antialiased_keys_half_like_pil_and_matlab_inside():
     from basicsr.utils.matlab_functions import imresize
 

@@ -141,12 +141,31 @@ def resize(images: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tens
     if tuple(images.shape[-2:]) == size:
         return images
     if mode == "bilinear":
-        return each_image(lambda x: F.interpolate(x, size=size, mode="bilinear", align_corners=False,
-                                                  antialias=False), images)
+        return _bilinear(images, size)
     if mode == "bicubic_matlab":
         return matlab_resize(images, size)  # per image plane already (bmm), batch-independent
     return each_image(lambda x: F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True),
                       images)
+
+
+def _bilinear_taps(n_in: int, n_out: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The two source indices and weights of each output index: half-pixel centres, src = (dst + 0.5) n_in /
+    n_out - 0.5 clamped at 0, the second tap clamped at the last index (as cv2 INTER_LINEAR and torch)."""
+    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp(min=0.0)
+    first = src.floor().to(torch.int64).clamp(max=n_in - 1)
+    w1 = (src - first).to(dtype)
+    return first.to(device), (first + 1).clamp(max=n_in - 1).to(device), (1.0 - w1).to(device), w1.to(device)
+
+
+def _bilinear(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resampling as gathers and element-wise products and sums, along the width then the height:
+    the same bits whatever torch's thread count (its upsample_bilinear2d rounds differently at the split
+    points of its threads, so the output depended on the machine's cores and on --workers)."""
+    (h, w), dev, dt = images.shape[-2:], images.device, images.dtype
+    c0, c1, u0, u1 = _bilinear_taps(w, size[1], dev, dt)
+    r0, r1, v0, v1 = _bilinear_taps(h, size[0], dev, dt)
+    cols = images.index_select(-1, c0) * u0 + images.index_select(-1, c1) * u1
+    return cols.index_select(-2, r0) * v0[:, None] + cols.index_select(-2, r1) * v1[:, None]
 
 
 # --------------------------------------------------------------------------------- noise
