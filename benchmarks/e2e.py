@@ -2,13 +2,16 @@
 manifest out, process start included) against the loop a user would write otherwise, also run as its own
 `python` process over the same files, in the same run.
 
-    python benchmarks/e2e.py [--n 60] [--size 256] [--stages degrade,niqe,pseudo-targets,clean] [--device cpu]
+    python benchmarks/e2e.py [--n 60] [--size 256] [--stages degrade,niqe,musiq,pseudo-targets,clean] [--device cpu]
                              [--server]
 
 Peers (one image at a time: read -> compute -> write):
 - degrade: BasicSR's GFPGAN functions (``benchmarks.degrade.basicsr_degrade``), ``cv2.imwrite`` per image;
   our stage runs the full gfpgan preset (with its colour extras, which the BasicSR core leaves out).
 - niqe: pyiqa's NIQE (LIVE pristine model, given as a .mat: no download) per file, a CSV at the end.
+- musiq: pyiqa's MUSIQ metric per file, a CSV at the end. No MUSIQ weights can be downloaded here, so both
+  sides load the same random weights of pyiqa's architecture (ours through a local model card,
+  :func:`bfr_models.models.write_catalog`); the cost does not depend on the values.
 - pseudo-targets: a DR2-style batch-1 loop: the same prior (a small random-weight UNet, 64 px), DR2's
   defaults (N=4, tau=220, 100 respaced steps), ``generate`` per image, ``cv2.imwrite``.
 - clean: a per-image IDM loop: the same small random-weight IDM network, 10 steps, ``clean_batch`` per image.
@@ -40,7 +43,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-STAGES = ("degrade", "niqe", "pseudo-targets", "clean")
+STAGES = ("degrade", "niqe", "musiq", "pseudo-targets", "clean")
+SCORES = ("niqe", "musiq")  # score writes no file before its end
 
 
 # ---------------------------------------------------------------- the peer loops (run in their own process)
@@ -91,6 +95,19 @@ def peer_niqe(files: list[Path], out: Path, assets: Path) -> None:
             w.writerow([f.name, float(metric(_tensor(_read_rgb(f))))])
 
 
+def peer_musiq(files: list[Path], out: Path, assets: Path) -> None:
+    import csv
+
+    import pyiqa
+    import torch
+
+    metric = pyiqa.create_metric("musiq", pretrained_model_path=str(assets / "musiq.pth"), device="cpu")
+    with torch.inference_mode(), open(out / "musiq.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        for f in files:
+            w.writerow([f.name, float(metric(_tensor(_read_rgb(f))))])
+
+
 def peer_pseudo_targets(files: list[Path], out: Path, assets: Path) -> None:
     import torch
 
@@ -117,14 +134,16 @@ def peer_clean(files: list[Path], out: Path, assets: Path) -> None:
             _write_rgb(out / f.name, _uint8(clean_batch(model, _tensor(_read_rgb(f)), [seed], 10, "posterior", 1)))
 
 
-PEERS = {"degrade": peer_degrade, "niqe": peer_niqe, "pseudo-targets": peer_pseudo_targets, "clean": peer_clean}
+PEERS = {"degrade": peer_degrade, "niqe": peer_niqe, "musiq": peer_musiq, "pseudo-targets": peer_pseudo_targets,
+         "clean": peer_clean}
 PEER_NAMES = {"degrade": "BasicSR per image, cv2.imwrite", "niqe": "pyiqa NIQE per image, CSV",
+              "musiq": "pyiqa MUSIQ per image, CSV",
               "pseudo-targets": "DR2-style loop, batch 1", "clean": "IDM loop, one image at a time"}
 
 
 # ---------------------------------------------------------------- setup and timing
 
-def prepare(root: Path, n: int, size: int) -> Path:
+def prepare(root: Path, n: int, size: int, stages: list[str]) -> Path:
     """The input faces, the assets the peers need and the small random-weight models both sides use."""
     import cv2
     import scipy.io
@@ -150,6 +169,17 @@ def prepare(root: Path, n: int, size: int) -> Path:
     torch.manual_seed(0)
     save_prior(small_unet(PriorTrainConfig()), str(assets / "prior"), variance_type="fixed_large")
     save_idm(idm_unet(SMALL), SMALL, str(assets / "idm"))
+    if "musiq" in stages:
+        import io
+
+        from bfr_models.metrics.musiq import build_musiq_arch
+        from bfr_models.models import write_catalog
+
+        buf = io.BytesIO()
+        torch.save(build_musiq_arch().state_dict(), buf)  # pyiqa's architecture, seeded random weights
+        (assets / "musiq.pth").write_bytes(buf.getvalue())
+        env = write_catalog({"musiq_koniq": buf.getvalue()}, assets / "model-cache", assets / "catalogs")
+        (assets / "env.json").write_text(json.dumps(env))
     return faces
 
 
@@ -163,6 +193,7 @@ def our_command(stage: str, faces: Path, out: Path, assets: Path, device: str) -
     return bfr_curate() + {
         "degrade": ["degrade", "--preset", "gfpgan"],
         "niqe": ["score", "--metrics", "niqe"],
+        "musiq": ["score", "--metrics", "musiq"],
         "pseudo-targets": ["pseudo-targets", "--prior", str(assets / "prior")],
         "clean": ["clean", "--model", str(assets / "idm")],
     }[stage] + common
@@ -200,7 +231,7 @@ def measure_ours(stage: str, faces: Path, root: Path, assets: Path, device: str,
     name = f"{stage}{label}"
     total, first = timed(our_command(stage, faces, root / "ours" / name, assets, device), root / "ours" / name,
                          env=env)
-    if stage == "niqe":  # writes no file before the end: its start is the same command on one image
+    if stage in SCORES:  # writes no file before the end: its start is the same command on one image
         one = root / "one"
         if not one.exists():
             one.mkdir()
@@ -213,18 +244,20 @@ def measure_ours(stage: str, faces: Path, root: Path, assets: Path, device: str,
 
 def measure(stage: str, faces: Path, root: Path, assets: Path, device: str, n: int,
             server_url: str | None = None) -> dict:
-    ours_total, ours_first = measure_ours(stage, faces, root, assets, device)
+    env_file = assets / "env.json"  # the local model cards of the random-weight networks
+    env = json.loads(env_file.read_text()) if env_file.exists() else {}
+    ours_total, ours_first = measure_ours(stage, faces, root, assets, device, env)
     peer_out = root / "peer" / stage
     peer_total, peer_first = timed([sys.executable, __file__, "--peer", stage, "--input", str(faces),
                                     "--out", str(peer_out), "--assets", str(assets)], peer_out,
-                                   "*.csv" if stage == "niqe" else "*.png")
-    if stage == "niqe":
+                                   "*.csv" if stage in SCORES else "*.png")
+    if stage in SCORES:
         peer_first = None  # its CSV is written from the first row on
     row = dict(stage=stage, n=n, ours_total=ours_total, ours_start=ours_first, peer_total=peer_total,
                peer_start=peer_first)
     if server_url:
         row["server_total"], row["server_start"] = measure_ours(stage, faces, root, assets, device,
-                                                                {"PREFECT_API_URL": server_url}, "-server")
+                                                                {**env, "PREFECT_API_URL": server_url}, "-server")
     return row
 
 
@@ -273,7 +306,7 @@ def print_table(rows: list[dict], args) -> None:
         for api, total, first in variants:
             ours = n / total
             start = f"{first:.1f}" if first is not None else "-"
-            ours_steady = steady(total, first, n) if r["stage"] != "niqe" else "-"
+            ours_steady = steady(total, first, n) if r["stage"] not in SCORES else "-"
             print(f"| {r['stage']} | {api} | {total:.1f} | {start} | {ours:.1f} | {ours_steady} | "
                   f"{PEER_NAMES[r['stage']]} | {r['peer_total']:.1f} | {peer:.1f} | "
                   f"{steady(r['peer_total'], r['peer_start'], n)} | {ours / peer:.2f}x |", flush=True)
@@ -300,7 +333,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.keep or tmp)
         root.mkdir(parents=True, exist_ok=True)
-        faces = prepare(root, args.n, args.size)
+        faces = prepare(root, args.n, args.size, stages)
         rows = []
         with (running_server(root) if args.server else nullcontext()) as server_url:
             for stage in stages:

@@ -5,12 +5,15 @@ import os
 from pathlib import Path
 
 
+PUBLISHED_CATALOGS = Path(__file__).resolve().parents[1] / "catalogs"  # the ones this repository ships
+
+
 def catalogs_dir() -> Path:
     """The YAML catalogs (model cards, presets, recipes, thresholds): ``BFR_CURATE_CATALOGS`` or the repo's."""
     env = os.environ.get("BFR_CURATE_CATALOGS")
     if env:
         return Path(env).expanduser()
-    return Path(__file__).resolve().parents[1] / "catalogs"
+    return PUBLISHED_CATALOGS
 
 
 def list_presets() -> list[str]:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Iterable
 
 from bfr_models import storage
-from bfr_models.choices import catalogs_dir
+from bfr_models.choices import PUBLISHED_CATALOGS, catalogs_dir
 
 CHUNK = 1 << 20  # bytes per read while downloading / hashing
 
@@ -222,6 +222,32 @@ def load_cards(catalog_dir: str | Path | None = None) -> dict[str, ModelCard]:
         cards[card.name] = card
         by_file[card.filename] = card.name
     return dict(sorted(cards.items()))
+
+
+def write_catalog(files: dict[str, bytes], cache: Path, catalog: Path) -> dict[str, str]:
+    """For weights you built yourself (the tests' and benchmarks' random-weight networks): a model cache
+    holding ``files`` (card name -> bytes) under each published card's file name, and a catalog whose cards
+    are the published ones with these files' sha256 (the other cards as published, their files absent; the
+    catalog's other folders are the published ones). Returns the environment that points bfr-curate at both."""
+    import yaml
+
+    published_root = PUBLISHED_CATALOGS
+    published = load_cards(published_root)
+    cache.mkdir(parents=True, exist_ok=True)
+    (catalog / "models").mkdir(parents=True, exist_ok=True)
+    for other in published_root.iterdir():  # presets, metrics, recipes ... stay the published ones
+        if other.is_dir() and other.name != "models" and not (catalog / other.name).exists():
+            (catalog / other.name).symlink_to(other)
+    for name, card in published.items():
+        if name not in files:
+            (catalog / "models" / f"{name}.yaml").write_text((published_root / "models" / f"{name}.yaml").read_text())
+            continue
+        (cache / card.filename).write_bytes(files[name])
+        fields = {"name": name, "filename": card.filename, "url": card.url,
+                  "sha256": hashlib.sha256(files[name]).hexdigest(), "license": card.license,
+                  "used_by": card.used_by, "description": "weights built locally (not the published file)"}
+        (catalog / "models" / f"{name}.yaml").write_text(yaml.safe_dump(fields))
+    return {"BFR_CURATE_MODEL_CACHE": str(cache), "BFR_CURATE_CATALOGS": str(catalog)}
 
 
 def get_card(name: str, cards: dict[str, ModelCard] | None = None) -> ModelCard:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import socket
@@ -14,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
 # Prefect reads its settings at import: isolate its home (SQLite DB, local results) before any test imports it.
@@ -138,26 +136,12 @@ def bad_folder(tmp_path) -> Path:
 
 def install_models(monkeypatch, tmp_path: Path, files: dict[str, bytes]) -> Path:
     """A model cache holding ``files`` (card name -> bytes) under each real card's file name, and a
-    catalog whose cards are the real ones with the sha256 of these test files."""
-    from bfr_models.models import load_cards
+    catalog whose cards are the real ones with the sha256 of these test files (:func:`write_catalog`)."""
+    from bfr_models.models import write_catalog
 
-    real = load_cards()
-    cache, catalog = tmp_path / "model-cache", tmp_path / "catalogs"
-    cache.mkdir(exist_ok=True)
-    (catalog / "models").mkdir(parents=True, exist_ok=True)
-    for other in (REPO / "catalogs").iterdir():  # presets, metrics, ... stay the real ones
-        if other.is_dir() and other.name != "models" and not (catalog / other.name).exists():
-            (catalog / other.name).symlink_to(other)
-    for name, data in files.items():
-        card = real[name]
-        (cache / card.filename).write_bytes(data)
-        fields = {"name": name, "filename": card.filename, "url": card.url, "sha256": hashlib.sha256(data).hexdigest(),
-                  "license": card.license, "used_by": card.used_by, "description": "test weights built by the suite"}
-        (catalog / "models" / f"{name}.yaml").write_text(yaml.safe_dump(fields))
-    for name in set(real) - set(files):  # every other card stays as published, its file absent
-        (catalog / "models" / f"{name}.yaml").write_text((REPO / "catalogs" / "models" / f"{name}.yaml").read_text())
-    monkeypatch.setenv("BFR_CURATE_MODEL_CACHE", str(cache))
-    monkeypatch.setenv("BFR_CURATE_CATALOGS", str(catalog))
+    cache = tmp_path / "model-cache"
+    for key, value in write_catalog(files, cache, tmp_path / "catalogs").items():
+        monkeypatch.setenv(key, value)
     return cache
 
 
