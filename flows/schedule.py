@@ -140,7 +140,27 @@ def _watch(server: subprocess.Popen, api: PrefectApi) -> None:
     if not api.stopping.is_set():
         from flows.stop import exit_now
 
-        exit_now(f"bfr-curate: error: the local Prefect server stopped (exit code {code}); its log: {api.log}")
+        _stop_served_runs()
+        # a served run's progress bar may have left its line open: the error starts on a line of its own
+        exit_now(f"\nbfr-curate: error: the local Prefect server stopped (exit code {code}); its log: {api.log}")
+
+
+def _stop_served_runs(wait: float = 3.0) -> None:
+    """Stop the flow runs Prefect's runner started (this process's children): they cannot report to a dead
+    server, and would go on writing to this command's output after its last line."""
+    import psutil
+
+    runs = psutil.Process().children(recursive=True)
+    for run in runs:
+        try:
+            run.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    for run in psutil.wait_procs(runs, timeout=wait)[1]:
+        try:
+            run.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 @contextmanager
