@@ -122,7 +122,7 @@ def run_stage(shard_task, stage: str, config: dict, items: list[InputItem], inpu
         limit = max_in_flight or in_flight_limit()
         threads = shard_threads(_task_runner(), limit)
         with tqdm(total=len(todo), desc=stage, unit="img", dynamic_ncols=True) as bar, \
-                watch_images([s.key for s in specs]) as images_done:
+                watch_images([s.key for s in specs], _task_runner().client if uses_dask() else None) as images_done:
             shown: dict[str, int] = {}  # shard key -> images on the bar
 
             def show(key: str, done: int) -> None:

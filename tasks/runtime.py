@@ -33,27 +33,58 @@ _LOADING = threading.RLock()  # reentrant: a loader may call another loader
 
 _images_done: dict[str, int] = {}  # shard key -> images done so far, for the shards a driver here watches
 _images_lock = threading.Lock()
+PROGRESS_TOPIC = "bfr-curate-images"  # Dask event topic: [shard key, images] from a shard task on a worker
 
 
 def report_images(shard_key: str | None, n: int) -> None:
-    """A shard task's progress inside its shard (``n`` more images done), for the progress bar of a driver in
-    the same process (the thread runner); a no-op for a shard nobody here watches (e.g. on a Dask worker)."""
+    """A shard task's progress inside its shard (``n`` more images done), for the progress bar of its driver:
+    counted here when the driver watches in this process (the thread runner), else, on a Dask worker, sent to
+    the driver as a Dask event (a small message through the scheduler, once per batch)."""
     with _images_lock:
         if shard_key in _images_done:
             _images_done[shard_key] += n
+            return
+    worker = _dask_worker()
+    if worker is not None and shard_key is not None:
+        worker.log_event(PROGRESS_TOPIC, [shard_key, n])
+
+
+def _dask_worker():
+    """The Dask worker running this task, or None (distributed is only looked for where it is imported)."""
+    distributed = sys.modules.get("distributed")
+    if distributed is None:
+        return None
+    try:
+        return distributed.get_worker()
+    except ValueError:
+        return None
+
+
+def _count_event(event) -> None:
+    """A worker's progress event (timestamp, [shard key, images]), on the driver."""
+    key, n = event[1]
+    with _images_lock:
+        if key in _images_done:
+            _images_done[key] += n
 
 
 @contextmanager
-def watch_images(keys: list[str]):
-    """While open, :func:`report_images` counts for these shard keys; yields a function key -> images done."""
+def watch_images(keys: list[str], client=None):
+    """While open, :func:`report_images` counts for these shard keys; yields a function key -> images done.
+    ``client``: the flow's Dask client, whose workers' counts arrive as events on :data:`PROGRESS_TOPIC`."""
     with _images_lock:
         _images_done.update({k: 0 for k in keys})
+    if client is not None:
+        client.subscribe_topic(PROGRESS_TOPIC, _count_event)  # one handler for every stage watching
     try:
         yield lambda key: _images_done.get(key, 0)
     finally:
         with _images_lock:
             for k in keys:
                 _images_done.pop(k, None)
+            last = not _images_done
+        if client is not None and last:
+            client.unsubscribe_topic(PROGRESS_TOPIC)
 
 
 def load_once(maxsize: int):

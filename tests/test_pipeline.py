@@ -67,3 +67,37 @@ def test_host_uint8_is_to_uint8_batched():
     devices = ["cuda"] if torch.cuda.is_available() else []
     for dev in devices:  # one pinned, non-blocking copy back: the same bytes as the CPU
         assert all(np.array_equal(a, to_uint8(b)) for a, b in zip(host_uint8(x.to(dev)), x))
+
+
+def _shard_reporting_two_batches(key: str) -> int:
+    """A stand-in shard task on a Dask worker: two batches done, as ShardPipeline reports them."""
+    import os
+
+    from tasks.runtime import report_images
+
+    report_images(key, 8)
+    report_images(key, 3)
+    return os.getpid()
+
+
+def test_progress_of_shards_on_dask_workers_reaches_the_driver_per_batch():
+    """Under Dask the shards run in other processes: their per-batch counts reach the driver's progress bar
+    as Dask events, not only when a shard ends."""
+    import logging
+    import os
+    import time
+
+    from distributed import Client, LocalCluster
+
+    from tasks.runtime import watch_images
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, silence_logs=logging.WARNING,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        with watch_images(["a", "b"], client) as done:
+            pid = client.submit(_shard_reporting_two_batches, "a", pure=False).result()
+            deadline = time.monotonic() + 30
+            while done("a") < 11 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert pid != os.getpid() and done("a") == 11 and done("b") == 0
+        # nobody watches any more: the worker's reports go nowhere and nothing fails
+        assert client.submit(_shard_reporting_two_batches, "a", pure=False).result() == pid
