@@ -40,10 +40,8 @@ def report_images(shard_key: str | None, n: int) -> None:
     """A shard task's progress inside its shard (``n`` more images done), for the progress bar of its driver:
     counted here when the driver watches in this process (the thread runner), else, on a Dask worker, sent to
     the driver as a Dask event (a small message through the scheduler, once per batch)."""
-    with _images_lock:
-        if shard_key in _images_done:
-            _images_done[shard_key] += n
-            return
+    if _count(shard_key, n):
+        return
     worker = _dask_worker()
     if worker is not None and shard_key is not None:
         worker.log_event(PROGRESS_TOPIC, [shard_key, n])
@@ -60,12 +58,18 @@ def _dask_worker():
         return None
 
 
+def _count(shard_key: str | None, n: int) -> bool:
+    """Add ``n`` images to a shard watched in this process; False if nobody here watches it."""
+    with _images_lock:
+        if shard_key not in _images_done:
+            return False
+        _images_done[shard_key] += n
+        return True
+
+
 def _count_event(event) -> None:
     """A worker's progress event (timestamp, [shard key, images]), on the driver."""
-    key, n = event[1]
-    with _images_lock:
-        if key in _images_done:
-            _images_done[key] += n
+    _count(*event[1])
 
 
 @contextmanager
