@@ -15,13 +15,18 @@ in one process (the tests) keeps Prefect's own server, one per process.
 from __future__ import annotations
 
 import atexit
+import functools
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
 STOP_WAIT_S = 5  # as Prefect's own temporary server: then it is killed
 
@@ -125,3 +130,38 @@ def end_process(process: subprocess.Popen | None, wait: float) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def worker_client_env(url: str) -> dict:
+    """Environment for worker processes this command starts (``--dask local``) that report to ``url``: what
+    their Prefect settings would resolve to anyway, given up front, because a Dask worker rebuilds its settings
+    and two API clients for every task run (the per-shard overhead, benchmarks/dask.py):
+
+    - ``PREFECT_PROFILES_PATH``: the path this process resolved; otherwise every nested settings model of every
+      task run looks for ``.env``, ``prefect.toml`` and ``pyproject.toml`` again to find it (~10 ms a run);
+    - for a plain ``http://`` API only, ``PREFECT_API_SSL_CERT_FILE``: one certificate of certifi's bundle.
+      Prefect builds a verifying SSL context for every client, even one that never opens TLS, by loading
+      certifi's ~150 certificates (~14 ms, twice per task run). An http URL never checks a certificate, so
+      what the file holds changes nothing but that cost.
+
+    Values already in the environment are kept."""
+    from prefect.settings.sources import _get_profiles_path
+
+    env = {"PREFECT_PROFILES_PATH": str(_get_profiles_path())}
+    if url.startswith("http://"):
+        env["PREFECT_API_SSL_CERT_FILE"] = _one_certificate_file()
+    return {name: value for name, value in env.items() if name not in os.environ}
+
+
+@functools.cache
+def _one_certificate_file() -> str:
+    """A PEM file with certifi's first certificate, in a temporary folder removed at exit."""
+    import certifi
+
+    bundle = Path(certifi.where()).read_text(encoding="ascii")
+    first = re.search(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----\n", bundle, re.S).group(0)
+    folder = tempfile.mkdtemp(prefix="bfr-curate-api-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    path = Path(folder) / "one-ca.pem"
+    path.write_text(first, encoding="ascii")
+    return str(path)

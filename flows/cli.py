@@ -70,8 +70,11 @@ def _executor(args):
 def local_api_env() -> dict:
     """``PREFECT_API_URL`` for LocalCluster workers: the server this command reports to. Without one, this
     process's embedded API is started now and shared with them: each worker process would otherwise start an
-    embedded API of its own (tens of seconds each on its first shard)."""
+    embedded API of its own (tens of seconds each on its first shard). With it, the settings that make a task
+    run cheaper to start on a worker (:func:`flows.api_server.worker_client_env`)."""
     from prefect.settings import PREFECT_API_URL
+
+    from flows.api_server import worker_client_env
 
     url = PREFECT_API_URL.value()
     if not url:
@@ -80,7 +83,7 @@ def local_api_env() -> dict:
         server = SubprocessASGIServer()  # the instance Prefect's own client starts and uses in this process
         server.start()
         url = server.api_url
-    return {"PREFECT_API_URL": url}
+    return {"PREFECT_API_URL": url, **worker_client_env(url)}
 
 
 def local_cluster_kwargs(workers: int, env: dict | None = None) -> dict:

@@ -130,3 +130,40 @@ def test_flow_runs_send_heartbeats_only_when_asked(monkeypatch):
         assert get_current_settings().flows.heartbeat_frequency is None
     with temporary_settings(updates={"flows.heartbeat_frequency": 60}), prefect_api():
         assert get_current_settings().flows.heartbeat_frequency == 60
+
+
+# A process with the worker environment: the settings and client a task run on a Dask worker builds.
+WORKER_PROBE = """
+import json, ssl
+from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_API_SSL_CERT_FILE
+from prefect.settings.sources import _get_profiles_path
+
+client = get_client(sync_client=True)
+cafile = PREFECT_API_SSL_CERT_FILE.value()
+print(json.dumps({"profiles": str(_get_profiles_path()), "cafile": cafile,
+                  "cas": ssl.create_default_context(cafile=cafile).cert_store_stats()["x509_ca"]}))
+"""
+
+
+def test_dask_local_workers_get_what_their_settings_resolve_to(monkeypatch):
+    """A Dask worker rebuilds Prefect's settings and two API clients for every task run: ``--dask local``
+    gives its workers the profiles path this process resolved, and for a plain-http API a one-certificate CA
+    file instead of certifi's bundle; https keeps Prefect's verification, and the user's values win."""
+    from prefect.settings.sources import _get_profiles_path
+
+    from flows.api_server import worker_client_env
+
+    monkeypatch.delenv("PREFECT_API_SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("PREFECT_PROFILES_PATH", raising=False)
+    env = worker_client_env("http://127.0.0.1:4200/api")
+    assert env["PREFECT_PROFILES_PATH"] == str(_get_profiles_path())
+    proc = subprocess.run([sys.executable, "-c", WORKER_PROBE], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env, "PREFECT_API_URL": "http://127.0.0.1:4200/api"})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {
+        "profiles": env["PREFECT_PROFILES_PATH"], "cafile": env["PREFECT_API_SSL_CERT_FILE"], "cas": 1}
+
+    assert "PREFECT_API_SSL_CERT_FILE" not in worker_client_env("https://prefect.example.com/api")
+    monkeypatch.setenv("PREFECT_API_SSL_CERT_FILE", "/etc/ssl/mine.pem")
+    assert "PREFECT_API_SSL_CERT_FILE" not in worker_client_env("http://127.0.0.1:4200/api")
