@@ -63,6 +63,8 @@ def _executor(args):
         return
     from distributed import LocalCluster
 
+    if not getattr(args, "debug", False):  # the scheduler and nannies log here, over the progress bar
+        logging.getLogger("distributed").setLevel(logging.WARNING)
     with LocalCluster(**local_cluster_kwargs(workers, local_api_env())) as cluster:
         yield DaskTaskRunner(address=cluster.scheduler_address)
 
@@ -313,6 +315,14 @@ def _add_common(p, shard_size: int, batch_size: int, gpu_batch_from_memory: bool
                    help="run shard tasks on a Dask cluster: 'local' starts a LocalCluster, else a scheduler address "
                         "(default: a thread pool in this process)")
     add_exclude(p)
+
+
+def add_training_dask(p) -> None:
+    """--dask for the training commands: the training as one task on a Dask worker."""
+    p.add_argument("--dask", metavar="ADDRESS", default=None,
+                   help="train as one task on a Dask worker (a GPU one, GPU=1, when the workers advertise GPUs; "
+                        "data read from the manifest's URLs): 'local' starts a LocalCluster of one worker, else "
+                        "a scheduler address (default: in this process)")
 
 
 def add_exclude(p) -> None:

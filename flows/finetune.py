@@ -15,7 +15,6 @@ from functools import partial
 
 import torch
 from prefect import flow, get_run_logger, task
-from tqdm.auto import tqdm
 
 from bfr_models import manifest, storage
 from bfr_models.imageio import encode_png
@@ -27,11 +26,12 @@ from bfr_models.restorers.codeformer import CodeFormerRestorer
 from bfr_models.training.codeformer import CodeFormerFinetuneConfig, finetune_codeformer
 from bfr_models.training.data import UriImages, read_image
 from bfr_models.training.finetune import FinetuneError, Pairs, UriPairs, finetune, load_finetune_config
-from flows.prior import progress, training_images
+from flows.prior import progress, training_bar, training_images
 from flows.run_info import publish_stage_summary, run_name
 from flows.score import Lineage
+from flows.stage import run_training
 from tasks.rows import ok_row, to_uint8, write_output
-from tasks.runtime import key_parameter, resolve_device, result_storage
+from tasks.runtime import key_parameter, local_device, resolve_device, result_storage
 from tasks.shards import CODE_VERSION, InputItem, list_inputs, stable_hash
 
 STAGE = "finetune"
@@ -214,10 +214,10 @@ def finetune_task(key: str, pairs: str, restorer: str, real: str | None, config:
                                                       PairPlan(**plan), no_lpips=no_lpips, real_uris=real_uris)
     train, val = split(plan, cfg.val_pairs)
     ids = list(zip(plan.ids, plan.lq))
-    dev = resolve_device(device)
+    dev = resolve_device(device)  # here: on Dask, the worker's device
     lpips_net = _lpips(cfg, dev)
-    with tqdm(total=cfg.iters, desc="finetune", unit="it", dynamic_ncols=True) as bar:
-        report = progress(bar, cfg.iters)
+    with training_bar(cfg.iters, "finetune", "it") as bar:
+        report = progress(bar, cfg.iters, key)
 
         def on_step(step: int, row: dict) -> None:
             report(step, row["loss"])
@@ -295,16 +295,17 @@ def finetune_flow(pairs: str, restorer: str, out: str, real: str | None = None, 
     plan, _, _, info, reals, cfg = plan_finetune(pairs, restorer, real, config, overrides, exclude,
                                                  include_failed=include_failed, no_lpips=no_lpips, real_uris=real_uris)
     skipped = plan.skipped
-    dev = resolve_device(device)
+    local_device(device)  # a device this machine lacks fails here, before any work (on Dask: on the worker)
     get_run_logger().info("finetune: %d pairs (%d error rows skipped), %s real faces, %s, %s", len(plan), skipped,
                           "no" if reals is None else len(reals), info["arch"], type(cfg).__name__)
     key = stable_hash([STAGE, type(cfg).__name__, asdict(cfg), manifest.read_index(pairs)["key"],
                        [(i.uri, i.version) for i in real_items] if reals is not None else [], info.get("sha256") or info.get("name"),
                        include_failed], length=12)
     where = storage.join(storage.normalize(out), STAGE, key)
-    result = finetune_task.with_options(result_storage=result_storage(where))(
-        key=stable_hash([where, CODE_VERSION]), pairs=pairs, restorer=restorer, real=real, config=config,
-        overrides=overrides, out=where, device=str(dev), exclude=list(exclude), plan=asdict(plan),
+    result = run_training(
+        finetune_task.with_options(result_storage=result_storage(where)), desc="finetune", total=cfg.iters,
+        unit="it", key=stable_hash([where, CODE_VERSION]), pairs=pairs, restorer=restorer, real=real, config=config,
+        overrides=overrides, out=where, device=device, exclude=list(exclude), plan=asdict(plan),
         loader_workers=loader_workers, no_lpips=no_lpips, real_uris=real_uris if reals is not None else None)
     index_config = {"finetune": asdict(cfg), "recipe": type(cfg).__name__, "pairs": pairs, "real": real,
                     "skipped_pairs": skipped, "include_failed": include_failed, "no_lpips": no_lpips,

@@ -15,7 +15,7 @@ from dataclasses import asdict
 
 import pandas as pd
 from prefect import flow, get_run_logger, task
-from tqdm.auto import tqdm
+from prefect.context import FlowRunContext
 
 from bfr_models import manifest, models, storage
 from bfr_models.device import check_compile, default_batch_size, resolve_dtype
@@ -24,12 +24,13 @@ from bfr_models.choices import IDM_VARIANCES as VARIANCES
 from bfr_models.idm import (AcceptanceConfig, IDMConfig, IDMError, IDMTrainConfig, SetCalibration, load_acceptance,
                             load_idm, train_idm)
 from bfr_models.training.data import UriImages
-from flows.prior import progress, training_images
+from flows.prior import progress, training_bar, training_images
 from flows.check_summary import count_checks
 from flows.run_info import publish_model_summary, run_name
-from flows.stage import run_stage, skipped_record
+from flows.stage import run_stage, run_training, skipped_record
 from tasks.clean import STAGE, cached_idm, clean_shard, set_calibration
-from tasks.runtime import ensure_gpu_limit, key_parameter, local_device, result_storage
+from tasks.rows import made_where
+from tasks.runtime import ensure_gpu_limit, key_parameter, local_device, resolve_device, result_storage
 from tasks.shards import CODE_VERSION, list_inputs, stable_hash
 
 DEFAULT_CHANNELS = IDMConfig().channels
@@ -51,16 +52,17 @@ def idm_train_task(key: str, input: str, targets: str | None, model: dict, train
                    degrade_source: str, init: str | None, round: int, out: str, device: str,
                    exclude: list[str], loader_workers: int | None = None) -> str:
     cfg, tcfg = IDMConfig(**model), IDMTrainConfig(**train)
+    dev = resolve_device(device)  # here: on Dask, the worker's device
     if targets:
         sources, target_images = _pairs(targets, resolution, degrade_source)
     else:
         sources, target_images = training_images(input, resolution, exclude), None
-    init_model = load_idm(init, device) if init else None
+    init_model = load_idm(init, dev) if init else None
     source = {"round": round, "resolution": resolution, "input": input, "targets": targets,
-              "degrade_source": degrade_source, "images": len(sources)}
-    with tqdm(total=tcfg.iters, desc=f"idm train (round {round})", unit="it", dynamic_ncols=True) as bar:
-        return train_idm(sources, cfg, tcfg, out, targets=target_images, init=init_model, device=device,
-                         source=source, on_step=progress(bar, tcfg.iters), workers=loader_workers)
+              "degrade_source": degrade_source, "images": len(sources), **made_where(dev)}
+    with training_bar(tcfg.iters, f"idm train (round {round})", "it") as bar:
+        return train_idm(sources, cfg, tcfg, out, targets=target_images, init=init_model, device=dev,
+                         source=source, on_step=progress(bar, tcfg.iters, key), workers=loader_workers)
 
 
 def plan_idm_train(input: str, resolution: int, crop: int | None, channels, layers_per_block: int, attention,
@@ -96,17 +98,18 @@ def idm_train_flow(input: str, out: str, resolution: int = 512, crop: int | None
                  preset=preset, checkpoint_every=checkpoint_every, seed=seed)
     model, tcfg, items = plan_idm_train(input, resolution, crop, channels, layers_per_block, attention,
                                         norm_groups, train, exclude)
-    dev = local_device(device)
+    local_device(device)  # a device this machine lacks fails here, before any work (on Dask: on the worker)
     init_sha = load_idm(init).sha256 if init else None
     target_version = manifest.read_index(targets)["key"] if targets else None
     key = stable_hash(["idm", asdict(model), asdict(tcfg), resolution, [(i.uri, i.version) for i in items],
                        target_version, init_sha, degrade_source, round], length=12)
     where = storage.join(storage.normalize(out), "idm", key)
     get_run_logger().info("idm train round %d: %d images -> %s", round, len(items), where)
-    uri = idm_train_task.with_options(result_storage=result_storage(where))(
-        key=stable_hash([where, CODE_VERSION]), input=input, targets=targets, model=asdict(model), train=asdict(tcfg),
-        resolution=resolution, degrade_source=degrade_source, init=init, round=round, out=where, device=str(dev),
-        exclude=list(exclude), loader_workers=loader_workers)
+    uri = run_training(idm_train_task.with_options(result_storage=result_storage(where)),
+                       desc=f"idm train (round {round})", total=tcfg.iters, unit="it",
+                       key=stable_hash([where, CODE_VERSION]), input=input, targets=targets, model=asdict(model),
+                       train=asdict(tcfg), resolution=resolution, degrade_source=degrade_source, init=init,
+                       round=round, out=where, device=device, exclude=list(exclude), loader_workers=loader_workers)
     publish_model_summary("idm", uri, {"input": input, "images": len(items), "round": round,
                                              "resolution": resolution, **asdict(tcfg)})
     return uri
@@ -183,12 +186,14 @@ def clean_flow(input: str, out: str, model: str, rounds: int = 1, steps: int = 1
     logger.info("clean: %s", calibration)
     for r in range(1, rounds + 1):
         if r > 1:  # f_{r} initialised from f_{r-1}, trained on (degrade(x), x*) of the last round
-            model_uri = idm_train_flow(
+            # a copy of this flow's runner: on Dask the round trains on a worker (a subflow would get threads
+            # here); a copy, since this one's live Dask client would travel (pickled) with the training task
+            model_uri = idm_train_flow.with_options(task_runner=FlowRunContext.get().task_runner.duplicate())(
                 input=input, out=out, resolution=resolution, crop=first.config.crop,
                 channels=first.config.channels, layers_per_block=first.config.layers_per_block,
                 attention=first.config.attention, norm_groups=first.config.norm_groups, iters=round_iters,
                 batch_size=round_batch_size, lr=round_lr, warmup=round_warmup, checkpoint_every=round_checkpoint_every,
-                seed=seed, targets=uri, init=model_uri, degrade_source=degrade_source, round=r, device=str(dev))
+                seed=seed, targets=uri, init=model_uri, degrade_source=degrade_source, round=r, device=device)
         m = cached_idm(model_uri, str(dev))
         config = {"model": m.sha256, "model_uri": model_uri, "round": r, "steps": steps, "variance": variance,
                   "passes": passes, "acceptance": asdict(accept), "calibration": asdict(calibration),

@@ -39,26 +39,21 @@ def cmd_prior_convert(args) -> None:
     print(f"prior: {uri}  (inspect with: bfr-curate prior inspect {uri})")
 
 
-def cmd_prior_train(args) -> None:
+def cmd_prior_train(args, run) -> None:
     from bfr_models import storage
     from bfr_models.diffusion.train import PriorTrainConfig
-    from flows.api_server import prefect_api
+    from flows.cluster import check_device
     from flows.prior import prior_train_flow
-    from tasks.runtime import resolve_device
 
     channels = tuple(int(c) for c in args.channels.split(","))
     PriorTrainConfig(resolution=args.resolution, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                      channels=channels, checkpoint_every=args.checkpoint_every)  # validates, one line
-    resolve_device(args.device)
+    check_device(args.device, args.dask)
     if not storage.exists(args.input):
         raise FileNotFoundError(f"input not found: {args.input}")
-    from flows.run_info import call_flow
-
-    with prefect_api():
-        uri = call_flow(prior_train_flow, input=args.input, out=args.out, resolution=args.resolution,
-                        steps=args.steps, batch_size=args.batch_size, lr=args.lr, channels=channels,
-                        checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device,
-                        exclude=args.exclude)
+    uri = run(prior_train_flow, args, input=args.input, out=args.out, resolution=args.resolution,
+              steps=args.steps, batch_size=args.batch_size, lr=args.lr, channels=channels,
+              checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device, exclude=args.exclude)
     print(f"prior: {uri}  (inspect with: bfr-curate prior inspect {uri})")
 
 
@@ -111,7 +106,7 @@ def add_prior_parsers(sub, add_common, run, print_result) -> None:
     from bfr_models.choices import DEFAULT_RESPACE, VARIANCE_TYPES
     from bfr_models.choices import PSEUDO_TARGET_METHODS as METHODS
     from bfr_models.choices import PSEUDO_TARGET_RESIZE_MODES as RESIZE_MODES
-    from flows.cli import add_exclude
+    from flows.cli import add_exclude, add_training_dask
     from bfr_models.choices import AUTO_METRICS
 
     p = sub.add_parser("prior", help="inspect, convert or train a diffusion prior", description=PRIOR_HELP)
@@ -144,8 +139,9 @@ def add_prior_parsers(sub, add_common, run, print_result) -> None:
     q.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
     q.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     q.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
+    add_training_dask(q)
     add_exclude(q)
-    q.set_defaults(func=cmd_prior_train)
+    q.set_defaults(func=lambda args: cmd_prior_train(args, run))
 
     p = sub.add_parser(
         "pseudo-targets", help=f"clean pseudo targets from LQ faces with a diffusion prior ({', '.join(METHODS)})",

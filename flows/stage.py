@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from queue import Empty, Queue
@@ -182,6 +183,29 @@ def task_resources(resources: dict | None):
 
     with dask.annotate(resources=resources):
         yield
+
+
+def run_training(task, *, device: str, desc: str, total: int, unit: str, **task_kwargs):
+    """Run one long task (a training run, given ``device`` and ``task_kwargs``, which hold its ``key``) where
+    the flow's tasks run.
+
+    On threads it runs in this process and shows its own progress bar. On Dask it is one task on a worker,
+    asking for a GPU when the workers advertise them (:func:`gpu_request`), its device resolved there; the
+    worker reports its steps as Dask events (:func:`tasks.runtime.report_images`, keyed by the task's
+    ``key``) and this process shows them on a bar of ``total`` ``unit``."""
+    if not uses_dask():
+        return task(device=device, **task_kwargs)
+    finished = threading.Event()
+    with task_resources(gpu_request(device)):
+        future = task.submit(device=device, **task_kwargs)
+    future.add_done_callback(lambda _: finished.set())
+    key = task_kwargs["key"]
+    with tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True) as bar, \
+            watch_images([key], _task_runner().client) as steps_done:
+        while not finished.wait(PROGRESS_POLL):
+            bar.update(steps_done(key) - bar.n)
+        bar.update(steps_done(key) - bar.n)
+    return future.result()
 
 
 def _run_shards(task, specs: list, limit: int, stage_uri: str, resources: dict | None = None, on_wait=None,

@@ -16,6 +16,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def cmd_finetune(args, run) -> None:
+    from flows.cluster import check_device
     from flows.finetune import finetune_flow, plan_finetune
 
     knobs = dict(iters=args.iters, batch_size=args.batch_size, micro_batch=args.micro_batch, lr=args.lr,
@@ -23,6 +24,7 @@ def cmd_finetune(args, run) -> None:
                  precision=args.precision, seed=args.seed)
     cfg = plan_finetune(args.pairs, args.restorer, args.real, args.config, knobs, args.exclude,
                         include_failed=args.include_failed, no_lpips=args.no_lpips)[-1]
+    check_device(args.device, args.dask)
     if args.no_lpips and hasattr(cfg, "lpips_weight"):
         print("finetune: warning: --no-lpips: the LPIPS term is dropped (lpips_weight 0; L1 and GAN only), so the "
               "restorer is trained without the recipe's perceptual loss", file=sys.stderr)
@@ -64,14 +66,14 @@ def _idm_train_options(args) -> dict:
 
 
 def cmd_idm_train(args, run) -> None:
+    from flows.cluster import check_device
     from flows.idm import idm_train_flow, plan_idm_train
-    from tasks.runtime import resolve_device
 
     o = _idm_train_options(args)
     train = {k: o[k] for k in ("iters", "batch_size", "lr", "warmup", "preset", "checkpoint_every", "seed")}
     plan_idm_train(args.input, o["resolution"], o["crop"], o["channels"], o["layers_per_block"], o["attention"],
                    o["norm_groups"], train, args.exclude)
-    resolve_device(args.device)
+    check_device(args.device, args.dask)
     uri = run(idm_train_flow, args, input=args.input, out=args.out, device=args.device, exclude=args.exclude, **o)
     px = o["resolution"]
     print(f"idm model: {uri}  (trained at {px}x{px} px)")
@@ -119,7 +121,7 @@ def cmd_schedule(args) -> None:
 def add_training_parsers(sub, add_common, run, print_result) -> None:
     from bfr_models.choices import IDM_DEGRADE_SOURCES as DEGRADE_SOURCES
     from bfr_models.choices import IDM_VARIANCES as VARIANCES
-    from flows.cli import add_exclude
+    from flows.cli import add_exclude, add_training_dask
 
     p = sub.add_parser("finetune", help="fine-tune a restorer on pseudo-target pairs (L1 + LPIPS + GAN)",
                        description="The unsupervised-BFR objective: L1 + 0.1 LPIPS(VGG) + 0.1 GAN with a U-Net "
@@ -156,6 +158,7 @@ def add_training_parsers(sub, add_common, run, print_result) -> None:
                    help="auto: bf16 autocast on a GPU, fp32 on the CPU")
     p.add_argument("--seed", type=int, default=None, help="training seed (default 0)")
     p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
+    add_training_dask(p)
     add_exclude(p)
     p.set_defaults(func=lambda args: cmd_finetune(args, run))
 
@@ -194,6 +197,7 @@ def add_training_parsers(sub, add_common, run, print_result) -> None:
     q.add_argument("--checkpoint-every", type=int, default=5000, help="checkpoint interval (default 5000)")
     q.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     q.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
+    add_training_dask(q)
     add_exclude(q)
     q.set_defaults(func=lambda args: cmd_idm_train(args, run))
 

@@ -52,10 +52,15 @@ def error_row(stage: str, item: InputItem, reason: str, data: bytes | None = Non
     }
 
 
+def made_where(device) -> dict:
+    """Where something is being made: ``worker`` (host:pid of this process, a Dask worker or the command's
+    own) and ``device``, so a bad row or model can be traced to a node and a GPU."""
+    return {"worker": f"{socket.gethostname()}:{os.getpid()}", "device": str(device)}
+
+
 def stamp(rows: list[dict], device, **fields) -> list[dict]:
-    """Record on every row where it was made: ``worker`` (host:pid of the process that ran the shard, a Dask
-    worker or this one) and ``device``, so a bad row can be traced to a node and a GPU; and ``fields``."""
-    where = {"worker": f"{socket.gethostname()}:{os.getpid()}", "device": str(device), **fields}
+    """Record on every row where it was made (:func:`made_where`) and ``fields``."""
+    where = {**made_where(device), **fields}
     for row in rows:
         row.update(where)
     return rows

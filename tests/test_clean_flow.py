@@ -209,3 +209,21 @@ def test_clean_fid_comes_from_the_shards_feature_files(tmp_path, inception_cache
     again = _fid_cleaned_vs_original(uri, [ShardInfo(**s) for s in index["shards"]], "cpu")
     assert again["fid_cleaned_vs_original"]["fid"] == pytest.approx(record["fid"], rel=1e-6, abs=1e-6)
     assert len(list((tmp_path / "run" / uri.split("/run/")[1] / "fid").glob("*.npz"))) == len(files)
+
+
+def test_clean_rounds_on_dask_local_train_on_a_worker(tmp_path):
+    """`clean --rounds 2 --dask local`: round 2's model is trained as one task on a worker process (its
+    metadata says which), beside the cleaning shards."""
+    hq = mildly_noisy_faces(tmp_path / "hq", 4, 32)
+    model = save_idm(idm_unet(IDMConfig(**TINY)), IDMConfig(**TINY), str(tmp_path / "model"),
+                     source={"resolution": 32})
+    proc = subprocess.Popen([str(BIN / "bfr-curate"), "clean", "--input", str(hq), "--model", model, "--out",
+                             str(tmp_path / "run"), "--steps", "2", "--rounds", "2", "--round-iters", "3",
+                             "--round-batch-size", "4", "--device", "cpu", "--dask", "local"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    uri = out.split("manifest: ")[1].split()[0].rsplit("/", 1)[0]
+    second = load_idm(manifest.read_index(uri)["config"]["rounds"][1]["model"])
+    worker = second.meta["source"]["worker"]
+    assert worker.rsplit(":", 1)[1] != str(proc.pid) and second.meta["source"]["round"] == 2

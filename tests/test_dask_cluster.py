@@ -259,6 +259,11 @@ def test_a_local_path_with_a_remote_cluster_fails_before_any_work(tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert f"{photos} is a path on this machine" in err and "s3://" in err
+    # a training command too: its one task would run on a worker that cannot read this folder
+    code = main(["prior", "train", "--input", str(photos), "--out", "s3://nowhere/run", "--device", "cpu",
+                 "--dask", "tcp://127.0.0.1:1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and f"{photos} is a path on this machine" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]  # nothing written
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     assert main(["run", "demo", "--out", "s3://nowhere/run", "--dask", "tcp://127.0.0.1:1"]) == 2

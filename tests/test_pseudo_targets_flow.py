@@ -1,6 +1,9 @@
 """The pseudo-targets stage end to end: prior train/inspect, --auto, one-line errors, and a recipe."""
 
 import json
+import os
+import socket
+import subprocess
 from dataclasses import asdict
 
 import pytest
@@ -11,7 +14,7 @@ from bfr_models.imageio import decode_rgb
 from flows.cli import main
 from flows.pseudo_targets import pseudo_targets_flow
 from flows.recipe import RecipeError, load_recipe, recipe_flow
-from tests.conftest import face_like, task_states, write_png
+from tests.conftest import BIN, REPO, face_like, task_states, write_png
 
 TINY_PRIOR = ["--resolution", "32", "--steps", "4", "--batch-size", "2", "--channels", "16,32", "--checkpoint-every", "2"]
 
@@ -31,6 +34,23 @@ def prior_uri(faces_192, tmp_path_factory):
     (found,) = [p.parent for p in out.rglob("prior.json")]
     assert (found / "checkpoints" / "train_state.safetensors").exists()
     return str(found)
+
+
+def test_prior_train_on_dask_local_runs_on_a_worker_and_records_where(faces_192, prior_uri, tmp_path):
+    """`prior train --dask local`: the training is one task on a LocalCluster worker process, its progress on
+    the command's bar; each prior records where it was trained (the fixture's: this process)."""
+    source = json.loads(storage.read_bytes(storage.join(prior_uri, "prior.json")))["source"]
+    assert source["worker"] == f"{socket.gethostname()}:{os.getpid()}" and source["device"] == "cpu"
+    proc = subprocess.Popen([str(BIN / "bfr-curate"), "prior", "train", "--input", str(faces_192), "--out",
+                             str(tmp_path / "o"), "--device", "cpu", "--dask", "local", *TINY_PRIOR],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    (found,) = [p.parent for p in (tmp_path / "o").rglob("prior.json")]
+    source = json.loads((found / "prior.json").read_text())["source"]
+    host, pid = source["worker"].rsplit(":", 1)
+    assert host == socket.gethostname() and int(pid) not in (proc.pid, os.getpid()) and source["step"] == 4
+    assert "prior train:" in err and "/4 [" in err and "INFO" not in err  # the bar, no scheduler chatter
 
 
 def test_prior_inspect_prints_what_it_is(prior_uri, capsys):

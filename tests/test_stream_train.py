@@ -1,6 +1,7 @@
 """Training streams its data: a data set larger than the memory the process may use still trains."""
 
 import json
+import multiprocessing
 import subprocess
 import sys
 import textwrap
@@ -69,3 +70,27 @@ def test_a_resumed_run_reads_the_batches_the_killed_run_would_have():
     assert list(StepBatches(50, 4, seed=3, start=6, stop=10)) == straight[6:]
     assert list(StepBatches(50, 4, seed=4, start=0, stop=10)) != straight  # the seed picks the order
     assert {i for batch in straight for i, _ in batch} <= set(range(50))
+
+
+def _put_default_workers(queue) -> None:
+    from bfr_models.training.data import default_workers
+
+    queue.put(default_workers())
+
+
+def test_a_daemonic_process_decodes_in_the_training_loop(monkeypatch):
+    """A Dask worker process is daemonic and may not start DataLoader processes: training there decodes in
+    the loop; elsewhere the cores beyond two (at most 8) decode."""
+    from bfr_models.training.data import default_workers
+
+    monkeypatch.setattr("os.cpu_count", lambda: 16)  # the forked child sees it too
+    assert default_workers() == 8
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_put_default_workers, args=(queue,), daemon=True)
+    child.start()
+    try:
+        assert queue.get(timeout=120) == 0
+    finally:
+        child.join(30)
+

@@ -66,7 +66,8 @@ def small_unet(config: PriorTrainConfig) -> UNet2DModel:
 
 
 def train_prior(images, config: PriorTrainConfig, out: str, device: str | torch.device = "cpu",
-                on_step: Callable[[int, torch.Tensor], None] | None = None, workers: int | None = None) -> str:
+                on_step: Callable[[int, torch.Tensor], None] | None = None, workers: int | None = None,
+                source: dict | None = None) -> str:
     """Train on ``images``: a Dataset of (3, R, R) images in [0, 1] read as batches need them
     (:class:`~bfr_models.training.data.UriImages`), or a tensor (N, 3, R, R) in [-1, 1]. Writes the prior
     folder to ``out`` and returns its URI.
@@ -75,6 +76,7 @@ def train_prior(images, config: PriorTrainConfig, out: str, device: str | torch.
     ``on_step(step, loss)`` is called after every optimisation step with the loss as a detached 0-dim
     tensor on the device (reading it syncs with the device: progress bars read it every few steps).
     ``workers``: DataLoader processes decoding images (None: from the cores; 0: in this process).
+    ``source``: more to record in the prior folder's provenance (e.g. where it was trained).
     """
     if isinstance(images, torch.Tensor):
         if images.dim() != 4 or images.shape[1] != 3 or tuple(images.shape[-2:]) != (config.resolution,) * 2:
@@ -117,7 +119,7 @@ def train_prior(images, config: PriorTrainConfig, out: str, device: str | torch.
         if on_step is not None:
             on_step(step, loss.detach())
         if step % config.checkpoint_every == 0 or step == config.steps:
-            _checkpoint(unet, ema, opt, gen, step, config, out)
+            _checkpoint(unet, ema, opt, gen, step, config, out, source)
     return out
 
 
@@ -126,10 +128,10 @@ def _flipped(image: torch.Tensor, seed: int) -> torch.Tensor:
     return image.flip(-1) if coin(seed) else image
 
 
-def _checkpoint(unet, ema, opt, gen, step, config: PriorTrainConfig, out: str) -> None:
+def _checkpoint(unet, ema, opt, gen, step, config: PriorTrainConfig, out: str, source: dict | None) -> None:
     """Prior folder first, then the resume state: a crash between the two only repeats steps."""
     save_prior(ema, out, variance_type=config.variance_type, T=config.T,
-               source={"trained_by": "bfr-curate prior train", "step": step, "config": asdict(config)})
+               source={**(source or {}), "trained_by": "bfr-curate prior train", "step": step, "config": asdict(config)})
     save_state(storage.join(out, STATE_FILE), {
         "config": asdict(config), "step": step, "unet": unet.state_dict(), "ema": ema.state_dict(),
         "optimizer": opt.state_dict(), "generator": gen.get_state(),

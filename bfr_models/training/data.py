@@ -10,6 +10,7 @@ would have, whatever the number of workers.
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import os
 from typing import Callable, Sequence
 
@@ -30,7 +31,10 @@ class TrainingDataError(ValueError):
 
 def default_workers() -> int:
     """DataLoader workers: the cores beyond two (the training loop's and one for the rest), at most 8;
-    0 on a 2-core machine, where a worker would only take turns with the loop (0: decode in the loop)."""
+    0 on a 2-core machine, where a worker would only take turns with the loop (0: decode in the loop), and
+    0 in a daemonic process (a Dask worker's, by default), which may not start processes."""
+    if multiprocessing.current_process().daemon:
+        return 0
     return max(0, min(8, (os.cpu_count() or 1) - 2))
 
 
