@@ -213,7 +213,7 @@ def plan_row(tmp: Path, n: int) -> None:
 def ratio_table(results: dict[int, list[tuple[str, float, float, int]]]) -> None:
     small, large = min(results), max(results)
     by_stage = {size: {r[0]: r for r in rows} for size, rows in results.items()}
-    print(f"\n| stage | " + " | ".join(f"{s} img: s / img/s / MiB" for s in results)
+    print("\n| stage | " + " | ".join(f"{s} img: s / img/s / MiB" for s in results)
           + f" | RSS {large}/{small} (<= 1.25) | img/s {large}/{small} (>= 0.8) |")
     print("|---|" + "---|" * len(results) + "---|---|")
     for name in by_stage[small]:

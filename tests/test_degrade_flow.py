@@ -4,11 +4,7 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
-
-import numpy as np
-import pytest
 
 from bfr_models import manifest, storage
 from bfr_models.imageio import decode_rgb
