@@ -30,7 +30,7 @@ from flows.prior import progress, training_bar, training_images
 from flows.run_info import publish_stage_summary, run_name
 from flows.score import Lineage
 from flows.stage import run_training
-from tasks.rows import ok_row, to_uint8, write_output
+from tasks.rows import ok_row, stamp, to_uint8, write_output
 from tasks.runtime import key_parameter, local_device, resolve_device, result_storage
 from tasks.shards import CODE_VERSION, InputItem, list_inputs, stable_hash
 
@@ -269,7 +269,7 @@ def _validation_rows(net, val: Pairs, ids, writer, lpips_net, dev) -> list[dict]
         png = encode_png(rgb)
         rows.append(ok_row(STAGE, InputItem(lq_uri, "-"), image_id, write_output(writer, png, image_id), png,
                            rgb, split="validation", **{k: float(v[b]) for k, v in scores.items() if v is not None}))
-    return rows
+    return stamp(rows, dev)
 
 
 @flow(name="finetune", flow_run_name=run_name)

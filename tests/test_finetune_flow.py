@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import socket
 
 import pandas as pd
 import pytest
@@ -75,6 +77,7 @@ def test_finetune_then_restore_then_report(tmp_path, lpips_alex, capsys):
     assert log["step"].max() == 12 and log["val_psnr_gt"].notna().sum() == 3  # steps 0, 6, 12
     frame = manifest.read_manifest(stage)
     assert len(frame) == 2 and {"psnr", "ssim", "lpips", "psnr_gt"} <= set(frame.columns)
+    assert set(frame["worker"]) == {f"{socket.gethostname()}:{os.getpid()}"} and set(frame["device"]) == {"cpu"}
     # the fine-tuned restorer is a checkpoint `restore` (and pseudo-targets --restorer) can use
     rc = main(["restore", "--input", str(tmp_path / "faces"), "--restorer", index["config"]["restorer_uri"], "--out", str(tmp_path / "run"),
                "--device", "cpu"])
