@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import signal
 import subprocess
@@ -223,6 +224,20 @@ def test_recipe_on_two_workers_to_s3_rerun_cached_and_survives_a_killed_worker(c
     rows = _manifests(fs, f"s3://{BUCKET}/gpu")["degrade"]
     assert len(rows) == N_PHOTOS and set(rows["worker"].str.rsplit(":", n=1).str[1]) == {str(cluster["workers"][0].pid)}
     assert set(rows["device"]) == {"cpu"}
+
+    # training is one task on a worker: the GPU one, its images read from S3, the prior written there
+    trained = subprocess.run([str(BIN / "bfr-curate"), "prior", "train", "--input", f"s3://{BUCKET}/photos",
+                              "--out", f"s3://{BUCKET}/trained", "--resolution", "32", "--steps", "4",
+                              "--batch-size", "2", "--channels", "16,32", "--checkpoint-every", "2",
+                              "--dask", cluster["scheduler"]],
+                             cwd=driver["cwd"], env=driver["env"], capture_output=True, text=True, timeout=400)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    fs.invalidate_cache()
+    (prior_json,) = fs.glob(f"{BUCKET}/trained/prior/*/prior.json")
+    source = json.loads(fs.cat(prior_json))["source"]
+    assert source["worker"].rsplit(":", 1)[1] == str(cluster["workers"][0].pid) and source["device"] == "cpu"
+    for where in (driver, *cluster["nodes"]):
+        assert _files(where["cwd"]) == [] and _files(where["home"]) == []
 
     # a node dies while the pseudo-targets stage runs: the other finishes its shards, each input exactly once
     recipe = cluster["root"] / "kill-recipe.yaml"
