@@ -1,7 +1,7 @@
 """Degrade and score on a Dask LocalCluster of 1 vs 2 worker processes: speed-up, and the Prefect/Dask overhead
 per shard (issue 15).
 
-    python benchmarks/dask.py [--n 1000] [--px 64] [--shard-size 256] [--workers 1,2]
+    python benchmarks/dask.py [--n 1024] [--px 256] [--shard-size 256] [--workers 1,2]
 
 Writes ``--n`` distinct synthetic faces, then for each worker count starts a LocalCluster (worker processes,
 one thread each, as ``--dask local`` does), imports the stage modules on every worker (start-up is not what is
@@ -98,8 +98,8 @@ def run(workers: int, faces: Path, out: Path, shard_size: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--n", type=int, default=1000)
-    parser.add_argument("--px", type=int, default=64)
+    parser.add_argument("--n", type=int, default=1024)
+    parser.add_argument("--px", type=int, default=256)  # the smallest size the priors work at
     parser.add_argument("--shard-size", type=int, default=256)
     parser.add_argument("--workers", default="1,2")
     args = parser.parse_args()
