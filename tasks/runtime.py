@@ -37,9 +37,10 @@ PROGRESS_TOPIC = "bfr-curate-images"  # Dask event topic: [shard key, images] fr
 
 
 def report_images(shard_key: str | None, n: int) -> None:
-    """A shard task's progress inside its shard (``n`` more images done), for the progress bar of its driver:
-    counted here when the driver watches in this process (the thread runner), else, on a Dask worker, sent to
-    the driver as a Dask event (a small message through the scheduler, once per batch)."""
+    """A shard task's progress inside its shard (``n`` more images done; a training task's: steps), for the
+    progress bar of its driver: counted here when the driver watches in this process (the thread runner),
+    else, on a Dask worker, sent to the driver as a Dask event (a small message through the scheduler, once
+    per batch)."""
     if _count(shard_key, n):
         return
     worker = _dask_worker()
