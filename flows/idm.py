@@ -15,7 +15,6 @@ from dataclasses import asdict
 
 import pandas as pd
 from prefect import flow, get_run_logger, task
-from prefect.context import FlowRunContext
 
 from bfr_models import manifest, models, storage
 from bfr_models.device import check_compile, default_batch_size, resolve_dtype
@@ -27,7 +26,7 @@ from bfr_models.training.data import UriImages
 from flows.prior import progress, training_bar, training_images
 from flows.check_summary import count_checks
 from flows.run_info import publish_model_summary, run_name
-from flows.stage import run_stage, run_training, skipped_record
+from flows.stage import run_stage, run_training, skipped_record, subflow_runner
 from tasks.clean import STAGE, cached_idm, clean_shard, set_calibration
 from tasks.rows import made_where
 from tasks.runtime import ensure_gpu_limit, key_parameter, local_device, resolve_device, result_storage
@@ -186,9 +185,7 @@ def clean_flow(input: str, out: str, model: str, rounds: int = 1, steps: int = 1
     logger.info("clean: %s", calibration)
     for r in range(1, rounds + 1):
         if r > 1:  # f_{r} initialised from f_{r-1}, trained on (degrade(x), x*) of the last round
-            # a copy of this flow's runner: on Dask the round trains on a worker (a subflow would get threads
-            # here); a copy, since this one's live Dask client would travel (pickled) with the training task
-            model_uri = idm_train_flow.with_options(task_runner=FlowRunContext.get().task_runner.duplicate())(
+            model_uri = idm_train_flow.with_options(task_runner=subflow_runner())(  # on Dask: on a worker
                 input=input, out=out, resolution=resolution, crop=first.config.crop,
                 channels=first.config.channels, layers_per_block=first.config.layers_per_block,
                 attention=first.config.attention, norm_groups=first.config.norm_groups, iters=round_iters,

@@ -28,7 +28,6 @@ from functools import partial
 from pathlib import Path
 
 from prefect import flow
-from prefect.context import FlowRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from bfr_models import storage
@@ -40,6 +39,7 @@ from flows.pseudo_targets import pseudo_targets_flow
 from flows.report import report_flow
 from flows.run_info import call_flow, run_name
 from flows.score import score_flow
+from flows.stage import subflow_runner
 
 STAGE_FLOWS = (ingest_flow, idm_train_flow, clean_flow, degrade_flow, prior_train_flow, pseudo_targets_flow, score_flow,
                report_flow)
@@ -130,7 +130,7 @@ def recipe_flow(recipe: dict, out: str, device: str = "auto") -> dict[str, str]:
     default runner, a thread pool without a bound, and would run all its shards at once. Each stage run is
     tagged (:func:`flows.run_info.call_flow`).
     """
-    runner = FlowRunContext.get().task_runner
+    runner = subflow_runner()
     ingest_flow, idm_train_flow, clean_flow, degrade_flow, prior_train_flow, pseudo_targets_flow, score_flow, \
         report_flow = (partial(call_flow, f.with_options(task_runner=runner)) for f in STAGE_FLOWS)
     out = storage.normalize(out)

@@ -45,6 +45,13 @@ def _task_runner():
     return context.task_runner if context else None
 
 
+def subflow_runner():
+    """This flow's task runner for a subflow it calls, which otherwise gets a default runner of its own (an
+    unbounded thread pool, never the Dask cluster). A copy with the same settings: a runner in use may hold a
+    live Dask client, which would travel, pickled, with the subflow's tasks."""
+    return FlowRunContext.get().task_runner.duplicate()
+
+
 def _dask_workers() -> list[dict] | None:
     """The Dask cluster's workers (the scheduler's info on each) when the flow runs on Dask, else None."""
     if not uses_dask():
