@@ -19,12 +19,15 @@ import io
 import json
 from collections.abc import Collection
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bfr_models import storage
+
+if TYPE_CHECKING:  # pandas costs ~0.3 s to import: only the callers of read_manifest pay it
+    import pandas as pd
 
 SCHEMA_VERSION = 1
 _VERSION_KEY = b"bfr_curate.schema_version"

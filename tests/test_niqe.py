@@ -158,3 +158,21 @@ def test_flat_image_scores_nan_without_spoiling_the_batch(dist):
         got = niqe(x, convention=convention).numpy()
         assert np.isnan(got[0])
         np.testing.assert_allclose(got[1], niqe(dist[4:5], convention=convention).item(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(10, 2, 96, 96), (1, 1, 400, 400), (3, 1, 97, 1500)])
+def test_filter_in_cache_sized_chunks_is_the_plain_ordered_sum(shape):
+    """The 7x7 filter runs over a few planes, or bands of rows, at a time on CPU; every output value must be the
+    same ordered sum of separately rounded products as one pass over the whole batch gives."""
+    from bfr_models.metrics.niqe import _filter7, _window
+
+    x = torch.rand(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 255
+    window = _window("pyiqa")
+    h, w = shape[-2:]
+    padded = torch.nn.functional.pad(x.reshape(-1, 1, h, w), (3, 3, 3, 3), mode="replicate")
+    expected = torch.zeros_like(x.reshape(-1, 1, h, w))
+    for k, wk in enumerate(window):
+        if wk != 0.0:
+            i, j = divmod(k, 7)
+            expected.add_(padded[..., i:i + h, j:j + w] * wk)
+    assert torch.equal(_filter7(x, window), expected.reshape(shape))

@@ -59,6 +59,7 @@ _YIQ_GRAY = (0.299, 0.587, 0.114)
 _EXACT_ZERO_TOL = 1e-11
 _SHIFTS = ((0, 1), (1, 0), (1, 1), (1, -1))
 _CPU_CHUNK_PIXELS = 1 << 18
+_CPU_CHUNK_VALUES = 1 << 17  # float64 values per pass of the 7x7 filter on CPU: three such arrays fit in L2
 
 
 def pristine_params_path() -> Path:
@@ -136,20 +137,27 @@ def _filter7(x: torch.Tensor, window: tuple[float, ...]) -> torch.Tensor:
     """7x7 correlation with replicate padding, as the ordered sum over taps (row-major) of separately rounded
     products -- the arithmetic of scipy.ndimage / torch's CPU conv2d, reproducible on any device."""
     h, w = x.shape[-2:]
-    planes = x.reshape(-1, 1, h, w)
+    planes = x.reshape(-1, h, w)
     out = torch.empty_like(planes)
-    # On CPU the 49 passes stay in cache when done a few planes at a time; a GPU takes the whole batch.
-    step = planes.shape[0] if x.device.type != "cpu" else max(1, (1 << 19) // (h * w))
-    for start in range(0, planes.shape[0], step):
-        p = torch.nn.functional.pad(planes[start:start + step], (3, 3, 3, 3), mode="replicate")
-        acc = out[start:start + step]
-        acc.zero_()
-        term = torch.empty_like(acc)
-        for k, wk in enumerate(window):
-            if wk != 0.0:
-                i, j = divmod(k, 7)
-                torch.mul(p[..., i:i + h, j:j + w], wk, out=term)
-                acc.add_(term)  # a separate add: never fused into an FMA
+    # On CPU the 49 passes run over chunks of ~128k values (a few planes, or a band of rows of a large one), so
+    # the padded input, the product and the sum stay in L2 (NIQE at 256 px: 9.0 -> 7.5 ms an image on one
+    # thread). A GPU takes the whole batch. The arithmetic per output value, and so the result, is the same.
+    on_cpu = x.device.type == "cpu"
+    plane_step = max(1, _CPU_CHUNK_VALUES // (h * w)) if on_cpu else planes.shape[0]
+    row_step = max(1, _CPU_CHUNK_VALUES // w) if on_cpu and plane_step == 1 else h
+    for p0 in range(0, planes.shape[0], plane_step):
+        padded = torch.nn.functional.pad(planes[p0:p0 + plane_step].unsqueeze(1), (3, 3, 3, 3),
+                                         mode="replicate").squeeze(1)
+        for r0 in range(0, h, row_step):
+            acc = out[p0:p0 + plane_step, r0:r0 + row_step]
+            rows = acc.shape[1]
+            acc.zero_()
+            term = torch.empty_like(acc)
+            for k, wk in enumerate(window):
+                if wk != 0.0:
+                    i, j = divmod(k, 7)
+                    torch.mul(padded[:, r0 + i:r0 + i + rows, j:j + w], wk, out=term)
+                    acc.add_(term)  # a separate add: never fused into an FMA
     return out.reshape(x.shape)
 
 
