@@ -5,7 +5,8 @@ manifest out, process start included) against the loop a user would write otherw
     python benchmarks/e2e.py [--n 60] [--size 256] [--stages degrade,niqe,musiq,pseudo-targets,clean] [--device cpu]
                              [--server]
 
-Peers (one image at a time: read -> compute -> write):
+Peers (one image at a time: read -> compute -> write), on the same ``--device`` as our stages, except BasicSR,
+which has only CPU functions:
 - degrade: BasicSR's GFPGAN functions (``benchmarks.degrade.basicsr_degrade``), ``cv2.imwrite`` per image;
   our stage runs the full gfpgan preset (with its colour extras, which the BasicSR core leaves out).
 - niqe: pyiqa's NIQE (LIVE pristine model, given as a .mat: no download) per file, a CSV at the end.
@@ -71,7 +72,7 @@ def _uint8(x):
     return (x[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
 
 
-def peer_degrade(files: list[Path], out: Path, assets: Path) -> None:
+def peer_degrade(files: list[Path], out: Path, assets: Path, device: str) -> None:  # noqa: ARG001 - CPU only
     import numpy as np
 
     from benchmarks.degrade import basicsr_degrade
@@ -82,56 +83,57 @@ def peer_degrade(files: list[Path], out: Path, assets: Path) -> None:
         _write_rgb(out / f.name, basicsr_degrade(_read_rgb(f), config))
 
 
-def peer_niqe(files: list[Path], out: Path, assets: Path) -> None:
+def peer_niqe(files: list[Path], out: Path, assets: Path, device: str) -> None:
     import csv
 
     import torch
     from pyiqa.archs.niqe_arch import NIQE
 
-    metric = NIQE(pretrained_model_path=str(assets / "niqe_modelparameters.mat"))
+    metric = NIQE(pretrained_model_path=str(assets / "niqe_modelparameters.mat")).to(device)
     with torch.inference_mode(), open(out / "niqe.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         for f in files:
-            w.writerow([f.name, float(metric(_tensor(_read_rgb(f))))])
+            w.writerow([f.name, float(metric(_tensor(_read_rgb(f)).to(device)))])
 
 
-def peer_musiq(files: list[Path], out: Path, assets: Path) -> None:
+def peer_musiq(files: list[Path], out: Path, assets: Path, device: str) -> None:
     import csv
 
     import pyiqa
     import torch
 
-    metric = pyiqa.create_metric("musiq", pretrained_model_path=str(assets / "musiq.pth"), device="cpu")
+    metric = pyiqa.create_metric("musiq", pretrained_model_path=str(assets / "musiq.pth"), device=device)
     with torch.inference_mode(), open(out / "musiq.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         for f in files:
-            w.writerow([f.name, float(metric(_tensor(_read_rgb(f))))])
+            w.writerow([f.name, float(metric(_tensor(_read_rgb(f)).to(device)))])
 
 
-def peer_pseudo_targets(files: list[Path], out: Path, assets: Path) -> None:
+def peer_pseudo_targets(files: list[Path], out: Path, assets: Path, device: str) -> None:
     import torch
 
     from bfr_models.diffusion.prior import load_prior
     from bfr_models.pseudo_targets import generate, method_params, with_resolution
 
-    prior = load_prior(str(assets / "prior"), "cpu")
+    prior = load_prior(str(assets / "prior"), device)
     p = with_resolution(method_params("dr2"), prior.resolution)
     with torch.inference_mode():
         for seed, f in enumerate(files):
-            result = generate(p, _tensor(_read_rgb(f)), prior, [[seed]])
-            _write_rgb(out / f.name, _uint8(result.images))
+            result = generate(p, _tensor(_read_rgb(f)).to(device), prior, [[seed]])
+            _write_rgb(out / f.name, _uint8(result.images.cpu()))
 
 
-def peer_clean(files: list[Path], out: Path, assets: Path) -> None:
+def peer_clean(files: list[Path], out: Path, assets: Path, device: str) -> None:
     import torch
 
     from bfr_models.idm import load_idm
     from tasks.clean import clean_batch
 
-    model = load_idm(str(assets / "idm"), "cpu")
+    model = load_idm(str(assets / "idm"), device)
     with torch.inference_mode():
         for seed, f in enumerate(files):
-            _write_rgb(out / f.name, _uint8(clean_batch(model, _tensor(_read_rgb(f)), [seed], 10, "posterior", 1)))
+            x = _tensor(_read_rgb(f)).to(device)
+            _write_rgb(out / f.name, _uint8(clean_batch(model, x, [seed], 10, "posterior", 1).cpu()))
 
 
 PEERS = {"degrade": peer_degrade, "niqe": peer_niqe, "musiq": peer_musiq, "pseudo-targets": peer_pseudo_targets,
@@ -249,7 +251,7 @@ def measure(stage: str, faces: Path, root: Path, assets: Path, device: str, n: i
     ours_total, ours_first = measure_ours(stage, faces, root, assets, device, env)
     peer_out = root / "peer" / stage
     peer_total, peer_first = timed([sys.executable, __file__, "--peer", stage, "--input", str(faces),
-                                    "--out", str(peer_out), "--assets", str(assets)], peer_out,
+                                    "--out", str(peer_out), "--assets", str(assets), "--device", device], peer_out,
                                    "*.csv" if stage in SCORES else "*.png")
     if stage in SCORES:
         peer_first = None  # its CSV is written from the first row on
@@ -317,7 +319,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=60, help="faces (default 60)")
     ap.add_argument("--size", type=int, default=256, help="face size in pixels (default 256)")
     ap.add_argument("--stages", default=",".join(STAGES), help="comma list of " + ",".join(STAGES))
-    ap.add_argument("--device", default="cpu", help="our stages' --device (the peers run on the CPU)")
+    ap.add_argument("--device", default="cpu", help="our stages' --device, and the peers' (BasicSR: CPU only)")
     ap.add_argument("--keep", help="work in this folder and keep it (default: a temporary one)")
     ap.add_argument("--server", action="store_true",
                     help="also run our stages against a running Prefect server (prefect server start)")
@@ -327,7 +329,7 @@ def main() -> None:
     ap.add_argument("--assets", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.peer:
-        PEERS[args.peer](sorted(Path(args.input).glob("*.png")), Path(args.out), Path(args.assets))
+        PEERS[args.peer](sorted(Path(args.input).glob("*.png")), Path(args.out), Path(args.assets), args.device)
         return
     stages = args.stages.split(",")
     with tempfile.TemporaryDirectory() as tmp:

@@ -17,6 +17,8 @@ each starts only while ``--budget-s`` seconds remain, so the table always comes 
   per-image functions on the CPU (benchmarks/degrade.py).
 - NIQE and MUSIQ (random MUSIQ weights): ours batched on the GPU against pyiqa per image on the same GPU
   (benchmarks/score.py).
+- UNet layout: one eager forward of the ADM-256 and IDM-512 UNets in channels_last against the default
+  (contiguous) layout that bfr_models.device.prepare_unet keeps (network calls per image, per second).
 """
 
 from __future__ import annotations
@@ -136,6 +138,34 @@ def adm_prior(dev: torch.device, dry: bool):
     return Prior(devices.prepare_unet(unet, dev), DDPMSchedule.linear(1000), res, variance, "random", "random")
 
 
+def batch_invariance(dev: torch.device) -> str:
+    """How far an image's bytes move between sampling it alone and inside a batch of 8 on this device: DR2
+    (20 respaced steps) with a small random prior at 64 px, each precision. Noise is per image either way
+    (bfr_models.device); what can differ is the kernels the batch size selects."""
+    from bfr_models.diffusion.prior import Prior
+    from bfr_models.diffusion.schedule import DDPMSchedule
+    from bfr_models.diffusion.train import PriorTrainConfig, small_unet
+    from bfr_models.pseudo_targets import generate, method_params
+
+    torch.manual_seed(0)
+    prior = Prior(devices.prepare_unet(small_unet(PriorTrainConfig()), dev), DDPMSchedule.linear(1000), 64,
+                  "fixed_large", "random", "random")
+    p = method_params("dr2", N=4, tau=220, respace=20)
+    x = torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(1)).to(dev)
+    seeds = [[100 + i] for i in range(8)]
+    parts = []
+    for dtype in ("fp32", "bf16") if dev.type == "cuda" else ("fp32",):
+        def png_values(images, seeds):
+            out = generate(p, images, prior, seeds, dtype=devices.autocast_dtype(dtype)).images
+            return (out.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+
+        batch = png_values(x, seeds)
+        alone = torch.cat([png_values(x[i : i + 1], seeds[i : i + 1]) for i in range(8)])
+        diff = (batch.int() - alone.int()).abs()
+        parts.append(f"{dtype}: {int((diff > 0).sum())} of {diff.numel()} uint8 values differ (max {int(diff.max())})")
+    return "alone vs in a batch of 8 (DR2, small 64-px prior): " + "; ".join(parts)
+
+
 def prior_rows(table: Table, dev: torch.device, sizes: Sizes, dry: bool):
     """The sampling rows; returns the --compile row to run at the end (None when out of time)."""
     from bfr_models.pseudo_targets import generate, method_params
@@ -233,6 +263,44 @@ def score_rows(table: Table, dev: torch.device, sizes: Sizes) -> None:
                   sizes.score_batch, ours, "pyiqa per image", theirs)
 
 
+def layout_rows(table: Table, dev: torch.device, dry: bool) -> None:
+    """channels_last against the default layout: 5 eager UNet calls after 2 warm-ups, in each precision."""
+    from bfr_models.diffusion.adm import ADM_ARCHS, ADMUNet2DModel, adm_unet_config
+    from bfr_models.diffusion.train import PriorTrainConfig, small_unet
+    from bfr_models.idm import IDMConfig, idm_unet
+
+    if dry:
+        nets = [("small prior", lambda: small_unet(PriorTrainConfig(resolution=32, channels=(16, 32))), 3, 32, 2)]
+    else:
+        nets = [("ADM ffhq256", lambda: ADMUNet2DModel.from_config(adm_unet_config(ADM_ARCHS["ffhq256"])), 3, 256, 32),
+                ("IDM 512", lambda: idm_unet(IDMConfig()), 6, 512, 8)]
+    for name, build, channels, side, batch in nets:
+        if not table.has_time(f"UNet layout {name}"):
+            return
+        torch.manual_seed(0)
+        layout_row(table, dev, name, devices.prepare_unet(build(), dev), channels, side, batch)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def layout_row(table: Table, dev: torch.device, name: str, net, channels: int, side: int, batch: int) -> None:
+    x = torch.randn(batch, channels, side, side, device=dev)
+    t = torch.full((batch,), 500, device=dev, dtype=torch.long)
+    for dtype in ("bf16", "fp32") if dev.type == "cuda" else ("fp32",):
+        rates = {}
+        for layout in (torch.contiguous_format, torch.channels_last):
+            net, xi = net.to(memory_format=layout), x.contiguous(memory_format=layout)
+
+            def calls(k: int, net=net, xi=xi, dtype=dtype) -> None:
+                for _ in range(k // batch):
+                    devices.run_unet(net, devices.autocast_dtype(dtype), xi, t)
+
+            with torch.inference_mode():
+                rates[layout] = timed(dev, calls, 5 * batch, batch)[0]
+        table.row("UNet forward", f"{name}, channels_last", dtype, batch, rates[torch.channels_last],
+                  "contiguous (default)", rates[torch.contiguous_format])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="every row on the CPU with tiny sizes")
@@ -250,17 +318,19 @@ def main(argv: list[str] | None = None) -> int:
         free, total = torch.cuda.mem_get_info(dev)
         print(f"# GPU benchmark: {torch.cuda.get_device_name(dev)} ({total / 2**30:.0f} GiB, {free / 2**30:.0f} free), "
               f"torch {torch.__version__}, CUDA {torch.version.cuda}, {platform.processor() or platform.machine()}, "
-              f"{torch.get_num_threads()} CPU threads; TF32 on; channels_last UNets")
+              f"{torch.get_num_threads()} CPU threads; TF32 on")
         auto = {f"{what} {dtype}": devices.default_batch_size(dev, side, dtype, 8)
                 for what, side, dtype in (("ADM-256", 256, "bf16"), ("ADM-256", 256, "fp32"), ("IDM 512", 512, "bf16"))}
         print("default batch from free memory (bfr_models.device): " + ", ".join(f"{k} {v}" for k, v in auto.items()))
-    print("command: python benchmarks/gpu.py" + (" --dry-run" if args.dry_run else "") + "\n")
+    print("command: python benchmarks/gpu.py" + (" --dry-run" if args.dry_run else ""))
+    print((Table.section("batch invariance", batch_invariance, dev) or "") + "\n", flush=True)
     table = Table(args.budget_s)
     start = time.perf_counter()
     compile_row = table.section("pseudo-targets", prior_rows, table, dev, sizes, args.dry_run)
     table.section("clean (IDM)", idm_rows, table, dev, sizes, args.dry_run)
     table.section("degrade", degrade_rows, table, dev, sizes)
     table.section("NIQE, MUSIQ", score_rows, table, dev, sizes)
+    table.section("UNet layout", layout_rows, table, dev, args.dry_run)
     if compile_row is not None:
         table.section("pseudo-targets --compile", compile_row)
     print(f"\n{time.perf_counter() - start:.0f} s for the rows")

@@ -5,8 +5,10 @@
   fp32 elsewhere. bf16 on a device other than CUDA is refused in one line: the CPU always runs fp32, so
   its bytes stay what they are. Scoring networks stay fp32 (their values are checked for parity with
   pyiqa and feed fixed thresholds).
-- On CUDA: TF32 matmuls and cuDNN convolutions, ``channels_last`` UNets, and ``torch.compile`` on request
-  (``--compile``, for the fixed-shape UNets; refused elsewhere).
+- On CUDA: TF32 matmuls and cuDNN convolutions, and ``torch.compile`` on request (``--compile``, for the
+  fixed-shape UNets; refused elsewhere). The UNets stay in the default (contiguous) layout: on an H200,
+  channels_last made the eager ADM-256 and IDM-512 forward 1.36-1.39x slower, in bf16 and fp32 alike (their
+  GroupNorm-heavy blocks; README, GPU rows).
 - Randomness: one ``torch.Generator`` per image, on the CUDA device when the images are there (noise is
   drawn where it is used, no host copy), else on the CPU. An image's noise depends only on its seed, never
   on its batch; on the CPU, where the UNets also see one image at a time (:func:`unet_call`), so do its
@@ -63,17 +65,8 @@ def configure_backends(device: torch.device) -> torch.device:
 
 
 def prepare_unet(unet: torch.nn.Module, device) -> torch.nn.Module:
-    """Move a UNet to ``device`` for inference; channels_last on CUDA (tensor-core friendly convolutions)."""
-    device = torch.device(device)
-    unet = unet.to(device).eval()
-    if device.type == "cuda":
-        unet = unet.to(memory_format=torch.channels_last)
-    return unet
-
-
-def device_input(x: torch.Tensor) -> torch.Tensor:
-    """A UNet input in the layout :func:`prepare_unet` gave the weights."""
-    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cuda" else x
+    """Move a UNet to ``device`` for inference."""
+    return unet.to(torch.device(device)).eval()
 
 
 _COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
@@ -101,7 +94,7 @@ def unet_call(unet: torch.nn.Module, dtype: torch.dtype | None, x: torch.Tensor,
     difference flips a rounded 8-bit pixel near .5; per-image calls make an image's bytes independent of its
     companions, at no throughput cost on a compute-bound CPU."""
     if x.device.type != "cpu":
-        return run_unet(unet, dtype, device_input(x), t)
+        return run_unet(unet, dtype, x, t)
     return torch.cat([run_unet(unet, dtype, x[b : b + 1], t[b : b + 1]) for b in range(x.shape[0])])
 
 

@@ -31,8 +31,10 @@ def test_gpu_benchmark_exits_cleanly_without_cuda_and_runs_every_row_dry(capsys)
         assert capsys.readouterr().out.strip().startswith("benchmarks/gpu.py: no CUDA device here")
     assert main(["--dry-run"]) == 0
     out = capsys.readouterr().out
-    for stage in ("| pseudo-targets | small 32 px", "| clean (IDM) |", "| degrade |", "| NIQE |", "| MUSIQ |"):
+    for stage in ("| pseudo-targets | small 32 px", "| clean (IDM) |", "| degrade |", "| NIQE |", "| MUSIQ |",
+                  "| UNet forward | small prior, channels_last |"):
         assert stage in out, out
+    assert "alone vs in a batch of 8 (DR2, small 64-px prior): fp32: 0 of 98304 uint8 values differ" in out
     assert "skipped" not in out and "failed:" not in out
 
 
@@ -44,12 +46,10 @@ def test_cpu_generators_draw_the_same_streams_as_before():
     assert torch.equal(device.randn((2, 4, 4), gens, CPU), expected)
 
 
-def test_default_batch_and_layout_are_unchanged_off_cuda():
+def test_default_batch_is_unchanged_off_cuda_and_unets_are_prepared_for_inference():
     assert device.default_batch_size(CPU, 512, "fp32", cpu_default=8) == 8
-    unet = device.prepare_unet(torch.nn.Conv2d(3, 4, 3), "cpu")
+    unet = device.prepare_unet(torch.nn.Conv2d(3, 4, 3).train(), "cpu")
     assert unet.weight.is_contiguous() and not unet.training
-    x = torch.rand(2, 3, 8, 8)
-    assert device.device_input(x) is x
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
