@@ -10,6 +10,10 @@ of your own, e.g. ``prefect server start --background``) nothing is started: the
 
 Only the console command starts early (``main()`` with no argv): a Python caller that runs several commands
 in one process (the tests) keeps Prefect's own server, one per process.
+
+A server that cannot start (a bad database URL in the settings, a broken install) ends the command before any
+work, in one line quoting the server's own error (:class:`APIServerError`): Prefect's own server would fail
+the same way, after its startup timeout.
 """
 
 from __future__ import annotations
@@ -30,7 +34,12 @@ from pathlib import Path
 
 STOP_WAIT_S = 5  # as Prefect's own temporary server: then it is killed
 
-_server: dict = {}  # the early server: {"process": Popen, "url": str}
+_server: dict = {}  # the early server: {"process": Popen, "url": str, "log": its output (a temporary file)}
+_EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception)\b.*:")
+
+
+class APIServerError(RuntimeError):
+    """The command's Prefect API server did not start. One line, with the server's own reason."""
 
 
 def free_port() -> int:
@@ -61,17 +70,46 @@ def start_early() -> None:
     """Start Prefect's temporary API server now, without waiting for it, unless the environment names an API."""
     if _server or os.environ.get("PREFECT_API_URL"):
         return
+    _spawn()
+    atexit.register(stop)  # registered before Prefect's own exit handlers, so it runs after them (they send logs)
+
+
+def _spawn() -> None:
     port = free_port()
     # the command Prefect's SubprocessASGIServer runs (prefect/server/api/server.py), so the server is the same
     cmd = [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
            "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"]
     env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
-    # its output is not the command's: a server stopped while starting (a command that fails its first check)
-    # prints a traceback; one that does not come up is replaced by Prefect's own (prefect_api), which reports
-    process = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    _server.update(process=process, url=f"http://127.0.0.1:{port}/api")
-    atexit.register(stop)  # registered before Prefect's own exit handlers, so it runs after them (they send logs)
+    # its output is not the command's (a server stopped while starting, by a command that fails its first
+    # check, prints a traceback): kept aside, to quote if it does not come up
+    log = tempfile.TemporaryFile()
+    process = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
+    _server.update(process=process, url=f"http://127.0.0.1:{port}/api", log=log)
+
+
+def _reason(log) -> str:
+    """The server's own error: the last exception line of its output, else its last line."""
+    log.seek(0)
+    lines = [line.strip() for line in log.read()[-20000:].decode(errors="replace").splitlines() if line.strip()]
+    return next((line for line in reversed(lines) if _EXCEPTION_LINE.match(line)), lines[-1] if lines else "no output")
+
+
+def wait_early(timeout: float) -> None:
+    """Wait until the early server answers. A server that exited is started once more on another port (its
+    port may have been taken meanwhile); then, or after ``timeout``, :class:`APIServerError`."""
+    for attempt in (1, 2):
+        process = _server["process"]
+        if wait_healthy(_server["url"], process, timeout):
+            return
+        if process.poll() is None or attempt == 2:
+            break
+        _server["log"].close()
+        _spawn()
+    process, log = _server["process"], _server["log"]
+    reason = f"no answer within {timeout:g} s" if process.poll() is None else _reason(log)
+    stop()
+    raise APIServerError(f"the Prefect API server did not start: {reason} "
+                         f"(or set PREFECT_API_URL to a running server)")
 
 
 @contextmanager
@@ -93,8 +131,9 @@ def use_api(url: str):
 
 @contextmanager
 def prefect_api():
-    """Around a command's flow: once the early server answers, its runs go there. Without an early server, or
-    if it did not come up, Prefect runs as it would by itself (its own server, or ``PREFECT_API_URL``).
+    """Around a command's flow: once the early server answers, its runs go there; one that does not come up
+    ends the command (:func:`wait_early`). Without an early server, Prefect runs as it would by itself (its
+    own server, or ``PREFECT_API_URL``).
 
     Flow-run heartbeats are off unless ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` is set (in the environment, a
     profile or prefect.toml): they only serve a server automation that marks silent runs as crashed, and
@@ -107,9 +146,10 @@ def prefect_api():
     if process is not None and (PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value()):
         stop()  # Prefect's settings (a profile, prefect.toml) name an API, or allow no temporary server
         process = None
-    up = process is not None and wait_healthy(_server["url"], process, startup_timeout())
+    if process is not None:
+        wait_early(startup_timeout())
     with ExitStack() as stack:
-        url = stack.enter_context(use_api(_server["url"])) if up else None
+        url = stack.enter_context(use_api(_server["url"])) if process is not None else None
         if "heartbeat_frequency" not in get_current_settings().flows.model_fields_set:
             stack.enter_context(temporary_settings(updates={"flows.heartbeat_frequency": None}))
         yield url
@@ -118,6 +158,9 @@ def prefect_api():
 def stop(wait: float = STOP_WAIT_S) -> None:
     """Stop the early server (at exit, or sooner when a signal stops the command)."""
     end_process(_server.pop("process", None), wait)
+    log = _server.pop("log", None)
+    if log is not None:
+        log.close()
 
 
 def end_process(process: subprocess.Popen | None, wait: float) -> None:

@@ -491,10 +491,11 @@ def explain(error: BaseException) -> tuple[int, str]:
 
     from bfr_models.lease import LeaseBusy
     from bfr_models.storage import StoreError
+    from flows.api_server import APIServerError
 
     stage = sys.modules.get("flows.stage")  # no stage ran if it was never imported (it imports torch and Prefect)
     stage_error = stage.StageError if stage else ()
-    if isinstance(error, (StoreError, LeaseBusy)):  # the run failed; the message says whether a rerun helps
+    if isinstance(error, (StoreError, LeaseBusy, APIServerError)):  # the message says what failed, and why
         code, text = 1, str(error)
     elif isinstance(error, (NoCredentialsError, PartialCredentialsError)):
         code, text = 2, ("no S3 credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "

@@ -167,3 +167,25 @@ def test_dask_local_workers_get_what_their_settings_resolve_to(monkeypatch):
     assert "PREFECT_API_SSL_CERT_FILE" not in worker_client_env("https://prefect.example.com/api")
     monkeypatch.setenv("PREFECT_API_SSL_CERT_FILE", "/etc/ssl/mine.pem")
     assert "PREFECT_API_SSL_CERT_FILE" not in worker_client_env("http://127.0.0.1:4200/api")
+
+
+def test_a_prefect_server_that_cannot_start_ends_the_command_in_one_line(tmp_path):
+    """The console command's early API server dies at startup (here: Prefect's database URL names a folder
+    that does not exist). The command ends before any work with the server's own reason in one line, instead
+    of falling back to Prefect's own server, which fails the same way after its startup timeout (180 s)."""
+    from tests.conftest import face_like, write_png
+
+    for i in range(2):
+        write_png(tmp_path / "faces" / f"f{i}.png", face_like(i, 64))
+    env = {**os.environ, "PYTHONPATH": str(REPO),
+           "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp_path}/no/such/folder/prefect.db"}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "degrade", "--preset", "gfpgan", "--input",
+                           str(tmp_path / "faces"), "--out", str(tmp_path / "out"), "--device", "cpu"],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=150)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("bfr-curate: error: the Prefect API server did not start: "), proc.stderr
+    assert "unable to open database file" in last
+    assert not (tmp_path / "out" / "degrade").exists()
