@@ -82,7 +82,7 @@ def run(workers: int, faces: Path, out: Path, shard_size: int) -> dict:
     from distributed import Client, LocalCluster
     from prefect_dask import DaskTaskRunner
 
-    from flows.cli import local_api_env, local_cluster_kwargs
+    from flows.runners import local_api_env, local_cluster_kwargs
     from flows.degrade import degrade_flow
     from flows.score import score_flow
 

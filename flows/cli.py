@@ -9,7 +9,6 @@ import os
 import sys
 import traceback
 import warnings
-from contextlib import contextmanager
 
 EPILOG = "Outputs go to <out>/<stage>/<key>/ (index.json, shards/*.parquet, images/). Any fsspec URL works."
 
@@ -43,72 +42,20 @@ class UserError(Exception):
     """A bad argument, config or missing file: printed as one line, exit code 2."""
 
 
-@contextmanager
-def _executor(args):
-    """The task runner the user asked for: threads (default) or a Dask cluster.
-
-    ``--dask local`` starts one LocalCluster here, so every flow of the command (a recipe's stages are
-    subflows, each given a copy of this runner) submits to the same cluster instead of starting its own.
-    """
-    from prefect.task_runners import ThreadPoolTaskRunner
-
-    workers, dask = getattr(args, "workers", 1), getattr(args, "dask", None)  # single-task commands have neither
-    if dask is None:
-        yield ThreadPoolTaskRunner(max_workers=workers)
-        return
-    from prefect_dask import DaskTaskRunner
-
-    if dask != "local":
-        yield DaskTaskRunner(address=dask)
-        return
-    from distributed import LocalCluster
-
-    if not getattr(args, "debug", False):  # the scheduler and nannies log here, over the progress bar
-        logging.getLogger("distributed").setLevel(logging.WARNING)
-    with LocalCluster(**local_cluster_kwargs(workers, local_api_env())) as cluster:
-        yield DaskTaskRunner(address=cluster.scheduler_address)
-
-
-def local_api_env() -> dict:
-    """``PREFECT_API_URL`` for LocalCluster workers: the server this command reports to. Without one, this
-    process's embedded API is started now and shared with them: each worker process would otherwise start an
-    embedded API of its own (tens of seconds each on its first shard). With it, the settings that make a task
-    run cheaper to start on a worker (:func:`flows.api_server.worker_client_env`)."""
-    from prefect.settings import PREFECT_API_URL
-
-    from flows.api_server import worker_client_env
-
-    url = PREFECT_API_URL.value()
-    if not url:
-        from prefect.server.api.server import SubprocessASGIServer
-
-        server = SubprocessASGIServer()  # the instance Prefect's own client starts and uses in this process
-        server.start()
-        url = server.api_url
-    return {"PREFECT_API_URL": url, **worker_client_env(url)}
-
-
-def local_cluster_kwargs(workers: int, env: dict | None = None) -> dict:
-    """A Dask LocalCluster of worker processes, one task thread each; torch's threads in each by the rule of
-    flows/threads.py (the cores divided among the workers), and ``env`` (e.g. :func:`local_api_env`)."""
-    from flows.threads import worker_env
-
-    return {"n_workers": workers, "threads_per_worker": 1, "processes": True, "silence_logs": logging.WARNING,
-            "env": {**worker_env(workers), **(env or {})}}
-
-
 def _run(flow_fn, args, **params):
     from bfr_models import storage
     from flows.api_server import prefect_api
     from flows.cluster import check_contract, is_remote
     from flows.run_info import call_flow
+    from flows.runners import task_runner
 
-    if is_remote(getattr(args, "dask", None)):
-        check_contract(args.dask, params)  # before anything is written: local paths, Prefect server, model cache
+    workers, dask = getattr(args, "workers", 1), getattr(args, "dask", None)  # single-task commands have neither
+    if is_remote(dask):
+        check_contract(dask, params)  # before anything is written: local paths, Prefect server, model cache
     if params.get("out"):
         storage.check_writable(params["out"])  # before any work: one line, never a bucket created
 
-    with prefect_api(), _executor(args) as runner:
+    with prefect_api(), task_runner(workers, dask, getattr(args, "debug", False)) as runner:
         return call_flow(flow_fn.with_options(task_runner=runner), **params)
 
 

@@ -94,10 +94,10 @@ def prior_train_flow(input: str, out: str, resolution: int = 64, steps: int = 20
 
 def convert_adm(checkpoint: str, arch: str, out: str) -> str:
     """A guided-diffusion checkpoint -> a prior folder (every tensor's shape checked on the way)."""
-    from bfr_models import models
+    from bfr_models import models, weights
     from bfr_models.diffusion.adm import convert_adm_state_dict
 
-    state = models.load_state_dict(checkpoint, "ADM checkpoint")
+    state = weights.load_state_dict(checkpoint, "ADM checkpoint")
     unet = convert_adm_state_dict(state, arch)
     variance = "learned_range" if int(unet.config.out_channels) == 6 else "fixed_large"
     return save_prior(unet, out, variance_type=variance,

@@ -7,7 +7,7 @@ from prefect_dask import DaskTaskRunner
 
 from bfr_models import manifest, storage
 from bfr_models.imageio import decode_rgb
-from flows.cli import local_cluster_kwargs
+from flows.runners import local_cluster_kwargs
 from flows.demo import write_demo_photos
 from flows.ingest import ingest_flow
 from flows.threads import intra_op_threads

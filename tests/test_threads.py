@@ -10,7 +10,7 @@ from prefect import flow, task
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from bfr_models.manifest import ManifestWriter, read_index
-from flows.cli import local_cluster_kwargs
+from flows.runners import local_cluster_kwargs
 from flows.stage import run_stage
 from flows.threads import available_cores, intra_op_threads
 from tasks.rows import error_row

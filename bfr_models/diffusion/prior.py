@@ -172,7 +172,7 @@ def load_prior(spec: str, device: str | torch.device = "cpu") -> Prior:
     if digest != meta.get("weights_sha256"):
         raise PriorError(f"prior weights {weights_uri} have sha256 {digest}, but prior.json says "
                          f"{meta.get('weights_sha256')}: the file is corrupt or was replaced")
-    from bfr_models.models import safetensors_from_bytes
+    from bfr_models.weights import safetensors_from_bytes
 
     try:
         state = safetensors_from_bytes(weights, f"prior weights {weights_uri}")
@@ -197,7 +197,7 @@ def _build_unet(config: dict, state: dict, where: str) -> torch.nn.Module:
 
 def _load_card_prior(name: str, device) -> Prior:
     """A model card naming a guided-diffusion checkpoint: verify its sha256, convert, load."""
-    from bfr_models import models
+    from bfr_models import models, weights
 
     try:
         card = models.get_card(name)
@@ -210,7 +210,7 @@ def _load_card_prior(name: str, device) -> Prior:
     from bfr_models.diffusion.adm import convert_adm_state_dict
 
     path = models.require([name])[name]  # raises ModelMissingError / ModelHashError before any work
-    state = models.load_state_dict(str(path), f"prior {name}")
+    state = weights.load_state_dict(str(path), f"prior {name}")
     unet = convert_adm_state_dict(state, how["arch"])
     digest = models.file_sha256(path)
     meta = {"format": PRIOR_FORMAT, "version": PRIOR_VERSION, "source": {"card": name, "from": "adm", "arch": how["arch"]},

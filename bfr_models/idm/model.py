@@ -142,7 +142,7 @@ def read_idm_meta(uri: str) -> dict:
 
 def load_idm(uri: str, device: str | torch.device = "cpu") -> IDMModel:
     """Load a model folder; its weights' sha256 is checked against idm.json. Raises IDMError."""
-    from bfr_models.models import safetensors_from_bytes
+    from bfr_models.weights import safetensors_from_bytes
 
     uri = storage.normalize(str(uri))
     meta = read_idm_meta(uri)

@@ -21,7 +21,7 @@ from torchvision.models import inception as tv_inception
 from bfr_models import storage
 from bfr_models.metrics.fid_stats import (DEFAULT_CONVENTION, FEATURE_CODE_VERSION, FEATURE_DIM, INCEPTION_CARDS,
                                           INPUT_SIZE, FIDConvention, FIDError, check_convention)
-from bfr_models.models import load_strict, state_dict_from_bytes
+from bfr_models.weights import load_strict, state_dict_from_bytes
 
 # --------------------------------------------------------------------------------------------
 # The network: pytorch-fid's FID-Inception, reimplemented on torchvision's Inception-v3 blocks

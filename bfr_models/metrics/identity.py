@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bfr_models.models import load_state_dict, load_strict
+from bfr_models.weights import load_state_dict, load_strict
 
 CARD = "facenet_vggface2"
 SIZE = 160

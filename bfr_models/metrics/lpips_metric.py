@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 
-from bfr_models.models import load_state_dict
+from bfr_models.weights import load_state_dict
 
 LPIPSNet = Literal["vgg", "alex"]
 BACKBONE_CARDS: dict[str, str] = {"vgg": "lpips_vgg16_backbone", "alex": "lpips_alex_backbone"}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from bfr_models.models import load_state_dict, load_strict
+from bfr_models.weights import load_state_dict, load_strict
 
 CARD = "musiq_koniq"
 # pyiqa's "musiq" metric options: KonIQ-10k weights regress one MOS value (num_class=1).

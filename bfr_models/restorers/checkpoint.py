@@ -19,7 +19,7 @@ import json
 import torch
 
 from bfr_models import storage
-from bfr_models.models import load_strict, safetensors_metadata
+from bfr_models.weights import load_strict, safetensors_metadata
 from bfr_models.restorers.errors import RestorerError
 from bfr_models.restorers import small, swinir
 

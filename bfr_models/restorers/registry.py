@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from bfr_models import storage
-from bfr_models.models import torch_load_weights
+from bfr_models.weights import torch_load_weights
 from bfr_models.resize import at_resolution
 from bfr_models.restorers.checkpoint import (arch_of, is_restorer_checkpoint, read_checkpoint, restorer_from_bytes,
                                              safetensors_metadata, trained_resolution)

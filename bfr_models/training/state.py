@@ -20,7 +20,7 @@ from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 
 from bfr_models import storage
-from bfr_models.models import safetensors_metadata
+from bfr_models.weights import safetensors_metadata
 
 STATE_FILE = "checkpoints/train_state.safetensors"
 FORMAT = "bfr-curate training state 1"
