@@ -6,6 +6,10 @@ abandoning the shards in flight: their files are written atomically, so none sho
 rerun redoes them (Prefect would otherwise wait for each to finish: a minute or more). If the process is
 still alive ``BFR_CURATE_STOP_GRACE`` seconds after the signal (default 10: a release stuck on a hung
 store), it exits anyway. A second signal exits at once.
+
+Before such an exit, the flow run the signal interrupted, its parents (a recipe's run) and their task runs
+still in flight are set Crashed with the same line (:func:`_mark_crashed`), as Prefect does for a run a
+KeyboardInterrupt ends: the Prefect UI would otherwise show them Running forever.
 """
 
 from __future__ import annotations
@@ -23,10 +27,12 @@ PREFECT_RUN_LOGGERS = ("prefect.task_runs", "prefect.flow_runs", "prefect.engine
                        "prefect.task_engine", "prefect.results")
 
 STOP_SERVER_S = 1  # how long a stopped command waits for its API server to stop before killing it
+MARK_CRASHED_S = 3  # how long a stopped command spends at most setting its runs Crashed
 _said = threading.Event()  # the one line was printed
 _signalled = threading.Event()
 _children = []  # processes this command started that must not outlive it (schedule's Prefect server)
 _released = threading.Event()  # a stage stopped by the signal released its folder: nothing left to wait for
+_interrupted: dict = {}  # the flow run the signal interrupted: {"id": UUID, "api": its PREFECT_API_URL or None}
 
 
 class Interrupted(KeyboardInterrupt):
@@ -64,6 +70,10 @@ def stop_on_exit(process) -> None:
 def exit_now(text: str) -> None:
     """End the process at once with exit code 1 and one line (unless one was printed already), from any thread."""
     _say_once(text)
+    if _interrupted:
+        marking = threading.Thread(target=_mark_crashed, args=(text.removeprefix("bfr-curate: "),), daemon=True)
+        marking.start()
+        marking.join(MARK_CRASHED_S)
     from flows.api_server import end_process, stop
 
     # the Prefect API servers are child processes: do not orphan them, nor wait long for them
@@ -81,11 +91,56 @@ def _exit_when_released(name: str) -> None:
     _exit_now(name)
 
 
+def _note_interrupted_run() -> None:
+    """Remember the flow run running in this (the main) thread, and the API it reports to."""
+    from prefect.context import FlowRunContext
+    from prefect.settings import PREFECT_API_URL
+
+    context = FlowRunContext.get()
+    if context is not None and context.flow_run is not None:
+        _interrupted.update(id=context.flow_run.id, api=PREFECT_API_URL.value())
+
+
+def _mark_crashed(message: str) -> None:
+    """Set the interrupted flow run, its parent runs, and their task runs still in flight Crashed."""
+    from contextlib import nullcontext
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterState,
+                                                TaskRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import TaskRunSort
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Crashed
+
+    live = TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(
+        any_=[StateType.RUNNING, StateType.PENDING, StateType.SCHEDULED])))
+    api = _interrupted["api"]
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: api}) if api else nullcontext(), \
+                get_client(sync_client=True, httpx_settings={"timeout": MARK_CRASHED_S}) as client:
+            run_id = _interrupted["id"]
+            while run_id is not None:
+                runs = FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))
+                # the server takes a filter only with a sort and a limit (at most 200); a run has far fewer
+                # tasks in flight (the in-flight bound, flows/stage.py)
+                for task_run in client.read_task_runs(flow_run_filter=runs, task_run_filter=live,
+                                                      sort=TaskRunSort.ID_DESC, limit=200):
+                    client.set_task_run_state(task_run.id, Crashed(message=message), force=True)
+                client.set_flow_run_state(run_id, Crashed(message=message), force=True)
+                parent = client.read_flow_run(run_id).parent_task_run_id
+                run_id = client.read_task_run(parent).flow_run_id if parent else None
+    except Exception:  # noqa: BLE001 - the stop goes on; the run's state is all that is left behind
+        pass
+
+
 def _on_signal(signum, frame) -> None:
     name = signal.Signals(signum).name
     if _signalled.is_set():
         _exit_now(name)
     _signalled.set()
+    if "prefect" in sys.modules:  # a flow may be running (commands that run none never import Prefect)
+        _note_interrupted_run()
     threading.Thread(target=_exit_when_released, args=(name,), daemon=True).start()
     raise Interrupted(name)
 

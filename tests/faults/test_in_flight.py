@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
+from contextlib import closing
 from dataclasses import asdict
 
 from prefect import flow, task
@@ -79,6 +81,14 @@ except Interrupted as e:
 """
 
 
+def _running_task_runs(db_path) -> int:
+    try:
+        with closing(sqlite3.connect(db_path, timeout=1)) as db:
+            return db.execute("SELECT count(*) FROM task_run WHERE state_type = 'RUNNING'").fetchone()[0]
+    except sqlite3.Error:  # not created yet, or busy
+        return 0
+
+
 def test_sigterm_abandons_the_shards_in_flight(tmp_path):
     out, marker = tmp_path / "out", tmp_path / "in-flight"
     env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp_path / "prefect"),
@@ -90,6 +100,9 @@ def test_sigterm_abandons_the_shards_in_flight(tmp_path):
         while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert marker.exists(), proc.stderr.read() if proc.poll() is not None else "no shard started"
+        # task-run states reach Prefect's database as events: signal once it holds both shards as Running
+        while _running_task_runs(tmp_path / "prefect" / "prefect.db") < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
         os.kill(proc.pid, signal.SIGTERM)
         t0 = time.monotonic()
         _, err = proc.communicate(timeout=120)
@@ -101,3 +114,11 @@ def test_sigterm_abandons_the_shards_in_flight(tmp_path):
     print(f"FIGURE SIGTERM with shards in flight: exit {took:.1f} s after the signal")
     assert not list(out.rglob("index.json")) and not list(out.rglob("*.parquet"))  # nothing partial
     assert not list(out.rglob(".bfr-curate-lease.json"))  # released before the exit: a rerun starts at once
+    # what the Prefect UI shows: the run and its shards in flight ended Crashed with the line, none left Running
+    with closing(sqlite3.connect(tmp_path / "prefect" / "prefect.db")) as db:
+        flow_runs = db.execute("SELECT state_type, state_name FROM flow_run").fetchall()
+        task_runs = db.execute("SELECT state_type FROM task_run").fetchall()
+        message = db.execute("SELECT message FROM flow_run_state WHERE type = 'CRASHED'").fetchall()
+    assert flow_runs == [("CRASHED", "Crashed")], flow_runs
+    assert sorted(task_runs) == [("CRASHED",), ("CRASHED",)], task_runs  # the two shards in flight
+    assert message == [("stopped by SIGTERM; finished shards are kept, rerun to resume",)]
