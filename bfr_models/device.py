@@ -7,7 +7,7 @@
   pyiqa and feed fixed thresholds).
 - On CUDA: TF32 matmuls and cuDNN convolutions, and ``torch.compile`` on request (``--compile``, for the
   fixed-shape UNets; refused elsewhere). The UNets stay in the default (contiguous) layout: on an H200,
-  channels_last made the eager ADM-256 and IDM-512 forward 1.36-1.39x slower, in bf16 and fp32 alike (their
+  channels_last made the eager ADM-256 and IDM-512 forward 1.35-1.39x slower, in bf16 and fp32 alike (their
   GroupNorm-heavy blocks; README, GPU rows).
 - Randomness: one ``torch.Generator`` per image, on the CUDA device when the images are there (noise is
   drawn where it is used, no host copy), else on the CPU. An image's noise depends only on its seed, never
