@@ -122,34 +122,41 @@ def timed(dev: torch.device, run, n: int, batch: int) -> tuple[float, float | No
 # ------------------------------------------------------------------------------------------ rows
 
 
-def adm_prior(dev: torch.device, dry: bool):
+def random_prior(dev: torch.device, unet, resolution: int, variance: str):
+    """A prior of random weights (speed and batch behaviour do not depend on the values)."""
     from bfr_models.diffusion.prior import Prior
     from bfr_models.diffusion.schedule import DDPMSchedule
 
+    return Prior(devices.prepare_unet(unet, dev), DDPMSchedule.linear(1000), resolution, variance, "random", "random")
+
+
+def small_prior(dev: torch.device, config):
+    """The tests' small UNet (bfr_models.diffusion.train.small_unet) as a random prior at its resolution."""
+    from bfr_models.diffusion.train import small_unet
+
+    return random_prior(dev, small_unet(config), config.resolution, "fixed_large")
+
+
+def adm_prior(dev: torch.device, dry: bool):
+    from bfr_models.diffusion.train import PriorTrainConfig
+
     torch.manual_seed(0)
     if dry:
-        from bfr_models.diffusion.train import PriorTrainConfig, small_unet
+        return small_prior(dev, PriorTrainConfig(resolution=32, channels=(16, 32)))
+    from bfr_models.diffusion.adm import ADM_ARCHS, ADMUNet2DModel, adm_unet_config
 
-        unet, res, variance = small_unet(PriorTrainConfig(resolution=32, channels=(16, 32))), 32, "fixed_large"
-    else:
-        from bfr_models.diffusion.adm import ADM_ARCHS, ADMUNet2DModel, adm_unet_config
-
-        unet, res, variance = ADMUNet2DModel.from_config(adm_unet_config(ADM_ARCHS["ffhq256"])), 256, "learned_range"
-    return Prior(devices.prepare_unet(unet, dev), DDPMSchedule.linear(1000), res, variance, "random", "random")
+    return random_prior(dev, ADMUNet2DModel.from_config(adm_unet_config(ADM_ARCHS["ffhq256"])), 256, "learned_range")
 
 
 def batch_invariance(dev: torch.device) -> str:
     """How far an image's bytes move between sampling it alone and inside a batch of 8 on this device: DR2
     (20 respaced steps) with a small random prior at 64 px, each precision. Noise is per image either way
     (bfr_models.device); what can differ is the kernels the batch size selects."""
-    from bfr_models.diffusion.prior import Prior
-    from bfr_models.diffusion.schedule import DDPMSchedule
-    from bfr_models.diffusion.train import PriorTrainConfig, small_unet
+    from bfr_models.diffusion.train import PriorTrainConfig
     from bfr_models.pseudo_targets import generate, method_params
 
     torch.manual_seed(0)
-    prior = Prior(devices.prepare_unet(small_unet(PriorTrainConfig()), dev), DDPMSchedule.linear(1000), 64,
-                  "fixed_large", "random", "random")
+    prior = small_prior(dev, PriorTrainConfig())  # 64 px
     p = method_params("dr2", N=4, tau=220, respace=20)
     x = torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(1)).to(dev)
     seeds = [[100 + i] for i in range(8)]
