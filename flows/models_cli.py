@@ -52,7 +52,7 @@ def cmd_models_list(args) -> None:
 
 
 def cmd_models_pull(args) -> None:
-    from bfr_models import models
+    from bfr_models import model_fetch, models
 
     if args.all and args.names:
         raise ModelsUsageError("give model names or --all, not both")
@@ -67,7 +67,7 @@ def cmd_models_pull(args) -> None:
     failures: list[str] = []
     for name in names:
         try:
-            path = models.pull(name, source=args.from_url, progress=not args.quiet, force=args.force)
+            path = model_fetch.pull(name, source=args.from_url, progress=not args.quiet, force=args.force)
         except (models.ModelHashError, models.ModelDownloadError) as e:
             if len(names) == 1:
                 raise
@@ -81,9 +81,9 @@ def cmd_models_pull(args) -> None:
 
 
 def cmd_models_add(args) -> None:
-    from bfr_models import models
+    from bfr_models import model_fetch, models
 
-    path = models.add(args.name, args.from_path, progress=not args.quiet)
+    path = model_fetch.add(args.name, args.from_path, progress=not args.quiet)
     print(f"{args.name}: {path} ({models.cached_check_result(models.get_card(args.name), path)})")
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bfr_models import models
+from bfr_models import model_fetch, models
 
 
 def _weights(seed: int, size: int = 3 * (1 << 20) + 12345) -> bytes:
@@ -78,7 +78,7 @@ def test_pull_over_http_verifies_and_stores(catalog, http_folder):
     catalog("net_a", "net-a.pth", f"{base}/net-a.pth", sha256=hashlib.sha256(data).hexdigest())
 
     assert models.state(models.get_card("net_a")) == "missing"
-    path = models.pull("net_a", progress=False)
+    path = model_fetch.pull("net_a", progress=False)
     assert path == catalog.cache / "net-a.pth"
     assert path.read_bytes() == data
     assert models.model_path("net_a") == path
@@ -87,7 +87,7 @@ def test_pull_over_http_verifies_and_stores(catalog, http_folder):
     assert _cache_files(catalog.cache) == [".net-a.pth.verified.json", "net-a.pth"]
     # pulling again keeps the verified file without downloading (the server copy is gone)
     (folder / "net-a.pth").unlink()
-    assert models.pull("net_a", progress=False) == path
+    assert model_fetch.pull("net_a", progress=False) == path
 
 
 def test_pull_from_moto_s3(catalog, s3_bucket):
@@ -97,7 +97,7 @@ def test_pull_from_moto_s3(catalog, s3_bucket):
     s3fs.S3FileSystem().pipe_file(f"{s3_bucket}/weights/net-b.pth", data)
     catalog("net_b", "net-b.pth", f"{s3_bucket}/weights/net-b.pth", sha256=hashlib.sha256(data).hexdigest())
 
-    path = models.pull("net_b", progress=False)
+    path = model_fetch.pull("net_b", progress=False)
     assert path.read_bytes() == data
     assert models.require(["net_b"]) == {"net_b": path}
 
@@ -114,7 +114,7 @@ def test_pull_rejects_a_file_whose_hash_differs_and_stores_nothing(catalog, http
 
     for source in (None, f"{s3_bucket}/net-c.pth"):
         with pytest.raises(models.ModelHashError) as err:
-            models.pull("net_c", source=source, progress=False)
+            model_fetch.pull("net_c", source=source, progress=False)
         msg = str(err.value)
         assert "\n" not in msg
         assert expected in msg and hashlib.sha256(other).hexdigest() in msg
@@ -130,12 +130,12 @@ def test_hash_prefix_cards_work(catalog, http_folder):
     name = f"net-d-{digest[:8]}.pth"  # torchvision-style published name
     (folder / name).write_bytes(data)
     catalog("net_d", name, f"{base}/{name}", hash_prefix=digest[:8])
-    assert models.pull("net_d", progress=False).read_bytes() == data
+    assert model_fetch.pull("net_d", progress=False).read_bytes() == data
 
     bad = "0" * 8 if not digest.startswith("0" * 8) else "f" * 8
     catalog("net_e", "net-e.pth", f"{base}/{name}", hash_prefix=bad)
     with pytest.raises(models.ModelHashError, match=f"starting with {bad}"):
-        models.pull("net_e", progress=False)
+        model_fetch.pull("net_e", progress=False)
     assert not (catalog.cache / "net-e.pth").exists()
 
 
@@ -149,17 +149,17 @@ def test_override_url_and_mirrors(catalog, http_folder, tmp_path):
     # the card's URL is dead (404); its mirror has the file
     catalog("net_f", "net-f.pth", f"{base}/gone.pth", sha256=sha,
             extra=f"extra:\n  mirror_urls: ['{base}/mirror.pth']\n")
-    assert models.pull("net_f", progress=False).read_bytes() == data
+    assert model_fetch.pull("net_f", progress=False).read_bytes() == data
     # --from-url with a file:// URL
     catalog("net_g", "net-g.pth", f"{base}/gone.pth", sha256=sha)
-    assert models.pull("net_g", source=local.as_uri(), progress=False).read_bytes() == data
+    assert model_fetch.pull("net_g", source=local.as_uri(), progress=False).read_bytes() == data
 
 
 def test_unreachable_source_is_one_clear_error(catalog, http_folder):
     _, base = http_folder
     catalog("net_h", "net-h.pth", f"{base}/gone.pth", sha256="a" * 64)
     with pytest.raises(models.ModelDownloadError) as err:
-        models.pull("net_h", progress=False)
+        model_fetch.pull("net_h", progress=False)
     msg = str(err.value)
     assert isinstance(err.value, FileNotFoundError)
     assert "\n" not in msg and "gone.pth" in msg and "bfr-curate models add net_h --from PATH" in msg
@@ -199,7 +199,7 @@ def test_add_registers_a_local_file(catalog, tmp_path):
     mine.parent.mkdir()
     mine.write_bytes(data)
 
-    path = models.add("net_k", mine, progress=False)
+    path = model_fetch.add("net_k", mine, progress=False)
     assert path == catalog.cache / "net-k.pth" and path.read_bytes() == data
     assert mine.exists()  # copied, not moved
     assert models.model_path("net_k") == path
@@ -209,10 +209,10 @@ def test_add_registers_a_local_file(catalog, tmp_path):
     wrong.write_bytes(_weights(8))
     catalog("net_l", "net-l.pth", "https://example.invalid/net-l.pth", sha256=sha)
     with pytest.raises(models.ModelHashError):
-        models.add("net_l", wrong, progress=False)
+        model_fetch.add("net_l", wrong, progress=False)
     assert not (catalog.cache / "net-l.pth").exists()
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        models.add("net_l", tmp_path / "absent.pth", progress=False)
+        model_fetch.add("net_l", tmp_path / "absent.pth", progress=False)
 
 
 def test_require_names_every_missing_file(catalog, tmp_path):
@@ -222,7 +222,7 @@ def test_require_names_every_missing_file(catalog, tmp_path):
     catalog("net_o", "net-o.pth", "https://example.invalid/o", sha256="c" * 64)
     src = tmp_path / "m.pth"
     src.write_bytes(data)
-    models.add("net_m", src, progress=False)
+    model_fetch.add("net_m", src, progress=False)
 
     with pytest.raises(models.ModelMissingError) as err:
         models.require(["net_m", "net_n", "net_o"])
