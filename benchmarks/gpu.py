@@ -2,7 +2,7 @@
 torch.compile), IDM cleaning at 512, the GFPGAN degradation, NIQE and MUSIQ, each against the loop a user
 would otherwise write, on the same machine, in one process. Prints a Markdown table headed by the GPU's name.
 
-    python benchmarks/gpu.py                 # on a CUDA machine: about 3 minutes on an H200
+    python benchmarks/gpu.py                 # on a CUDA machine: about 2 minutes on an H200
     python benchmarks/gpu.py --dry-run       # every row on the CPU with tiny sizes (checks the script)
 
 Without CUDA (and without --dry-run) it prints one line and exits 0. Rows run in order of importance and

@@ -62,8 +62,8 @@ def add_precision(p) -> None:
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16"],
                    help="UNet precision: bf16 autocast (CUDA only) or fp32 (default: bf16 on CUDA, fp32 elsewhere)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the UNet (CUDA only; pays off when the images share one size: 3.4x the "
-                        "eager bf16 rate for DR2 with an ADM-256 prior on an H200, after a ~1-min first batch)")
+                   help="torch.compile the UNet (CUDA only; pays off when the images share one size: 2.6x the "
+                        "eager bf16 rate for DR2 with an ADM-256 prior on an H200, after a ~40-s first batch)")
 
 
 def pseudo_target_options(args) -> dict:
