@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import traceback
 import warnings
+
+from flows.errors import UserError, explain, quiet_prefect_errors
 
 EPILOG = "Outputs go to <out>/<stage>/<key>/ (index.json, shards/*.parquet, images/). Any fsspec URL works."
 
@@ -36,10 +37,6 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
-
-
-class UserError(Exception):
-    """A bad argument, config or missing file: printed as one line, exit code 2."""
 
 
 def _run(flow_fn, args, **params):
@@ -422,68 +419,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-USER_OSERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
-# Prefect logs a flow's or task's exception (with its traceback) at ERROR before re-raising it to us.
-
-
-def explain(error: BaseException) -> tuple[int, str]:
-    """(exit code, one-line message) for an exception that reached the command line.
-
-    2: the user can fix it (argument, config, missing or wrong input, no credentials, unwritable --out);
-    1: the run failed (a stage, the store). An exception may carry its own ``exit_code``.
-    """
-    import pickle
-
-    from botocore.exceptions import BotoCoreError, NoCredentialsError, PartialCredentialsError
-
-    from bfr_models.lease import LeaseBusy
-    from bfr_models.storage import StoreError
-    from flows.api_server import APIServerError
-
-    stage = sys.modules.get("flows.stage")  # no stage ran if it was never imported (it imports torch and Prefect)
-    stage_error = stage.StageError if stage else ()
-    if isinstance(error, (StoreError, LeaseBusy, APIServerError)):  # the message says what failed, and why
-        code, text = 1, str(error)
-    elif isinstance(error, (NoCredentialsError, PartialCredentialsError)):
-        code, text = 2, ("no S3 credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-                         "(or AWS_PROFILE) for the store")
-    elif isinstance(error, BotoCoreError):
-        code, text = 1, f"store: {error}"
-    elif isinstance(error, pickle.UnpicklingError):
-        # torch's own message suggests turning its safety off: never repeat that
-        code, text = 2, "not a weights file (only plain tensors are loaded; nothing is unpickled)"
-    elif isinstance(error, OSError) and error.strerror and error.filename:
-        code, text = (2 if isinstance(error, USER_OSERRORS) else 1), f"{error.filename}: {error.strerror}"
-    elif isinstance(error, (UserError, ValueError, *USER_OSERRORS)):
-        code, text = 2, str(error)
-    elif isinstance(error, OSError):
-        code, text = 1, f"store: {type(error).__name__}: {error}"
-    elif isinstance(error, stage_error):
-        code, text = 1, str(error)
-    else:  # a bug: say what, and how to see where
-        code, text = 1, f"{type(error).__name__}: {error} (bfr-curate --debug ... prints the traceback)"
-    code = getattr(error, "exit_code", code)
-    return code, " ".join(text.split())  # one line, whatever the library put in its message
-
-
-class _NoRunErrors(logging.Filter):
-    """Drops Prefect's ERROR records about a failed run: the command line explains the error itself."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno < logging.ERROR
-
-
-def _quiet_prefect_errors() -> None:
-    """Filters on Prefect's run loggers; Prefect's logging setup (dictConfig) keeps them, so Prefect need not be
-    imported here: commands that run no flow (manifest show, presets, ...) never load it."""
-    from flows.stop import PREFECT_RUN_LOGGERS
-
-    for name in PREFECT_RUN_LOGGERS:
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _NoRunErrors) for f in logger.filters):
-            logger.addFilter(_NoRunErrors())
-
-
 def command_name(args) -> str:
     """The command as typed: 'degrade', 'prior train', ..."""
     sub = next((v for k, v in vars(args).items() if k.endswith("_command")), None)
@@ -507,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     from flows.stop import Interrupted, install_stop_handlers, say_stopped
 
     if not args.debug:
-        _quiet_prefect_errors()
+        quiet_prefect_errors()
         warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.")  # torch internals, not ours
     install_stop_handlers()
     try:

@@ -1,8 +1,8 @@
 """`bfr-curate models list|pull|add`: the only commands that fetch weight files.
 
 Wire into the main parser with ``add_models_parser(subparsers)``. Handlers raise ValueError /
-FileNotFoundError subclasses with one-line messages; flows/cli.py prints them as
-``bfr-curate: error: ...`` and exits 2.
+FileNotFoundError subclasses with one-line messages; the command line prints them as
+``bfr-curate: error: ...`` and exits 2 (flows/errors.py).
 """
 
 from __future__ import annotations

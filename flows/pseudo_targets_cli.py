@@ -1,7 +1,7 @@
 """`bfr-curate prior inspect|convert|train` and `bfr-curate pseudo-targets`.
 
 Wired into the main parser by ``add_prior_parsers(subparsers, common)``; errors are ValueError /
-FileNotFoundError subclasses with one-line messages (printed by flows/cli.py, exit 2).
+FileNotFoundError subclasses with one-line messages (worded by flows/errors.py, exit 2).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """`bfr-curate finetune`, `restore`, `idm train`, `clean` and `schedule`.
 
 Wired into the main parser by ``add_training_parsers``; errors are ValueError / FileNotFoundError
-subclasses with one-line messages (printed by flows/cli.py, exit 2), raised before any work.
+subclasses with one-line messages (worded by flows/errors.py, exit 2), raised before any work.
 """
 
 from __future__ import annotations

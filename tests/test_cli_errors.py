@@ -16,7 +16,8 @@ from PIL import Image
 
 from bfr_models import manifest
 from bfr_models.manifest import ManifestWriter
-from flows.cli import explain, main
+from flows.cli import main
+from flows.errors import explain
 from tests.conftest import BIN, REPO, face_like, write_png
 
 
