@@ -8,7 +8,7 @@ from bfr_models.degradations import load_preset
 from flows.run_info import run_name
 from flows.stage import run_stage, skipped_record
 from tasks.degrade import STAGE, degrade_shard
-from tasks.runtime import ensure_gpu_limit
+from tasks.runtime import host_gpu_slot
 from tasks.shards import list_inputs
 
 
@@ -24,10 +24,10 @@ def degrade_flow(input: str, out: str, preset: str = "gfpgan", split: str | None
                  device: str = "auto", exclude: tuple[str, ...] | list[str] = ()) -> str:
     """Degrade every image of `input` with a preset; returns the manifest URI."""
     config = degrade_config(preset, split, scale, seed)
-    ensure_gpu_limit(device)
     items, skipped = list_inputs(input, exclude)
     logger = get_run_logger()
     logger.info("degrade: %d inputs (%d skipped), preset %s", len(items), skipped, preset)
-    return run_stage(degrade_shard, STAGE, config, items, input, out, shard_size,
-                     finalize=lambda *_: skipped_record(input, skipped, exclude), preset=preset, split=split,
-                     scale=scale, seed=seed, device=device, batch_size=batch_size)
+    with host_gpu_slot(device):  # this host's GPU: one command at a time (nothing on the CPU)
+        return run_stage(degrade_shard, STAGE, config, items, input, out, shard_size,
+                         finalize=lambda *_: skipped_record(input, skipped, exclude), preset=preset, split=split,
+                         scale=scale, seed=seed, device=device, batch_size=batch_size)

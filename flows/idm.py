@@ -29,7 +29,7 @@ from flows.run_info import publish_model_summary, run_name
 from flows.stage import run_stage, run_training, skipped_record, subflow_runner
 from tasks.clean import STAGE, cached_idm, clean_shard, set_calibration
 from tasks.rows import made_where
-from tasks.runtime import ensure_gpu_limit, key_parameter, local_device, resolve_device, result_storage
+from tasks.runtime import host_gpu_slot, key_parameter, local_device, resolve_device, result_storage
 from tasks.shards import CODE_VERSION, list_inputs, stable_hash
 
 DEFAULT_CHANNELS = IDMConfig().channels
@@ -169,7 +169,6 @@ def clean_flow(input: str, out: str, model: str, rounds: int = 1, steps: int = 1
     first = plan_clean(input, model, rounds, steps, variance, passes, degrade_source, dtype, device, compile)
     dev = local_device(device)  # calibration and FID run here; shards resolve `device` where they run
     dtype = resolve_dtype(dtype, dev)
-    ensure_gpu_limit(device)
     not_computed: list[dict] = []
     use_musiq = _optional_scorer("musiq_koniq", musiq, not_computed, "musiq")
     use_lpips = _optional_scorer("lpips_vgg16_backbone", lpips, not_computed, "lpips")
@@ -181,37 +180,39 @@ def clean_flow(input: str, out: str, model: str, rounds: int = 1, steps: int = 1
     model_uri, history, uri = storage.normalize(model), [], None
     resolution = first.resolution
     batch_size = batch_size or default_batch_size(dev, resolution, dtype, cpu_default=8)
-    calibration = _frozen_calibration(input, out, items, accept, use_musiq, use_identity, str(dev), batch_size)
-    logger.info("clean: %s", calibration)
-    for r in range(1, rounds + 1):
-        if r > 1:  # f_{r} initialised from f_{r-1}, trained on (degrade(x), x*) of the last round
-            model_uri = idm_train_flow.with_options(task_runner=subflow_runner())(  # on Dask: on a worker
-                input=input, out=out, resolution=resolution, crop=first.config.crop,
-                channels=first.config.channels, layers_per_block=first.config.layers_per_block,
-                attention=first.config.attention, norm_groups=first.config.norm_groups, iters=round_iters,
-                batch_size=round_batch_size, lr=round_lr, warmup=round_warmup, checkpoint_every=round_checkpoint_every,
-                seed=seed, targets=uri, init=model_uri, degrade_source=degrade_source, round=r, device=device)
-        m = cached_idm(model_uri, str(dev))
-        config = {"model": m.sha256, "model_uri": model_uri, "round": r, "steps": steps, "variance": variance,
-                  "passes": passes, "acceptance": asdict(accept), "calibration": asdict(calibration),
-                  "musiq": use_musiq, "lpips": use_lpips, "identity": use_identity, "seed": seed, "dtype": dtype,
-                  **({"compile": True} if compile else {})}
-        last = r == rounds
+    with host_gpu_slot(device):  # this host's GPU: one command at a time (nothing on the CPU)
+        calibration = _frozen_calibration(input, out, items, accept, use_musiq, use_identity, str(dev), batch_size)
+        logger.info("clean: %s", calibration)
+        for r in range(1, rounds + 1):
+            if r > 1:  # f_{r} initialised from f_{r-1}, trained on (degrade(x), x*) of the last round
+                model_uri = idm_train_flow.with_options(task_runner=subflow_runner())(  # on Dask: on a worker
+                    input=input, out=out, resolution=resolution, crop=first.config.crop,
+                    channels=first.config.channels, layers_per_block=first.config.layers_per_block,
+                    attention=first.config.attention, norm_groups=first.config.norm_groups, iters=round_iters,
+                    batch_size=round_batch_size, lr=round_lr, warmup=round_warmup,
+                    checkpoint_every=round_checkpoint_every, seed=seed, targets=uri, init=model_uri,
+                    degrade_source=degrade_source, round=r, device=device)
+            m = cached_idm(model_uri, str(dev))
+            config = {"model": m.sha256, "model_uri": model_uri, "round": r, "steps": steps, "variance": variance,
+                      "passes": passes, "acceptance": asdict(accept), "calibration": asdict(calibration),
+                      "musiq": use_musiq, "lpips": use_lpips, "identity": use_identity, "seed": seed, "dtype": dtype,
+                      **({"compile": True} if compile else {})}
+            last = r == rounds
 
-        def set_level(stage_uri: str, shards, r=r, model_uri=model_uri, last=last) -> dict:
-            """The index's record of this round and the rounds before it (the last round's index is the
-            cleaned dataset's: it also holds the FID of cleaned vs original)."""
-            history.append(round_record(stage_uri, shards, r, model_uri))
-            set_metrics = _fid_cleaned_vs_original(stage_uri, shards, dev) if use_fid and last else {}
-            return {"rounds": list(history), "not_computed": not_computed, "set_metrics": set_metrics,
-                    "source": input, **skipped_record(input, skipped, exclude)}
+            def set_level(stage_uri: str, shards, r=r, model_uri=model_uri, last=last) -> dict:
+                """The index's record of this round and the rounds before it (the last round's index is the
+                cleaned dataset's: it also holds the FID of cleaned vs original)."""
+                history.append(round_record(stage_uri, shards, r, model_uri))
+                set_metrics = _fid_cleaned_vs_original(stage_uri, shards, dev) if use_fid and last else {}
+                return {"rounds": list(history), "not_computed": not_computed, "set_metrics": set_metrics,
+                        "source": input, **skipped_record(input, skipped, exclude)}
 
-        uri = run_stage(clean_shard, STAGE, config, items, input, out, shard_size, incremental=True,
-                        finalize=set_level, model_uri=model_uri, round=r, steps=steps, variance=variance,
-                        passes=passes, acceptance=asdict(accept), calibration=asdict(calibration), musiq=use_musiq,
-                        lpips=use_lpips, identity=use_identity, fid=use_fid and last, seed=seed, device=device,
-                        dtype=dtype, batch_size=batch_size, compile=compile)
-        logger.info("clean round %d: %d of %d images replaced", r, history[-1]["replaced"], history[-1]["images"])
+            uri = run_stage(clean_shard, STAGE, config, items, input, out, shard_size, incremental=True,
+                            finalize=set_level, model_uri=model_uri, round=r, steps=steps, variance=variance,
+                            passes=passes, acceptance=asdict(accept), calibration=asdict(calibration), musiq=use_musiq,
+                            lpips=use_lpips, identity=use_identity, fid=use_fid and last, seed=seed, device=device,
+                            dtype=dtype, batch_size=batch_size, compile=compile)
+            logger.info("clean round %d: %d of %d images replaced", r, history[-1]["replaced"], history[-1]["images"])
     return uri
 
 

@@ -26,7 +26,7 @@ from flows.check_summary import checks_line, count_checks
 from flows.run_info import run_name
 from flows.stage import run_stage, skipped_record
 from tasks.rows import decode_items, same_size_batches
-from tasks.runtime import ensure_gpu_limit, key_parameter, local_device
+from tasks.runtime import host_gpu_slot, key_parameter, local_device
 from tasks.pseudo_targets import (STAGE, cached_prior, cached_restorer, gate_batch, niqe_defined,
                                   pseudo_target_shard, run_generate, sample_seeds)
 from tasks.shards import CODE_VERSION, InputItem, list_inputs, read_many, stable_hash
@@ -191,37 +191,38 @@ def pseudo_targets_flow(input: str, out: str, prior: str, method: str = "dr2", N
     dev = local_device(device)  # the --auto search runs here; shards resolve `device` where they run
     dtype = resolve_dtype(dtype, dev)
     batch_size = batch_size or default_batch_size(dev, loaded.resolution, dtype, cpu_default=8)
-    ensure_gpu_limit(device)
     logger = get_run_logger()
     logger.info("pseudo-targets: %d images (%d error rows in the input skipped), %s", len(items), skipped, p.as_dict())
     restorer_info = restore.describe() if restore else None
-    search = None
-    if auto and items:
-        cands = grid(method, p, parse_grid(auto_grid))
-        chosen_sample = _sample(items, auto_sample, seed)
-        fidelity_N = max(c.N or 1 for c in cands) if p.N else 8
-        fidelity_N = fidelity_N if loaded.resolution % fidelity_N == 0 else 1
-        key = stable_hash(["auto", [c.as_dict() for c in cands], [(i.uri, i.version) for i in chosen_sample],
-                           loaded.sha256, restorer_info, resize, fidelity_limit, fidelity_N, auto_metric, seed,
-                           dtype, gate_record, CODE_VERSION])
-        search = auto_search.with_options(result_storage=_auto_storage(out))(
-            key=key, sample_uris=[i.uri for i in chosen_sample], sample_ids=[i.parent_id or i.uri for i in chosen_sample],
-            candidates=[c.as_dict() for c in cands], prior_uri=prior, restorer=restorer, resize=resize,
-            fidelity_limit=fidelity_limit, fidelity_N=fidelity_N, metric=auto_metric, seed=seed, device=str(dev),
-            dtype=dtype, batch_size=batch_size, gate=asdict(gate_config), **gate_scorers)
-        p = cands[search["chosen"]]
-        logger.info("pseudo-targets --auto chose %s (%s)", p.as_dict(), search["reason"])
-    config = {"method": p.as_dict(), "prior": loaded.sha256, "prior_uri": loaded.uri, "restorer": restorer_info,
-              "resize": resize, "best_of": best_of, "fidelity_limit": fidelity_limit, "seed": seed, "dtype": dtype,
-              "auto": search, "gate": gate_record, **({"compile": True} if compile else {})}
-    row_auto = None if search is None else {"metric": search["metric"], "chosen": p.as_dict(), "reason": search["reason"],
-                                            "candidates": len(search["grid"])}
-    uri = run_stage(pseudo_target_shard, STAGE, config, items, input, out, shard_size,
-                    finalize=lambda *_: skipped_record(input, skipped, exclude), params=asdict(p),
-                    prior_uri=prior, restorer=restorer, resize=resize, best_of=best_of,
-                    fidelity_limit=fidelity_limit, seed=seed, device=device, dtype=dtype,
-                    batch_size=batch_size, auto=row_auto, gate=asdict(gate_config), compile=compile, **gate_scorers)
-    logger.info("pseudo-targets: %s", gate_summary(uri))
+    with host_gpu_slot(device):  # this host's GPU: one command at a time (nothing on the CPU)
+        search = None
+        if auto and items:
+            cands = grid(method, p, parse_grid(auto_grid))
+            chosen_sample = _sample(items, auto_sample, seed)
+            fidelity_N = max(c.N or 1 for c in cands) if p.N else 8
+            fidelity_N = fidelity_N if loaded.resolution % fidelity_N == 0 else 1
+            key = stable_hash(["auto", [c.as_dict() for c in cands], [(i.uri, i.version) for i in chosen_sample],
+                               loaded.sha256, restorer_info, resize, fidelity_limit, fidelity_N, auto_metric, seed,
+                               dtype, gate_record, CODE_VERSION])
+            search = auto_search.with_options(result_storage=_auto_storage(out))(
+                key=key, sample_uris=[i.uri for i in chosen_sample],
+                sample_ids=[i.parent_id or i.uri for i in chosen_sample],
+                candidates=[c.as_dict() for c in cands], prior_uri=prior, restorer=restorer, resize=resize,
+                fidelity_limit=fidelity_limit, fidelity_N=fidelity_N, metric=auto_metric, seed=seed, device=str(dev),
+                dtype=dtype, batch_size=batch_size, gate=asdict(gate_config), **gate_scorers)
+            p = cands[search["chosen"]]
+            logger.info("pseudo-targets --auto chose %s (%s)", p.as_dict(), search["reason"])
+        config = {"method": p.as_dict(), "prior": loaded.sha256, "prior_uri": loaded.uri, "restorer": restorer_info,
+                  "resize": resize, "best_of": best_of, "fidelity_limit": fidelity_limit, "seed": seed, "dtype": dtype,
+                  "auto": search, "gate": gate_record, **({"compile": True} if compile else {})}
+        row_auto = None if search is None else {"metric": search["metric"], "chosen": p.as_dict(),
+                                                "reason": search["reason"], "candidates": len(search["grid"])}
+        uri = run_stage(pseudo_target_shard, STAGE, config, items, input, out, shard_size,
+                        finalize=lambda *_: skipped_record(input, skipped, exclude), params=asdict(p),
+                        prior_uri=prior, restorer=restorer, resize=resize, best_of=best_of,
+                        fidelity_limit=fidelity_limit, seed=seed, device=device, dtype=dtype,
+                        batch_size=batch_size, auto=row_auto, gate=asdict(gate_config), compile=compile, **gate_scorers)
+        logger.info("pseudo-targets: %s", gate_summary(uri))
     return uri
 
 

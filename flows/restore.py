@@ -9,7 +9,7 @@ from flows.run_info import run_name
 from flows.stage import run_stage, skipped_record
 from tasks.pseudo_targets import cached_restorer
 from tasks.restore import STAGE, restore_shard
-from tasks.runtime import ensure_gpu_limit, local_device
+from tasks.runtime import host_gpu_slot, local_device
 from tasks.shards import list_inputs
 
 
@@ -25,10 +25,10 @@ def restore_flow(input: str, out: str, restorer: str, shard_size: int = 256, bat
                  device: str = "auto", exclude: tuple[str, ...] | list[str] = ()) -> str:
     """Restore every ok row of `input` with `restorer`; returns the manifest URI."""
     model = plan_restore(input, restorer, device)
-    ensure_gpu_limit(device)
     items, skipped = list_inputs(input, exclude)
     get_run_logger().info("restore: %d inputs (%d skipped) with %s", len(items), skipped, model)
     config = {"restorer": model.describe()}
-    return run_stage(restore_shard, STAGE, config, items, input, out, shard_size,
-                     finalize=lambda *_: skipped_record(input, skipped, exclude), restorer=restorer,
-                     device=device, batch_size=batch_size)
+    with host_gpu_slot(device):  # this host's GPU: one command at a time (nothing on the CPU)
+        return run_stage(restore_shard, STAGE, config, items, input, out, shard_size,
+                         finalize=lambda *_: skipped_record(input, skipped, exclude), restorer=restorer,
+                         device=device, batch_size=batch_size)

@@ -14,7 +14,7 @@ from bfr_models.metrics.suite import FULL_REFERENCE, ScoreConfig, conventions, m
 from flows.run_info import run_name
 from flows.stage import run_stage, skipped_record
 from tasks.rows import content_id
-from tasks.runtime import ensure_gpu_limit, local_device
+from tasks.runtime import host_gpu_slot, local_device
 from tasks.score import STAGE, score_shard
 from tasks.shards import InputItem, list_inputs
 
@@ -180,7 +180,6 @@ def score_flow(input: str, out: str, metrics: str = "niqe,psnr,ssim", reference:
                                                    y_channel, lpips_net, fid_convention, skip_missing,
                                                    fid_allow_small, rows=rows)
     dev = local_device(device)  # the set-level FID runs here; shards resolve `device` where they run
-    ensure_gpu_limit(device)
     logger = get_run_logger()
     for r in not_computed:
         logger.warning("%s not computed: needs %s (%s)", r["metric"], r["needs"], r["command"])
@@ -195,8 +194,9 @@ def score_flow(input: str, out: str, metrics: str = "niqe,psnr,ssim", reference:
         return {"conventions": conventions(config), "not_computed": not_computed, "set_metrics": set_metrics,
                 "source": input, **skipped_record(input, skipped, exclude)}
 
-    return run_stage(score_shard, STAGE, stage_config, items, input, out, shard_size, finalize=set_level,
-                     score_config=config.as_dict(), skip=skip, device=device, batch_size=batch_size)
+    with host_gpu_slot(device):  # this host's GPU: one command at a time (nothing on the CPU)
+        return run_stage(score_shard, STAGE, stage_config, items, input, out, shard_size, finalize=set_level,
+                         score_config=config.as_dict(), skip=skip, device=device, batch_size=batch_size)
 
 
 def _fid(stage_uri: str, shards, config: ScoreConfig, fid_ref: str, allow_small: bool, fid_cache: str, dev) -> dict:

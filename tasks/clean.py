@@ -26,7 +26,7 @@ from bfr_models.metrics.niqe import niqe
 from tasks.pipeline import ShardPipeline, host_batch, host_uint8
 from tasks.pseudo_targets import niqe_defined
 from tasks.rows import decode_items, ok_row, same_size_batches, stamp
-from tasks.runtime import device_slot, load_once, resolve_device, shard_cache_key
+from tasks.runtime import device_turn, load_once, resolve_device, shard_cache_key
 from tasks.score import extractor
 from tasks.shards import ShardSpec, derived_seed, read_many
 
@@ -68,14 +68,13 @@ def set_calibration(items: list, config: AcceptanceConfig, musiq: bool, identity
         decoded, _ = decode_items(STAGE, part, read_many([i.uri for i in part]))  # unreadable: error rows later
         for batch in same_size_batches(decoded, batch_size):
             x = _batch_tensor(batch, dev)
-            with device_slot(dev):
-                if musiq_fn is not None:
-                    quality += musiq_fn(x).tolist()
-                elif niqe_defined(*x.shape[-2:]):
-                    quality += niqe(x).tolist()
-                if identity_fn is not None:
-                    mild = jpeg(x, [config.identity_jpeg_quality] * len(x)).to(dev)
-                    cosines += identity_fn(mild, x).tolist()
+            if musiq_fn is not None:
+                quality += musiq_fn(x).tolist()
+            elif niqe_defined(*x.shape[-2:]):
+                quality += niqe(x).tolist()
+            if identity_fn is not None:
+                mild = jpeg(x, [config.identity_jpeg_quality] * len(x)).to(dev)
+                cosines += identity_fn(mild, x).tolist()
     return calibrate(config, "musiq" if musiq_fn is not None else "niqe", quality, cosines)
 
 
@@ -114,16 +113,16 @@ def clean_shard(spec: ShardSpec, stage_uri: str, model_uri: str, round: int, ste
     writer = ManifestWriter(stage_uri)
     common = {"model": model.describe(), "round": round, "steps": steps, "variance": variance, "passes": passes,
               "acceptance": acceptance, "calibration": calibration, "seed": seed}
-    with ShardPipeline(STAGE, spec.items, batch_size, per_chunk=False, shard=spec.key) as shard, \
-            device_slot(dev):  # once per shard (one API round trip); decode and writes run in other threads
+    with ShardPipeline(STAGE, spec.items, batch_size, per_chunk=False, shard=spec.key) as shard:
         for batch in shard.batches():
             seeds = [derived_seed(seed, STAGE, str(round), d.parent_id) for d in batch]
-            x = host_batch(batch, dev).float() / 255.0
-            x_star = clean_batch(model, x, seeds, steps, variance, passes, dtype, compile)
-            h, w = x.shape[-2:]
-            records = judge(x, x_star, accept, cal, niqe=niqe if niqe_defined(h, w) else None, musiq=musiq_fn,
-                            lpips=lpips_fn, identity=identity_fn)
-            rgbs_star = host_uint8(x_star)
+            with device_turn(dev):  # decode and writes go on in other threads meanwhile
+                x = host_batch(batch, dev).float() / 255.0
+                x_star = clean_batch(model, x, seeds, steps, variance, passes, dtype, compile)
+                h, w = x.shape[-2:]
+                records = judge(x, x_star, accept, cal, niqe=niqe if niqe_defined(h, w) else None, musiq=musiq_fn,
+                                lpips=lpips_fn, identity=identity_fn)
+                rgbs_star = host_uint8(x_star)
             resized = is_resized((h, w), model.resolution)
             accepted = [rec["accepted"] for rec in records]  # read before the writes (their rows pop it)
             for d, rgb_star, rec, s in zip(batch, rgbs_star, records, seeds):
@@ -132,7 +131,8 @@ def clean_shard(spec: ShardSpec, stage_uri: str, model_uri: str, round: int, ste
                     model_px=model.resolution, resized=resized))
             if inception is not None:  # the cleaned dataset's image (x* or x) and the original, per source file
                 kept = [rgb_star if ok else d.rgb for d, rgb_star, ok in zip(batch, rgbs_star, accepted)]
-                pairs = zip(inception(kept), inception([d.rgb for d in batch]))
+                with device_turn(dev):
+                    pairs = zip(inception(kept), inception([d.rgb for d in batch]))
                 features.update({d.item.uri: pair for d, pair in zip(batch, pairs)})
         rows = shard.rows()
     if inception is not None:

@@ -11,7 +11,7 @@ from bfr_models.degradations import load_preset
 from bfr_models.manifest import ManifestWriter
 from tasks.pipeline import ShardPipeline, host_batch, host_uint8
 from tasks.rows import ok_row, stamp
-from tasks.runtime import device_slot, resolve_device, shard_cache_key
+from tasks.runtime import resolve_device, shard_cache_key
 from tasks.shards import ShardSpec, derived_seed
 
 STAGE = "degrade"
@@ -33,8 +33,7 @@ def degrade_shard(spec: ShardSpec, preset: str, split: str | None, scale: float 
     dev = resolve_device(device)
     writer = ManifestWriter(stage_uri)
     label = degradation.name if split is None else f"{degradation.name}/{split}"
-    with ShardPipeline(STAGE, spec.items, batch_size, per_chunk=True, shard=spec.key) as shard, \
-            device_slot(dev):  # once per shard (one API round trip); decode and writes run in other threads
+    with ShardPipeline(STAGE, spec.items, batch_size, per_chunk=True, shard=spec.key) as shard:
         for batch in shard.batches():
             seeds = [degradation_seed(seed, degradation.name, split, scale, d.parent_id) for d in batch]
             params = [degradation.sample(s) for s in seeds]

@@ -16,7 +16,7 @@ from bfr_models.metrics.niqe import BLOCK, niqe
 from bfr_models.pseudo_targets import MethodParams, PseudoTargetError, Targets, difbfsr_config, generate
 from tasks.pipeline import ShardPipeline, host_batch, host_uint8
 from tasks.rows import error_row, ok_row, stamp
-from tasks.runtime import device_slot, load_once, resolve_device, shard_cache_key
+from tasks.runtime import device_turn, load_once, resolve_device, shard_cache_key
 from tasks.shards import ShardSpec, derived_seed
 
 STAGE = "pseudo-targets"
@@ -86,19 +86,20 @@ def pseudo_target_shard(spec: ShardSpec, stage_uri: str, params: dict, prior_uri
     knobs = {"difbfsr": difbfsr_config(p).as_dict()} if p.method == "difbfsr" else {}  # every default, recorded
     common = {**p.as_dict(), **knobs, "prior": prior.describe(), "restorer": restore.describe() if restore else None,
               "fidelity_limit": fidelity_limit, **({"auto": auto} if auto else {})}
-    with ShardPipeline(STAGE, spec.items, batch_size, per_chunk=False, shard=spec.key) as shard, \
-            device_slot(dev):  # once per shard (one API round trip); decode and writes run in other threads
+    with ShardPipeline(STAGE, spec.items, batch_size, per_chunk=False, shard=spec.key) as shard:
         for batch in shard.batches():
             images = host_batch(batch, torch.device("cpu")).float() / 255.0
             seeds = [sample_seeds(seed, d.parent_id, best_of) for d in batch]
             try:
-                result = run_generate(p, images, prior, seeds, restore, resize, fidelity_limit, dtype, compile)
-                gates = gate_batch(p, images, result, prior.resolution, gate_config, gate_musiq, gate_identity,
-                                   str(dev))
+                with device_turn(dev):  # decode and writes go on in other threads meanwhile
+                    result = run_generate(p, images, prior, seeds, restore, resize, fidelity_limit, dtype, compile)
+                    gates = gate_batch(p, images, result, prior.resolution, gate_config, gate_musiq, gate_identity,
+                                       str(dev))
+                    targets = host_uint8(result.images)
             except PseudoTargetError as e:  # e.g. a size the user refused to resize: a row per image says so
                 shard.error(batch, f"pseudo-targets: {e}")
                 continue
-            for d, rgb, rec, measured in zip(batch, host_uint8(result.images), result.records, gates):
+            for d, rgb, rec, measured in zip(batch, targets, result.records, gates):
                 finite, error = rec.pop("finite"), rec.pop("error")
                 if error or not finite:  # this image failed, the batch goes on
                     reason = error or "the sampler produced non-finite values"

@@ -250,28 +250,40 @@ def gpu_limit_name(device: torch.device) -> str:
 
 
 @contextmanager
-def device_slot(device: torch.device):
-    """Hold one slot of this host's device limit for a shard's GPU work (entered once per shard, not per
-    batch: one API round trip per shard). Nothing on the CPU or on a Dask worker (GPU resources do it)."""
-    if device.type == "cpu" or on_dask_worker():
+def host_gpu_slot(device: str):
+    """Hold this host's one slot of ``device`` (a Prefect global concurrency limit, created here) while a stage's
+    shards run in this process: two commands on one host never share a GPU, they take turns a stage at a time.
+    Entered by the flow, once per stage: one API round trip. Nothing on the CPU, or when the shards run on Dask
+    (its workers' GPU resources bound them)."""
+    dev = None if uses_dask() else resolve_device(device)
+    if dev is None or dev.type == "cpu":
         yield
-        return
-    with concurrency(gpu_limit_name(device), occupy=1):
-        yield
-
-
-def ensure_gpu_limit(device: str) -> None:
-    """Create this host's limit for ``device`` (one slot) so one GPU is not oversubscribed. Not on a Dask
-    runner: its workers resolve the device themselves and the cluster's GPU resources bound them."""
-    if uses_dask():
-        return
-    dev = resolve_device(device)
-    if dev.type == "cpu":
         return
     from prefect.client.orchestration import get_client
 
+    name = gpu_limit_name(dev)
     with get_client(sync_client=True) as client:
-        client.upsert_global_concurrency_limit_by_name(gpu_limit_name(dev), 1)
+        client.upsert_global_concurrency_limit_by_name(name, 1)
+    with concurrency(name, occupy=1):
+        yield
+
+
+_TURNS: dict[str, threading.Lock] = {}
+_TURNS_GUARD = threading.Lock()
+
+
+@contextmanager
+def device_turn(device: torch.device):
+    """One batch's device work, for the stages whose batch is sized from free device memory: their shard
+    threads in this process take turns on a GPU batch by batch, so at most one such batch is on it at a time,
+    while the other shards decode, encode and write. Nothing on the CPU, where each shard has its own cores."""
+    if device.type == "cpu":
+        yield
+        return
+    with _TURNS_GUARD:
+        turn = _TURNS.setdefault(str(device), threading.Lock())
+    with turn:
+        yield
 
 
 def uses_dask() -> bool:

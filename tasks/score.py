@@ -15,7 +15,7 @@ from bfr_models.imageio import ImageError, decode_source
 from bfr_models.manifest import ManifestWriter
 from bfr_models.metrics.suite import MetricSuite, ScoreConfig
 from tasks.rows import content_id, stamp
-from tasks.runtime import device_slot, load_once, report_images, resolve_device, shard_cache_key
+from tasks.runtime import load_once, report_images, resolve_device, shard_cache_key
 from tasks.shards import ShardSpec, read_many
 
 STAGE = "score"
@@ -56,16 +56,15 @@ def score_shard(spec: ShardSpec, stage_uri: str, score_config: dict, skip: list[
     rows = [json.loads(item.row) for item in spec.items]
     todo = [(k, item) for k, item in enumerate(spec.items) if rows[k]["status"] == "ok"]
     keys, feats = [], []
-    with device_slot(dev):  # once per shard (one API round trip), not per batch
-        for start in range(0, len(todo), batch_size):
-            ready = _fetch_and_decode(suite, rows, todo[start : start + batch_size])
-            for _, group in groupby(sorted(ready, key=lambda r: r[1].shape), key=lambda r: r[1].shape):
-                _score(suite, dev, rows, list(group))
-            scored = [(k, img) for k, img, _ in ready if rows[k]["status"] == "ok"]
-            if fid is not None and scored:
-                feats.append(fid([img for _, img in scored]))
-                keys += [rows[k]["sha256"] for k, _ in scored]
-            report_images(spec.key, len(todo[start : start + batch_size]))  # the stage's bar moves per batch
+    for start in range(0, len(todo), batch_size):
+        ready = _fetch_and_decode(suite, rows, todo[start : start + batch_size])
+        for _, group in groupby(sorted(ready, key=lambda r: r[1].shape), key=lambda r: r[1].shape):
+            _score(suite, dev, rows, list(group))
+        scored = [(k, img) for k, img, _ in ready if rows[k]["status"] == "ok"]
+        if fid is not None and scored:
+            feats.append(fid([img for _, img in scored]))
+            keys += [rows[k]["sha256"] for k, _ in scored]
+        report_images(spec.key, len(todo[start : start + batch_size]))  # the stage's bar moves per batch
     if fid is not None:
         from bfr_models.metrics.fid import shard_features_uri, write_shard_features  # torchvision: only for FID
 

@@ -101,3 +101,37 @@ def test_progress_of_shards_on_dask_workers_reaches_the_driver_per_batch():
             assert pid != os.getpid() and done("a") == 11 and done("b") == 0
         # nobody watches any more: the worker's reports go nowhere and nothing fails
         assert client.submit(_shard_reporting_two_batches, "a", pure=False).result() == pid
+
+
+def _inside_together(first: torch.device, second: torch.device) -> bool:
+    """Whether two shard threads can be inside device_turn of these devices at the same time."""
+    import threading
+
+    from tasks.runtime import device_turn
+
+    met = threading.Barrier(2, timeout=2)
+    results = []
+
+    def shard(dev):
+        with device_turn(dev):
+            try:
+                met.wait()  # returns only when the other thread is inside too
+                results.append(True)
+            except threading.BrokenBarrierError:
+                results.append(False)
+
+    threads = [threading.Thread(target=shard, args=(d,)) for d in (first, second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return all(results)
+
+
+def test_shards_take_turns_on_a_gpu_batch_by_batch_and_not_on_the_cpu():
+    """device_turn (no CUDA needed to name a device): the shards of a stage whose batch is sized from free device
+    memory hold one GPU one batch at a time; another GPU, or the CPU, does not make them wait."""
+    cuda0, cuda1, cpu = torch.device("cuda:0"), torch.device("cuda:1"), torch.device("cpu")
+    assert not _inside_together(cuda0, cuda0)
+    assert _inside_together(cuda0, cuda1)
+    assert _inside_together(cpu, cpu)
