@@ -11,7 +11,7 @@ from bfr_models.resize import is_resized
 from tasks.pseudo_targets import cached_restorer
 from tasks.pipeline import ShardPipeline, host_batch, host_uint8
 from tasks.rows import ok_row, stamp
-from tasks.runtime import resolve_device, shard_cache_key
+from tasks.runtime import device_turn, resolve_device, shard_cache_key
 from tasks.shards import ShardSpec
 
 STAGE = "restore"
@@ -25,7 +25,8 @@ def restore_shard(spec: ShardSpec, stage_uri: str, restorer: str, device: str, b
     params = {"restorer": model.describe()}
     with ShardPipeline(STAGE, spec.items, batch_size, per_chunk=False, shard=spec.key) as shard:
         for batch in shard.batches():
-            restored = host_uint8(model(host_batch(batch, dev).float() / 255.0))
+            with device_turn(dev):  # decode and writes go on in other threads meanwhile
+                restored = host_uint8(model(host_batch(batch, dev).float() / 255.0))
             resized = is_resized(batch[0].rgb.shape[:2], model.resolution)  # applied at its training size, and back
             for d, rgb in zip(batch, restored):
                 shard.write(d, writer, rgb, lambda uri, png, d=d, rgb=rgb, resized=resized: ok_row(

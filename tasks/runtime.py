@@ -274,9 +274,10 @@ _TURNS_GUARD = threading.Lock()
 
 @contextmanager
 def device_turn(device: torch.device):
-    """One batch's device work, for the stages whose batch is sized from free device memory: their shard
-    threads in this process take turns on a GPU batch by batch, so at most one such batch is on it at a time,
-    while the other shards decode, encode and write. Nothing on the CPU, where each shard has its own cores."""
+    """One batch's device work, for the stages that run a large network on each batch (pseudo-targets, clean,
+    restore; the first two size their batch from free device memory): their shard threads in this process take
+    turns on a GPU batch by batch, so one such batch is on it at a time, while the other shards decode, encode
+    and write. Nothing on the CPU, where each shard has its own cores."""
     if device.type == "cpu":
         yield
         return
