@@ -268,7 +268,7 @@ def host_gpu_slot(device: str):
         yield
 
 
-_TURNS: dict[str, threading.Lock] = {}
+_TURNS: dict[str, threading.Lock] = {}  # one per device of this process
 _TURNS_GUARD = threading.Lock()
 
 
@@ -282,7 +282,7 @@ def device_turn(device: torch.device):
         yield
         return
     with _TURNS_GUARD:
-        turn = _TURNS.setdefault(str(device), threading.Lock())
+        turn = _TURNS.setdefault(f"{device.type}{device.index or 0}", threading.Lock())  # "cuda" is cuda:0
     with turn:
         yield
 

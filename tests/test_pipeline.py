@@ -132,6 +132,6 @@ def test_shards_take_turns_on_a_gpu_batch_by_batch_and_not_on_the_cpu():
     """device_turn (no CUDA needed to name a device): the shards of a stage that runs a large network on each
     batch hold one GPU one batch at a time; another GPU, or the CPU, does not make them wait."""
     cuda0, cuda1, cpu = torch.device("cuda:0"), torch.device("cuda:1"), torch.device("cpu")
-    assert not _inside_together(cuda0, cuda0)
+    assert not _inside_together(cuda0, cuda0) and not _inside_together(cuda0, torch.device("cuda"))
     assert _inside_together(cuda0, cuda1)
     assert _inside_together(cpu, cpu)
