@@ -18,7 +18,7 @@ from bfr_models.manifest import ManifestWriter, ShardInfo
 from flows.run_info import publish_stage_summary
 from flows.stop import abandon_on_stop, reclaim_sigterm
 from flows.threads import shard_threads
-from tasks.runtime import result_storage, uses_dask, watch_images
+from tasks.runtime import host_gpu_slot, result_storage, uses_dask, watch_images
 from tasks.shards import InputItem, code_version, make_shards, stable_hash
 
 INPUTS_NAME = "inputs.json"  # incremental stages: which inputs each shard holds
@@ -201,7 +201,8 @@ def run_training(task, *, device: str, desc: str, total: int, unit: str, **task_
     worker reports its steps as Dask events (:func:`tasks.runtime.report_images`, keyed by the task's
     ``key``) and this process shows them on a bar of ``total`` ``unit``."""
     if not uses_dask():
-        return task(device=device, **task_kwargs)
+        with host_gpu_slot(device):  # this host's GPU: one command at a time (nothing on the CPU)
+            return task(device=device, **task_kwargs)
     finished = threading.Event()
     with task_resources(gpu_request(device)):
         future = task.submit(device=device, **task_kwargs)

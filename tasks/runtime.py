@@ -251,21 +251,45 @@ def gpu_limit_name(device: torch.device) -> str:
 
 @contextmanager
 def host_gpu_slot(device: str):
-    """Hold this host's one slot of ``device`` (a Prefect global concurrency limit, created here) while a stage's
-    shards run in this process: two commands on one host never share a GPU, they take turns a stage at a time.
-    Entered by the flow, once per stage: one API round trip. Nothing on the CPU, or when the shards run on Dask
-    (its workers' GPU resources bound them)."""
+    """Hold this host's one slot of ``device`` while a stage's shards or a training run work in this process:
+    two commands on one host never share a GPU, they take turns a stage (or a training run) at a time. Entered
+    by the flow, once per stage: one API round trip. Nothing on the CPU, or when the work runs on Dask (its
+    workers' GPU resources bound them)."""
     dev = None if uses_dask() else resolve_device(device)
     if dev is None or dev.type == "cpu":
         yield
         return
-    from prefect.client.orchestration import get_client
-
-    name = gpu_limit_name(dev)
-    with get_client(sync_client=True) as client:
-        client.upsert_global_concurrency_limit_by_name(name, 1)
-    with concurrency(name, occupy=1):
+    with host_slot(gpu_limit_name(dev)):
         yield
+
+
+_HELD: dict[str, int] = {}  # host slots this process holds (or is waiting for), with how many times entered
+_HELD_GUARD = threading.Lock()
+
+
+@contextmanager
+def host_slot(name: str):
+    """Hold the one slot of the Prefect global concurrency limit ``name`` (created here with one slot).
+    Re-entrant within the process: a clean round's training run (a subflow) works inside the clean command's
+    own slot instead of waiting for it."""
+    with _HELD_GUARD:
+        nested = name in _HELD
+        _HELD[name] = _HELD.get(name, 0) + 1
+    try:
+        if nested:
+            yield
+        else:
+            from prefect.client.orchestration import get_client
+
+            with get_client(sync_client=True) as client:
+                client.upsert_global_concurrency_limit_by_name(name, 1)
+            with concurrency(name, occupy=1):
+                yield
+    finally:
+        with _HELD_GUARD:
+            _HELD[name] -= 1
+            if not _HELD[name]:
+                del _HELD[name]
 
 
 _TURNS: dict[str, threading.Lock] = {}  # one per device of this process

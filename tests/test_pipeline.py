@@ -135,3 +135,28 @@ def test_shards_take_turns_on_a_gpu_batch_by_batch_and_not_on_the_cpu():
     assert not _inside_together(cuda0, cuda0) and not _inside_together(cuda0, torch.device("cuda"))
     assert _inside_together(cuda0, cuda1)
     assert _inside_together(cpu, cpu)
+
+
+def test_a_host_slot_is_taken_once_and_entered_again_inside_it():
+    """The host's GPU slot (a Prefect global concurrency limit with one slot) is held by one command; a
+    training run inside it (clean's next round, a subflow) must not wait for its own command's slot."""
+    import uuid
+
+    from prefect.client.orchestration import get_client
+
+    from tasks.runtime import host_slot
+
+    name = f"bfr-curate-test-{uuid.uuid4().hex[:8]}"
+
+    def active() -> int:
+        with get_client(sync_client=True) as client:
+            return client.read_global_concurrency_limit_by_name(name).active_slots
+
+    with host_slot(name):
+        with host_slot(name):  # would wait forever (the test's timeout) if it took a second slot
+            assert active() == 1
+        assert active() == 1
+    assert active() == 0
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name(name).limit == 1
+        client.delete_global_concurrency_limit_by_name(name)
