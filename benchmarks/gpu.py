@@ -18,7 +18,7 @@ each starts only while ``--budget-s`` seconds remain, so the table always comes 
 - NIQE and MUSIQ (random MUSIQ weights): ours batched on the GPU against pyiqa per image on the same GPU
   (benchmarks/score.py).
 - UNet layout: one eager forward of the ADM-256 and IDM-512 UNets in channels_last against the default
-  (contiguous) layout that bfr_models.device.prepare_unet keeps (network calls per image, per second).
+  (contiguous) layout that bfr_models.device.prepare_unet keeps (images through one forward per second).
 """
 
 from __future__ import annotations
