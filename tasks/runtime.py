@@ -244,9 +244,14 @@ def on_dask_worker() -> bool:
         return False
 
 
+def device_name(device: torch.device) -> str:
+    """One name per device of a machine: "cuda" is cuda:0, named "cuda0" like it."""
+    return f"{device.type}{device.index or 0}"
+
+
 def gpu_limit_name(device: torch.device) -> str:
     """One limit per host and device: two GPUs, or two hosts sharing a Prefect server, never share a slot."""
-    return f"{GPU_LIMIT_PREFIX}-{socket.gethostname()}-{device.type}{device.index or 0}"
+    return f"{GPU_LIMIT_PREFIX}-{socket.gethostname()}-{device_name(device)}"
 
 
 @contextmanager
@@ -306,7 +311,7 @@ def device_turn(device: torch.device):
         yield
         return
     with _TURNS_GUARD:
-        turn = _TURNS.setdefault(f"{device.type}{device.index or 0}", threading.Lock())  # "cuda" is cuda:0
+        turn = _TURNS.setdefault(device_name(device), threading.Lock())
     with turn:
         yield
 
