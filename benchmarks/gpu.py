@@ -137,15 +137,25 @@ def small_prior(dev: torch.device, config):
     return random_prior(dev, small_unet(config), config.resolution, "fixed_large")
 
 
-def adm_prior(dev: torch.device, dry: bool):
-    from bfr_models.diffusion.train import PriorTrainConfig
-
-    torch.manual_seed(0)
-    if dry:
-        return small_prior(dev, PriorTrainConfig(resolution=32, channels=(16, 32)))
+def adm_unet():
+    """DR2's FFHQ-256 ADM configuration, random weights."""
     from bfr_models.diffusion.adm import ADM_ARCHS, ADMUNet2DModel, adm_unet_config
 
-    return random_prior(dev, ADMUNet2DModel.from_config(adm_unet_config(ADM_ARCHS["ffhq256"])), 256, "learned_range")
+    return ADMUNet2DModel.from_config(adm_unet_config(ADM_ARCHS["ffhq256"]))
+
+
+def dry_prior_config():
+    """The --dry-run stand-in for the ADM prior: the tests' small UNet at 32 px."""
+    from bfr_models.diffusion.train import PriorTrainConfig
+
+    return PriorTrainConfig(resolution=32, channels=(16, 32))
+
+
+def adm_prior(dev: torch.device, dry: bool):
+    torch.manual_seed(0)
+    if dry:
+        return small_prior(dev, dry_prior_config())
+    return random_prior(dev, adm_unet(), 256, "learned_range")
 
 
 def batch_invariance(dev: torch.device) -> str:
@@ -272,15 +282,13 @@ def score_rows(table: Table, dev: torch.device, sizes: Sizes) -> None:
 
 def layout_rows(table: Table, dev: torch.device, dry: bool) -> None:
     """channels_last against the default layout: 5 eager UNet calls after 2 warm-ups, in each precision."""
-    from bfr_models.diffusion.adm import ADM_ARCHS, ADMUNet2DModel, adm_unet_config
-    from bfr_models.diffusion.train import PriorTrainConfig, small_unet
+    from bfr_models.diffusion.train import small_unet
     from bfr_models.idm import IDMConfig, idm_unet
 
     if dry:
-        nets = [("small prior", lambda: small_unet(PriorTrainConfig(resolution=32, channels=(16, 32))), 3, 32, 2)]
+        nets = [("small prior", lambda: small_unet(dry_prior_config()), 3, 32, 2)]
     else:
-        nets = [("ADM ffhq256", lambda: ADMUNet2DModel.from_config(adm_unet_config(ADM_ARCHS["ffhq256"])), 3, 256, 32),
-                ("IDM 512", lambda: idm_unet(IDMConfig()), 6, 512, 8)]
+        nets = [("ADM ffhq256", adm_unet, 3, 256, 32), ("IDM 512", lambda: idm_unet(IDMConfig()), 6, 512, 8)]
     for name, build, channels, side, batch in nets:
         if not table.has_time(f"UNet layout {name}"):
             return
