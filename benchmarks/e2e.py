@@ -3,7 +3,7 @@ manifest out, process start included) against the loop a user would write otherw
 `python` process over the same files, in the same run.
 
     python benchmarks/e2e.py [--n 60] [--size 256] [--stages degrade,niqe,musiq,pseudo-targets,clean] [--device cpu]
-                             [--server]
+                             [--server] [--repeat 1]
 
 Peers (one image at a time: read -> compute -> write), on the same ``--device`` as our stages, except BasicSR,
 which has only CPU functions:
@@ -25,7 +25,9 @@ skips the start of its temporary API server.
 
 "start" is the time from launching the process to its first output file (score writes none before the end:
 its start is the same command on one image). "steady img/s" counts the images after the first one over the
-time after the first file. Prints a markdown table; ratios are ours / peer (end to end, img/s).
+time after the first file. Prints a markdown table; ratios are ours / peer (end to end, img/s). This machine's
+speed wanders from minute to minute (the same peer loop took 15 to 31 s on one day): ``--repeat 3`` runs ours
+and the peer's in turn three times and reports the medians and each run's ratio.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -244,12 +247,15 @@ def measure_ours(stage: str, faces: Path, root: Path, assets: Path, device: str,
     return total, first
 
 
-def measure(stage: str, faces: Path, root: Path, assets: Path, device: str, n: int,
-            server_url: str | None = None) -> dict:
+def measure_once(stage: str, faces: Path, root: Path, assets: Path, device: str, n: int,
+                 server_url: str | None = None, label: str = "") -> dict:
+    """One run of our command (and, with ``server_url``, one against the running server) and one of the peer's
+    loop, each into its own fresh folder (``label`` tells repeats apart: a second run into a folder would be
+    a cached rerun)."""
     env_file = assets / "env.json"  # the local model cards of the random-weight networks
     env = json.loads(env_file.read_text()) if env_file.exists() else {}
-    ours_total, ours_first = measure_ours(stage, faces, root, assets, device, env)
-    peer_out = root / "peer" / stage
+    ours_total, ours_first = measure_ours(stage, faces, root, assets, device, env, label)
+    peer_out = root / "peer" / f"{stage}{label}"
     peer_total, peer_first = timed([sys.executable, __file__, "--peer", stage, "--input", str(faces),
                                     "--out", str(peer_out), "--assets", str(assets), "--device", device], peer_out,
                                    "*.csv" if stage in SCORES else "*.png")
@@ -259,7 +265,24 @@ def measure(stage: str, faces: Path, root: Path, assets: Path, device: str, n: i
                peer_start=peer_first)
     if server_url:
         row["server_total"], row["server_start"] = measure_ours(stage, faces, root, assets, device,
-                                                                {**env, "PREFECT_API_URL": server_url}, "-server")
+                                                                {**env, "PREFECT_API_URL": server_url},
+                                                                f"-server{label}")
+    return row
+
+
+def measure(stage: str, faces: Path, root: Path, assets: Path, device: str, n: int,
+            server_url: str | None = None, repeat: int = 1) -> dict:
+    """``repeat`` rounds of :func:`measure_once`, ours and the peer's in turn (a busy spell of the machine then
+    slows both sides, not one): each figure is the median over the rounds, and ``ratios`` keeps every round's
+    ratio of ours (temporary API server) to the peer's."""
+    runs = [measure_once(stage, faces, root, assets, device, n, server_url, f"-{r}" if repeat > 1 else "")
+            for r in range(repeat)]
+    row = dict(stage=stage, n=n, repeat=repeat, ratios=[r["peer_total"] / r["ours_total"] for r in runs])
+    if server_url:
+        row["server_ratios"] = [r["peer_total"] / r["server_total"] for r in runs]
+    for key in runs[0].keys() - {"stage", "n"}:
+        values = [r[key] for r in runs if r[key] is not None]
+        row[key] = statistics.median(values) if values else None
     return row
 
 
@@ -294,24 +317,28 @@ def print_table(rows: list[dict], args) -> None:
     import cv2
     import torch
 
+    runs = "one run" if args.repeat == 1 else f"median of {args.repeat} runs, ours and the peer's in turn"
     print(f"\nEnd to end, {args.n} faces {args.size}x{args.size} PNG, device {args.device}; "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"OpenCV {cv2.__version__}; one run\n")
+          f"OpenCV {cv2.__version__}; {runs}\n")
+    rounds = args.repeat > 1
     print("| stage | Prefect API | ours: command total s | ours: start s | ours img/s | ours steady img/s | "
-          "peer loop | peer total s | peer img/s | peer steady img/s | ratio (img/s) |")
-    print("|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|")
+          "peer loop | peer total s | peer img/s | peer steady img/s | ratio (img/s) |"
+          + (" ratio of each run |" if rounds else ""))
+    print("|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|" + ("---|" if rounds else ""))
     for r in rows:
         n, peer = r["n"], r["n"] / r["peer_total"]
-        variants = [("temporary (default)", r["ours_total"], r["ours_start"])]
+        variants = [("temporary (default)", r["ours_total"], r["ours_start"], r["ratios"])]
         if "server_total" in r:
-            variants.append(("server running", r["server_total"], r["server_start"]))
-        for api, total, first in variants:
-            ours = n / total
+            variants.append(("server running", r["server_total"], r["server_start"], r["server_ratios"]))
+        for api, total, first, ratios in variants:
             start = f"{first:.1f}" if first is not None else "-"
             ours_steady = steady(total, first, n) if r["stage"] not in SCORES else "-"
-            print(f"| {r['stage']} | {api} | {total:.1f} | {start} | {ours:.1f} | {ours_steady} | "
+            each = (" " + ", ".join(f"{x:.2f}" for x in ratios) + " |") if rounds else ""
+            print(f"| {r['stage']} | {api} | {total:.1f} | {start} | {n / total:.1f} | {ours_steady} | "
                   f"{PEER_NAMES[r['stage']]} | {r['peer_total']:.1f} | {peer:.1f} | "
-                  f"{steady(r['peer_total'], r['peer_start'], n)} | {ours / peer:.2f}x |", flush=True)
+                  f"{steady(r['peer_total'], r['peer_start'], n)} | {statistics.median(ratios):.2f}x |{each}",
+                  flush=True)
 
 
 def main() -> None:
@@ -321,6 +348,8 @@ def main() -> None:
     ap.add_argument("--stages", default=",".join(STAGES), help="comma list of " + ",".join(STAGES))
     ap.add_argument("--device", default="cpu", help="our stages' --device, and the peers' (BasicSR: CPU only)")
     ap.add_argument("--keep", help="work in this folder and keep it (default: a temporary one)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run each side this many times, in turn, and report medians (default 1)")
     ap.add_argument("--server", action="store_true",
                     help="also run our stages against a running Prefect server (prefect server start)")
     ap.add_argument("--peer", choices=STAGES, help=argparse.SUPPRESS)  # run one peer loop (a child process)
@@ -328,6 +357,8 @@ def main() -> None:
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--assets", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.repeat < 1:
+        ap.error("--repeat must be at least 1")
     if args.peer:
         PEERS[args.peer](sorted(Path(args.input).glob("*.png")), Path(args.out), Path(args.assets), args.device)
         return
@@ -339,7 +370,8 @@ def main() -> None:
         rows = []
         with (running_server(root) if args.server else nullcontext()) as server_url:
             for stage in stages:
-                rows.append(measure(stage, faces, root, root / "assets", args.device, args.n, server_url))
+                rows.append(measure(stage, faces, root, root / "assets", args.device, args.n, server_url,
+                                     args.repeat))
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         print_table(rows, args)
 
