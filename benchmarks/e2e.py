@@ -252,8 +252,10 @@ def measure_once(stage: str, faces: Path, root: Path, assets: Path, device: str,
     """One run of our command (and, with ``server_url``, one against the running server) and one of the peer's
     loop, each into its own fresh folder (``label`` tells repeats apart: a second run into a folder would be
     a cached rerun)."""
-    env_file = assets / "env.json"  # the local model cards of the random-weight networks
-    env = json.loads(env_file.read_text()) if env_file.exists() else {}
+    # the local model card of the random-weight MUSIQ, for the musiq stage only: with MUSIQ pulled, clean's
+    # acceptance and the pseudo-target gate would score with it too, work their peers' loops do not do
+    env_file = assets / "env.json"
+    env = json.loads(env_file.read_text()) if stage == "musiq" and env_file.exists() else {}
     ours_total, ours_first = measure_ours(stage, faces, root, assets, device, env, label)
     peer_out = root / "peer" / f"{stage}{label}"
     peer_total, peer_first = timed([sys.executable, __file__, "--peer", stage, "--input", str(faces),
