@@ -189,3 +189,30 @@ def test_a_prefect_server_that_cannot_start_ends_the_command_in_one_line(tmp_pat
     assert last.startswith("bfr-curate: error: the Prefect API server did not start: "), proc.stderr
     assert "unable to open database file" in last
     assert not (tmp_path / "out" / "degrade").exists()
+
+
+def test_the_console_command_skips_teardown_only_after_its_output_and_logs_are_out(tmp_path):
+    """The console command leaves with ``os._exit`` once Python's exit handlers ran (flows/cli.py), skipping
+    ~1 s of module teardown. What those handlers deliver is all there: the exit code, the summary printed to
+    a pipe, and the flow run's last log line, which Prefect's log worker sends to the API in batches (read
+    back from the temporary server's database, which outlives it)."""
+    import sqlite3
+
+    from tests.conftest import face_like, write_png
+
+    for i in range(2):
+        write_png(tmp_path / "faces" / f"f{i}.png", face_like(i, 64))
+    home = tmp_path / "prefect-home"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(home), "PREFECT_LOGGING_LEVEL": "INFO"}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "degrade", "--preset", "gfpgan", "--input",
+                           str(tmp_path / "faces"), "--out", str(tmp_path / "out"), "--device", "cpu"],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == "degrade: 2 rows (2 ok, 0 error)"
+    assert proc.stdout.splitlines()[-1].startswith("  key:")
+    with sqlite3.connect(home / "prefect.db") as db:
+        states = db.execute("select state_type from flow_run").fetchall()
+        messages = [m for (m,) in db.execute("select message from log")]
+    assert states == [("COMPLETED",)]
+    assert any(m.startswith("Finished in state Completed") for m in messages), messages
