@@ -169,20 +169,26 @@ def test_dask_local_workers_get_what_their_settings_resolve_to(monkeypatch):
     assert "PREFECT_API_SSL_CERT_FILE" not in worker_client_env("http://127.0.0.1:4200/api")
 
 
-def test_a_prefect_server_that_cannot_start_ends_the_command_in_one_line(tmp_path):
-    """The console command's early API server dies at startup (here: Prefect's database URL names a folder
-    that does not exist). The command ends before any work with the server's own reason in one line, instead
-    of falling back to Prefect's own server, which fails the same way after its startup timeout (180 s)."""
+def console_degrade(tmp_path, timeout: float, **env) -> subprocess.CompletedProcess:
+    """The console command as a user runs it (``python -m flows.cli``: no argv given to main) degrading two small
+    faces of ``tmp_path/faces`` into ``tmp_path/out``, with its own temporary API server; ``env`` on top."""
     from tests.conftest import face_like, write_png
 
     for i in range(2):
         write_png(tmp_path / "faces" / f"f{i}.png", face_like(i, 64))
-    env = {**os.environ, "PYTHONPATH": str(REPO),
-           "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp_path}/no/such/folder/prefect.db"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), **env}
     env.pop("PREFECT_API_URL", None)
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "degrade", "--preset", "gfpgan", "--input",
+    return subprocess.run([sys.executable, "-m", "flows.cli", "degrade", "--preset", "gfpgan", "--input",
                            str(tmp_path / "faces"), "--out", str(tmp_path / "out"), "--device", "cpu"],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=150)
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
+
+
+def test_a_prefect_server_that_cannot_start_ends_the_command_in_one_line(tmp_path):
+    """The console command's early API server dies at startup (here: Prefect's database URL names a folder
+    that does not exist). The command ends before any work with the server's own reason in one line, instead
+    of falling back to Prefect's own server, which fails the same way after its startup timeout (180 s)."""
+    proc = console_degrade(tmp_path, timeout=150, PREFECT_SERVER_DATABASE_CONNECTION_URL=(
+        f"sqlite+aiosqlite:///{tmp_path}/no/such/folder/prefect.db"))
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
@@ -198,16 +204,8 @@ def test_the_console_command_skips_teardown_only_after_its_output_and_logs_are_o
     back from the temporary server's database, which outlives it)."""
     import sqlite3
 
-    from tests.conftest import face_like, write_png
-
-    for i in range(2):
-        write_png(tmp_path / "faces" / f"f{i}.png", face_like(i, 64))
     home = tmp_path / "prefect-home"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(home), "PREFECT_LOGGING_LEVEL": "INFO"}
-    env.pop("PREFECT_API_URL", None)
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "degrade", "--preset", "gfpgan", "--input",
-                           str(tmp_path / "faces"), "--out", str(tmp_path / "out"), "--device", "cpu"],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    proc = console_degrade(tmp_path, timeout=300, PREFECT_HOME=str(home), PREFECT_LOGGING_LEVEL="INFO")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[0] == "degrade: 2 rows (2 ok, 0 error)"
     assert proc.stdout.splitlines()[-1].startswith("  key:")
