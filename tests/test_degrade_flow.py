@@ -164,7 +164,7 @@ def test_cli_errors_are_one_line_and_manifest_show(image_folder, tmp_path):
     assert listed.returncode == 0 and "gfpgan" in listed.stdout and "dr2" in listed.stdout
 
 
-def test_stage_run_is_named_tagged_and_publishes_its_summary(image_folder, tmp_path):
+def test_stage_run_is_named_tagged_with_untagged_shards_and_publishes_its_summary(image_folder, tmp_path):
     from prefect.client.orchestration import get_client
 
     from flows.run_info import call_flow
@@ -176,8 +176,12 @@ def test_stage_run_is_named_tagged_and_publishes_its_summary(image_folder, tmp_p
         run = client.read_flow_run(state.state_details.flow_run_id)
         artifacts = client.request("POST", "/artifacts/filter", json={
             "flow_runs": {"id": {"any_": [str(run.id)]}}, "limit": 10, "offset": 0, "sort": "CREATED_DESC"}).json()
+        shard_runs = client.request("POST", "/task_runs/filter", json={
+            "flow_runs": {"id": {"any_": [str(run.id)]}}, "limit": 10, "offset": 0}).json()
     assert run.name == f"degrade {image_folder.parent.name}/{image_folder.name} (preset dr2, split mild, scale 4)"
     assert {"stage:degrade", "preset:dr2"} <= set(run.tags)
+    # shard runs untagged: Prefect would ask for a tag concurrency slot before each (flows/stage.py, untagged)
+    assert len(shard_runs) == 2 and all(r["name"].startswith("degrade-shard") and r["tags"] == [] for r in shard_runs)
     (summary,) = artifacts
     assert summary["key"] == f"degrade-{index['key']}" and str(image_folder) in summary["description"]
     assert [(r["rows"], r["ok"], r["error"]) for r in json.loads(summary["data"])] == [(6, 6, 0)]

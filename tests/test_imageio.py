@@ -1,3 +1,6 @@
+import struct
+import zlib
+
 import numpy as np
 import pytest
 
@@ -37,3 +40,18 @@ def test_png_roundtrip_is_lossless_and_deterministic():
     assert a == b
     back, mode = decode_rgb(a)
     assert mode == "RGB" and np.array_equal(back, rgb)
+
+
+def test_png_is_written_as_cv2_imwrite_writes_it():
+    """OpenCV's default PNG settings (BasicSR's and GFPGAN's writers): zlib's fastest level, the Sub filter."""
+    rgb = face_like(4)
+    png = encode_png(rgb)
+    idat, pos = b"", 8
+    while pos < len(png):
+        length, kind = struct.unpack(">I4s", png[pos : pos + 8])
+        idat += png[pos + 8 : pos + 8 + length] if kind == b"IDAT" else b""
+        pos += 12 + length
+    assert idat[1] >> 6 == 0  # the zlib header's FLEVEL: 0 is the fastest (level 3 writes 1)
+    rows = zlib.decompress(idat)
+    stride = 1 + rgb.shape[1] * 3
+    assert {rows[r * stride] for r in range(rgb.shape[0])} == {1}  # each row's filter type: Sub
