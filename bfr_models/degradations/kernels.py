@@ -17,6 +17,7 @@ Randomness comes only from the ``numpy.random.Generator`` passed in.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
@@ -31,11 +32,19 @@ def sigma_matrix(sigma_x: float, sigma_y: float, rotation: float) -> np.ndarray:
     return r @ np.diag([sigma_x**2, sigma_y**2]) @ r.T
 
 
+@lru_cache(maxsize=32)
+def _offsets(kernel_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The (y, x) offset grids of a kernel, read-only: ``np.mgrid`` costs more than the kernel's arithmetic."""
+    half = kernel_size // 2
+    grids = np.mgrid[-half : half + 1, -half : half + 1].astype(np.float64)
+    grids.flags.writeable = False
+    return grids[0], grids[1]
+
+
 def _quadratic_form(kernel_size: int, sigma_x: float, sigma_y: float, rotation: float) -> np.ndarray:
     if kernel_size < 1 or kernel_size % 2 != 1:
         raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
-    half = kernel_size // 2
-    y, x = np.mgrid[-half : half + 1, -half : half + 1].astype(np.float64)
+    y, x = _offsets(kernel_size)
     inv = np.linalg.inv(sigma_matrix(sigma_x, sigma_y, rotation))
     return inv[0, 0] * x * x + (inv[0, 1] + inv[1, 0]) * x * y + inv[1, 1] * y * y
 

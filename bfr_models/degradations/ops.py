@@ -22,6 +22,7 @@ Noisy images are clipped to [0, 1], as BasicSR's ``clip=True`` default.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import Callable, Sequence
 
 import cv2
@@ -148,6 +149,7 @@ def resize(images: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tens
                       images)
 
 
+@lru_cache(maxsize=1024)  # a preset draws its low-res size per image: the same few hundred sizes recur
 def _bilinear_taps(n_in: int, n_out: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The two source indices and weights of each output index: half-pixel centres, src = (dst + 0.5) n_in /
     n_out - 0.5 clamped at 0, the second tap clamped at the last index (as cv2 INTER_LINEAR and torch)."""
