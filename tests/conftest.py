@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import io
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,7 +18,9 @@ import pytest
 from PIL import Image
 
 # Prefect reads its settings at import: isolate its home (SQLite DB, local results) before any test imports it.
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="bfr-curate-prefect-"))
+if "PREFECT_HOME" not in os.environ:
+    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="bfr-curate-prefect-")
+    atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)  # runs after Prefect's own
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")  # slow, busy machines

@@ -1,6 +1,8 @@
 """The difbfsr-gaussian8 preset (DifBFSR's x4 test protocol): the 8 cases, one per image, recorded."""
 
 import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -79,7 +81,10 @@ def test_nrqm_and_pi_through_pyiqa_with_a_local_model_file(tmp_path, monkeypatch
 
     expected = _nrqm_model(tmp_path / "NRQM_model.mat")  # 0.5 + 1.5 + 0.5 + 2.0 = 4.5
     install_models(monkeypatch, tmp_path, {"nrqm_pyiqa": (tmp_path / "NRQM_model.mat").read_bytes()})
+    leftovers = lambda: set(Path(tempfile.gettempdir()).glob("bfr-curate-niqe-*"))  # noqa: E731
+    before = leftovers()
     ma = MaMetrics(tmp_path / "NRQM_model.mat")
+    assert leftovers() <= before  # the pristine-model .mat written for pyiqa's NIQE is gone once NIQE is built
     images = torch.from_numpy(np.stack([face_like(i, size=192) for i in range(2)])).permute(0, 3, 1, 2).float() / 255
     scores = ma(images, ("nrqm", "pi"))
     assert torch.allclose(scores["nrqm"].double(), torch.full((2,), expected, dtype=torch.float64))

@@ -10,25 +10,28 @@ lower PI is better. pyiqa's NRQM random forests run on the CPU, one image at a t
 from __future__ import annotations
 
 import tempfile
-from functools import lru_cache
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 NRQM_CARD = "nrqm_pyiqa"
 
 
-@lru_cache(maxsize=1)
-def _niqe_mat() -> str:
-    """pyiqa's NIQE reads a .mat: write one from the catalog's pristine parameters (no download)."""
+@contextmanager
+def _niqe_mat() -> Iterator[str]:
+    """pyiqa's NIQE reads a .mat when it is built: one written from the catalog's pristine parameters (no
+    download), in a temporary folder removed afterwards."""
     import scipy.io
 
     from bfr_models.metrics.niqe import pristine_params
 
     mu, cov = pristine_params()
-    path = Path(tempfile.mkdtemp(prefix="bfr-curate-niqe-")) / "niqe_modelparameters.mat"
-    scipy.io.savemat(path, {"mu_prisparam": mu[None], "cov_prisparam": cov})
-    return str(path)
+    with tempfile.TemporaryDirectory(prefix="bfr-curate-niqe-") as folder:
+        path = Path(folder) / "niqe_modelparameters.mat"
+        scipy.io.savemat(path, {"mu_prisparam": mu[None], "cov_prisparam": cov})
+        yield str(path)
 
 
 class MaMetrics:
@@ -40,7 +43,8 @@ class MaMetrics:
 
         self._nrqm = NRQM(pretrained_model_path=str(weights_path))
         self._pi_nrqm = NRQM(crop_border=4, color_space="ycbcr", pretrained_model_path=str(weights_path))
-        self._pi_niqe = NIQE(crop_border=4, color_space="ycbcr", pretrained_model_path=_niqe_mat())
+        with _niqe_mat() as mat:
+            self._pi_niqe = NIQE(crop_border=4, color_space="ycbcr", pretrained_model_path=mat)
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, want: tuple[str, ...]) -> dict[str, torch.Tensor]:
