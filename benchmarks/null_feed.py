@@ -104,7 +104,7 @@ def feed_only(folder: Path, out: Path, batch_size: int) -> float:
     with ShardPipeline("feed", items, batch_size, per_chunk=False) as shard:
         for batch in shard.batches():
             for d, rgb in zip(batch, host_uint8(host_batch(batch, torch.device("cpu")).float() / 255.0)):
-                shard.write(d, writer, rgb, lambda uri, png, d=d: ok_row("feed", d.item, d.parent_id, uri, png, d.rgb))
+                shard.write(d, writer, rgb, lambda out, d=d: ok_row("feed", d.item, d.parent_id, out, d.rgb))
         writer.write_shard("feed", shard.rows())
     return time.perf_counter() - start
 

@@ -266,8 +266,7 @@ def _validation_rows(net, val: Pairs, ids, writer, lpips_net, dev) -> list[dict]
     rows = []
     for b, (image_id, lq_uri) in enumerate(ids):
         rgb = to_uint8(out[b])
-        png = encode_png(rgb)
-        rows.append(ok_row(STAGE, InputItem(lq_uri, "-"), image_id, write_output(writer, png, image_id), png,
+        rows.append(ok_row(STAGE, InputItem(lq_uri, "-"), image_id, write_output(writer, encode_png(rgb), image_id),
                            rgb, split="validation", **{k: float(v[b]) for k, v in scores.items() if v is not None}))
     return stamp(rows, dev)
 

@@ -25,7 +25,7 @@ from bfr_models.resize import at_resolution, is_resized
 from bfr_models.metrics.niqe import niqe
 from tasks.pipeline import ShardPipeline, host_batch, host_uint8
 from tasks.pseudo_targets import niqe_defined
-from tasks.rows import decode_items, ok_row, same_size_batches, stamp
+from tasks.rows import Written, decode_items, ok_row, same_size_batches, stamp
 from tasks.runtime import device_turn, load_once, resolve_device, shard_cache_key
 from tasks.score import extractor
 from tasks.shards import ShardSpec, derived_seed, read_many
@@ -126,8 +126,8 @@ def clean_shard(spec: ShardSpec, stage_uri: str, model_uri: str, round: int, ste
             resized = is_resized((h, w), model.resolution)
             accepted = [rec["accepted"] for rec in records]  # read before the writes (their rows pop it)
             for d, rgb_star, rec, s in zip(batch, rgbs_star, records, seeds):
-                shard.write(d, writer, rgb_star, lambda uri, png, d=d, rgb_star=rgb_star, rec=rec, s=s: _clean_row(
-                    d, uri, png, rgb_star, rec, split=d.item.split, seed=s, params=common, round=round,
+                shard.write(d, writer, rgb_star, lambda out, d=d, rgb_star=rgb_star, rec=rec, s=s: _clean_row(
+                    d, out, rgb_star, rec, split=d.item.split, seed=s, params=common, round=round,
                     model_px=model.resolution, resized=resized))
             if inception is not None:  # the cleaned dataset's image (x* or x) and the original, per source file
                 kept = [rgb_star if ok else d.rgb for d, rgb_star, ok in zip(batch, rgbs_star, accepted)]
@@ -149,11 +149,12 @@ def fid_features_uri(stage_uri: str, shard: str, name: str) -> str:
     return shard_features_uri(stage_uri, f"{shard}.{name}")
 
 
-def _clean_row(d, candidate_uri: str, candidate: bytes, rgb_star, rec: dict, **fields) -> dict:
+def _clean_row(d, candidate: Written, rgb_star, rec: dict, **fields) -> dict:
     """The cleaned dataset's row: the candidate x* when accepted, else the original image (its own URI, no
     copy), with the reasons."""
-    fields.update(replaced=rec.pop("accepted"), reasons=rec.pop("reasons"), candidate_uri=candidate_uri,
-                  source_uri=d.item.uri, source_sha256=storage.sha256_hex(d.data), **rec)
+    source = Written(d.item.uri, storage.sha256_hex(d.data))
+    fields.update(replaced=rec.pop("accepted"), reasons=rec.pop("reasons"), candidate_uri=candidate.uri,
+                  source_uri=source.uri, source_sha256=source.sha256, **rec)
     if fields["replaced"]:
-        return ok_row(STAGE, d.item, d.parent_id, candidate_uri, candidate, rgb_star, **fields)
-    return ok_row(STAGE, d.item, d.parent_id, d.item.uri, d.data, d.rgb, **fields)
+        return ok_row(STAGE, d.item, d.parent_id, candidate, rgb_star, **fields)
+    return ok_row(STAGE, d.item, d.parent_id, source, d.rgb, **fields)

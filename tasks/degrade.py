@@ -45,7 +45,7 @@ def degrade_shard(spec: ShardSpec, preset: str, split: str | None, scale: float 
                 continue
             for d, p, s, rgb in zip(batch, params, seeds, outs):
                 case = f"/case{p['case']}" if "case" in p else ""  # presets with cases: one group per case
-                shard.write(d, writer, rgb, lambda uri, png, d=d, p=p, s=s, rgb=rgb, case=case: ok_row(
-                    STAGE, d.item, d.parent_id, uri, png, rgb, params={**p, **d.source}, seed=s, split=label + case))
+                shard.write(d, writer, rgb, lambda out, d=d, p=p, s=s, rgb=rgb, case=case: ok_row(
+                    STAGE, d.item, d.parent_id, out, rgb, params={**p, **d.source}, seed=s, split=label + case))
         rows = shard.rows()
     return asdict(writer.write_shard(spec.key, stamp(rows, dev)))

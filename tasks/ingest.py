@@ -36,8 +36,7 @@ def ingest_shard(spec: ShardSpec, stage_uri: str, size: int, min_score: float, m
                 rows.append(error_row(STAGE, item, f"no face found (min_score={min_score}, min_size={min_size})"))
                 continue
             for face in faces:
-                png = encode_png(face.image)
-                uri = write_output(writer, png, parent_id)
+                written = write_output(writer, encode_png(face.image), parent_id)
                 params = {
                     "box": [round(float(v), 2) for v in face.box],
                     "landmarks": [[round(float(v), 2) for v in p] for p in face.landmarks],
@@ -47,5 +46,5 @@ def ingest_shard(spec: ShardSpec, stage_uri: str, size: int, min_score: float, m
                     **source,
                     "size": size,
                 }
-                rows.append(ok_row(STAGE, item, parent_id, uri, png, face.image, params=params, split="faces"))
+                rows.append(ok_row(STAGE, item, parent_id, written, face.image, params=params, split="faces"))
     return asdict(writer.write_shard(spec.key, stamp(rows, dev)))

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from bfr_models.imageio import encode_png
-from tasks.rows import decode_items, error_row, write_output
+from tasks.rows import Written, decode_items, error_row, write_output
 from tasks.runtime import report_images
 from tasks.shards import InputItem, read_many
 
@@ -102,10 +102,10 @@ class ShardPipeline:
         for d in batch:
             self.add_row(d, error_row(self.stage, d.item, reason))
 
-    def write(self, d: Decoded, writer, rgb: np.ndarray, make_row: Callable[[str, bytes], dict]) -> None:
+    def write(self, d: Decoded, writer, rgb: np.ndarray, make_row: Callable[[Written], dict]) -> None:
         """In the pool: encode ``rgb`` as PNG, write it under the row's id, and build the row with
-        ``make_row(uri, png)``. Waits for the oldest writes while ``2 x batch`` images are in flight."""
-        future = self._write.submit(lambda: make_row(*_encode_and_write(writer, rgb, d.parent_id)))
+        ``make_row(written)``. Waits for the oldest writes while ``2 x batch`` images are in flight."""
+        future = self._write.submit(lambda: make_row(write_output(writer, encode_png(rgb), d.parent_id)))
         self._pending.append(future)
         while len(self._pending) > 2 * self.batch_size:
             self._pending.popleft().result()
@@ -125,11 +125,6 @@ def prefetched(pool: ThreadPoolExecutor, fn: Callable, chunks: list) -> Iterator
         if k + PREFETCH < len(chunks):
             ahead.append(pool.submit(fn, chunks[k + PREFETCH]))
         yield result
-
-
-def _encode_and_write(writer, rgb: np.ndarray, parent_id: str) -> tuple[str, bytes]:
-    png = encode_png(rgb)
-    return write_output(writer, png, parent_id), png
 
 
 def host_uint8(images: torch.Tensor | list[torch.Tensor]) -> list[np.ndarray]:

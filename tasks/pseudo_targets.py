@@ -108,8 +108,8 @@ def pseudo_target_shard(spec: ShardSpec, stage_uri: str, params: dict, prior_uri
                 lf = rec.pop("lf_psnr")
                 for measured_here in ("noise_sigma", "input_noise_sigma"):  # columns via the gate's record
                     rec.pop(measured_here)
-                shard.write(d, writer, rgb, lambda uri, png, d=d, rgb=rgb, rec=rec, lf=lf, measured=measured: ok_row(
-                    STAGE, d.item, d.parent_id, uri, png, rgb, seed=rec["seed"], split=d.item.split,
+                shard.write(d, writer, rgb, lambda out, d=d, rgb=rgb, rec=rec, lf=lf, measured=measured: ok_row(
+                    STAGE, d.item, d.parent_id, out, rgb, seed=rec["seed"], split=d.item.split,
                     params={**common, **rec, **d.source}, lf_psnr=lf, model_px=prior.resolution,
                     resized=rec["resize"] is not None, **measured))
         rows = shard.rows()

@@ -29,8 +29,8 @@ def restore_shard(spec: ShardSpec, stage_uri: str, restorer: str, device: str, b
                 restored = host_uint8(model(host_batch(batch, dev).float() / 255.0))
             resized = is_resized(batch[0].rgb.shape[:2], model.resolution)  # applied at its training size, and back
             for d, rgb in zip(batch, restored):
-                shard.write(d, writer, rgb, lambda uri, png, d=d, rgb=rgb, resized=resized: ok_row(
-                    STAGE, d.item, d.parent_id, uri, png, rgb, split=d.item.split, params={**params, **d.source},
+                shard.write(d, writer, rgb, lambda out, d=d, rgb=rgb, resized=resized: ok_row(
+                    STAGE, d.item, d.parent_id, out, rgb, split=d.item.split, params={**params, **d.source},
                     model_px=model.resolution, resized=resized))
         rows = shard.rows()
     return asdict(writer.write_shard(spec.key, stamp(rows, dev)))

@@ -6,6 +6,7 @@ import json
 import os
 import socket
 from itertools import groupby
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -66,18 +67,24 @@ def stamp(rows: list[dict], device, **fields) -> list[dict]:
     return rows
 
 
-def write_output(writer, png: bytes, parent_id: str) -> str:
-    """Write a stage's output image under its row's image_id; returns its URI."""
-    return writer.write_image(content_id(png, parent_id), png)
+class Written(NamedTuple):
+    """An image file a row points to: its URI and its bytes' sha256 (hex), hashed once."""
+    uri: str
+    sha256: str
 
 
-def ok_row(stage: str, item: InputItem, parent_id: str, uri: str, png: bytes, rgb: np.ndarray, **fields) -> dict:
-    params = fields.pop("params", None)
+def write_output(writer, png: bytes, parent_id: str) -> Written:
+    """Write a stage's output image under its row's image_id (:func:`content_id` of the PNG and its parent)."""
     sha256 = storage.sha256_hex(png)
+    return Written(writer.write_image(digest_id(sha256, parent_id), png), sha256)
+
+
+def ok_row(stage: str, item: InputItem, parent_id: str, image: Written, rgb: np.ndarray, **fields) -> dict:
+    params = fields.pop("params", None)
     return {
-        "image_id": digest_id(sha256, parent_id),
-        "uri": uri,
-        "sha256": sha256,
+        "image_id": digest_id(image.sha256, parent_id),
+        "uri": image.uri,
+        "sha256": image.sha256,
         "width": int(rgb.shape[1]),
         "height": int(rgb.shape[0]),
         "parent_id": parent_id,

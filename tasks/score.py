@@ -16,7 +16,7 @@ from bfr_models.imageio import ImageError, decode_source
 from bfr_models.manifest import ManifestWriter
 from bfr_models.metrics.suite import MetricSuite, ScoreConfig
 from tasks.pipeline import prefetched
-from tasks.rows import content_id, stamp
+from tasks.rows import digest_id, stamp
 from tasks.runtime import load_once, report_images, resolve_device, shard_cache_key
 from tasks.shards import ShardSpec, read_many
 
@@ -86,7 +86,8 @@ def _fetch_and_decode(suite: MetricSuite, rows: list[dict], todo: list) -> list[
     for k, item in todo:
         data = fetched[item.uri]
         if rows[k]["sha256"] is None and isinstance(data, bytes):  # a folder input: identify it by content now
-            rows[k].update(sha256=storage.sha256_hex(data), image_id=content_id(data, item.name))
+            sha256 = storage.sha256_hex(data)
+            rows[k].update(sha256=sha256, image_id=digest_id(sha256, item.name))
         try:
             img = _decode(data, item.name or item.uri)
             ref = None

@@ -35,7 +35,7 @@ def serial_rows(items, batch_size: int, per_chunk: bool, out: str) -> tuple[list
             batches.append([item.uri for item, _, _, _ in batch])
             for item, parent_id, rgb, _ in batch:
                 png = encode_png(255 - rgb)
-                rows.append(ok_row("test", item, parent_id, write_output(writer, png, parent_id), png, rgb))
+                rows.append(ok_row("test", item, parent_id, write_output(writer, png, parent_id), rgb))
     return batches, rows
 
 
@@ -49,7 +49,7 @@ def test_pipeline_matches_the_serial_loop(mixed_folder, tmp_path, per_chunk):
             got_batches.append([d.item.uri for d in batch])
             inverted = torch.from_numpy(np.stack([255 - d.rgb for d in batch])).permute(0, 3, 1, 2) / 255.0
             for d, rgb in zip(batch, host_uint8(inverted)):  # as a stage's device output comes back
-                shard.write(d, writer, rgb, lambda uri, png, d=d: ok_row("test", d.item, d.parent_id, uri, png, d.rgb))
+                shard.write(d, writer, rgb, lambda out, d=d: ok_row("test", d.item, d.parent_id, out, d.rgb))
         got_rows = shard.rows()
     assert sorted(map(sorted, got_batches)) == sorted(map(sorted, want_batches))
     strip = lambda rows: [{k: v for k, v in r.items() if k != "uri"} for r in rows]  # noqa: E731

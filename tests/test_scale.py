@@ -109,7 +109,7 @@ def _slow_shard(spec, stage_uri: str, batch_size: int) -> dict:
         time.sleep(0.7)
         for item, parent_id, rgb, _ in batch:
             png = encode_png(rgb)
-            rows.append(ok_row("slow", item, parent_id, write_output(writer, png, parent_id), png, rgb))
+            rows.append(ok_row("slow", item, parent_id, write_output(writer, png, parent_id), rgb))
     return asdict(writer.write_shard(spec.key, rows))
 
 
