@@ -45,6 +45,7 @@ def _run(flow_fn, args, **params):
     from bfr_models import storage
     from flows.api_server import prefect_api
     from flows.cluster import check_contract, is_remote
+    from flows.heap import freeze_imports
     from flows.run_info import call_flow
     from flows.runners import task_runner
 
@@ -55,6 +56,7 @@ def _run(flow_fn, args, **params):
         storage.check_writable(params["out"])  # before any work: one line, never a bucket created
 
     with prefect_api(), task_runner(workers, dask, getattr(args, "debug", False)) as runner:
+        freeze_imports()
         return call_flow(flow_fn.with_options(task_runner=runner), **params)
 
 
@@ -162,10 +164,12 @@ def cmd_report(args):
     if out.endswith("/") or storage.isdir(out):
         out = storage.join(out, REPORT_NAME)  # a folder: the report goes inside it
     from flows.api_server import prefect_api
+    from flows.heap import freeze_imports
     from flows.report import report_flow  # Prefect: only once the arguments are good
     from flows.run_info import call_flow
 
     with prefect_api():
+        freeze_imports()
         uri = call_flow(report_flow, input=args.input, out=out, compare=args.compare, n_extremes=args.n,
                         labels=labels)
     print(f"report: {uri}")
@@ -462,8 +466,10 @@ def run_command(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if argv is None and command_name(args) in FLOW_COMMANDS:
         from flows.api_server import start_early
+        from flows.heap import pause_collection
 
         start_early()  # starts while the command imports torch and plans its inputs
+        pause_collection()  # until the stage is imported: flows/heap.py
     from flows.stop import Interrupted, install_stop_handlers, say_stopped
 
     if not args.debug:

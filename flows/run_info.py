@@ -8,10 +8,12 @@ writes an index publishes :func:`publish_stage_summary` under a key unique to it
 from __future__ import annotations
 
 import re
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from bfr_models import manifest
+
+if TYPE_CHECKING:  # pandas costs ~0.35 s to import: not before a stage's first image
+    import pandas as pd
 
 TAGGED_PARAMETERS = ("preset", "method")  # besides the stage: what a run is filtered by in the UI
 NAMED_PARAMETERS = ("preset", "split", "scale", "method", "metrics", "restorer")  # shown in the run name
@@ -58,6 +60,8 @@ def call_flow(flow_fn, **params):
 def summary_rows(df: pd.DataFrame) -> list[dict]:
     """Per split (and all): rows, ok, error, gate passes where targets are gated, images replaced where a set
     was cleaned, mean of every metric."""
+    import pandas as pd
+
     from bfr_models.report import metric_columns
 
     metrics = metric_columns(df)

@@ -169,16 +169,18 @@ def test_dask_local_workers_get_what_their_settings_resolve_to(monkeypatch):
     assert "PREFECT_API_SSL_CERT_FILE" not in worker_client_env("http://127.0.0.1:4200/api")
 
 
-def console_degrade(tmp_path, timeout: float, **env) -> subprocess.CompletedProcess:
-    """The console command as a user runs it (``python -m flows.cli``: no argv given to main) degrading two small
-    faces of ``tmp_path/faces`` into ``tmp_path/out``, with its own temporary API server; ``env`` on top."""
+def console_degrade(tmp_path, timeout: float, then: str = "", **env) -> subprocess.CompletedProcess:
+    """The console command as a user runs it (``main()``: no argv given) degrading two small faces of
+    ``tmp_path/faces`` into ``tmp_path/out``, with its own temporary API server; ``env`` on top. ``then``:
+    Python run in the same process after ``main()`` returned."""
     from tests.conftest import face_like, write_png
 
     for i in range(2):
         write_png(tmp_path / "faces" / f"f{i}.png", face_like(i, 64))
     env = {**os.environ, "PYTHONPATH": str(REPO), **env}
     env.pop("PREFECT_API_URL", None)
-    return subprocess.run([sys.executable, "-m", "flows.cli", "degrade", "--preset", "gfpgan", "--input",
+    code = f"import sys\nfrom flows.cli import main\nmain()\n{then}"
+    return subprocess.run([sys.executable, "-c", code, "degrade", "--preset", "gfpgan", "--input",
                            str(tmp_path / "faces"), "--out", str(tmp_path / "out"), "--device", "cpu"],
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
 
@@ -214,3 +216,18 @@ def test_the_console_command_skips_teardown_only_after_its_output_and_logs_are_o
         messages = [m for (m,) in db.execute("select message from log")]
     assert states == [("COMPLETED",)]
     assert any(m.startswith("Finished in state Completed") for m in messages), messages
+
+
+def test_the_console_command_imports_its_stage_without_collecting_then_freezes_what_it_imported(tmp_path):
+    """flows/heap.py: no garbage collection while the command imports torch, Prefect and the stage (0.47 s of
+    full collections importing ``flows.degrade`` here); then every object is moved into the permanent
+    generation, and the collector is back on for the run."""
+    # registered after main() returned: Python's exit handlers run last-in first, so this one runs before the
+    # command's os._exit
+    then = ("import atexit, gc\n"
+            "atexit.register(lambda: print('gc', gc.isenabled(), gc.get_freeze_count(), flush=True))")
+    proc = console_degrade(tmp_path, timeout=300, then=then)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == "degrade: 2 rows (2 ok, 0 error)"
+    _, enabled, frozen = proc.stdout.splitlines()[-1].split()
+    assert enabled == "True" and int(frozen) > 100_000, proc.stdout  # torch alone makes more
