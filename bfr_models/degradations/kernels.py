@@ -70,7 +70,7 @@ def plateau_kernel(kernel_size: int, sigma_x: float, sigma_y: float, rotation: f
 
 def kernel_from_params(kernel_type: str, kernel_size: int, sigma_x: float, sigma_y: float, rotation: float,
                        beta: float | None = None) -> np.ndarray:
-    """Rebuild a kernel from the params dict that :func:`random_mixed_kernel` returns."""
+    """The kernel of a :func:`random_kernel_params` draw."""
     if kernel_type not in KERNEL_TYPES:
         raise ValueError(f"unknown kernel type {kernel_type!r} (known: {', '.join(KERNEL_TYPES)})")
     if kernel_type in ("iso", "aniso"):
@@ -89,7 +89,7 @@ def _sample_beta(rng: np.random.Generator, beta_range: Sequence[float]) -> float
     return float(rng.uniform(1.0, beta_range[1]))
 
 
-def random_mixed_kernel(
+def random_kernel_params(
     rng: np.random.Generator,
     kernel_list: Sequence[str],
     kernel_prob: Sequence[float],
@@ -99,13 +99,12 @@ def random_mixed_kernel(
     rotation_range: Sequence[float] = (-math.pi, math.pi),
     betag_range: Sequence[float] = (0.5, 8.0),
     betap_range: Sequence[float] = (0.5, 8.0),
-) -> tuple[np.ndarray, dict]:
+) -> dict:
     """Draw a kernel type from ``kernel_list`` with ``kernel_prob``, then its parameters, in
     BasicSR's order (type, sigma_x, [sigma_y, rotation], [beta]). Defaults are BasicSR's.
 
-    Returns ``(kernel, params)``; ``params`` holds ``kernel_type``, ``kernel_size``, ``sigma_x``,
-    ``sigma_y``, ``rotation`` and ``beta`` (None for Gaussian kernels) as plain Python values,
-    and ``kernel_from_params(**params)`` rebuilds the kernel.
+    Returns ``kernel_type``, ``kernel_size``, ``sigma_x``, ``sigma_y``, ``rotation`` and ``beta``
+    (None for Gaussian kernels) as plain Python values: ``kernel_from_params(**params)`` builds the kernel.
     """
     unknown = [t for t in kernel_list if t not in KERNEL_TYPES]
     if unknown or len(kernel_list) != len(kernel_prob) or not kernel_list:
@@ -124,6 +123,12 @@ def random_mixed_kernel(
         beta = _sample_beta(rng, betag_range)
     elif kernel_type.startswith("plateau"):
         beta = _sample_beta(rng, betap_range)
-    params = {"kernel_type": kernel_type, "kernel_size": int(kernel_size), "sigma_x": sigma_x,
-              "sigma_y": sigma_y, "rotation": rotation, "beta": beta}
+    return {"kernel_type": kernel_type, "kernel_size": int(kernel_size), "sigma_x": sigma_x,
+            "sigma_y": sigma_y, "rotation": rotation, "beta": beta}
+
+
+def random_mixed_kernel(rng: np.random.Generator, *args, **kwargs) -> tuple[np.ndarray, dict]:
+    """BasicSR's ``random_mixed_kernels``: a :func:`random_kernel_params` draw and its kernel, as
+    ``(kernel, params)``."""
+    params = random_kernel_params(rng, *args, **kwargs)
     return kernel_from_params(**params), params

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import yaml
 
-from bfr_models.degradations.kernels import KERNEL_TYPES, kernel_from_params, random_mixed_kernel
+from bfr_models.degradations.kernels import KERNEL_TYPES, kernel_from_params, random_kernel_params
 from bfr_models.degradations.ops import (
     NOISE_FUNCTIONS,
     RESIZE_MODES,
@@ -331,9 +331,8 @@ def _sample_classic(config: dict, rng: np.random.Generator) -> dict:
     # Draw order follows GFPGAN's __getitem__: flip, kernel, scale, noise, JPEG, extras.
     b, noise, jitter, jitter_pt = config["blur"], config["noise"], config["color_jitter"], config["color_jitter_pt"]
     out = {"hflip": bool(config["hflip"] and rng.uniform() < 0.5)}
-    _, kernel = random_mixed_kernel(rng, b["kernel_list"], b["kernel_prob"], b["kernel_size"], b["sigma"], b["sigma"],
-                                    b["rotation"], b["betag"], b["betap"])
-    out.update(kernel)
+    out.update(random_kernel_params(rng, b["kernel_list"], b["kernel_prob"], b["kernel_size"], b["sigma"], b["sigma"],
+                                    b["rotation"], b["betag"], b["betap"]))
     scale = config["downsample"]["scale"]
     out["scale"] = float(rng.uniform(*scale)) if isinstance(scale, list) else float(scale)
     out["noise_type"] = noise["types"][int(rng.integers(len(noise["types"])))]
