@@ -11,19 +11,21 @@ from __future__ import annotations
 
 import gc
 
-_paused: list[bool] = []
+_paused = False  # by pause_collection, not by someone else
 
 
 def pause_collection() -> None:
     """No collection until :func:`freeze_imports` (the imports' cyclic garbage, a few objects, is kept)."""
+    global _paused
     if gc.isenabled():
         gc.disable()
-        _paused.append(True)
+        _paused = True
 
 
 def freeze_imports() -> None:
     """What exists now is permanent; collect as usual from here. Does nothing unless this process paused."""
+    global _paused
     if _paused:
-        _paused.clear()
+        _paused = False
         gc.freeze()
         gc.enable()
