@@ -3,6 +3,7 @@ independent implementation (BasicSR, OpenCV, PIL)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import cv2
@@ -43,16 +44,16 @@ def _covariance(kernel: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("kernel_type", K.KERNEL_TYPES)
-def test_every_kernel_type_sums_to_one_and_rebuilds_from_its_params(kernel_type):
-    rng = np.random.default_rng(3)
-    kernel, params = K.random_mixed_kernel(rng, [kernel_type], [1.0], 21)
+def test_every_kernel_type_is_drawn_as_plain_values_and_sums_to_one(kernel_type):
+    params = K.random_kernel_params(np.random.default_rng(3), [kernel_type], [1.0], 21)
+    assert json.loads(json.dumps(params)) == params  # recorded in the manifest as they are
+    kernel = K.kernel_from_params(**params)
     assert kernel.shape == (21, 21) and kernel.min() >= 0
     assert math.isclose(kernel.sum(), 1.0, rel_tol=1e-12)
     assert params["kernel_type"] == kernel_type and params["kernel_size"] == 21
     assert (params["beta"] is None) == (kernel_type in ("iso", "aniso"))
     if not kernel_type.endswith("aniso"):
         assert params["sigma_y"] == params["sigma_x"] and params["rotation"] == 0.0
-    np.testing.assert_array_equal(K.kernel_from_params(**params), kernel)
 
 
 def test_iso_kernel_covariance_is_sigma_squared_identity():
@@ -105,15 +106,15 @@ def test_kernels_equal_basicsr_for_the_same_parameters():
                                    bd.bivariate_plateau(size, sx, sy, theta, beta, isotropic=False), rtol=1e-10, atol=1e-15)
 
 
-def test_random_mixed_kernel_is_seeded_and_follows_kernel_prob():
-    draw = lambda seed: K.random_mixed_kernel(np.random.default_rng(seed), ["iso", "aniso"], [0.2, 0.8], 41,
-                                              (0.1, 10), (0.1, 10))
-    assert draw(5)[1] == draw(5)[1] and draw(5)[1] != draw(6)[1]
+def test_random_kernel_params_are_seeded_and_follow_kernel_prob():
+    draw = lambda seed: K.random_kernel_params(np.random.default_rng(seed), ["iso", "aniso"], [0.2, 0.8], 41,
+                                               (0.1, 10), (0.1, 10))
+    assert draw(5) == draw(5) and draw(5) != draw(6)
     rng = np.random.default_rng(0)
-    types = [K.random_mixed_kernel(rng, ["iso", "aniso"], [0.2, 0.8], 5, (0.1, 10), (0.1, 10))[1]["kernel_type"]
+    types = [K.random_kernel_params(rng, ["iso", "aniso"], [0.2, 0.8], 5, (0.1, 10), (0.1, 10))["kernel_type"]
              for _ in range(2000)]
     assert abs(types.count("iso") / 2000 - 0.2) < 0.03  # 4 standard errors
-    params = [K.random_mixed_kernel(rng, ["plateau_aniso"], [1.0], 5, (1, 2), (3, 4), (0, 1), betap_range=(0.5, 2))[1]
+    params = [K.random_kernel_params(rng, ["plateau_aniso"], [1.0], 5, (1, 2), (3, 4), (0, 1), betap_range=(0.5, 2))
               for _ in range(300)]
     assert all(1 <= p["sigma_x"] <= 2 and 3 <= p["sigma_y"] <= 4 and 0 <= p["rotation"] <= 1 for p in params)
     betas = np.array([p["beta"] for p in params])

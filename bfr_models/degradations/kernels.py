@@ -126,9 +126,3 @@ def random_kernel_params(
     return {"kernel_type": kernel_type, "kernel_size": int(kernel_size), "sigma_x": sigma_x,
             "sigma_y": sigma_y, "rotation": rotation, "beta": beta}
 
-
-def random_mixed_kernel(rng: np.random.Generator, *args, **kwargs) -> tuple[np.ndarray, dict]:
-    """BasicSR's ``random_mixed_kernels``: a :func:`random_kernel_params` draw and its kernel, as
-    ``(kernel, params)``."""
-    params = random_kernel_params(rng, *args, **kwargs)
-    return kernel_from_params(**params), params
