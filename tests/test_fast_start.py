@@ -179,7 +179,7 @@ def console_degrade(tmp_path, timeout: float, then: str = "", **env) -> subproce
         write_png(tmp_path / "faces" / f"f{i}.png", face_like(i, 64))
     env = {**os.environ, "PYTHONPATH": str(REPO), **env}
     env.pop("PREFECT_API_URL", None)
-    code = f"import sys\nfrom flows.cli import main\nmain()\n{then}"
+    code = f"from flows.cli import main\nmain()\n{then}"
     return subprocess.run([sys.executable, "-c", code, "degrade", "--preset", "gfpgan", "--input",
                            str(tmp_path / "faces"), "--out", str(tmp_path / "out"), "--device", "cpu"],
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
