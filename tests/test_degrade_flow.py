@@ -180,8 +180,10 @@ def test_stage_run_is_named_tagged_with_untagged_shards_and_publishes_its_summar
             "flow_runs": {"id": {"any_": [str(run.id)]}}, "limit": 10, "offset": 0}).json()
     assert run.name == f"degrade {image_folder.parent.name}/{image_folder.name} (preset dr2, split mild, scale 4)"
     assert {"stage:degrade", "preset:dr2"} <= set(run.tags)
-    # shard runs untagged: Prefect would ask for a tag concurrency slot before each (flows/stage.py, untagged)
-    assert len(shard_runs) == 2 and all(r["name"].startswith("degrade-shard") and r["tags"] == [] for r in shard_runs)
+    # shard runs untagged: Prefect would ask for a tag concurrency slot before each (flows/stage.py, untagged).
+    # One run per shard of the index: how many there are depends on the files' paths (content-defined cuts).
+    assert len(shard_runs) == len(index["shards"]) >= 1
+    assert all(r["name"].startswith("degrade-shard") and r["tags"] == [] for r in shard_runs)
     (summary,) = artifacts
     assert summary["key"] == f"degrade-{index['key']}" and str(image_folder) in summary["description"]
     assert [(r["rows"], r["ok"], r["error"]) for r in json.loads(summary["data"])] == [(6, 6, 0)]
