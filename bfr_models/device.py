@@ -20,8 +20,10 @@
 
 from __future__ import annotations
 
+import threading
 import weakref
-from typing import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Sequence
 
 import torch
 
@@ -95,7 +97,55 @@ def unet_call(unet: torch.nn.Module, dtype: torch.dtype | None, x: torch.Tensor,
     companions, at no throughput cost on a compute-bound CPU."""
     if x.device.type != "cpu":
         return run_unet(unet, dtype, x, t)
-    return torch.cat([run_unet(unet, dtype, x[b : b + 1], t[b : b + 1]) for b in range(x.shape[0])])
+    return torch.cat(lane_map(lambda b: run_unet(unet, dtype, x[b : b + 1], t[b : b + 1]), x.shape[0]))
+
+
+# ------------------------------------------------------------------------------ CPU lanes
+
+_lanes = 1
+_lane_pool: tuple[int, ThreadPoolExecutor] | None = None  # (its threads, the pool)
+_lane_guard = threading.Lock()
+_in_lane = threading.local()
+
+
+def set_cpu_lanes(lanes: int) -> None:
+    """How many images :func:`lane_map` may run at once on the CPU: the cores that the shards running in this
+    process leave idle (flows/threads.py; 1 until a stage sets it)."""
+    global _lanes
+    _lanes = max(1, int(lanes))
+
+
+def get_cpu_lanes() -> int:
+    return _lanes
+
+
+def lane_map(fn: Callable[[int], torch.Tensor], n: int) -> list:
+    """``[fn(0), ..., fn(n - 1)]`` for per-image network calls on the CPU: in turn, or spread over the CPU lanes
+    (:func:`set_cpu_lanes`) when a lone shard would leave cores idle. Each call runs on the process's intra-op
+    threads as it would in turn, so an image's bytes do not depend on the lanes (a network's CPU kernels do
+    depend on the intra-op thread count, which the stage index records). Each call keeps its caller's grad and
+    inference mode; a call from inside a lane runs its own calls in turn."""
+    lanes = min(_lanes, n)
+    if lanes < 2 or getattr(_in_lane, "active", False):
+        return [fn(i) for i in range(n)]
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    def in_lane(i: int):
+        _in_lane.active = True
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            return fn(i)
+
+    return list(_pool(lanes).map(in_lane, range(n)))
+
+
+def _pool(lanes: int) -> ThreadPoolExecutor:
+    global _lane_pool
+    with _lane_guard:
+        if _lane_pool is None or _lane_pool[0] != lanes:
+            if _lane_pool is not None:
+                _lane_pool[1].shutdown(wait=False)
+            _lane_pool = (lanes, ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="bfr-cpu-lane"))
+        return _lane_pool[1]
 
 
 # ------------------------------------------------------------------------------ per-image randomness

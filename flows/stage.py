@@ -128,7 +128,7 @@ def run_stage(shard_task, stage: str, config: dict, items: list[InputItem], inpu
         configured = shard_task.with_options(result_storage=result_storage(stage_uri), result_serializer="json")
         shards, failures = list(kept), []
         limit = max_in_flight or in_flight_limit()
-        threads = shard_threads(_task_runner(), limit)
+        threads = shard_threads(_task_runner(), limit, len(specs))
         with tqdm(total=len(todo), desc=stage, unit="img", dynamic_ncols=True) as bar, \
                 watch_images([s.key for s in specs], _task_runner().client if uses_dask() else None) as images_done:
             shown: dict[str, int] = {}  # shard key -> images on the bar

@@ -9,6 +9,10 @@ shards start (a new pool thread takes torch's setting at its first parallel kern
 of ``--dask local`` get the rule through their environment (:func:`worker_env`); a cluster of your own keeps
 its workers' settings (Dask's default: one thread per worker process). The stage index records the
 number the shard tasks used (``config.threads``).
+
+A stage with fewer shards than workers (60 faces make one) would leave cores idle: there the networks that see
+one image at a time on the CPU (the diffusion and IDM UNets, MUSIQ) run several images at once, each on the
+same intra-op threads as before (:func:`cpu_lanes`), so no image's bytes change.
 """
 
 from __future__ import annotations
@@ -45,15 +49,25 @@ def torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def shard_threads(task_runner, workers: int):
-    """For a thread pool running ``workers`` shard tasks at once: set this process's torch threads by the rule.
-    Returns the threads the shard tasks use, for the stage index: an int, a sorted list if Dask workers differ,
-    None for another runner."""
+def cpu_lanes(workers: int, shards: int, threads: int, cores: int | None = None) -> int:
+    """Per-image network calls a shard may run at once (``bfr_models.device.lane_map``): the cores that the
+    shards running at once (``shards`` of them, at most ``workers``) leave idle at ``threads`` each, at least 1."""
+    running = max(1, min(workers, shards))
+    return max(1, (cores or available_cores()) // (max(1, threads) * running))
+
+
+def shard_threads(task_runner, workers: int, shards: int):
+    """For a thread pool running ``workers`` of a stage's ``shards`` shard tasks at once: set this process's
+    torch threads by the rule, and its CPU lanes (:func:`cpu_lanes`). Returns the threads the shard tasks use,
+    for the stage index: an int, a sorted list if Dask workers differ, None for another runner."""
     import torch
     from prefect.task_runners import ThreadPoolTaskRunner
 
+    from bfr_models.device import set_cpu_lanes
+
     if isinstance(task_runner, ThreadPoolTaskRunner):
         torch.set_num_threads(intra_op_threads(workers))
+        set_cpu_lanes(cpu_lanes(workers, shards, torch.get_num_threads()))
         return torch.get_num_threads()
     client = getattr(task_runner, "client", None)  # Dask: ask its workers
     if client is None:

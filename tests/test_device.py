@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -50,6 +52,47 @@ def test_default_batch_is_unchanged_off_cuda_and_unets_are_prepared_for_inferenc
     assert device.default_batch_size(CPU, 512, "fp32", cpu_default=8) == 8
     unet = device.prepare_unet(torch.nn.Conv2d(3, 4, 3).train(), "cpu")
     assert unet.weight.is_contiguous() and not unet.training
+
+
+@pytest.fixture
+def lanes():
+    yield device.set_cpu_lanes
+    device.set_cpu_lanes(1)  # what a process has until a stage sets it
+
+
+def test_lane_map_runs_images_at_once_in_the_callers_mode_and_in_turn_inside_a_lane(lanes):
+    here = threading.current_thread().name
+    lanes(1)
+    assert device.lane_map(lambda i: (i, threading.current_thread().name), 3) == [(0, here), (1, here), (2, here)]
+    lanes(2)
+    met = threading.Barrier(2, timeout=30)  # broken unless two calls run at once
+
+    def call(i):
+        met.wait()
+        name = threading.current_thread().name
+        return (i, name != here, torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+                device.lane_map(lambda j: threading.current_thread().name == name, 2))
+
+    with torch.inference_mode():
+        assert device.lane_map(call, 2) == [(0, True, False, True, [True, True]), (1, True, False, True, [True, True])]
+    with torch.no_grad():
+        assert device.lane_map(lambda i: (torch.is_grad_enabled(), torch.is_inference_mode_enabled()), 2) == \
+            [(False, False)] * 2
+
+
+def test_a_unet_gives_the_same_bits_in_turn_and_on_two_lanes(lanes):
+    from bfr_models.diffusion.train import PriorTrainConfig, small_unet
+
+    torch.manual_seed(0)
+    unet = small_unet(PriorTrainConfig(resolution=16, channels=(8, 16))).eval()
+    torch.nn.init.normal_(unet.conv_out.weight, std=0.05)
+    x, t = torch.randn(4, 3, 16, 16), torch.tensor([10, 200, 500, 900])
+    with torch.inference_mode():
+        lanes(1)
+        in_turn = device.unet_call(unet, None, x, t)
+        lanes(2)
+        on_lanes = device.unet_call(unet, None, x, t)
+    assert in_turn.abs().sum() > 0 and torch.equal(in_turn, on_lanes)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

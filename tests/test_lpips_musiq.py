@@ -179,6 +179,22 @@ def test_musiq_equals_pyiqa(monkeypatch, tmp_path, musiq_bytes):
     torch.testing.assert_close(ours(q), ours(q.float() / 255))
 
 
+def test_musiq_scores_the_same_bits_in_turn_and_on_two_cpu_lanes(tmp_path, musiq_bytes):
+    from bfr_models.device import set_cpu_lanes
+
+    path = tmp_path / "musiq.pth"
+    path.write_bytes(musiq_bytes)
+    ours, x = M.MUSIQ(weights_path=path, batch_size=1), _images(4, seed=8, size=(40, 48))
+    try:
+        set_cpu_lanes(1)
+        in_turn = ours(x)
+        set_cpu_lanes(2)
+        on_lanes = ours(x)
+    finally:
+        set_cpu_lanes(1)
+    assert len(set(in_turn.tolist())) == 4 and torch.equal(in_turn, on_lanes)
+
+
 def test_musiq_missing_weights_fail_before_any_work(monkeypatch, tmp_path):
     def never(**kw):
         raise AssertionError("MUSIQ built although its weights are missing")

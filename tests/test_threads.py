@@ -9,15 +9,17 @@ import torch
 from prefect import flow, task
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from bfr_models.device import get_cpu_lanes, set_cpu_lanes
 from bfr_models.manifest import ManifestWriter, read_index
 from flows.runners import local_cluster_kwargs
 from flows.stage import run_stage
-from flows.threads import available_cores, intra_op_threads
+from flows.threads import available_cores, cpu_lanes, intra_op_threads
 from tasks.rows import error_row
 from tasks.runtime import shard_cache_key
 from tasks.shards import InputItem
 
 seen = []  # torch threads inside each shard task
+lanes_seen = []  # CPU lanes inside each shard task
 
 
 @pytest.fixture
@@ -37,6 +39,13 @@ def test_the_rule(no_omp_env, monkeypatch):
     assert intra_op_threads(1, cores=16) == 3
 
 
+def test_the_cores_a_lone_shard_would_leave_idle_become_cpu_lanes():
+    # (workers, shards, intra-op threads, cores) -> lanes
+    cases = {(2, 1, 1, 2): 2, (2, 5, 1, 2): 1, (2, 2, 1, 2): 1, (1, 1, 2, 2): 1, (4, 1, 4, 16): 4,
+             (4, 2, 4, 16): 2, (4, 9, 4, 16): 1, (2, 0, 1, 2): 2, (3, 1, 1, 2): 2, (2, 1, 4, 2): 1}
+    assert {case: cpu_lanes(*case[:3], cores=case[3]) for case in cases} == cases
+
+
 def test_dask_local_workers_get_the_rule_in_their_environment(no_omp_env):
     env = local_cluster_kwargs(2)["env"]
     assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == str(intra_op_threads(2))
@@ -45,6 +54,7 @@ def test_dask_local_workers_get_the_rule_in_their_environment(no_omp_env):
 @task(cache_key_fn=shard_cache_key, persist_result=True, cache_result_in_memory=False)
 def threads_shard(spec, stage_uri: str) -> dict:
     seen.append(torch.get_num_threads())
+    lanes_seen.append(get_cpu_lanes())
     rows = [error_row("threads", item, "probe") for item in spec.items]
     return asdict(ManifestWriter(stage_uri).write_shard(spec.key, rows))
 
@@ -56,8 +66,21 @@ def threads_flow(out: str, items: list) -> str:
 
 def test_shard_tasks_of_a_thread_pool_use_the_rule_and_the_index_records_it(no_omp_env, tmp_path):
     torch.set_num_threads(available_cores())  # what torch starts with: one per core
+    lanes_seen.clear()
     items = [InputItem(uri=f"/in/{i}.png", version=str(i)) for i in range(6)]
     uri = threads_flow(str(tmp_path / "out"), items)
     expected = intra_op_threads(2)
     assert seen and set(seen) == {expected}, seen
     assert read_index(uri)["config"]["threads"] == expected
+    assert lanes_seen and set(lanes_seen) == {1}  # 2 shards or more on 2 workers: no core left idle
+
+
+def test_a_lone_shard_gets_the_cores_the_other_workers_would_have_had_as_cpu_lanes(no_omp_env, tmp_path):
+    lanes_seen.clear()
+    try:
+        uri = threads_flow(str(tmp_path / "out"), [InputItem(uri="/in/alone.png", version="1")])
+    finally:
+        set_cpu_lanes(1)
+    assert len(read_index(uri)["shards"]) == 1
+    assert lanes_seen == [cpu_lanes(2, 1, intra_op_threads(2))]
+    assert available_cores() < 2 or lanes_seen[0] >= 2  # both workers' cores, where there are two

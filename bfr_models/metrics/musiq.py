@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from bfr_models.device import lane_map
 from bfr_models.weights import load_state_dict, load_strict
 
 CARD = "musiq_koniq"
@@ -54,10 +55,15 @@ class MUSIQ:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"MUSIQ needs a (B, 3, H, W) batch, got {tuple(images.shape)}")
-        out = []
-        for start in range(0, images.shape[0], self.batch_size):
-            x = images[start:start + self.batch_size]
-            x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float().clamp(0, 1)
-            score = self.net(x.to(self.device))
-            out.append(score.reshape(score.shape[0]).float().cpu())
+        starts = range(0, images.shape[0], self.batch_size)
+        batches = [images[s:s + self.batch_size] for s in starts]
+        if self.device.type == "cpu":  # a lone shard's idle cores score other batches at once
+            out = lane_map(lambda b: self._score(batches[b]), len(batches))
+        else:
+            out = [self._score(x) for x in batches]
         return torch.cat(out) if out else torch.zeros(0)
+
+    def _score(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float().clamp(0, 1)
+        score = self.net(x.to(self.device))
+        return score.reshape(score.shape[0]).float().cpu()
