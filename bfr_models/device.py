@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 
 DTYPES = ("fp32", "bf16")
 _AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
+T, R = TypeVar("T"), TypeVar("R")
 
 
 class DeviceError(ValueError):
@@ -123,19 +125,32 @@ def lane_map(fn: Callable[[int], torch.Tensor], n: int) -> list:
     """``[fn(0), ..., fn(n - 1)]`` for per-image network calls on the CPU: in turn, or spread over the CPU lanes
     (:func:`set_cpu_lanes`) when a lone shard would leave cores idle. Each call runs on the process's intra-op
     threads as it would in turn, so an image's bytes do not depend on the lanes (a network's CPU kernels do
-    depend on the intra-op thread count, which the stage index records). Each call keeps its caller's grad and
-    inference mode; a call from inside a lane runs its own calls in turn."""
-    lanes = min(_lanes, n)
+    depend on the intra-op thread count, which the stage index records)."""
+    return list(lane_imap(fn, range(n)))
+
+
+def lane_imap(fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
+    """``fn(item)`` for each item, in order: in turn, or on the CPU lanes, taking the next item as soon as a lane
+    is free (at most two per lane in flight), so a lane never waits for the others between items. Each call keeps
+    its caller's grad and inference mode; a call from inside a lane runs its own calls in turn."""
+    lanes = _lanes
     if lanes < 2 or getattr(_in_lane, "active", False):
-        return [fn(i) for i in range(n)]
+        yield from map(fn, items)
+        return
     grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
-    def in_lane(i: int):
+    def in_lane(item: T) -> R:
         _in_lane.active = True
         with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-            return fn(i)
+            return fn(item)
 
-    return list(_pool(lanes).map(in_lane, range(n)))
+    pool, pending = _pool(lanes), deque()
+    for item in items:
+        if len(pending) == 2 * lanes:
+            yield pending.popleft().result()
+        pending.append(pool.submit(in_lane, item))
+    while pending:
+        yield pending.popleft().result()
 
 
 def _pool(lanes: int) -> ThreadPoolExecutor:

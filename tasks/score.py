@@ -12,6 +12,7 @@ import torch
 from prefect import task
 
 from bfr_models import storage
+from bfr_models.device import lane_imap
 from bfr_models.imageio import ImageError, decode_source
 from bfr_models.manifest import ManifestWriter
 from bfr_models.metrics.suite import MetricSuite, ScoreConfig
@@ -58,18 +59,27 @@ def score_shard(spec: ShardSpec, stage_uri: str, score_config: dict, skip: list[
     fid = extractor(cfg.fid_convention, str(dev)) if "fid" in cfg.metrics and "fid" not in skip else None
     rows = [json.loads(item.row) for item in spec.items]
     todo = [(k, item) for k, item in enumerate(spec.items) if rows[k]["status"] == "ok"]
-    keys, feats = [], []
     batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
+
+    def score_batch(batch_and_ready) -> tuple[list[str], np.ndarray | None]:
+        """One batch's metric columns; with FID, its scored images' sha256 and Inception features."""
+        batch, ready = batch_and_ready
+        for _, group in groupby(sorted(ready, key=lambda r: r[1].shape), key=lambda r: r[1].shape):
+            _score(suite, dev, rows, list(group))
+        scored = [(k, img) for k, img, _ in ready if rows[k]["status"] == "ok"]
+        features = fid([img for _, img in scored]) if fid is not None and scored else None
+        report_images(spec.key, len(batch))  # the stage's bar moves per batch
+        return [rows[k]["sha256"] for k, _ in scored], features
+
+    keys, feats = [], []
     with ThreadPoolExecutor(1, thread_name_prefix="score-decode") as pool:
         decoded = prefetched(pool, lambda batch: _fetch_and_decode(suite, rows, batch), batches)
-        for batch, ready in zip(batches, decoded):
-            for _, group in groupby(sorted(ready, key=lambda r: r[1].shape), key=lambda r: r[1].shape):
-                _score(suite, dev, rows, list(group))
-            scored = [(k, img) for k, img, _ in ready if rows[k]["status"] == "ok"]
-            if fid is not None and scored:
-                feats.append(fid([img for _, img in scored]))
-                keys += [rows[k]["sha256"] for k, _ in scored]
-            report_images(spec.key, len(batch))  # the stage's bar moves per batch
+        # a lone shard on the CPU scores batches on its idle cores at once (each batch's rows are its own)
+        scoring = lane_imap(score_batch, zip(batches, decoded)) if dev.type == "cpu" else map(score_batch, zip(batches, decoded))
+        for batch_keys, features in scoring:
+            if features is not None:
+                keys += batch_keys
+                feats.append(features)
     if fid is not None:
         from bfr_models.metrics.fid import shard_features_uri, write_shard_features  # torchvision: only for FID
 

@@ -208,3 +208,30 @@ def test_an_image_too_small_for_niqe_keeps_its_other_metrics(tmp_path):
     assert small["status"] == "ok" and np.isnan(small["niqe"]) and np.isfinite(small["psnr"])
     assert small["score_notes"].startswith("niqe: NIQE needs at least two 96x96 blocks")
     assert big["status"] == "ok" and np.isfinite(big["niqe"]) and pd.isna(big["score_notes"])
+
+
+def test_a_lone_score_shard_gives_the_same_rows_and_features_on_two_lanes_as_in_turn(weights, tmp_path, monkeypatch):
+    import flows.threads
+
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    for i in range(6):
+        (folder / f"f{i}.png").write_bytes(_png(face_like(i, size=192)))
+    runs = {}
+    for lanes in (1, 2):  # what the stage's rule gives a lone shard on 1 core, on 2
+        monkeypatch.setattr(flows.threads, "cpu_lanes", lambda *a, lanes=lanes, **k: lanes)
+        uri = score_flow(input=str(folder), out=str(tmp_path / f"out{lanes}"), metrics="niqe,musiq,fid",
+                         fid_ref=str(folder), fid_convention="legacy_pytorch", fid_allow_small=True, device="cpu",
+                         batch_size=2)
+        index = manifest.read_index(uri)
+        assert len(index["shards"]) == 1
+        (shard,) = index["shards"]
+        features = np.load(io.BytesIO(storage.read_bytes(f"{uri}/fid/{shard['name']}.npz")))
+        runs[lanes] = (manifest.read_manifest(uri)[["image_id", "status", "niqe", "musiq"]],
+                       {k: features[k] for k in features.files})
+    (rows1, feats1), (rows2, feats2) = runs[1], runs[2]
+    assert (rows1["status"] == "ok").all() and rows1["musiq"].nunique() == 6
+    pd.testing.assert_frame_equal(rows1, rows2, check_exact=True)
+    # the Inception features FID is computed from (FID itself passes through a matrix square root whose last
+    # bits follow the BLAS kernels)
+    assert feats1.keys() == feats2.keys() and all(np.array_equal(feats1[k], feats2[k]) for k in feats1)
