@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from collections import deque
@@ -105,14 +106,14 @@ def unet_call(unet: torch.nn.Module, dtype: torch.dtype | None, x: torch.Tensor,
 # ------------------------------------------------------------------------------ CPU lanes
 
 _lanes = 1
-_lane_pool: tuple[int, ThreadPoolExecutor] | None = None  # (its threads, the pool)
+_lane_pool: ThreadPoolExecutor | None = None  # shared by every caller; each call bounds its own share
 _lane_guard = threading.Lock()
 _in_lane = threading.local()
 
 
 def set_cpu_lanes(lanes: int) -> None:
-    """How many images :func:`lane_map` may run at once on the CPU: the cores that the shards running in this
-    process leave idle (flows/threads.py; 1 until a stage sets it)."""
+    """How many items one :func:`lane_imap` call may run at once on the CPU: the cores that the shards running
+    in this process leave idle (flows/threads.py; 1 until a stage sets it). Read at each call."""
     global _lanes
     _lanes = max(1, int(lanes))
 
@@ -121,7 +122,7 @@ def get_cpu_lanes() -> int:
     return _lanes
 
 
-def lane_map(fn: Callable[[int], torch.Tensor], n: int) -> list:
+def lane_map(fn: Callable[[int], R], n: int) -> list[R]:
     """``[fn(0), ..., fn(n - 1)]`` for per-image network calls on the CPU: in turn, or spread over the CPU lanes
     (:func:`set_cpu_lanes`) when a lone shard would leave cores idle. Each call runs on the process's intra-op
     threads as it would in turn, so an image's bytes do not depend on the lanes (a network's CPU kernels do
@@ -130,37 +131,45 @@ def lane_map(fn: Callable[[int], torch.Tensor], n: int) -> list:
 
 
 def lane_imap(fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
-    """``fn(item)`` for each item, in order: in turn, or on the CPU lanes, taking the next item as soon as a lane
-    is free (at most two per lane in flight), so a lane never waits for the others between items. Each call keeps
-    its caller's grad and inference mode; a call from inside a lane runs its own calls in turn."""
+    """``fn(item)`` for each item, in order: in turn, or up to the CPU lanes at once, the next item starting as
+    soon as one is done (at most two per lane waiting to be yielded). Each call keeps its caller's intra-op
+    threads, grad and inference mode; a call from inside a lane runs its own calls in turn."""
     lanes = _lanes
     if lanes < 2 or getattr(_in_lane, "active", False):
         yield from map(fn, items)
         return
     grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+    threads = torch.get_num_threads()
+    running = threading.Semaphore(lanes)
 
     def in_lane(item: T) -> R:
         _in_lane.active = True
-        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-            return fn(item)
+        # a thread keeps the intra-op count torch had when it first ran a kernel; the caller's may be newer
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        try:
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                return fn(item)
+        finally:
+            running.release()
 
-    pool, pending = _pool(lanes), deque()
+    pool, pending = _pool(), deque()
     for item in items:
         if len(pending) == 2 * lanes:
             yield pending.popleft().result()
+        running.acquire()
         pending.append(pool.submit(in_lane, item))
     while pending:
         yield pending.popleft().result()
 
 
-def _pool(lanes: int) -> ThreadPoolExecutor:
+def _pool() -> ThreadPoolExecutor:
+    """Threads start as calls need them, one per core at most; each call bounds its share by its lanes."""
     global _lane_pool
     with _lane_guard:
-        if _lane_pool is None or _lane_pool[0] != lanes:
-            if _lane_pool is not None:
-                _lane_pool[1].shutdown(wait=False)
-            _lane_pool = (lanes, ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="bfr-cpu-lane"))
-        return _lane_pool[1]
+        if _lane_pool is None:
+            _lane_pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="bfr-cpu-lane")
+        return _lane_pool
 
 
 # ------------------------------------------------------------------------------ per-image randomness

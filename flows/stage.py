@@ -17,7 +17,7 @@ from bfr_models import lease, manifest, storage
 from bfr_models.manifest import ManifestWriter, ShardInfo
 from flows.run_info import publish_stage_summary
 from flows.stop import abandon_on_stop, reclaim_sigterm
-from flows.threads import shard_threads
+from flows.threads import shard_threads, spread_idle_cores
 from tasks.runtime import host_gpu_slot, result_storage, uses_dask, watch_images
 from tasks.shards import InputItem, code_version, make_shards, stable_hash
 
@@ -141,8 +141,10 @@ def run_stage(shard_task, stage: str, config: dict, items: list[InputItem], inpu
                 for key in keys:
                     show(key, images_done(key))
 
-            for spec, result in _run_shards(configured, specs, limit, stage_uri=stage_uri, on_wait=on_wait,
-                                            resources=gpu_request(task_kwargs.get("device")), **task_kwargs):
+            for done, (spec, result) in enumerate(_run_shards(
+                    configured, specs, limit, stage_uri=stage_uri, on_wait=on_wait,
+                    resources=gpu_request(task_kwargs.get("device")), **task_kwargs), start=1):
+                spread_idle_cores(_task_runner(), limit, len(specs) - done)
                 if isinstance(result, Exception):  # report every failed shard, not just the first
                     failures.append(f"shard {spec.key}: {type(result).__name__}: {result}")
                 else:

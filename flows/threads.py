@@ -10,9 +10,10 @@ of ``--dask local`` get the rule through their environment (:func:`worker_env`);
 its workers' settings (Dask's default: one thread per worker process). The stage index records the
 number the shard tasks used (``config.threads``).
 
-A stage with fewer shards than workers (60 faces make one) would leave cores idle: there the networks that see
-one image at a time on the CPU (the diffusion and IDM UNets, MUSIQ) run several images at once, each on the
-same intra-op threads as before (:func:`cpu_lanes`), so no image's bytes change.
+A stage with fewer shards than workers (60 faces make one), or a stage's last shards, would leave cores idle:
+there the networks that see one image at a time on the CPU (the diffusion and IDM UNets, MUSIQ) run several
+images at once, and the score stage several batches, each on the same intra-op threads as in turn
+(:func:`cpu_lanes`, :func:`spread_idle_cores`), so no image's bytes change.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         return os.cpu_count() or 1
+
 
 
 def intra_op_threads(workers: int, cores: int | None = None) -> int:
@@ -50,7 +52,7 @@ def torch_threads() -> int:
 
 
 def cpu_lanes(workers: int, shards: int, threads: int, cores: int | None = None) -> int:
-    """Per-image network calls a shard may run at once (``bfr_models.device.lane_map``): the cores that the
+    """The calls one shard may run at once on the CPU (``bfr_models.device.lane_imap``): the cores that the
     shards running at once (``shards`` of them, at most ``workers``) leave idle at ``threads`` each, at least 1."""
     running = max(1, min(workers, shards))
     return max(1, (cores or available_cores()) // (max(1, threads) * running))
@@ -58,19 +60,30 @@ def cpu_lanes(workers: int, shards: int, threads: int, cores: int | None = None)
 
 def shard_threads(task_runner, workers: int, shards: int):
     """For a thread pool running ``workers`` of a stage's ``shards`` shard tasks at once: set this process's
-    torch threads by the rule, and its CPU lanes (:func:`cpu_lanes`). Returns the threads the shard tasks use,
-    for the stage index: an int, a sorted list if Dask workers differ, None for another runner."""
+    torch threads by the rule, and its CPU lanes (:func:`spread_idle_cores`). Returns the threads the shard tasks
+    use, for the stage index: an int, a sorted list if Dask workers differ, None for another runner."""
     import torch
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    from bfr_models.device import set_cpu_lanes
-
     if isinstance(task_runner, ThreadPoolTaskRunner):
         torch.set_num_threads(intra_op_threads(workers))
-        set_cpu_lanes(cpu_lanes(workers, shards, torch.get_num_threads()))
+        spread_idle_cores(task_runner, workers, shards)
         return torch.get_num_threads()
     client = getattr(task_runner, "client", None)  # Dask: ask its workers
     if client is None:
         return None
     found = sorted(set(client.run(torch_threads).values()))
     return found[0] if len(found) == 1 else found
+
+
+def spread_idle_cores(task_runner, workers: int, shards_left: int) -> None:
+    """A thread pool's CPU lanes for ``shards_left`` shards still to finish (:func:`cpu_lanes`): set when the
+    shards start and again as each finishes, so the last shards of a stage take the cores of the workers that
+    have nothing left to run. Lanes never change an image's bytes. Dask workers keep one lane."""
+    import torch
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from bfr_models.device import set_cpu_lanes
+
+    if isinstance(task_runner, ThreadPoolTaskRunner):
+        set_cpu_lanes(cpu_lanes(workers, shards_left, torch.get_num_threads()))

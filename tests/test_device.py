@@ -80,6 +80,37 @@ def test_lane_map_runs_images_at_once_in_the_callers_mode_and_in_turn_inside_a_l
             [(False, False)] * 2
 
 
+def test_lanes_run_on_the_callers_intra_op_threads_whatever_their_threads_ran_before(lanes):
+    before = torch.get_num_threads()
+    lanes(2)
+    try:
+        torch.set_num_threads(3)
+        assert device.lane_map(lambda i: torch.get_num_threads(), 4) == [3] * 4  # the pool's threads start here
+        torch.set_num_threads(1)  # a later stage's rule: the same threads must follow
+        assert device.lane_map(lambda i: torch.get_num_threads(), 4) == [1] * 4
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_one_lane_map_call_runs_at_most_its_lanes_at_once(lanes):
+    import os
+    import time
+
+    now, most, guard = [0], [0], threading.Lock()
+
+    def call(i):
+        with guard:
+            now[0] += 1
+            most[0] = max(most[0], now[0])
+        time.sleep(0.02)  # sleeping releases the GIL: calls overlap where the lanes allow
+        with guard:
+            now[0] -= 1
+        return i
+
+    lanes(2)
+    assert device.lane_map(call, 8) == list(range(8)) and most[0] == min(2, os.cpu_count() or 1)
+
+
 def test_a_unet_gives_the_same_bits_in_turn_and_on_two_lanes(lanes):
     from bfr_models.diffusion.train import PriorTrainConfig, small_unet
 
