@@ -119,12 +119,13 @@ def set_cpu_lanes(lanes: int) -> None:
 
 
 def get_cpu_lanes() -> int:
+    """The lanes :func:`set_cpu_lanes` last set."""
     return _lanes
 
 
 def lane_map(fn: Callable[[int], R], n: int) -> list[R]:
     """``[fn(0), ..., fn(n - 1)]`` for per-image network calls on the CPU: in turn, or spread over the CPU lanes
-    (:func:`set_cpu_lanes`) when a lone shard would leave cores idle. Each call runs on the process's intra-op
+    (:func:`set_cpu_lanes`) where a shard has idle cores beside it. Each call runs on the process's intra-op
     threads as it would in turn, so an image's bytes do not depend on the lanes (a network's CPU kernels do
     depend on the intra-op thread count, which the stage index records)."""
     return list(lane_imap(fn, range(n)))

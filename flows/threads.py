@@ -31,7 +31,6 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-
 def intra_op_threads(workers: int, cores: int | None = None) -> int:
     """The rule: ``cores // workers``, at least 1; ``OMP_NUM_THREADS`` set in the environment wins."""
     if os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():

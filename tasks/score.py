@@ -74,9 +74,9 @@ def score_shard(spec: ShardSpec, stage_uri: str, score_config: dict, skip: list[
     keys, feats = [], []
     with ThreadPoolExecutor(1, thread_name_prefix="score-decode") as pool:
         decoded = prefetched(pool, lambda batch: _fetch_and_decode(suite, rows, batch), batches)
-        # a lone shard on the CPU scores batches on its idle cores at once (each batch's rows are its own)
-        scoring = lane_imap(score_batch, zip(batches, decoded)) if dev.type == "cpu" else map(score_batch, zip(batches, decoded))
-        for batch_keys, features in scoring:
+        # on the CPU a shard with idle cores beside it scores batches on them at once (each batch's rows are its own)
+        in_order = lane_imap if dev.type == "cpu" else map
+        for batch_keys, features in in_order(score_batch, zip(batches, decoded)):
             if features is not None:
                 keys += batch_keys
                 feats.append(features)
