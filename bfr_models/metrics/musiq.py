@@ -57,7 +57,7 @@ class MUSIQ:
             raise ValueError(f"MUSIQ needs a (B, 3, H, W) batch, got {tuple(images.shape)}")
         starts = range(0, images.shape[0], self.batch_size)
         batches = [images[s:s + self.batch_size] for s in starts]
-        if self.device.type == "cpu":  # a lone shard's idle cores score other batches at once
+        if self.device.type == "cpu":  # idle cores beside this shard (the lanes) score other batches at once
             out = lane_map(lambda b: self._score(batches[b]), len(batches))
         else:
             out = [self._score(x) for x in batches]
