@@ -109,13 +109,18 @@ _lanes = 1
 _lane_pool: ThreadPoolExecutor | None = None  # shared by every caller; each call bounds its own share
 _lane_guard = threading.Lock()
 _in_lane = threading.local()
+_running_calls: "weakref.WeakSet[_Lane]" = weakref.WeakSet()  # the lane_imap calls under way
 
 
 def set_cpu_lanes(lanes: int) -> None:
     """How many items one :func:`lane_imap` call may run at once on the CPU: the cores that the shards running
-    in this process leave idle (flows/threads.py; 1 until a stage sets it). Read at each call."""
+    in this process leave idle (flows/threads.py; 1 until a stage sets it). A call reads it when it starts, and
+    a rise widens the calls under way: a stage's last shard takes the cores of the shards that finished."""
     global _lanes
     _lanes = max(1, int(lanes))
+    with _lane_guard:
+        for lane in list(_running_calls):
+            lane.widen(_lanes)
 
 
 def get_cpu_lanes() -> int:
@@ -127,41 +132,111 @@ def lane_map(fn: Callable[[int], R], n: int) -> list[R]:
     """``[fn(0), ..., fn(n - 1)]`` for per-image network calls on the CPU: in turn, or spread over the CPU lanes
     (:func:`set_cpu_lanes`) where a shard has idle cores beside it. Each call runs on the process's intra-op
     threads as it would in turn, so an image's bytes do not depend on the lanes (a network's CPU kernels do
-    depend on the intra-op thread count, which the stage index records)."""
+    depend on the intra-op thread count, which the stage index records). Called from inside a lane, it shares
+    its items with any lane of the outer call that falls idle (:func:`_share`)."""
+    lane = getattr(_in_lane, "lane", None)
+    if lane is not None:
+        return _share(fn, n, lane)
     return list(lane_imap(fn, range(n)))
 
 
 def lane_imap(fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
-    """``fn(item)`` for each item, in order: in turn, or up to the CPU lanes at once, the next item starting as
-    soon as one is done (at most two per lane waiting to be yielded). Each call keeps its caller's intra-op
-    threads, grad and inference mode; a call from inside a lane runs its own calls in turn."""
-    lanes = _lanes
-    if lanes < 2 or getattr(_in_lane, "active", False):
+    """``fn(item)`` for each item, in order, on the lane pool: up to the CPU lanes at once (one at a time on one
+    lane; more if :func:`set_cpu_lanes` rises meanwhile), the next item starting as soon as one is done (at
+    most two per lane waiting to be yielded). Each call keeps its caller's intra-op threads, grad and
+    inference mode; a call from inside a lane runs its own calls in turn."""
+    if getattr(_in_lane, "lane", None) is not None:
         yield from map(fn, items)
         return
-    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
-    threads = torch.get_num_threads()
-    running = threading.Semaphore(lanes)
+    lane = _Lane(_lanes, threading.Semaphore(_lanes), torch.get_num_threads(), torch.is_grad_enabled(),
+                 torch.is_inference_mode_enabled())
+    with _lane_guard:
+        _running_calls.add(lane)
+    pool, pending = _pool(), deque()
+    try:
+        for item in items:
+            if len(pending) >= 2 * lane.lanes:
+                yield pending.popleft().result()
+            lane.running.acquire()
+            pending.append(pool.submit(lane.run, fn, item))
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        with _lane_guard:
+            _running_calls.discard(lane)
 
-    def in_lane(item: T) -> R:
-        _in_lane.active = True
+
+class _Lane:
+    """What one :func:`lane_imap` call's lanes share: their bound, and the caller's torch state each call runs in."""
+
+    def __init__(self, lanes: int, running: threading.Semaphore, threads: int, grad: bool, inference: bool):
+        self.lanes, self.running, self.threads, self.grad, self.inference = lanes, running, threads, grad, inference
+
+    def widen(self, lanes: int) -> None:
+        """Up to ``lanes`` at once from now on (never fewer: the calls running keep their places)."""
+        if lanes > self.lanes:
+            self.running.release(lanes - self.lanes)
+            self.lanes = lanes
+
+    def run(self, fn: Callable[[T], R], item: T) -> R:
+        """``fn(item)`` on a pool thread holding one of the bound's places, which it gives back when done."""
+        _in_lane.lane = self
         # a thread keeps the intra-op count torch had when it first ran a kernel; the caller's may be newer
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
         try:
-            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            with torch.inference_mode(self.inference), torch.set_grad_enabled(self.grad):
                 return fn(item)
         finally:
-            running.release()
+            _in_lane.lane = None
+            self.running.release()
 
-    pool, pending = _pool(), deque()
-    for item in items:
-        if len(pending) == 2 * lanes:
-            yield pending.popleft().result()
-        running.acquire()
-        pending.append(pool.submit(in_lane, item))
-    while pending:
-        yield pending.popleft().result()
+
+def _share(fn: Callable[[int], R], n: int, lane: _Lane) -> list[R]:
+    """:func:`lane_map` from inside a lane: the lane runs the items itself and, before each one, hands any place
+    its outer call has free (never waiting for one) to a helper that runs items beside it, so a stage's last
+    batches, fewer than its lanes, still use every lane. It waits only for items already running, never for a
+    helper still queued: no call waits on the pool it occupies."""
+    if n == 0:
+        return []
+    here = _Lane(lane.lanes, lane.running, torch.get_num_threads(), torch.is_grad_enabled(),
+                 torch.is_inference_mode_enabled())
+    results: list = [None] * n
+    errors: list[BaseException] = []
+    taken = done = 0
+    guard, all_done = threading.Lock(), threading.Event()
+
+    def take() -> int | None:
+        nonlocal taken
+        with guard:
+            if taken == n:
+                return None
+            taken += 1
+            return taken - 1
+
+    def run(i: int) -> None:
+        nonlocal done
+        try:
+            results[i] = fn(i)
+        except BaseException as e:  # raised by the caller once every item has ended
+            errors.append(e)
+        with guard:
+            done += 1
+            if done == n:
+                all_done.set()
+
+    def helper(_) -> None:
+        while (i := take()) is not None:
+            run(i)
+
+    while (i := take()) is not None:
+        if taken < n and lane.running.acquire(blocking=False):  # an item is left for a helper
+            _pool().submit(here.run, helper, None)
+        run(i)
+    all_done.wait()
+    if errors:
+        raise errors[0]
+    return results
 
 
 def _pool() -> ThreadPoolExecutor:

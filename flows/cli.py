@@ -74,6 +74,9 @@ def cmd_degrade(args):
 
     degrade_config(args.preset, args.split, args.scale, args.seed)
     check_device(args.device, args.dask)
+    from flows.warm import warm_in_background
+
+    warm_in_background(args.dask, None)  # no network: only what the stage's end imports
     uri = _run(degrade_flow, args, input=args.input, out=args.out, preset=args.preset, split=args.split,
                scale=args.scale, seed=args.seed, shard_size=args.shard_size, batch_size=args.batch_size,
                device=args.device, exclude=args.exclude)
@@ -135,7 +138,11 @@ def cmd_score(args):
                 niqe_convention=args.niqe_convention, crop_border=args.crop_border, y_channel=args.y_channel,
                 lpips_net=args.lpips_net, fid_convention=args.fid_convention, skip_missing=args.skip_missing,
                 fid_allow_small=args.fid_allow_small, exclude=args.exclude)
-    plan_score(**opts)
+    config, _, skip, _ = plan_score(**opts)
+    from flows.warm import warm_in_background
+    from tasks.score import warm
+
+    warm_in_background(args.dask, warm, config.as_dict(), skip, args.device)
     uri = _run(score_flow, args, out=args.out, shard_size=args.shard_size, batch_size=args.batch_size,
                device=args.device, **opts)
     if args.csv:
@@ -467,9 +474,11 @@ def run_command(argv: list[str] | None) -> int:
     if argv is None and command_name(args) in FLOW_COMMANDS:
         from flows.api_server import start_early
         from flows.heap import pause_collection
+        from flows.warm import enable
 
         start_early()  # starts while the command imports torch and plans its inputs
         pause_collection()  # until the stage is imported: flows/heap.py
+        enable()  # its networks load while Prefect starts: flows/warm.py
     from flows.stop import Interrupted, install_stop_handlers, say_stopped
 
     if not args.debug:

@@ -128,6 +128,15 @@ def _optional_scorer(card: str, wanted: bool | None, not_computed: list, metric:
         return False
 
 
+def clean_scorers(musiq: bool | None, lpips: bool | None, identity: bool | None, fid: bool | None,
+                  not_computed: list) -> tuple[bool, bool, bool, bool]:
+    """Which of clean's optional scorers run (MUSIQ, LPIPS, FaceNet identity, FID): see :func:`_optional_scorer`."""
+    return (_optional_scorer("musiq_koniq", musiq, not_computed, "musiq"),
+            _optional_scorer("lpips_vgg16_backbone", lpips, not_computed, "lpips"),
+            _optional_scorer("facenet_vggface2", identity, not_computed, "identity_cos"),
+            _optional_scorer("fid_inception_clean", fid, not_computed, "fid"))
+
+
 def plan_clean(input: str, model: str, rounds: int, steps: int, variance: str, passes: int, degrade_source: str,
                dtype: str | None, device: str = "auto", compile: bool = False):
     if rounds < 1:
@@ -145,7 +154,7 @@ def plan_clean(input: str, model: str, rounds: int, steps: int, variance: str, p
     check_compile(compile, dev)
     if not storage.exists(input):
         raise FileNotFoundError(f"input not found: {input}")
-    return load_idm(model)  # missing / corrupt model: one line, before any work
+    return cached_idm(storage.normalize(model), str(dev))  # missing / corrupt model: one line, before any work
 
 
 @flow(name="clean", flow_run_name=run_name)
@@ -170,10 +179,7 @@ def clean_flow(input: str, out: str, model: str, rounds: int = 1, steps: int = 1
     dev = local_device(device)  # calibration and FID run here; shards resolve `device` where they run
     dtype = resolve_dtype(dtype, dev)
     not_computed: list[dict] = []
-    use_musiq = _optional_scorer("musiq_koniq", musiq, not_computed, "musiq")
-    use_lpips = _optional_scorer("lpips_vgg16_backbone", lpips, not_computed, "lpips")
-    use_identity = _optional_scorer("facenet_vggface2", identity, not_computed, "identity_cos")
-    use_fid = _optional_scorer("fid_inception_clean", fid, not_computed, "fid")
+    use_musiq, use_lpips, use_identity, use_fid = clean_scorers(musiq, lpips, identity, fid, not_computed)
     items, skipped = list_inputs(input, exclude)
     logger = get_run_logger()
     logger.info("clean: %d inputs (%d skipped), %d round(s)", len(items), skipped, rounds)

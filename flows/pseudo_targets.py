@@ -155,7 +155,7 @@ def _quality_fn(metric: str, dev):
     if metric == "musiq":
         from bfr_models.metrics.musiq import MUSIQ
 
-        scorer = MUSIQ(device=dev, batch_size=1 if dev.type == "cpu" else 8)
+        scorer = MUSIQ(device=dev)
         return lambda x: torch.as_tensor(scorer(x.to(dev))).double().cpu()
     from bfr_models.metrics.niqe import niqe
 

@@ -77,14 +77,18 @@ def pseudo_target_options(args) -> dict:
 
 
 def cmd_pseudo_targets(args, run, print_result) -> None:
-    from flows.pseudo_targets import gate_summary, plan_pseudo_targets, pseudo_targets_flow
+    from flows.pseudo_targets import gate_summary, plan_gate, plan_pseudo_targets, pseudo_targets_flow
+    from flows.warm import warm_in_background
+    from tasks.pseudo_targets import warm
 
     o = pseudo_target_options(args)
     params = {k: o[k] for k in ("N", "tau", "omega", "K", "L", "n2", "scale", "t_start", "warmup", "respace",
                                  "variance_type")}
-    plan_pseudo_targets(o["input"], o["prior"], o["method"], params, o["restorer"], o["resize"], o["best_of"],
-                        o["dtype"], args.device, o["auto"], o["auto_grid"], o["auto_metric"], o["exclude"],
-                        o["gate"], o["compile"])
+    p, loaded, *_ = plan_pseudo_targets(o["input"], o["prior"], o["method"], params, o["restorer"], o["resize"],
+                                        o["best_of"], o["dtype"], args.device, o["auto"], o["auto_grid"],
+                                        o["auto_metric"], o["exclude"], o["gate"], o["compile"])
+    scorers = plan_gate(o["gate"], o["input"], loaded.resolution, o["resize"], p.upscale)[2]
+    warm_in_background(args.dask, warm, scorers["gate_musiq"], scorers["gate_identity"], args.device)
     uri = run(pseudo_targets_flow, args, out=args.out, shard_size=args.shard_size, batch_size=args.batch_size,
               device=args.device, **o)
     print_result("pseudo-targets", uri)

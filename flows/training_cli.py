@@ -92,6 +92,13 @@ def cmd_clean(args, run, print_result) -> None:
     load_acceptance(args.acceptance, **acceptance)  # a bad thresholds file or value: one line, before any work
     plan_clean(args.input, args.model, args.rounds, args.steps, args.variance, args.passes, args.degrade_source,
                args.dtype, args.device, args.compile)
+    from bfr_models import storage
+    from flows.idm import clean_scorers
+    from flows.warm import warm_in_background
+    from tasks.clean import warm
+
+    warm_in_background(args.dask, warm, storage.normalize(args.model), args.device,
+                       *clean_scorers(None, None, None, None, []))
     uri = run(clean_flow, args, input=args.input, out=args.out, model=args.model, rounds=args.rounds, steps=args.steps,
               variance=args.variance, passes=args.passes, degrade_source=args.degrade_source,
               round_iters=args.round_iters, round_batch_size=args.round_batch_size, seed=args.seed,

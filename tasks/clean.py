@@ -51,6 +51,15 @@ def cached_scorers(musiq: bool, lpips: bool, identity: bool, device: str) -> tup
             (FaceIdentity(device=device) if identity else None))
 
 
+def warm(model_uri: str, device: str, musiq: bool, lpips: bool, identity: bool, fid: bool) -> None:
+    """Load what a shard of the first round needs into this process's caches (flows/warm.py)."""
+    dev = str(resolve_device(device))
+    cached_idm(model_uri, dev)
+    cached_scorers(musiq, lpips, identity, dev)
+    if fid:
+        extractor(FID_CONVENTION, dev)
+
+
 def _batch_tensor(batch, dev) -> torch.Tensor:
     return torch.from_numpy(np.stack([rgb for _, _, rgb, _ in batch])).permute(0, 3, 1, 2).float().to(dev) / 255.0
 

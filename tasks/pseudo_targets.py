@@ -34,6 +34,14 @@ def cached_restorer(spec: str, device: str):
     return load_restorer(spec, device)
 
 
+def warm(gate_musiq: bool, gate_identity: bool, device: str) -> None:
+    """Load the gate's optional scorers into this process's caches, as :func:`gate_batch` asks for them (the
+    prior is loaded when the command plans; flows/warm.py)."""
+    from tasks.clean import cached_scorers
+
+    cached_scorers(gate_musiq, False, gate_identity, str(resolve_device(device)))
+
+
 def niqe_defined(height: int, width: int) -> bool:
     """NIQE needs at least two 96-px blocks."""
     return (height // BLOCK) * (width // BLOCK) >= 2

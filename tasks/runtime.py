@@ -104,6 +104,7 @@ def load_once(maxsize: int):
             with _LOADING:
                 return cached(*args, **kwargs)
 
+        guarded.cache_info, guarded.cache_clear = cached.cache_info, cached.cache_clear
         return guarded
 
     return wrap

@@ -37,6 +37,19 @@ def extractor(convention: str, device: str):
     return InceptionFeatures(convention=convention, device=device)
 
 
+def warm(score_config: dict, skip: list[str], device: str) -> None:
+    """Load the networks a shard of this config needs into this process's caches (its shards then find them
+    loaded): what the command does while Prefect starts, when the shards run in its process (flows/warm.py)."""
+    cfg, dev = _config(score_config), str(resolve_device(device))
+    _suite(cfg, dev, tuple(skip))
+    if "fid" in cfg.metrics and "fid" not in skip:
+        extractor(cfg.fid_convention, dev)
+
+
+def _config(score_config: dict) -> ScoreConfig:
+    return ScoreConfig(**{**score_config, "metrics": tuple(score_config["metrics"])})
+
+
 def _decode(data, name: str) -> np.ndarray:
     if isinstance(data, Exception):
         raise ImageError(f"cannot read: {type(data).__name__}: {data}")
@@ -53,8 +66,7 @@ def score_shard(spec: ShardSpec, stage_uri: str, score_config: dict, skip: list[
     """Scores a shard batch by batch, the next batches fetched and decoded in a thread meanwhile (memory bounded
     by the batch, not the shard); with FID, also the shard's Inception features from the same decoded images,
     in one file."""
-    cfg = ScoreConfig(**{**score_config, "metrics": tuple(score_config["metrics"])})
-    dev = resolve_device(device)
+    cfg, dev = _config(score_config), resolve_device(device)
     suite = _suite(cfg, str(dev), tuple(skip))
     fid = extractor(cfg.fid_convention, str(dev)) if "fid" in cfg.metrics and "fid" not in skip else None
     rows = [json.loads(item.row) for item in spec.items]

@@ -227,3 +227,24 @@ def test_clean_rounds_on_dask_local_train_on_a_worker(tmp_path):
     second = load_idm(manifest.read_index(uri)["config"]["rounds"][1]["model"])
     worker = second.meta["source"]["worker"]
     assert worker.rsplit(":", 1)[1] != str(proc.pid) and second.meta["source"]["round"] == 2
+
+
+def test_the_model_clean_warms_is_the_one_its_plan_flow_and_shards_use(tmp_path):
+    """What the console command loads while Prefect starts (flows/warm.py) is what the command's plan, its flow
+    and its shard task then find in their caches: the IDM model is read from disk once."""
+    from bfr_models import storage
+    from flows.cli import main
+    from flows.idm import clean_scorers
+    from tasks.clean import cached_idm, cached_scorers, warm
+
+    hq = mildly_noisy_faces(tmp_path / "hq", 2, 32)
+    model = save_idm(idm_unet(IDMConfig(**TINY)), IDMConfig(**TINY), str(tmp_path / "model"))
+    cached_idm.cache_clear()
+    cached_scorers.cache_clear()
+    warm(storage.normalize(model), "cpu", *clean_scorers(None, None, None, None, []))
+    assert cached_idm.cache_info().misses == 1 and cached_scorers.cache_info().misses == 1
+    assert main(["clean", "--input", str(hq), "--model", model, "--out", str(tmp_path / "run"), "--steps", "1",
+                 "--device", "cpu"]) == 0
+    # no second load: the plan (in the command and in the flow), the flow and the shard found the warmed ones
+    assert cached_idm.cache_info().misses == 1 and cached_idm.cache_info().hits >= 4
+    assert cached_scorers.cache_info().misses == 1 and cached_scorers.cache_info().hits >= 1

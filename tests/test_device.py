@@ -62,22 +62,60 @@ def lanes():
 
 def test_lane_map_runs_images_at_once_in_the_callers_mode_and_in_turn_inside_a_lane(lanes):
     here = threading.current_thread().name
-    lanes(1)
-    assert device.lane_map(lambda i: (i, threading.current_thread().name), 3) == [(0, here), (1, here), (2, here)]
     lanes(2)
     met = threading.Barrier(2, timeout=30)  # broken unless two calls run at once
 
     def call(i):
         met.wait()
         name = threading.current_thread().name
-        return (i, name != here, torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
-                device.lane_map(lambda j: threading.current_thread().name == name, 2))
+        nested = device.lane_map(lambda j: threading.current_thread().name == name, 2)  # no lane is free
+        met.wait()  # neither lane gives its place back before both nested calls are done
+        return i, name != here, torch.is_grad_enabled(), torch.is_inference_mode_enabled(), nested
 
     with torch.inference_mode():
         assert device.lane_map(call, 2) == [(0, True, False, True, [True, True]), (1, True, False, True, [True, True])]
     with torch.no_grad():
         assert device.lane_map(lambda i: (torch.is_grad_enabled(), torch.is_inference_mode_enabled()), 2) == \
             [(False, False)] * 2
+
+
+def test_a_call_inside_a_lane_shares_its_items_with_a_lane_left_free_in_its_mode_and_order(lanes):
+    lanes(2)
+    met = threading.Barrier(2, timeout=30)  # broken unless the lone lane's two items run at once
+
+    def lone(_):
+        with torch.no_grad():  # the helper runs in the mode of the nested call, not of the outer one
+            return device.lane_map(lambda j: (j, met.wait() >= 0, torch.is_grad_enabled()), 2)
+
+    assert device.lane_map(lone, 1) == [[(0, True, False), (1, True, False)]]
+
+    def fails(j):
+        if j == 3:
+            raise ValueError("image 3")
+        return j
+
+    with pytest.raises(ValueError, match="image 3"):
+        device.lane_map(lambda _: device.lane_map(fails, 6), 1)
+
+
+def test_lanes_and_their_helpers_run_at_most_the_lanes_at_once(lanes):
+    import os
+    import time
+
+    now, most, guard = [0], [0], threading.Lock()
+
+    def image(j):
+        with guard:
+            now[0] += 1
+            most[0] = max(most[0], now[0])
+        time.sleep(0.01)  # sleeping releases the GIL: calls overlap where the lanes allow
+        with guard:
+            now[0] -= 1
+        return j
+
+    lanes(2)
+    batches = device.lane_map(lambda b: device.lane_map(image, 5 - 2 * b), 3)  # 5, 3 and 1 images
+    assert batches == [list(range(5)), list(range(3)), [0]] and most[0] == min(2, os.cpu_count() or 1)
 
 
 def test_lanes_run_on_the_callers_intra_op_threads_whatever_their_threads_ran_before(lanes):
@@ -107,8 +145,25 @@ def test_one_lane_map_call_runs_at_most_its_lanes_at_once(lanes):
             now[0] -= 1
         return i
 
+    lanes(1)
+    assert device.lane_map(call, 4) == list(range(4)) and most[0] == 1
     lanes(2)
     assert device.lane_map(call, 8) == list(range(8)) and most[0] == min(2, os.cpu_count() or 1)
+
+
+def test_a_call_under_way_takes_the_lanes_a_stage_frees(lanes):
+    """A stage raises the lanes when a shard finishes (flows/threads.py): the last shard's score call, started
+    on one lane, then runs two batches at once."""
+    lanes(1)
+    met = threading.Barrier(2, timeout=10)  # broken unless items 1 and 2 run at once
+
+    def batch(i):
+        if i == 0:
+            lanes(2)  # a neighbouring shard finished
+            return 0
+        return met.wait() >= 0
+
+    assert list(device.lane_imap(batch, range(3))) == [0, True, True]
 
 
 def test_a_unet_gives_the_same_bits_in_turn_and_on_two_lanes(lanes):

@@ -251,3 +251,19 @@ report: {{title: sr protocol}}
     assert scored["split"].str.match(r"difbfsr-gaussian8/case[1-8]$").all()
     html = (tmp_path / "run" / "report.html").read_text()
     assert "DifBFSR protocol (Table 1 layout)" in html and "25.27" in html
+
+
+def test_the_gate_scorers_pseudo_targets_warms_are_the_ones_its_shards_use(faces_192, prior_uri, tmp_path):
+    """What the console command loads while Prefect starts (flows/warm.py) is what the shards' quality gate then
+    finds in its cache (here: no MUSIQ nor FaceNet weights, so the gate's scorers are none)."""
+    from flows.pseudo_targets import plan_gate
+    from tasks.clean import cached_scorers
+    from tasks.pseudo_targets import warm
+
+    scorers = plan_gate(None, str(faces_192), 32, "input", 1)[2]
+    cached_scorers.cache_clear()
+    warm(scorers["gate_musiq"], scorers["gate_identity"], "cpu")
+    assert cached_scorers.cache_info().misses == 1
+    assert main(["pseudo-targets", "--input", str(faces_192), "--prior", prior_uri, "--out", str(tmp_path / "run"),
+                 "--respace", "5", "--device", "cpu"]) == 0
+    assert cached_scorers.cache_info().misses == 1 and cached_scorers.cache_info().hits >= 1

@@ -235,3 +235,26 @@ def test_a_lone_score_shard_gives_the_same_rows_and_features_on_two_lanes_as_in_
     # the Inception features FID is computed from (FID itself passes through a matrix square root whose last
     # bits follow the BLAS kernels)
     assert feats1.keys() == feats2.keys() and all(np.array_equal(feats1[k], feats2[k]) for k in feats1)
+
+
+def test_the_networks_score_warms_are_the_ones_its_shards_and_fid_use(weights, tmp_path):
+    """What the console command loads while Prefect starts (flows/warm.py) is what the shard task and the set's
+    FID then find in their caches: each network is built once."""
+    from tasks import score as S
+
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"f{i}.png").write_bytes(_png(face_like(i, size=64)))
+    opts = dict(input=str(folder), metrics="musiq,fid", reference=None, fid_ref=str(folder), niqe_convention="pyiqa",
+                crop_border=0, y_channel=False, lpips_net="vgg", fid_convention="legacy_pytorch", skip_missing=False,
+                fid_allow_small=True)
+    config, _, skip, _ = plan_score(**opts)
+    S._suite.cache_clear()
+    S.extractor.cache_clear()
+    S.warm(config.as_dict(), skip, "cpu")
+    assert S._suite.cache_info().misses == 1 and S.extractor.cache_info().misses == 1
+    score_flow(out=str(tmp_path / "out"), device="cpu", **opts)
+    # no second build: the shard and the set's FID (the reference's features, the shards') found the warmed ones
+    assert S._suite.cache_info().misses == 1 and S._suite.cache_info().hits >= 1
+    assert S.extractor.cache_info().misses == 1 and S.extractor.cache_info().hits >= 2

@@ -32,16 +32,21 @@ def build_musiq_arch(**opts) -> torch.nn.Module:
 
 
 class MUSIQ:
-    """MUSIQ-KonIQ scores of (B, 3, H, W) images in [0, 1] -> (B,), in batches on ``device``."""
+    """MUSIQ-KonIQ scores of (B, 3, H, W) images in [0, 1] -> (B,), in batches on ``device``.
 
-    def __init__(self, weights_path: str | Path | None = None, device: str | torch.device = "cpu", batch_size: int = 8):
+    ``batch_size`` None: one image at a time on the CPU, 8 elsewhere. MUSIQ's attention over ~700 multi-scale
+    patches is memory-bound: on a CPU one image at a time is fastest (benchmarks/score.py; 367 against 435 ms
+    an image in batches of 8, one thread), and its score does not depend on its batch; on a GPU batches pay off."""
+
+    def __init__(self, weights_path: str | Path | None = None, device: str | torch.device = "cpu",
+                 batch_size: int | None = None):
         if weights_path is None:
             from bfr_models.models import model_path
 
             weights_path = model_path(CARD)  # ModelMissingError here, before anything is built
         self.weights_path = str(weights_path)
         self.device = torch.device(device)
-        self.batch_size = int(batch_size)
+        self.batch_size = int(batch_size or (1 if self.device.type == "cpu" else 8))
         state = load_state_dict(self.weights_path, "MUSIQ weights")
         net = load_strict(build_musiq_arch(), state, f"{self.weights_path} is not a MUSIQ-KonIQ state dict")
         self.net = net.to(self.device).eval()

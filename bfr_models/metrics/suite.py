@@ -79,9 +79,7 @@ class MetricSuite:
         if "musiq" in self.metrics:
             from bfr_models.metrics.musiq import MUSIQ
 
-            # MUSIQ's attention over ~700 multi-scale patches is memory-bound: on a CPU one image at a
-            # time is fastest (benchmarks/score.py), on a GPU batches pay off.
-            self._musiq = MUSIQ(device=device, batch_size=1 if device.type == "cpu" else 8)
+            self._musiq = MUSIQ(device=device)
 
         if "nrqm" in self.metrics or "pi" in self.metrics:
             from bfr_models.metrics.ma import NRQM_CARD, MaMetrics

@@ -1,0 +1,41 @@
+"""Networks loaded while Prefect starts.
+
+Between planning its inputs and its first shard task, a console command mostly waits: for the temporary API
+server to start, then for the server to create the flow and task runs (1-2 s on 2 cores, one core idle). A
+stage whose shard tasks run in the command's own process (the thread pool, not Dask) loads their networks in
+that time, on a thread of its own: MUSIQ, for one, takes 1.5-2 s to import and build. The shard tasks then
+find them in their ``load_once`` caches (a task that asks first waits for the load under the same lock). A
+load that fails here is dropped: the task loads again and reports its own error. Then it imports pandas,
+which every stage's end imports (pyarrow's first array, the summary table): 0.3 s more off the end.
+
+Only the console command warms (:func:`enable`); a Python caller running several commands in one process (the
+tests) loads in its tasks as before."""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+_enabled = False
+
+
+def enable() -> None:
+    """This process is the console command: warm its stage's networks."""
+    global _enabled
+    _enabled = True
+
+
+def warm_in_background(dask: str | None, load: Callable | None, *args) -> None:
+    """``load(*args)`` (None: nothing to load), then pandas, on a thread of its own, when enabled and the shard
+    tasks run here (``dask`` is None)."""
+    if _enabled and dask is None:
+        threading.Thread(target=_warm, args=(load, *args), name="bfr-warm", daemon=True).start()
+
+
+def _warm(load: Callable | None, *args) -> None:
+    try:
+        if load is not None:
+            load(*args)
+    except Exception:  # the shard task loads again and reports its own error
+        pass
+    import pandas  # noqa: F401
