@@ -76,7 +76,7 @@ def cmd_degrade(args):
     check_device(args.device, args.dask)
     from flows.warm import warm_in_background
 
-    warm_in_background(args.dask, None)  # no network: only what the stage's end imports
+    warm_in_background(args.dask, args.device, None)  # no network: only what the stage's end imports
     uri = _run(degrade_flow, args, input=args.input, out=args.out, preset=args.preset, split=args.split,
                scale=args.scale, seed=args.seed, shard_size=args.shard_size, batch_size=args.batch_size,
                device=args.device, exclude=args.exclude)
@@ -142,7 +142,7 @@ def cmd_score(args):
     from flows.warm import warm_in_background
     from tasks.score import warm
 
-    warm_in_background(args.dask, warm, config.as_dict(), skip, args.device)
+    warm_in_background(args.dask, args.device, warm, config.as_dict(), skip, args.device)
     uri = _run(score_flow, args, out=args.out, shard_size=args.shard_size, batch_size=args.batch_size,
                device=args.device, **opts)
     if args.csv:

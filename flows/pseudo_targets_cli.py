@@ -88,7 +88,7 @@ def cmd_pseudo_targets(args, run, print_result) -> None:
                                         o["best_of"], o["dtype"], args.device, o["auto"], o["auto_grid"],
                                         o["auto_metric"], o["exclude"], o["gate"], o["compile"])
     scorers = plan_gate(o["gate"], o["input"], loaded.resolution, o["resize"], p.upscale)[2]
-    warm_in_background(args.dask, warm, scorers["gate_musiq"], scorers["gate_identity"], args.device)
+    warm_in_background(args.dask, args.device, warm, scorers["gate_musiq"], scorers["gate_identity"], args.device)
     uri = run(pseudo_targets_flow, args, out=args.out, shard_size=args.shard_size, batch_size=args.batch_size,
               device=args.device, **o)
     print_result("pseudo-targets", uri)

@@ -97,7 +97,7 @@ def cmd_clean(args, run, print_result) -> None:
     from flows.warm import warm_in_background
     from tasks.clean import warm
 
-    warm_in_background(args.dask, warm, storage.normalize(args.model), args.device,
+    warm_in_background(args.dask, args.device, warm, storage.normalize(args.model), args.device,
                        *clean_scorers(None, None, None, None, []))
     uri = run(clean_flow, args, input=args.input, out=args.out, model=args.model, rounds=args.rounds, steps=args.steps,
               variance=args.variance, passes=args.passes, degrade_source=args.degrade_source,

@@ -9,7 +9,8 @@ load that fails here is dropped: the task loads again and reports its own error.
 which every stage's end imports (pyarrow's first array, the summary table): 0.3 s more off the end.
 
 Only the console command warms (:func:`enable`); a Python caller running several commands in one process (the
-tests) loads in its tasks as before."""
+tests) loads in its tasks as before. Only on the CPU: a GPU's memory belongs to the command holding the host's
+GPU slot (``tasks.runtime.host_gpu_slot``), and a network loaded early would take it before the slot is ours."""
 
 from __future__ import annotations
 
@@ -25,11 +26,20 @@ def enable() -> None:
     _enabled = True
 
 
-def warm_in_background(dask: str | None, load: Callable | None, *args) -> None:
+def warm_in_background(dask: str | None, device: str, load: Callable | None, *args) -> None:
     """``load(*args)`` (None: nothing to load), then pandas, on a thread of its own, when enabled and the shard
-    tasks run here (``dask`` is None)."""
-    if _enabled and dask is None:
+    tasks run here (``dask`` is None) on the CPU."""
+    if _enabled and dask is None and _on_cpu(device):
         threading.Thread(target=_warm, args=(load, *args), name="bfr-warm", daemon=True).start()
+
+
+def _on_cpu(device: str) -> bool:
+    from tasks.runtime import resolve_device
+
+    try:
+        return resolve_device(device).type == "cpu"
+    except ValueError:  # a device this machine lacks: the command says so in its own words
+        return False
 
 
 def _warm(load: Callable | None, *args) -> None:
