@@ -148,8 +148,7 @@ def lane_imap(fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
     if getattr(_in_lane, "lane", None) is not None:
         yield from map(fn, items)
         return
-    lane = _Lane(_lanes, threading.Semaphore(_lanes), torch.get_num_threads(), torch.is_grad_enabled(),
-                 torch.is_inference_mode_enabled())
+    lane = _Lane.of_caller(_lanes, threading.Semaphore(_lanes))
     with _lane_guard:
         _running_calls.add(lane)
     pool, pending = _pool(), deque()
@@ -171,6 +170,11 @@ class _Lane:
 
     def __init__(self, lanes: int, running: threading.Semaphore, threads: int, grad: bool, inference: bool):
         self.lanes, self.running, self.threads, self.grad, self.inference = lanes, running, threads, grad, inference
+
+    @classmethod
+    def of_caller(cls, lanes: int, running: threading.Semaphore) -> _Lane:
+        """Lanes bound by ``running`` that run each call in this thread's torch state."""
+        return cls(lanes, running, torch.get_num_threads(), torch.is_grad_enabled(), torch.is_inference_mode_enabled())
 
     def widen(self, lanes: int) -> None:
         """Up to ``lanes`` at once from now on (never fewer: the calls running keep their places)."""
@@ -199,8 +203,7 @@ def _share(fn: Callable[[int], R], n: int, lane: _Lane) -> list[R]:
     helper still queued: no call waits on the pool it occupies."""
     if n == 0:
         return []
-    here = _Lane(lane.lanes, lane.running, torch.get_num_threads(), torch.is_grad_enabled(),
-                 torch.is_inference_mode_enabled())
+    here = _Lane.of_caller(lane.lanes, lane.running)
     results: list = [None] * n
     errors: list[BaseException] = []
     taken = done = 0

@@ -42,12 +42,16 @@ def warm(score_config: dict, skip: list[str], device: str) -> None:
     loaded): what the command does while Prefect starts, when the shards run in its process (flows/warm.py)."""
     cfg, dev = _config(score_config), str(resolve_device(device))
     _suite(cfg, dev, tuple(skip))
-    if "fid" in cfg.metrics and "fid" not in skip:
-        extractor(cfg.fid_convention, dev)
+    _fid_extractor(cfg, skip, dev)
 
 
 def _config(score_config: dict) -> ScoreConfig:
     return ScoreConfig(**{**score_config, "metrics": tuple(score_config["metrics"])})
+
+
+def _fid_extractor(cfg: ScoreConfig, skip: list[str], device: str):
+    """The FID Inception a shard needs (None without FID)."""
+    return extractor(cfg.fid_convention, device) if "fid" in cfg.metrics and "fid" not in skip else None
 
 
 def _decode(data, name: str) -> np.ndarray:
@@ -68,7 +72,7 @@ def score_shard(spec: ShardSpec, stage_uri: str, score_config: dict, skip: list[
     in one file."""
     cfg, dev = _config(score_config), resolve_device(device)
     suite = _suite(cfg, str(dev), tuple(skip))
-    fid = extractor(cfg.fid_convention, str(dev)) if "fid" in cfg.metrics and "fid" not in skip else None
+    fid = _fid_extractor(cfg, skip, str(dev))
     rows = [json.loads(item.row) for item in spec.items]
     todo = [(k, item) for k, item in enumerate(spec.items) if rows[k]["status"] == "ok"]
     batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
