@@ -31,6 +31,20 @@ def build_musiq_arch(**opts) -> torch.nn.Module:
     return PyiqaMUSIQ(pretrained=False, **{**MUSIQ_KONIQ_OPTS, **opts})
 
 
+class ChannelsLastMaxPool2d(torch.nn.MaxPool2d):
+    """A max-pool run on a channels-last copy of its input: the same maxima, bit for bit (a max is exact).
+
+    torch's CPU max-pool of an NCHW tensor is not vectorised across channels: MUSIQ's root pool over ~260
+    patches of 64 channels took 33 ms of a 256-px face's ~370 (one thread), and 12 ms with the copies."""
+
+    @classmethod
+    def like(cls, pool: torch.nn.MaxPool2d) -> "ChannelsLastMaxPool2d":
+        return cls(pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.return_indices, pool.ceil_mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.contiguous(memory_format=torch.channels_last)).contiguous()
+
+
 class MUSIQ:
     """MUSIQ-KonIQ scores of (B, 3, H, W) images in [0, 1] -> (B,), in batches on ``device``.
 
@@ -49,6 +63,8 @@ class MUSIQ:
         self.batch_size = int(batch_size or (1 if self.device.type == "cpu" else 8))
         state = load_state_dict(self.weights_path, "MUSIQ weights")
         net = load_strict(build_musiq_arch(), state, f"{self.weights_path} is not a MUSIQ-KonIQ state dict")
+        if self.device.type == "cpu":
+            net.root_pool[-1] = ChannelsLastMaxPool2d.like(net.root_pool[-1])
         self.net = net.to(self.device).eval()
         for p in self.net.parameters():
             p.requires_grad_(False)
