@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bfr_models.device import generators
+from bfr_models.device import generators, split_on_lanes
 from bfr_models.diffusion.difbfsr import DifBFSRConfig, difbfsr_sample
 from bfr_models.diffusion.lowpass import lowpass
 from bfr_models.diffusion.samplers import dr2_sample, lowfreq_sample, polish_sample
@@ -312,7 +312,9 @@ def generate(p: MethodParams, images: torch.Tensor, prior, seeds: Sequence[Seque
             result = difbfsr_sample(y_r, eps_model, prior.schedule, difbfsr_config(p), gens)
             out, errs = result.images.float(), result.error
         else:
-            out, errs = sample(p, y_r, y0_r, eps_model, prior.schedule, gens).float(), [None] * B
+            out = split_on_lanes(lambda part: sample(p, y_r[part], y0_r[part], eps_model, prior.schedule, gens[part]),
+                                 B, device).float()
+            errs = [None] * B
         errors.append(errs)
         out01 = ((out + 1) / 2).clamp(0, 1)
         # both checks at the prior's resolution, where the sampler works (upsampling would hide noise)

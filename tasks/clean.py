@@ -17,7 +17,7 @@ from prefect import task
 
 from bfr_models import storage
 from bfr_models.degradations.ops import jpeg
-from bfr_models.device import autocast_dtype, generators
+from bfr_models.device import autocast_dtype, generators, split_on_lanes
 from bfr_models.idm import AcceptanceConfig, IDMModel, SetCalibration, calibrate, idm_sample, judge, load_idm
 from bfr_models.metrics.fid import FEATURE_DIM, shard_features_uri, write_shard_features
 from bfr_models.manifest import ManifestWriter
@@ -93,7 +93,7 @@ def clean_batch(model: IDMModel, images: torch.Tensor, seeds: list[int], steps: 
     resolution (another size is resized in and back, :func:`at_resolution`); padded to the network's multiple
     (replicate) and cropped back."""
 
-    def sample(images: torch.Tensor) -> torch.Tensor:
+    def sample(images: torch.Tensor, seeds: list[int]) -> torch.Tensor:
         h, w = images.shape[-2:]
         m = model.config.multiple
         x = F.pad(images, (0, (-w) % m, 0, (-h) % m), mode="replicate") * 2 - 1
@@ -104,7 +104,8 @@ def clean_batch(model: IDMModel, images: torch.Tensor, seeds: list[int], steps: 
             x = idm_sample(call, x, schedule, gens, steps=steps, variance=variance)
         return ((x[..., :h, :w] + 1) / 2).clamp(0, 1)
 
-    return at_resolution(sample, images, model.resolution)
+    return split_on_lanes(lambda part: at_resolution(lambda x: sample(x, seeds[part]), images[part], model.resolution),
+                          images.shape[0], images.device)
 
 
 @task(name="clean-shard", cache_key_fn=shard_cache_key, persist_result=True, cache_result_in_memory=False)

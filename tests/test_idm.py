@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from bfr_models.device import set_cpu_lanes
 from bfr_models.diffusion.schedule import DDPMSchedule
 from bfr_models.idm import (AcceptanceConfig, IDMConfig, IDMError, IDMTrainConfig, SetCalibration, calibrate,
                             idm_sample, idm_timesteps, idm_unet, judge, load_acceptance, load_idm, save_idm, train_idm)
@@ -85,6 +86,11 @@ def test_cleaned_png_bytes_do_not_depend_on_the_batch():
                                                         "posterior", 1)[order.index(2)]))
     alone = png([2])
     assert png([0, 2, 3]) == alone and png([3, 1, 0, 2]) == alone
+    set_cpu_lanes(2)  # a lone shard's batch, cut into one part per lane (bfr_models.device.split_on_lanes)
+    try:
+        assert png([3, 1, 0, 2]) == alone
+    finally:
+        set_cpu_lanes(1)
     assert encode_png(to_uint8(clean_batch(model, images[[2]], [99], 3, "posterior", 1)[0])) != alone
 
 

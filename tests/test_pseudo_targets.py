@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from bfr_models.device import set_cpu_lanes
 from bfr_models.diffusion.prior import PriorError, load_prior, save_prior
 from bfr_models.diffusion.train import PriorTrainConfig, small_unet
 from bfr_models.imageio import encode_png
@@ -122,6 +123,11 @@ def test_an_images_png_bytes_do_not_depend_on_its_batch(tiny_prior, method, para
     alone = png_of_image_0([0])
     assert png_of_image_0([3, 0, 5]) == alone
     assert png_of_image_0([7, 6, 1, 0, 2]) == alone
+    set_cpu_lanes(2)  # a lone shard's batch, cut into one part per lane (bfr_models.device.split_on_lanes)
+    try:
+        assert png_of_image_0([7, 6, 1, 0, 2]) == alone
+    finally:
+        set_cpu_lanes(1)
 
 
 def test_resize_modes_and_refusal(tiny_prior):
