@@ -140,18 +140,18 @@ def lane_map(fn: Callable[[int], R], n: int) -> list[R]:
     return list(lane_imap(fn, range(n)))
 
 
-def split_on_lanes(fn: Callable[[slice], torch.Tensor], n: int, device) -> torch.Tensor:
-    """``fn(part)`` over a batch of ``n`` images, where ``part`` is the slice of the batch to compute. On the CPU
-    with idle cores beside the shard (more than one lane), the batch is cut into one part per lane, run at once
-    and put back in order; elsewhere, ``fn(slice(0, n))``. Only for code in which an image does not depend on
-    its batch (per-image generators, per-plane resizes, per-image UNet calls on the CPU): a lone shard's sampler
-    arithmetic between its UNet calls then runs on every core, not only the calls."""
+def split_on_lanes(fn: Callable[[slice], R], n: int, device) -> list[R]:
+    """``fn(part)`` over a batch of ``n`` images, where ``part`` is a slice of the batch: the results of its parts
+    in order. On the CPU with idle cores beside the shard (more than one lane), one part per lane, run at once;
+    elsewhere one part, ``slice(0, n)``. Only for code in which an image does not depend on its batch
+    (per-image generators, per-plane resizes, per-image UNet calls on the CPU): a lone shard's work between its
+    network calls (a sampler's arithmetic, a degradation) then runs on every core, with the same bytes."""
     lanes = _lanes if torch.device(device).type == "cpu" else 1
     if lanes < 2 or n < 2:
-        return fn(slice(0, n))
+        return [fn(slice(0, n))]
     size = -(-n // min(lanes, n))
     parts = [slice(start, min(start + size, n)) for start in range(0, n, size)]
-    return torch.cat(lane_map(lambda k: fn(parts[k]), len(parts)))
+    return lane_map(lambda k: fn(parts[k]), len(parts))
 
 
 def lane_imap(fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:

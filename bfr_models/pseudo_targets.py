@@ -312,8 +312,8 @@ def generate(p: MethodParams, images: torch.Tensor, prior, seeds: Sequence[Seque
             result = difbfsr_sample(y_r, eps_model, prior.schedule, difbfsr_config(p), gens)
             out, errs = result.images.float(), result.error
         else:
-            out = split_on_lanes(lambda part: sample(p, y_r[part], y0_r[part], eps_model, prior.schedule, gens[part]),
-                                 B, device).float()
+            out = torch.cat(split_on_lanes(
+                lambda part: sample(p, y_r[part], y0_r[part], eps_model, prior.schedule, gens[part]), B, device)).float()
             errs = [None] * B
         errors.append(errs)
         out01 = ((out + 1) / 2).clamp(0, 1)

@@ -120,19 +120,25 @@ def wait_early(timeout: float) -> None:
 
 @contextmanager
 def use_api(url: str):
-    """Point Prefect in this process (its settings) and the processes it starts (their environment) at ``url``."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    """Point Prefect in this process (its settings) and the processes it starts (their environment) at ``url``.
+    For a plain-http URL its clients load one certificate instead of certifi's bundle, as a Dask worker's do
+    (:func:`worker_client_env`): a command builds five, ~40 ms each, three after its server has answered."""
+    from prefect.settings import PREFECT_API_SSL_CERT_FILE, PREFECT_API_URL, temporary_settings
 
-    old = os.environ.get("PREFECT_API_URL")
-    os.environ["PREFECT_API_URL"] = url
+    updates = {PREFECT_API_URL: url}
+    if url.startswith("http://") and PREFECT_API_SSL_CERT_FILE.name not in os.environ:
+        updates[PREFECT_API_SSL_CERT_FILE] = _one_certificate_file()
+    old = {setting.name: os.environ.get(setting.name) for setting in updates}
+    os.environ.update({setting.name: value for setting, value in updates.items()})
     try:
-        with temporary_settings(updates={PREFECT_API_URL: url}):
+        with temporary_settings(updates=updates):
             yield url
     finally:
-        if old is None:
-            os.environ.pop("PREFECT_API_URL", None)
-        else:
-            os.environ["PREFECT_API_URL"] = old
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @contextmanager
@@ -155,7 +161,9 @@ def prefect_api():
     if process is not None:
         wait_early(startup_timeout())
     with ExitStack() as stack:
-        url = stack.enter_context(use_api(_server["url"])) if process is not None else None
+        url = _server["url"] if process is not None else PREFECT_API_URL.value()
+        if url:  # the early server, or one the environment or Prefect's settings name
+            stack.enter_context(use_api(url))
         if "heartbeat_frequency" not in get_current_settings().flows.model_fields_set:
             stack.enter_context(temporary_settings(updates={"flows.heartbeat_frequency": None}))
         yield url

@@ -104,8 +104,8 @@ def clean_batch(model: IDMModel, images: torch.Tensor, seeds: list[int], steps: 
             x = idm_sample(call, x, schedule, gens, steps=steps, variance=variance)
         return ((x[..., :h, :w] + 1) / 2).clamp(0, 1)
 
-    return split_on_lanes(lambda part: at_resolution(lambda x: sample(x, seeds[part]), images[part], model.resolution),
-                          images.shape[0], images.device)
+    return torch.cat(split_on_lanes(lambda part: at_resolution(lambda x: sample(x, seeds[part]), images[part],
+                                                               model.resolution), images.shape[0], images.device))
 
 
 @task(name="clean-shard", cache_key_fn=shard_cache_key, persist_result=True, cache_result_in_memory=False)

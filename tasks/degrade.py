@@ -8,6 +8,7 @@ import torch
 from prefect import task
 
 from bfr_models.degradations import load_preset
+from bfr_models.device import split_on_lanes
 from bfr_models.manifest import ManifestWriter
 from tasks.pipeline import ShardPipeline, host_batch, host_uint8
 from tasks.rows import ok_row, stamp
@@ -38,8 +39,9 @@ def degrade_shard(spec: ShardSpec, preset: str, split: str | None, scale: float 
             seeds = [degradation_seed(seed, degradation.name, split, scale, d.parent_id) for d in batch]
             params = [degradation.sample(s) for s in seeds]
             try:
-                images = host_batch(batch, dev)
-                outs = host_uint8(degradation.apply(images.to(torch.float32) / 255.0, params))
+                images = host_batch(batch, dev).to(torch.float32) / 255.0
+                outs = [rgb for part in split_on_lanes(lambda s: host_uint8(degradation.apply(images[s], params[s])),
+                                                       len(batch), dev) for rgb in part]
             except Exception as e:  # a bad batch becomes error rows, the run goes on
                 shard.error(batch, f"degradation failed: {e}")
                 continue

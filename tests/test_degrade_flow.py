@@ -62,6 +62,27 @@ def test_same_seed_gives_byte_identical_images(image_folder, tmp_path):
     assert all(x != y for x, y in zip(dfa["seed"], dfd["seed"]))
 
 
+def test_a_shards_batches_give_the_same_bytes_in_turn_and_cut_over_two_lanes(image_folder, tmp_path):
+    # a lone shard cuts each batch into one part per CPU lane (bfr_models.device.split_on_lanes)
+    from bfr_models.device import set_cpu_lanes
+    from tasks.degrade import degrade_shard
+    from tasks.shards import ShardSpec, list_inputs
+
+    spec = ShardSpec("degrade", "k", tuple(list_inputs(str(image_folder))[0]))
+
+    def images(lanes: int) -> list[bytes]:
+        set_cpu_lanes(lanes)
+        try:
+            result = degrade_shard.fn(spec, "gfpgan", None, None, 3, str(tmp_path / f"on{lanes}"), "cpu", 5)
+        finally:
+            set_cpu_lanes(1)
+        rows = pq.read_table(tmp_path / f"on{lanes}" / result["path"]).to_pylist()
+        return [storage.read_bytes(row["uri"]) for row in sorted(rows, key=lambda row: row["parent_uri"])]
+
+    in_turn = images(1)
+    assert len(in_turn) == 6 and in_turn == images(2)
+
+
 def test_degradation_seed_joins_split_and_scale():
     """DR2's 3 splits x 3 scales give one image 9 seeds; their draws differ; presets without them keep theirs."""
     seeds = {(split, scale): degradation_seed(1, "dr2", split, scale, "img0")

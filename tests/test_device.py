@@ -165,24 +165,18 @@ def test_a_unet_gives_the_same_bits_in_turn_and_on_two_lanes(lanes):
 
 
 def test_a_batch_is_split_into_one_part_per_lane_on_the_cpu_only(lanes):
-    seen = []
-
     def part(s):
-        seen.append((s.start, s.stop))
-        return torch.arange(10)[s]
+        return s.start, s.stop
 
     lanes(1)
-    assert torch.equal(device.split_on_lanes(part, 10, "cpu"), torch.arange(10)) and seen == [(0, 10)]
+    assert device.split_on_lanes(part, 10, "cpu") == [(0, 10)]
     lanes(2)
-    seen.clear()
-    assert torch.equal(device.split_on_lanes(part, 10, "cuda"), torch.arange(10)) and seen == [(0, 10)]
-    seen.clear()
+    assert device.split_on_lanes(part, 10, "cuda") == [(0, 10)]
     met = threading.Barrier(2, timeout=30)  # broken unless the two parts run at once
-    assert torch.equal(device.split_on_lanes(lambda s: (met.wait(), part(s))[1], 9, "cpu"), torch.arange(9))
-    assert sorted(seen) == [(0, 5), (5, 9)]
+    assert device.split_on_lanes(lambda s: (met.wait(), part(s))[1], 9, "cpu") == [(0, 5), (5, 9)]
+    assert device.split_on_lanes(part, 1, "cpu") == [(0, 1)]
     lanes(4)
-    seen.clear()
-    assert torch.equal(device.split_on_lanes(part, 3, "cpu"), torch.arange(3)) and sorted(seen) == [(0, 1), (1, 2), (2, 3)]
+    assert device.split_on_lanes(part, 3, "cpu") == [(0, 1), (1, 2), (2, 3)]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

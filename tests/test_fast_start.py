@@ -132,6 +132,31 @@ def test_flow_runs_send_heartbeats_only_when_asked(monkeypatch):
         assert get_current_settings().flows.heartbeat_frequency == 60
 
 
+def test_a_command_on_a_plain_http_api_gives_its_clients_one_certificate(monkeypatch):
+    """Prefect builds a verifying SSL context for every API client, loading certifi's bundle (~40 ms), even for
+    an http URL that never opens TLS; a command's own clients get one certificate, as its Dask workers'."""
+    import ssl
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_SSL_CERT_FILE, PREFECT_API_URL, temporary_settings
+
+    from flows.api_server import prefect_api
+
+    monkeypatch.delenv("PREFECT_API_SSL_CERT_FILE", raising=False)
+    before = PREFECT_API_SSL_CERT_FILE.value()
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}), prefect_api() as url:
+        cafile = PREFECT_API_SSL_CERT_FILE.value()
+        assert url == "http://127.0.0.1:4200/api" and os.environ["PREFECT_API_SSL_CERT_FILE"] == cafile != before
+        assert ssl.create_default_context(cafile=cafile).cert_store_stats()["x509_ca"] == 1
+        get_client(sync_client=True)  # a client builds with it (a bad CA file would raise here)
+    assert "PREFECT_API_SSL_CERT_FILE" not in os.environ and PREFECT_API_SSL_CERT_FILE.value() == before
+    with temporary_settings(updates={PREFECT_API_URL: "https://prefect.example.com/api"}), prefect_api():
+        assert PREFECT_API_SSL_CERT_FILE.value() == before  # TLS: Prefect's own verification
+    monkeypatch.setenv("PREFECT_API_SSL_CERT_FILE", "/etc/ssl/mine.pem")
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}), prefect_api():
+        assert os.environ["PREFECT_API_SSL_CERT_FILE"] == "/etc/ssl/mine.pem"  # the user's value wins
+
+
 # A process with the worker environment: the settings and client a task run on a Dask worker builds.
 WORKER_PROBE = """
 import json, ssl
