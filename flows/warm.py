@@ -5,8 +5,9 @@ server to start, then for the server to create the flow and task runs (1-2 s on 
 stage whose shard tasks run in the command's own process (the thread pool, not Dask) loads their networks in
 that time, on a thread of its own: MUSIQ, for one, takes 1.5-2 s to import and build. The shard tasks then
 find them in their ``load_once`` caches (a task that asks first waits for the load under the same lock). A
-load that fails here is dropped: the task loads again and reports its own error. Then it imports pandas,
-which every stage's end imports (pyarrow's first array, the summary table): 0.3 s more off the end.
+load that fails here is dropped: the task loads again and reports its own error. Before the networks it
+imports what Prefect imports as the first flow run starts, and after them pandas, which every stage's end
+imports (pyarrow's first array, the summary table): 0.3 s more off the end.
 
 Only the console command warms (:func:`enable`); a Python caller running several commands in one process (the
 tests) loads in its tasks as before. Only on the CPU: a GPU's memory belongs to the command holding the host's
@@ -43,11 +44,11 @@ def _on_cpu(device: str) -> bool:
 
 
 def _warm(load: Callable | None, *args) -> None:
-    _import_flow_start()
     try:
+        _import_flow_start()
         if load is not None:
             load(*args)
-    except Exception:  # the shard task loads again and reports its own error
+    except Exception:  # the flow imports for itself, the shard task loads again and reports its own error
         pass
     import pandas  # noqa: F401
 
