@@ -12,9 +12,9 @@ number the shard tasks used (``config.threads``).
 
 A stage with fewer shards than workers (60 faces make one), or a stage's last shards, would leave cores idle:
 there the networks that see one image at a time on the CPU (the diffusion and IDM UNets, MUSIQ) run several
-images at once, the samplers around them one part of the batch per lane, and the score stage several batches,
-whose images take any lane another batch leaves free, each on the same intra-op threads as in turn
-(:func:`cpu_lanes`, :func:`spread_idle_cores`), so no image's bytes change.
+images at once, the samplers around them and the degradations one part of the batch per lane, and the score
+stage several batches, whose images take any lane another batch leaves free, each on the same intra-op
+threads as in turn (:func:`cpu_lanes`, :func:`spread_idle_cores`), so no image's bytes change.
 """
 
 from __future__ import annotations
