@@ -120,14 +120,13 @@ def wait_early(timeout: float) -> None:
 
 @contextmanager
 def use_api(url: str):
-    """Point Prefect in this process (its settings) and the processes it starts (their environment) at ``url``.
-    For a plain-http URL its clients load one certificate instead of certifi's bundle, as a Dask worker's do
-    (:func:`worker_client_env`): a command builds five, ~40 ms each, three after its server has answered."""
+    """Point Prefect in this process (its settings) and the processes it starts (their environment) at ``url``,
+    with :func:`plain_http_ca_file` for its clients (a command builds five, three after its server answered)."""
     from prefect.settings import PREFECT_API_SSL_CERT_FILE, PREFECT_API_URL, temporary_settings
 
     updates = {PREFECT_API_URL: url}
-    if url.startswith("http://") and PREFECT_API_SSL_CERT_FILE.name not in os.environ:
-        updates[PREFECT_API_SSL_CERT_FILE] = _one_certificate_file()
+    if (ca_file := plain_http_ca_file(url)) is not None:
+        updates[PREFECT_API_SSL_CERT_FILE] = ca_file
     old = {setting.name: os.environ.get(setting.name) for setting in updates}
     os.environ.update({setting.name: value for setting, value in updates.items()})
     try:
@@ -196,18 +195,26 @@ def worker_client_env(url: str) -> dict:
 
     - ``PREFECT_PROFILES_PATH``: the path this process resolved; otherwise every nested settings model of every
       task run looks for ``.env``, ``prefect.toml`` and ``pyproject.toml`` again to find it (~10 ms a run);
-    - for a plain ``http://`` API only, ``PREFECT_API_SSL_CERT_FILE``: one certificate of certifi's bundle.
-      Prefect builds a verifying SSL context for every client, even one that never opens TLS, by loading
-      certifi's ~150 certificates (~14 ms, twice per task run). An http URL never checks a certificate, so
-      what the file holds changes nothing but that cost.
+    - ``PREFECT_API_SSL_CERT_FILE``: :func:`plain_http_ca_file` (two clients per task run).
 
     Values already in the environment are kept."""
     from prefect.settings.sources import _get_profiles_path
 
     env = {"PREFECT_PROFILES_PATH": str(_get_profiles_path())}
-    if url.startswith("http://"):
-        env["PREFECT_API_SSL_CERT_FILE"] = _one_certificate_file()
+    if (ca_file := plain_http_ca_file(url)) is not None:
+        env["PREFECT_API_SSL_CERT_FILE"] = ca_file
     return {name: value for name, value in env.items() if name not in os.environ}
+
+
+def plain_http_ca_file(url: str) -> str | None:
+    """For a plain ``http://`` API URL, a CA file of one certificate for Prefect's API clients, unless
+    ``PREFECT_API_SSL_CERT_FILE`` is set in the environment (yours wins); None for https (Prefect verifies).
+    Prefect builds a verifying SSL context for every client, even one that never opens TLS, by loading
+    certifi's ~150 certificates (~14-40 ms each). An http URL never checks a certificate, so what the file
+    holds changes nothing but that cost."""
+    if not url.startswith("http://") or "PREFECT_API_SSL_CERT_FILE" in os.environ:
+        return None
+    return _one_certificate_file()
 
 
 @functools.cache
