@@ -35,6 +35,7 @@ from pathlib import Path
 STOP_WAIT_S = 5  # as Prefect's own temporary server: then it is killed
 
 _server: dict = {}  # the early server: {"process": Popen, "url": str, "log": its output (a temporary file)}
+_certificate_folders: list[str] = []  # the folder of plain_http_ca_file's file, once made
 _EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception)\b.*:")
 
 
@@ -219,13 +220,22 @@ def plain_http_ca_file(url: str) -> str | None:
 
 @functools.cache
 def _one_certificate_file() -> str:
-    """A PEM file with certifi's first certificate, in a temporary folder removed at exit."""
+    """A PEM file with certifi's first certificate, in a temporary folder removed at exit
+    (:func:`remove_certificate_file`)."""
     import certifi
 
     bundle = Path(certifi.where()).read_text(encoding="ascii")
     first = re.search(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----\n", bundle, re.S).group(0)
     folder = tempfile.mkdtemp(prefix="bfr-curate-api-")
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    _certificate_folders.append(folder)
+    atexit.register(remove_certificate_file)
     path = Path(folder) / "one-ca.pem"
     path.write_text(first, encoding="ascii")
     return str(path)
+
+
+def remove_certificate_file() -> None:
+    """Remove the CA file's folder: at exit, and before a stopped command ends without its exit handlers
+    (:func:`flows.stop.exit_now`)."""
+    while _certificate_folders:
+        shutil.rmtree(_certificate_folders.pop(), ignore_errors=True)

@@ -74,7 +74,7 @@ def exit_now(text: str) -> None:
         marking = threading.Thread(target=_mark_crashed, args=(text.removeprefix("bfr-curate: "),), daemon=True)
         marking.start()
         marking.join(MARK_CRASHED_S)
-    from flows.api_server import end_process, stop
+    from flows.api_server import end_process, remove_certificate_file, stop
 
     # the Prefect API servers are child processes: do not orphan them, nor wait long for them
     for child in _children:
@@ -83,6 +83,7 @@ def exit_now(text: str) -> None:
     prefect_server = sys.modules.get("prefect.server.api.server")  # Prefect's own, if this process started one
     for server in list(prefect_server.SubprocessASGIServer._instances.values()) if prefect_server else []:
         end_process(server.server_process, STOP_SERVER_S)
+    remove_certificate_file()  # os._exit skips the exit handlers that would
     os._exit(1)
 
 

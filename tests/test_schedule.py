@@ -74,6 +74,8 @@ def test_served_recipe_runs_on_schedule_and_only_new_images_are_cleaned(tmp_path
                                       "clean": {"steps": 2}, "score": {"metrics": "niqe"}, "report": {}}))
     run = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # the command starts its own server
+    env["TMPDIR"] = str(tmp_path / "tmp")  # to see what the command leaves there
+    (tmp_path / "tmp").mkdir()
     log = open(tmp_path / "serve.log", "wb")  # a file, not a pipe: progress bars would fill a pipe and block
     proc = subprocess.Popen([str(BIN / "bfr-curate"), "schedule", str(recipe), "--interval", "15", "--out", str(run),
                              "--device", "cpu"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -106,6 +108,7 @@ def test_served_recipe_runs_on_schedule_and_only_new_images_are_cleaned(tmp_path
         assert log_line == (f"bfr-curate: error: the local Prefect server stopped (exit code -9); "
                             f"its log: {run / 'prefect-server.log'}")
         assert f"dashboard at {ui.rstrip('/')}" in (run / "prefect-server.log").read_text()  # the server's own output
+        assert not list((tmp_path / "tmp").glob("bfr-curate-api-*"))  # its clients' CA file went with it
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:
