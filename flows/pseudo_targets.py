@@ -153,9 +153,9 @@ def auto_search(key: str, sample_uris: list[str], sample_ids: list[str], candida
 
 def _quality_fn(metric: str, dev):
     if metric == "musiq":
-        from bfr_models.metrics.musiq import MUSIQ
+        from tasks.clean import cached_scorer
 
-        scorer = MUSIQ(device=dev)
+        scorer = cached_scorer("musiq", str(dev))  # the gate's, when it scores MUSIQ too
         return lambda x: torch.as_tensor(scorer(x.to(dev))).double().cpu()
     from bfr_models.metrics.niqe import niqe
 

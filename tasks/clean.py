@@ -40,15 +40,23 @@ def cached_idm(uri: str, device: str) -> IDMModel:
     return load_idm(uri, device)
 
 
-@load_once(maxsize=2)
-def cached_scorers(musiq: bool, lpips: bool, identity: bool, device: str) -> tuple:
-    """The optional scorers, built once per process (None where the flow found no weights)."""
+@load_once(maxsize=6)
+def cached_scorer(name: str, device: str):
+    """One optional scorer, ``musiq``, ``lpips`` or ``identity``, built once per process and device: the set
+    calibration and the shards ask for different sets of scorers and share each one."""
     from bfr_models.metrics.identity import FaceIdentity
     from bfr_models.metrics.lpips_metric import LPIPS
     from bfr_models.metrics.musiq import MUSIQ
 
-    return ((MUSIQ(device=device) if musiq else None), (LPIPS("vgg", device=device) if lpips else None),
-            (FaceIdentity(device=device) if identity else None))
+    build = {"musiq": lambda: MUSIQ(device=device), "lpips": lambda: LPIPS("vgg", device=device),
+             "identity": lambda: FaceIdentity(device=device)}
+    return build[name]()
+
+
+def cached_scorers(musiq: bool, lpips: bool, identity: bool, device: str) -> tuple:
+    """(MUSIQ, LPIPS, FaceNet identity) from :func:`cached_scorer`; None where the flow found no weights."""
+    wanted = {"musiq": musiq, "lpips": lpips, "identity": identity}
+    return tuple(cached_scorer(name, device) if on else None for name, on in wanted.items())
 
 
 def warm(model_uri: str, device: str, musiq: bool, lpips: bool, identity: bool, fid: bool) -> None:

@@ -149,6 +149,19 @@ def install_models(monkeypatch, tmp_path: Path, files: dict[str, bytes]) -> Path
     return cache
 
 
+@pytest.fixture(scope="session")
+def musiq_bytes() -> bytes:
+    """A MUSIQ checkpoint: pyiqa's real architecture, seeded random weights (no trained MUSIQ offline)."""
+    import torch
+
+    from bfr_models.metrics.musiq import build_musiq_arch
+
+    torch.manual_seed(0)
+    buf = io.BytesIO()
+    torch.save(build_musiq_arch().state_dict(), buf)
+    return buf.getvalue()
+
+
 def task_states(flow_state):
     """Names of the final states of every task run of a flow run, read back from the Prefect API."""
     from prefect.client.orchestration import get_client

@@ -147,17 +147,6 @@ def test_lpips_wrong_backbone_file_is_one_line_error(tmp_path, backbones):
 # ----------------------------------------------------------------------------- MUSIQ
 
 
-@pytest.fixture(scope="module")
-def musiq_bytes():
-    import io
-
-    torch.manual_seed(0)
-    net = M.build_musiq_arch()  # pyiqa's real architecture, random init
-    buf = io.BytesIO()
-    torch.save(net.state_dict(), buf)
-    return buf.getvalue()
-
-
 def test_musiq_equals_pyiqa(monkeypatch, tmp_path, musiq_bytes):
     import pyiqa
     from pyiqa.archs.musiq_arch import MUSIQ as PyiqaMUSIQ
@@ -193,6 +182,18 @@ def test_musiq_scores_the_same_bits_in_turn_and_on_two_cpu_lanes(tmp_path, musiq
     finally:
         set_cpu_lanes(1)
     assert len(set(in_turn.tolist())) == 4 and torch.equal(in_turn, on_lanes)
+
+
+def test_clean_calibration_and_shards_share_one_musiq(monkeypatch, tmp_path, backbones, musiq_bytes):
+    """Clean's set calibration asks for MUSIQ alone and its shards for MUSIQ and LPIPS: one MUSIQ serves both."""
+    from tasks.clean import cached_scorer, cached_scorers
+
+    install_models(monkeypatch, tmp_path, {"musiq_koniq": musiq_bytes,
+                                           "lpips_vgg16_backbone": _backbone_bytes(backbones["vgg"])})
+    cached_scorer.cache_clear()
+    calibration, shards = cached_scorers(True, False, False, "cpu"), cached_scorers(True, True, False, "cpu")
+    assert calibration[0] is shards[0] and isinstance(shards[0], M.MUSIQ) and isinstance(shards[1], L.LPIPS)
+    assert calibration[1:] == (None, None) and cached_scorer.cache_info().misses == 2
 
 
 def test_musiq_missing_weights_fail_before_any_work(monkeypatch, tmp_path):

@@ -14,7 +14,7 @@ from bfr_models.imageio import decode_rgb
 from flows.cli import main
 from flows.pseudo_targets import pseudo_targets_flow
 from flows.recipe import RecipeError, load_recipe, recipe_flow
-from tests.conftest import BIN, REPO, face_like, task_states, write_png
+from tests.conftest import BIN, REPO, face_like, install_models, task_states, write_png
 
 TINY_PRIOR = ["--resolution", "32", "--steps", "4", "--batch-size", "2", "--channels", "16,32", "--checkpoint-every", "2"]
 
@@ -253,17 +253,22 @@ report: {{title: sr protocol}}
     assert "DifBFSR protocol (Table 1 layout)" in html and "25.27" in html
 
 
-def test_the_gate_scorers_pseudo_targets_warms_are_the_ones_its_shards_use(faces_192, prior_uri, tmp_path):
+def test_the_gate_scorers_pseudo_targets_warms_are_the_ones_its_shards_use(faces_192, prior_uri, tmp_path,
+                                                                          monkeypatch, musiq_bytes):
     """What the console command loads while Prefect starts (flows/warm.py) is what the shards' quality gate then
-    finds in its cache (here: no MUSIQ nor FaceNet weights, so the gate's scorers are none)."""
+    finds in its cache (here MUSIQ, from a model card with random weights; no FaceNet weights)."""
     from flows.pseudo_targets import plan_gate
-    from tasks.clean import cached_scorers
+    from tasks.clean import cached_scorer
     from tasks.pseudo_targets import warm
 
+    install_models(monkeypatch, tmp_path, {"musiq_koniq": musiq_bytes})
     scorers = plan_gate(None, str(faces_192), 32, "input", 1)[2]
-    cached_scorers.cache_clear()
+    assert scorers == {"gate_musiq": True, "gate_identity": False}
+    cached_scorer.cache_clear()
     warm(scorers["gate_musiq"], scorers["gate_identity"], "cpu")
-    assert cached_scorers.cache_info().misses == 1
+    assert cached_scorer.cache_info().misses == 1
     assert main(["pseudo-targets", "--input", str(faces_192), "--prior", prior_uri, "--out", str(tmp_path / "run"),
                  "--respace", "5", "--device", "cpu"]) == 0
-    assert cached_scorers.cache_info().misses == 1 and cached_scorers.cache_info().hits >= 1
+    assert cached_scorer.cache_info().misses == 1 and cached_scorer.cache_info().hits >= 1
+    rows = manifest.read_manifest(str(next((tmp_path / "run" / "pseudo-targets").glob("*/index.json")).parent))
+    assert rows["target_musiq"].notna().all()  # the gate scored with it
