@@ -156,9 +156,11 @@ def musiq_bytes() -> bytes:
 
     from bfr_models.metrics.musiq import build_musiq_arch
 
-    torch.manual_seed(0)
+    with torch.random.fork_rng(devices=[]):  # the tests' global generator is left as it was
+        torch.manual_seed(0)
+        state = build_musiq_arch().state_dict()
     buf = io.BytesIO()
-    torch.save(build_musiq_arch().state_dict(), buf)
+    torch.save(state, buf)
     return buf.getvalue()
 
 
