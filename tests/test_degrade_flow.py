@@ -140,8 +140,9 @@ def test_kill_and_resume(tmp_path):
     out = tmp_path / "run"
     cmd = [str(BIN / "bfr-curate"), "degrade", "--input", str(folder), "--preset", "gfpgan", "--out", str(out),
            "--shard-size", "1", "--workers", "1", "--device", "cpu"]
+    (tmp_path / "tmp").mkdir()  # what a killed command leaves in its temporary folder stays with the test
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+                            start_new_session=True, env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})
     deadline = time.time() + 240
     while time.time() < deadline and len(list(out.rglob("shards/*.parquet"))) < 3:
         time.sleep(0.1)

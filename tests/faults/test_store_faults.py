@@ -86,7 +86,9 @@ def faces(tmp_path_factory) -> Path:
 def start(faces: Path, out: str, tmp_path: Path, env: dict | None = None, workers: int = 2) -> subprocess.Popen:
     """`bfr-curate degrade` in its own process group (own Prefect home, so runs never share a database)."""
     home = tmp_path / f"prefect-{time.monotonic_ns()}"
-    full = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(home), **FAST, **(env or {})}
+    (tmp_path / "tmp").mkdir(exist_ok=True)  # what a killed command leaves in its temporary folder stays here
+    full = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(home), "TMPDIR": str(tmp_path / "tmp"),
+            **FAST, **(env or {})}
     cmd = [str(BIN / "bfr-curate"), "degrade", "--input", str(faces), "--out", out, "--preset", "gfpgan",
            "--shard-size", str(SHARD), "--workers", str(workers), "--device", "cpu"]
     return subprocess.Popen(cmd, cwd=REPO, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
